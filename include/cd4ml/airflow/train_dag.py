@@ -1,0 +1,200 @@
+"""`<model>__train`: validate new data, train a challenger, judge it, register it, maybe promote it.
+
+Each task is a thin adapter: import inside, call one `cd4ml.pipeline` step, return a small dict.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from airflow.sdk import (
+    DAG,
+    AssetOrTimeSchedule,
+    CronTriggerTimetable,
+    Param,
+    dag,
+    get_current_context,
+    task,
+)
+
+from cd4ml.airflow import assets
+from cd4ml.settings import Settings
+from cd4ml.spec import ModelSpec
+
+START = datetime(2026, 1, 1, tzinfo=UTC)
+
+DOC = """\
+### {name}: training pipeline
+
+{description}
+
+**What it does.** Collects every file that landed in `{landing}`, validates each one with Great
+Expectations (a failing file goes to `quarantine/` with a reason file; nothing is trained on it),
+builds a training set and a holdout (the newest {holdout:.0%} of accepted rows, never trained on),
+trains a challenger (`{estimator}`), re-scores it and the current champion on the same holdout, and
+decides with a paired bootstrap of **{metric}** ({direction}): promote only if the
+{confidence:.0%} lower bound of the improvement exceeds {min_improvement} and the floor
+{floor} is met. Every challenger is registered in MLflow as `{name}` with lineage tags; `champion`
+moves only on a promotion.
+
+**What starts it.** A file landing in `{landing}` (within seconds), the nightly schedule
+`{cron}` (UTC), a `drift_detected` event from `{name}__monitor`, or a manual trigger
+(form: reason, evaluate only, force).
+
+**What it produces.** Files moved to `accepted/` or `quarantine/`, GX Data Docs, an MLflow run and
+model version with the decision and its evidence, and the `challenger` / `champion` aliases.
+"""
+
+
+def _context() -> dict[str, Any]:
+    return dict(get_current_context())
+
+
+def _run_time(ctx: dict[str, Any]) -> str:
+    # The run's own timestamp, not "now": a retried task writes the same values.
+    return ctx["dag_run"].run_after.isoformat()
+
+
+def _trigger_reason(ctx: dict[str, Any]) -> str:
+    dag_run = ctx["dag_run"]
+    params = ctx.get("params") or {}
+    run_type = str(getattr(dag_run, "run_type", "unknown"))
+    if "manual" in run_type:
+        return f"manual: {params.get('reason') or 'no reason given'}"
+    events = ctx.get("triggering_asset_events") or {}
+    sources = []
+    for asset, asset_events in dict(events).items():
+        name = getattr(asset, "name", str(asset))
+        for ev in asset_events:
+            extra = getattr(ev, "extra", None) or {}
+            sources.append(f"{name} {extra}" if extra else name)
+    if sources:
+        return "asset: " + "; ".join(sources)[:400]
+    return f"{run_type}: nightly schedule"
+
+
+def build_train_dag(spec: ModelSpec, settings: Settings) -> DAG:
+    new_data = assets.new_data(spec, settings)
+    drift = assets.drift_detected(spec)
+    doc = DOC.format(
+        name=spec.name,
+        description=spec.description,
+        landing=settings.model_dir(spec.name) / "landing",
+        holdout=spec.data.holdout_fraction,
+        estimator=spec.estimator.class_path,
+        metric=spec.metric.name,
+        direction=spec.metric.direction,
+        confidence=spec.promotion.confidence,
+        min_improvement=spec.promotion.min_improvement,
+        floor=spec.promotion.floor,
+        cron=spec.schedule.retrain_cron,
+    )
+
+    @dag(
+        dag_id=f"{spec.name}__train",
+        description=f"Validate, train, evaluate and promote {spec.name}",
+        doc_md=doc,
+        schedule=AssetOrTimeSchedule(
+            timetable=CronTriggerTimetable(spec.schedule.retrain_cron, timezone="UTC"),
+            assets=(new_data | drift),
+        ),
+        start_date=START,
+        catchup=False,
+        max_active_runs=1,
+        tags=["cd4ml", spec.name, "train"],
+        default_args={"owner": spec.owner, "retries": 2, "retry_delay": timedelta(seconds=10)},
+        params={
+            "reason": Param("manual run", type="string", minLength=1, maxLength=500,
+                            title="Reason", description="Why this run; recorded on the model version."),
+            "evaluate_only": Param(False, type="boolean", title="Evaluate only",
+                                   description="Train, evaluate and register, but never move the champion."),
+            "force": Param(False, type="boolean", title="Force retrain",
+                           description="Train even if the champion was built from exactly this data and spec."),
+        },  # fmt: skip
+        render_template_as_native_obj=False,
+    )
+    def train_pipeline() -> None:
+        @task
+        def collect_landed_files() -> dict[str, Any]:
+            from cd4ml.pipeline import collect_landed_files as step
+
+            return step(spec, settings)
+
+        @task
+        def validate_batches(collected: dict[str, Any]) -> dict[str, Any]:
+            from airflow.sdk.exceptions import AirflowFailException
+
+            from cd4ml.pipeline import validate_landed_files
+
+            ctx = _context()
+            result = validate_landed_files(
+                spec, settings, collected["new"], run_id=ctx["run_id"], run_time=_run_time(ctx)
+            )
+            if result["quarantined"] and not result["accepted"]:
+                # Not retryable: the files are already in quarantine with their reasons.
+                reasons = "\n\n".join(q["reason"] for q in result["quarantined"])
+                raise AirflowFailException(f"{len(result['quarantined'])} file(s) quarantined; nothing trained.\n{reasons}")
+            return result
+
+        @task
+        def build_datasets(validated: dict[str, Any]) -> dict[str, Any]:
+            from cd4ml.pipeline import prepare_datasets
+
+            return prepare_datasets(spec, settings, run_id=_context()["run_id"])
+
+        @task.short_circuit
+        def needs_training(datasets: dict[str, Any]) -> bool:
+            from cd4ml.pipeline import training_needed
+
+            params = _context().get("params") or {}
+            needed, why = training_needed(spec, settings, datasets, force=bool(params.get("force")))
+            print(f"{'Training' if needed else 'Skipping training'}: {why}")
+            return needed
+
+        @task
+        def train_challenger(datasets: dict[str, Any]) -> dict[str, Any]:
+            from cd4ml.pipeline import train_challenger as step
+
+            return step(spec, settings, datasets, run_id=_context()["run_id"])
+
+        @task
+        def evaluate_against_champion(datasets: dict[str, Any], challenger: dict[str, Any]) -> dict[str, Any]:
+            from cd4ml.pipeline import evaluate_against_champion as step
+
+            return step(spec, settings, datasets, challenger)
+
+        @task
+        def register_challenger(
+            challenger: dict[str, Any], evidence: dict[str, Any], datasets: dict[str, Any], validated: dict[str, Any]
+        ) -> dict[str, Any]:
+            from cd4ml.pipeline import register_challenger as step
+
+            ctx = _context()
+            return step(
+                spec, settings, challenger=challenger, evidence=evidence, datasets=datasets,
+                validation=validated, run_id=ctx["run_id"], reason=_trigger_reason(ctx),
+            )  # fmt: skip
+
+        @task
+        def promote_champion(registered: dict[str, Any], evidence: dict[str, Any]) -> dict[str, Any]:
+            from cd4ml.pipeline import promote_champion as step
+
+            ctx = _context()
+            params = ctx.get("params") or {}
+            return step(
+                spec, settings, version=registered["version"], evidence=evidence,
+                evaluate_only=bool(params.get("evaluate_only")), run_time=_run_time(ctx),
+            )  # fmt: skip
+
+        collected = collect_landed_files()
+        validated = validate_batches(collected)
+        datasets = build_datasets(validated)
+        gate = needs_training(datasets)
+        challenger = train_challenger(datasets)
+        gate >> challenger
+        evidence = evaluate_against_champion(datasets, challenger)
+        registered = register_challenger(challenger, evidence, datasets, validated)
+        promote_champion(registered, evidence)
+
+    return train_pipeline()

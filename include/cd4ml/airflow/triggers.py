@@ -1,0 +1,65 @@
+"""An event trigger that watches a model's landing zone for new, completely written files."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from airflow.triggers.base import BaseEventTrigger, TriggerEvent
+
+Signature = tuple[str, int, int]  # name, size, mtime_ns
+
+
+def scan(directory: str) -> dict[str, tuple[int, int]]:
+    """Visible, finished data files: dot-files and *.part / *.tmp are still being written."""
+    out: dict[str, tuple[int, int]] = {}
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return out
+    for entry in entries:
+        name = entry.name
+        if name.startswith(".") or name.endswith((".part", ".tmp")) or not entry.is_file():
+            continue
+        st = entry.stat()
+        out[name] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+class LandingZoneTrigger(BaseEventTrigger):
+    """Fires once per new file set, when a file's size and mtime are unchanged across two polls.
+
+    Unlike `FileDeleteTrigger` it deletes nothing: the training run moves each file to accepted/ or
+    quarantine/. It remembers what it fired for while the files stay in landing/, so a long run
+    does not cause a storm of events; after a triggerer restart it fires once more for files still
+    waiting, which the idempotent collect step absorbs.
+    """
+
+    def __init__(self, directory: str, poke_interval: float = 2.0) -> None:
+        super().__init__()
+        self.directory = directory
+        self.poke_interval = poke_interval
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            "cd4ml.airflow.triggers.LandingZoneTrigger",
+            {"directory": self.directory, "poke_interval": self.poke_interval},
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        previous: dict[str, tuple[int, int]] = {}
+        fired: set[Signature] = set()
+        while True:
+            current = await asyncio.to_thread(scan, self.directory)
+            stable = {(n, *sig) for n, sig in current.items() if previous.get(n) == sig}
+            new = stable - fired
+            if new:
+                fired |= new
+                names = sorted(n for n, _, _ in new)
+                self.log.info("New files in %s: %s", self.directory, names)
+                yield TriggerEvent({"directory": self.directory, "files": names})
+            fired &= {(n, *sig) for n, sig in current.items()}
+            previous = current
+            await asyncio.sleep(self.poke_interval)

@@ -1,0 +1,357 @@
+"""The training pipeline's steps: each loads what it needs, calls pure functions, saves, and returns
+a small JSON-able dict. Airflow tasks are thin adapters around these; `run_training` chains them
+in one plain process (used by benchmarks and for debugging without Airflow).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from cd4ml import landing, lineage
+from cd4ml.errors import Cd4mlError, DataReadError
+from cd4ml.landing import Zone
+from cd4ml.settings import Settings
+from cd4ml.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+def run_key(run_id: str) -> str:
+    """A filesystem-safe key for one pipeline run; outputs are keyed by it, so retries overwrite."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)
+
+
+def zone_for(spec: ModelSpec, settings: Settings) -> Zone:
+    return Zone(settings.model_dir(spec.name)).ensure()
+
+
+# -- collect ---------------------------------------------------------------------------------------
+
+
+def collect_landed_files(spec: ModelSpec, settings: Settings) -> dict[str, Any]:
+    """Every complete file in landing/; byte-identical copies of accepted files go to quarantine."""
+    zone = zone_for(spec, settings)
+    known = landing.accepted_hashes(zone)
+    new: list[dict[str, Any]] = []
+    duplicates: list[dict[str, str]] = []
+    seen: dict[str, str] = {}
+    for landed in landing.list_landed(zone):
+        prefix = landed.sha256[: landing.HASH_PREFIX]
+        original = known.get(prefix)
+        if original is not None or prefix in seen:
+            first = original.name if original is not None else seen[prefix]
+            reason = (
+                f"{landed.name}: duplicate: byte-identical to {first} (sha256 {landed.sha256[:16]}…), "
+                "which was already processed; not trained on twice"
+            )
+            target = landing.quarantine(zone, landed, reason=reason, details={"kind": "duplicate", "of": first})
+            duplicates.append({"name": landed.name, "path": str(target), "reason": reason})
+            log.warning(reason)
+            continue
+        seen[prefix] = landed.name
+        new.append(asdict(landed))
+    return {"new": new, "duplicates": duplicates}
+
+
+# -- validate --------------------------------------------------------------------------------------
+
+
+def _read_accepted(spec: ModelSpec, zone: Zone) -> Any:
+    import pandas as pd
+
+    from cd4ml.tables import read_table
+    from cd4ml.validation import normalise
+
+    frames = [normalise(spec, read_table(Path(f.path))) for f in landing.list_accepted(zone)]
+    if not frames:
+        return pd.DataFrame(columns=spec.columns)
+    return pd.concat(frames, ignore_index=True)
+
+
+def validate_landed_files(
+    spec: ModelSpec,
+    settings: Settings,
+    files: list[dict[str, Any]],
+    *,
+    run_id: str,
+    run_time: str,
+) -> dict[str, Any]:
+    """Validate each new file; move it to accepted/ or to quarantine/ with the reasons."""
+    import pandas as pd
+
+    from cd4ml.tables import read_table
+    from cd4ml.validation import learn_reference, normalise, validate_frame
+
+    zone = zone_for(spec, settings)
+    accepted_frame = _read_accepted(spec, zone)
+    accepted: list[dict[str, Any]] = []
+    quarantined: list[dict[str, Any]] = []
+    docs_url = None
+    for item in files:
+        landed = landing.LandedFile(**item)
+        if not Path(landed.path).exists():
+            log.info("%s already processed by an earlier attempt", landed.name)
+            continue
+        try:
+            frame = normalise(spec, read_table(Path(landed.path)))
+        except DataReadError as err:
+            reason = f"{landed.name}: rejected before validation: {err}"
+            target = landing.quarantine(zone, landed, reason=reason, details={"kind": "unreadable", "run_id": run_id})
+            quarantined.append({"name": landed.name, "path": str(target), "reason": reason})
+            continue
+        reference = learn_reference(spec, accepted_frame)
+        outcome = validate_frame(
+            spec, frame, reference, batch_name=f"{run_key(run_id)}__{landed.stored_name}", context_root=zone.gx
+        )
+        docs_url = outcome.docs_url or docs_url
+        if outcome.success:
+            record = landing.accept(zone, landed, rows=len(frame), accepted_at=run_time, run_id=run_id)
+            accepted.append({**asdict(record), "validation": outcome.summary()})
+            accepted_frame = pd.concat([accepted_frame, frame], ignore_index=True)
+        else:
+            lines = [
+                f"{landed.name} was rejected by validation ({outcome.summary()}):",
+                *[f"- {p}" for p in outcome.problems],
+                f"Data Docs: {outcome.docs_url}" if outcome.docs_url else "",
+                "Fix the file and land it again; nothing was trained on it.",
+            ]
+            reason = "\n".join(line for line in lines if line)
+            target = landing.quarantine(
+                zone, landed, reason=reason,
+                details={"kind": "validation", "problems": outcome.problems, "run_id": run_id,
+                         "docs_url": outcome.docs_url},
+            )  # fmt: skip
+            quarantined.append({"name": landed.name, "path": str(target), "reason": reason})
+        log.info("%s: %s", landed.name, outcome.summary())
+    return {"accepted": accepted, "quarantined": quarantined, "docs_url": docs_url}
+
+
+# -- datasets --------------------------------------------------------------------------------------
+
+
+def prepare_datasets(spec: ModelSpec, settings: Settings, *, run_id: str) -> dict[str, Any]:
+    """Training set and holdout from every accepted file, saved under runs/<run key>/."""
+    from cd4ml.training import split_holdout
+
+    zone = zone_for(spec, settings)
+    files = landing.list_accepted(zone)
+    if not files:
+        return {"empty": True, "fingerprint": None}
+    split = split_holdout(spec, _read_accepted(spec, zone))
+    out = zone.runs / run_key(run_id)
+    out.mkdir(parents=True, exist_ok=True)
+    split.train.to_parquet(out / "train.parquet", index=False)
+    split.holdout.to_parquet(out / "holdout.parquet", index=False)
+    return {
+        "empty": False,
+        "train_path": str(out / "train.parquet"),
+        "holdout_path": str(out / "holdout.parquet"),
+        "rows_train": len(split.train),
+        "rows_holdout": len(split.holdout),
+        "holdout_starts_at": split.cutoff,
+        "fingerprint": landing.data_fingerprint(files),
+        "files": [f.name for f in files],
+    }
+
+
+def training_needed(
+    spec: ModelSpec, settings: Settings, datasets: dict[str, Any], *, force: bool
+) -> tuple[bool, str]:
+    """Skip retraining when the champion was built from exactly this data, spec and code."""
+    from cd4ml import registry
+
+    if datasets.get("empty"):
+        return False, "no accepted data yet: land a file in landing/ to train the first model"
+    if force:
+        return True, "forced by the run's parameters"
+    mlflow_client = registry.client(settings.mlflow_tracking_uri)
+    champion = registry.version_by_alias(mlflow_client, spec.name, registry.CHAMPION)
+    if champion is None:
+        return True, "no champion yet"
+    # The latest challenger counts too: a rejected model retrained on the same inputs is the same model.
+    for alias in (registry.CHAMPION, registry.CHALLENGER):
+        mv = champion if alias == registry.CHAMPION else registry.version_by_alias(mlflow_client, spec.name, alias)
+        tags = (mv.tags or {}) if mv is not None else {}
+        if mv is not None and (
+            tags.get("cd4ml.data_fingerprint") == datasets["fingerprint"]
+            and tags.get("cd4ml.spec_hash") == spec.spec_hash()
+            and tags.get("cd4ml.code_version") == lineage.code_version()
+        ):
+            return False, (
+                f"version {mv.version} ({alias}) was already trained on exactly this data "
+                f"(fingerprint {datasets['fingerprint'][:12]}), spec and code; nothing to retrain"
+            )
+    return True, "data, spec or code changed since the champion was trained"
+
+
+# -- train -----------------------------------------------------------------------------------------
+
+
+def train_challenger(spec: ModelSpec, settings: Settings, datasets: dict[str, Any], *, run_id: str) -> dict[str, Any]:
+    import pandas as pd
+
+    from cd4ml import registry, training
+    from cd4ml.evaluation import score
+
+    train_frame = pd.read_parquet(datasets["train_path"])
+    holdout = pd.read_parquet(datasets["holdout_path"])
+    model = training.train(spec, train_frame)
+    holdout_score = score(spec.metric.name, holdout[spec.target].to_numpy(),
+                          training.metric_inputs(spec, model, holdout))  # fmt: skip
+    example = training.features(spec, train_frame.head(5))
+    logged = registry.log_challenger(
+        settings.mlflow_tracking_uri,
+        experiment=spec.name,
+        run_name=f"train {run_key(run_id)}",
+        model=model,
+        input_example=example,
+        params={"estimator": spec.estimator.class_path, **spec.estimator.params, "seed": spec.seed,
+                "rows_train": datasets["rows_train"], "rows_holdout": datasets["rows_holdout"]},
+        tags={"cd4ml.airflow_run_id": run_id, "cd4ml.data_fingerprint": datasets["fingerprint"],
+              "cd4ml.spec_hash": spec.spec_hash()},
+        metrics={f"holdout_{spec.metric.name}": holdout_score},
+    )  # fmt: skip
+    return {"run_id": logged.run_id, "model_uri": logged.model_uri, "holdout_score": holdout_score}
+
+
+# -- evaluate --------------------------------------------------------------------------------------
+
+
+def evaluate_against_champion(
+    spec: ModelSpec, settings: Settings, datasets: dict[str, Any], challenger: dict[str, Any]
+) -> dict[str, Any]:
+    """Score both models on the same holdout and decide with a paired bootstrap."""
+    import mlflow
+    import pandas as pd
+
+    from cd4ml import registry, training
+    from cd4ml.evaluation import decide
+
+    mlflow_client = registry.client(settings.mlflow_tracking_uri)
+    holdout = pd.read_parquet(datasets["holdout_path"])
+    y = holdout[spec.target].to_numpy()
+    challenger_model = registry.load_model(settings.mlflow_tracking_uri, challenger["model_uri"])
+    challenger_scores = training.metric_inputs(spec, challenger_model, holdout)
+    champion = registry.version_by_alias(mlflow_client, spec.name, registry.CHAMPION)
+    champion_scores = None
+    if champion is not None:
+        champion_model = registry.load_model(settings.mlflow_tracking_uri, f"models:/{spec.name}/{champion.version}")
+        champion_scores = training.metric_inputs(spec, champion_model, holdout)
+    decision = decide(
+        spec.metric.name, spec.promotion, y, challenger_scores, champion_scores,
+        champion_version=champion.version if champion else None, seed=spec.seed,
+    )  # fmt: skip
+    evidence = decision.as_dict()
+    with mlflow.start_run(run_id=challenger["run_id"]):
+        mlflow.log_metrics({
+            "challenger_score": decision.challenger_score,
+            **({"champion_score": decision.champion_score} if decision.champion_score is not None else {}),
+            **({"ci_low": decision.ci_low} if decision.ci_low is not None else {}),
+        })  # fmt: skip
+        mlflow.log_dict(evidence, "decision.json")
+        mlflow.set_tag("cd4ml.decision", "promote" if decision.promote else "reject")
+    log.info("decision: %s", decision.reason)
+    return evidence
+
+
+# -- register and promote --------------------------------------------------------------------------
+
+
+def register_challenger(
+    spec: ModelSpec,
+    settings: Settings,
+    *,
+    challenger: dict[str, Any],
+    evidence: dict[str, Any],
+    datasets: dict[str, Any],
+    validation: dict[str, Any],
+    run_id: str,
+    reason: str,
+) -> dict[str, Any]:
+    """Every challenger becomes a version with full lineage; the `challenger` alias points to it."""
+    from cd4ml import registry
+
+    tags = {
+        "cd4ml.data_fingerprint": datasets["fingerprint"],
+        "cd4ml.spec_hash": spec.spec_hash(),
+        "cd4ml.code_version": lineage.code_version(),
+        "cd4ml.lock_hash": lineage.lock_hash(),
+        "cd4ml.validation": registry.tag_json(
+            {"accepted": [a["name"] for a in validation.get("accepted", [])],
+             "quarantined": [q["name"] for q in validation.get("quarantined", [])],
+             "status": "passed"}
+        ),
+        "cd4ml.decision": "promote" if evidence["promote"] else "reject",
+        "cd4ml.evidence": registry.tag_json(evidence),
+        "cd4ml.airflow_run_id": run_id,
+        "cd4ml.trigger_reason": reason[:500],
+        "cd4ml.train_snapshot": datasets["train_path"],
+        "cd4ml.holdout_starts_at": str(datasets["holdout_starts_at"]),
+        "cd4ml.rows_train": str(datasets["rows_train"]),
+    }  # fmt: skip
+    mv = registry.register_version(
+        registry.client(settings.mlflow_tracking_uri),
+        name=spec.name,
+        description=spec.description,
+        logged=registry.LoggedModel(challenger["run_id"], challenger["model_uri"]),
+        tags=tags,
+    )
+    return {"version": str(mv.version), "run_id": challenger["run_id"]}
+
+
+def promote_champion(
+    spec: ModelSpec,
+    settings: Settings,
+    *,
+    version: str,
+    evidence: dict[str, Any],
+    evaluate_only: bool,
+    run_time: str,
+) -> dict[str, Any]:
+    """Move `champion` if the decision says so; a rejected challenger changes nothing that serves."""
+    from cd4ml import registry
+
+    mlflow_client = registry.client(settings.mlflow_tracking_uri)
+    if not evidence["promote"]:
+        return {"promoted": False, "version": version, "why": evidence["reason"]}
+    if evaluate_only:
+        registry.set_tags(mlflow_client, spec.name, version, {"cd4ml.promotion": "skipped: evaluate_only"})
+        return {"promoted": False, "version": version, "why": "evaluate_only: decision recorded, champion untouched"}
+    previous = registry.move_champion(mlflow_client, spec.name, version, expected_current=evidence["champion_version"])
+    registry.set_tags(
+        mlflow_client, spec.name, version,
+        {"cd4ml.promoted_at": run_time, "cd4ml.previous_champion": previous or "none"},
+    )  # fmt: skip
+    log.info("%s: champion is now version %s (was %s)", spec.name, version, previous)
+    return {"promoted": True, "version": version, "previous": previous, "why": evidence["reason"]}
+
+
+# -- the whole chain in one process ----------------------------------------------------------------
+
+
+def run_training(
+    spec: ModelSpec, settings: Settings, *, run_id: str, run_time: str, force: bool = False
+) -> dict[str, Any]:
+    """The same steps as the training DAG, without Airflow."""
+    collected = collect_landed_files(spec, settings)
+    validation = validate_landed_files(spec, settings, collected["new"], run_id=run_id, run_time=run_time)
+    if validation["quarantined"] and not validation["accepted"]:
+        raise Cd4mlError(json.dumps(validation["quarantined"]))
+    datasets = prepare_datasets(spec, settings, run_id=run_id)
+    needed, why = training_needed(spec, settings, datasets, force=force)
+    if not needed:
+        return {"trained": False, "why": why}
+    challenger = train_challenger(spec, settings, datasets, run_id=run_id)
+    evidence = evaluate_against_champion(spec, settings, datasets, challenger)
+    registered = register_challenger(
+        spec, settings, challenger=challenger, evidence=evidence, datasets=datasets,
+        validation=validation, run_id=run_id, reason="plain python run",
+    )  # fmt: skip
+    return promote_champion(
+        spec, settings, version=registered["version"], evidence=evidence, evaluate_only=False, run_time=run_time
+    )

@@ -1,0 +1,223 @@
+"""MLflow adapter: log challengers, load models safely, register versions, move aliases.
+
+Aliases: `champion` serves, `challenger` is the latest candidate. Every version carries lineage
+tags (`cd4ml.*`) so any served model can be traced to its data, spec, code and decision.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from cd4ml.errors import Cd4mlError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+TAG = "cd4ml."
+# Types a model artefact may reference. Anything else (os.system, builtins.eval, a custom class
+# smuggled into the file) makes loading fail before any object is built.
+TRUSTED_TYPE_PREFIXES = ("sklearn.", "numpy.", "scipy.", "builtins.slice")
+
+
+class UnsafeModelError(Cd4mlError):
+    """A model artefact is not in the safe format or references types outside the allow-list."""
+
+
+@dataclass(frozen=True)
+class LoggedModel:
+    run_id: str
+    model_uri: str
+
+
+def client(tracking_uri: str) -> MlflowClient:
+    quiet_mlflow()
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def quiet_mlflow() -> None:
+    """Progress bars and emoji links flood Airflow task logs."""
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def untrusted_types_of(model: Any) -> list[str]:
+    import skops.io
+
+    return list(skops.io.get_untrusted_types(data=skops.io.dumps(model)))
+
+
+def check_trusted(types: list[str], where: str) -> None:
+    bad = sorted(t for t in types if not t.startswith(TRUSTED_TYPE_PREFIXES))
+    if bad:
+        raise UnsafeModelError(f"{where}: refers to types outside the allow-list {TRUSTED_TYPE_PREFIXES}: {bad}")
+
+
+def log_challenger(
+    tracking_uri: str,
+    *,
+    experiment: str,
+    run_name: str,
+    model: Any,
+    input_example: pd.DataFrame,
+    params: dict[str, Any],
+    tags: dict[str, str],
+    metrics: dict[str, float],
+) -> LoggedModel:
+    """Log a fitted pipeline as an MLflow model (skops format, signature and input example)."""
+    quiet_mlflow()
+    import mlflow
+    from mlflow.models import infer_signature
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(experiment)
+    trusted = untrusted_types_of(model)
+    check_trusted(trusted, f"challenger for {experiment}")
+    with mlflow.start_run(run_name=run_name, tags=tags) as run:
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        mlflow.log_metrics(metrics)
+        info = mlflow.sklearn.log_model(
+            model,
+            name="model",
+            serialization_format="skops",
+            skops_trusted_types=trusted,
+            signature=infer_signature(input_example, model.predict(input_example)),
+            input_example=input_example,
+        )
+    return LoggedModel(run_id=run.info.run_id, model_uri=info.model_uri)
+
+
+def load_model(tracking_uri: str, model_uri: str) -> Any:
+    """Load an sklearn model without executing pickles: skops only, types checked against our list.
+
+    MLflow's own loader trusts the allow-list written inside the artefact; we do not.
+    """
+    quiet_mlflow()
+    import mlflow
+    import skops.io
+
+    mlflow.set_tracking_uri(tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="cd4ml-model-") as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+        flavor = (mlmodel.get("flavors") or {}).get("sklearn")
+        if not flavor:
+            raise UnsafeModelError(f"{model_uri}: no sklearn flavor in MLmodel")
+        if flavor.get("serialization_format") != "skops":
+            raise UnsafeModelError(
+                f"{model_uri}: serialized as {flavor.get('serialization_format')!r}; only 'skops' is loaded"
+            )
+        path = local / flavor["pickled_model"]
+        found = list(skops.io.get_untrusted_types(file=path))
+        check_trusted(found, model_uri)
+        return skops.io.load(path, trusted=found)
+
+
+def version_by_alias(mlflow_client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow_client.get_model_version_by_alias(name, alias)
+    except MlflowException as err:
+        if err.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}:
+            return None
+        raise
+
+
+def ensure_registered_model(mlflow_client: MlflowClient, name: str, description: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow_client.get_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        mlflow_client.create_registered_model(name, description=description, tags={f"{TAG}managed": "true"})
+
+
+def find_version_for_run(mlflow_client: MlflowClient, name: str, run_id: str) -> ModelVersion | None:
+    """Registration is idempotent: a retried task finds the version its first attempt created."""
+    for mv in mlflow_client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        return mv
+    return None
+
+
+def register_version(
+    mlflow_client: MlflowClient,
+    *,
+    name: str,
+    description: str,
+    logged: LoggedModel,
+    tags: dict[str, str],
+) -> ModelVersion:
+    ensure_registered_model(mlflow_client, name, description)
+    mv = find_version_for_run(mlflow_client, name, logged.run_id)
+    if mv is None:
+        import mlflow
+
+        mv = mlflow.register_model(logged.model_uri, name, tags=tags, await_registration_for=60)
+        mv = wait_ready(mlflow_client, name, mv.version)
+    else:
+        for key, value in tags.items():
+            mlflow_client.set_model_version_tag(name, mv.version, key, value)
+    mlflow_client.set_registered_model_alias(name, CHALLENGER, mv.version)
+    return mv
+
+
+def wait_ready(mlflow_client: MlflowClient, name: str, version: str, attempts: int = 60) -> ModelVersion:
+    import time
+
+    for _ in range(attempts):
+        mv = mlflow_client.get_model_version(name, version)
+        if mv.status == "READY":
+            return mv
+        if mv.status == "FAILED_REGISTRATION":
+            raise Cd4mlError(f"MLflow failed to register {name} version {version}: {mv.status_message}")
+        time.sleep(0.5)
+    raise Cd4mlError(f"{name} version {version} not READY after {attempts * 0.5:.0f}s")
+
+
+def set_tags(mlflow_client: MlflowClient, name: str, version: str, tags: dict[str, str]) -> None:
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(name, version, key, value)
+
+
+def move_champion(
+    mlflow_client: MlflowClient, name: str, version: str, *, expected_current: str | None
+) -> str | None:
+    """Point `champion` at `version` in one call (an alias update is a single row write).
+
+    Refuses if the champion moved since it was evaluated against: the decision would be stale.
+    Returns the previous champion version.
+    """
+    current = version_by_alias(mlflow_client, name, CHAMPION)
+    current_version = current.version if current else None
+    if current_version != expected_current:
+        raise Cd4mlError(
+            f"{name}: champion is version {current_version}, but the challenger was evaluated against "
+            f"{expected_current}; refusing to promote on a stale decision"
+        )
+    mlflow_client.set_registered_model_alias(name, CHAMPION, version)
+    return current_version
+
+
+def tag_json(value: Any) -> str:
+    """MLflow tag values are strings of at most 5000 characters."""
+    return json.dumps(value, sort_keys=True, default=str)[:5000]

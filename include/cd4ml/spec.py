@@ -1,0 +1,293 @@
+"""The model spec: one YAML file per model, parsed into a typed, validated object.
+
+A spec is the whole contract between a team's dataset and cd4ml: which columns are features,
+what is predicted, how a challenger is trained and judged, and how data is validated. Parsing
+imports nothing heavy (no sklearn, no pandas), so DAG files can read specs at parse time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cd4ml.errors import SpecError
+
+# Natural direction of every metric we know how to compute; a spec that declares the opposite is
+# almost certainly a mistake that would promote worse models, so it is refused.
+METRICS: dict[str, tuple[Literal["classification", "regression"], Literal["maximize", "minimize"]]] = {
+    "accuracy": ("classification", "maximize"),
+    "balanced_accuracy": ("classification", "maximize"),
+    "roc_auc": ("classification", "maximize"),
+    "f1": ("classification", "maximize"),
+    "log_loss": ("classification", "minimize"),
+    "rmse": ("regression", "minimize"),
+    "mae": ("regression", "minimize"),
+    "r2": ("regression", "maximize"),
+}
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
+_EXPECTATION = re.compile(r"^Expect[A-Za-z0-9]+$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NumericalFeature(_Strict):
+    name: str
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> NumericalFeature:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
+        return self
+
+
+class CategoricalFeature(_Strict):
+    name: str
+    values: list[str] | None = Field(
+        default=None, description="Allowed values; when absent they are learned from accepted data."
+    )
+
+
+def _as_feature_dicts(items: Any) -> Any:
+    # Allow the short form `- column_name` next to the long form `- name: column_name`.
+    if isinstance(items, list):
+        return [{"name": item} if isinstance(item, str) else item for item in items]
+    return items
+
+
+class Features(_Strict):
+    numerical: list[NumericalFeature] = Field(default_factory=list)
+    categorical: list[CategoricalFeature] = Field(default_factory=list)
+
+    _short_num = field_validator("numerical", mode="before")(_as_feature_dicts)
+    _short_cat = field_validator("categorical", mode="before")(_as_feature_dicts)
+
+    @model_validator(mode="after")
+    def _non_empty_unique(self) -> Features:
+        names = [f.name for f in self.numerical] + [f.name for f in self.categorical]
+        if not names:
+            raise ValueError("at least one numerical or categorical feature is required")
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"feature names must be unique; repeated: {', '.join(duplicates)}")
+        return self
+
+
+class Estimator(_Strict):
+    class_path: str = Field(alias="class", description="Import path of an sklearn-compatible estimator")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("class_path")
+    @classmethod
+    def _dotted(cls, value: str) -> str:
+        if not _DOTTED.match(value):
+            raise ValueError(f"must be an import path like 'sklearn.linear_model.LogisticRegression', got {value!r}")
+        return value
+
+
+class Metric(_Strict):
+    name: str
+    direction: Literal["maximize", "minimize"] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in METRICS:
+            raise ValueError(f"unknown metric {value!r}; choose one of {', '.join(sorted(METRICS))}")
+        return value
+
+    @model_validator(mode="after")
+    def _direction(self) -> Metric:
+        natural = METRICS[self.name][1]
+        if self.direction is None:
+            object.__setattr__(self, "direction", natural)
+        elif self.direction != natural:
+            raise ValueError(f"metric {self.name!r} is to be {natural}d, but direction says {self.direction!r}")
+        return self
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.direction == "maximize"
+
+
+class Promotion(_Strict):
+    min_improvement: float = Field(
+        default=0.0, ge=0.0, description="The challenger must beat the champion by more than this margin."
+    )
+    confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
+    floor: float | None = Field(default=None, description="Absolute score a model must reach to serve at all.")
+    bootstrap_resamples: int = Field(default=1000, ge=1000, le=100_000)
+    min_holdout_rows: int = Field(default=30, ge=1)
+
+
+class Expectation(_Strict):
+    expectation: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("expectation")
+    @classmethod
+    def _gx_name(cls, value: str) -> str:
+        if not _EXPECTATION.match(value):
+            raise ValueError(f"must be a Great Expectations class name like 'ExpectColumnMeanToBeBetween', got {value!r}")
+        return value
+
+
+class Validation(_Strict):
+    min_rows: int = Field(default=10, ge=1)
+    max_rows: int | None = Field(default=None, ge=1)
+    max_null_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
+    max_duplicate_fraction: float = Field(default=0.01, ge=0.0, le=1.0)
+    range_tolerance: float = Field(
+        default=0.5, ge=0.0, description="Learned ranges are widened by this fraction of their span."
+    )
+    learn_categories: bool = True
+    allow_extra_columns: bool = False
+    expectations: list[Expectation] = Field(default_factory=list)
+
+
+class Data(_Strict):
+    holdout_fraction: float = Field(default=0.2, gt=0.0, lt=0.9)
+
+
+class Schedule(_Strict):
+    retrain_cron: str = "0 2 * * *"
+    landing_poll_seconds: float = Field(default=2.0, gt=0.0, le=3600)
+
+    @field_validator("retrain_cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        if len(value.split()) != 5 and not value.startswith("@"):
+            raise ValueError(f"must be a 5-field cron expression like '0 2 * * *', got {value!r}")
+        return value
+
+
+class Drift(_Strict):
+    schedule: str = "@hourly"
+    threshold: float = Field(default=0.3, gt=0.0, le=1.0, description="Share of drifted features that means drift")
+    performance_drop: float | None = Field(default=None, gt=0.0)
+    cooldown_hours: float = Field(default=6.0, ge=0.0)
+    min_rows: int = Field(default=200, ge=1)
+
+
+class ModelSpec(_Strict):
+    name: str
+    description: str = ""
+    task: Literal["classification", "regression"]
+    target: str
+    timestamp: str | None = None
+    features: Features
+    estimator: Estimator
+    metric: Metric
+    promotion: Promotion = Field(default_factory=Promotion)
+    validation: Validation = Field(default_factory=Validation)
+    data: Data = Field(default_factory=Data)
+    schedule: Schedule = Field(default_factory=Schedule)
+    drift: Drift = Field(default_factory=Drift)
+    seed: int = 42
+    owner: str = "cd4ml"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(
+                f"must be lower-case letters, digits and underscores, starting with a letter, got {value!r}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelSpec:
+        features = set(self.feature_names)
+        if self.target in features:
+            raise ValueError(f"target {self.target!r} is also listed as a feature")
+        if self.timestamp is not None and self.timestamp in features | {self.target}:
+            raise ValueError(f"timestamp {self.timestamp!r} is also a feature or the target")
+        metric_task = METRICS[self.metric.name][0]
+        if metric_task != self.task:
+            raise ValueError(f"metric {self.metric.name!r} is for {metric_task}, but task is {self.task!r}")
+        return self
+
+    @property
+    def numerical(self) -> list[str]:
+        return [f.name for f in self.features.numerical]
+
+    @property
+    def categorical(self) -> list[str]:
+        return [f.name for f in self.features.categorical]
+
+    @property
+    def feature_names(self) -> list[str]:
+        return self.numerical + self.categorical
+
+    @property
+    def columns(self) -> list[str]:
+        """Every column a landed file must have."""
+        return self.feature_names + [self.target] + ([self.timestamp] if self.timestamp else [])
+
+    def spec_hash(self) -> str:
+        canonical = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _format_error(path: Path, error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{path}: field '{field}': {message}")
+    return "\n".join(lines)
+
+
+def parse_spec(text: str, path: Path) -> ModelSpec:
+    """Parse spec text; `path` is used for error messages and as the default model name."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a spec must be a YAML mapping, got {type(raw).__name__}")
+    raw.setdefault("name", path.stem)
+    if raw["name"] != path.stem:
+        raise SpecError(f"{path}: field 'name': {raw['name']!r} must match the file name {path.stem!r}")
+    try:
+        return ModelSpec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(_format_error(path, err)) from None
+
+
+def load_spec(path: Path) -> ModelSpec:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpecError(f"{path}: cannot read spec: {err}") from None
+    return parse_spec(text, path)
+
+
+def spec_files(specs_dir: Path) -> list[Path]:
+    return sorted(p for p in specs_dir.glob("*.y*ml") if p.suffix in {".yaml", ".yml"})
+
+
+def load_specs(paths: Iterable[Path]) -> tuple[list[ModelSpec], dict[Path, SpecError]]:
+    """Load every spec; a broken one is reported, not raised, so it cannot hide the others."""
+    specs: list[ModelSpec] = []
+    errors: dict[Path, SpecError] = {}
+    for path in paths:
+        try:
+            specs.append(load_spec(path))
+        except SpecError as err:
+            errors[path] = err
+    return specs, errors
