@@ -142,6 +142,10 @@ def expectation_configs(spec: ModelSpec, reference: Reference, columns: list[str
     return out
 
 
+def _num(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float | int) else str(value)
+
+
 def _describe(kind: str, kwargs: dict[str, Any], result: dict[str, Any], exception: str | None) -> str:
     col = kwargs.get("column")
     where = f"column '{col}'" if col else "table"
@@ -172,7 +176,7 @@ def _describe(kind: str, kwargs: dict[str, Any], result: dict[str, Any], excepti
         return f"{where}: has type {observed or sample}; expected a numeric type"
     if kind == "ExpectColumnValuesToBeBetween":
         return (
-            f"{where}: {counted} outside [{kwargs.get('min_value')}, {kwargs.get('max_value')}]"
+            f"{where}: {counted} outside [{_num(kwargs.get('min_value'))}, {_num(kwargs.get('max_value'))}]"
             + (f" (e.g. {sample})" if sample else "")
         )
     if kind == "ExpectColumnValuesToBeInSet":

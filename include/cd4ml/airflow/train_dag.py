@@ -59,7 +59,8 @@ def _run_time(ctx: dict[str, Any]) -> str:
 def _trigger_reason(ctx: dict[str, Any]) -> str:
     dag_run = ctx["dag_run"]
     params = ctx.get("params") or {}
-    run_type = str(getattr(dag_run, "run_type", "unknown"))
+    raw_type = getattr(dag_run, "run_type", "unknown")
+    run_type = str(getattr(raw_type, "value", raw_type))
     if "manual" in run_type:
         return f"manual: {params.get('reason') or 'no reason given'}"
     events = ctx.get("triggering_asset_events") or {}

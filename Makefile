@@ -1,0 +1,51 @@
+# cd4ml — two commands: `make up` (install, start the embedded stack, run the demo) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+WAIT ?= 300
+
+.PHONY: up down status logs test test-fast lint typecheck bench clean install
+
+install: $(STAMP)
+
+# Re-install only when the pins change; the editable install makes `import cd4ml` work everywhere.
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -r requirements.txt -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	@touch $(STAMP)
+
+up: $(STAMP)
+	$(BIN)/cd4ml stack up --wait $(WAIT)
+
+down: $(STAMP)
+	$(BIN)/cd4ml stack down
+
+status: $(STAMP)
+	$(BIN)/cd4ml stack status
+
+logs:
+	tail -n 50 .cd4ml/logs/*.log
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+# Every test: lint, types, DAG integrity, unit, dag.test() integration, and the system test.
+test: $(STAMP) lint typecheck
+	$(BIN)/pytest
+
+test-fast: $(STAMP)
+	$(BIN)/pytest tests/dags tests/unit
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+clean: $(STAMP)
+	$(BIN)/cd4ml stack clean

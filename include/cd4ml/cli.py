@@ -1,0 +1,173 @@
+"""`cd4ml` command line: run the embedded stack, check specs, land demo data, train without Airflow."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from cd4ml.errors import Cd4mlError, SpecError
+from cd4ml.settings import get_settings
+
+
+def champion_version(mlflow_url: str, model: str) -> str | None:
+    query = urllib.parse.urlencode({"name": model, "alias": "champion"})
+    url = f"{mlflow_url}/api/2.0/mlflow/registered-models/alias?{query}"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return str(json.loads(resp.read())["model_version"]["version"])
+    except urllib.error.HTTPError as err:
+        if err.code == 404:
+            return None
+        raise
+
+
+def _demo_land(model: str, batch: int, rows: int, drift: float, seed: int) -> Path:
+    from cd4ml.datagen import generate_churn, write_batch
+
+    landing = get_settings().model_dir(model) / "landing"
+    frame = generate_churn(rows, seed=seed, batch=batch, drift=drift)
+    suffix = f"_drift{drift:g}" if drift else ""
+    return write_batch(frame, landing, f"{model}_batch{batch:03d}{suffix}.csv")
+
+
+def _seed_demo_if_new(model: str) -> Path | None:
+    """First `make up` lands the demo's first batch; later ones leave the data alone."""
+    root = get_settings().model_dir(model)
+    if any((root / "accepted").glob("*")) or any((root / "landing").glob("*")):
+        return None
+    return _demo_land(model, batch=0, rows=5000, drift=0.0, seed=7)
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    from cd4ml import stack
+
+    cfg = stack.config_from_env()
+    if args.action == "up":
+        print(f"cd4ml: starting the embedded stack (state in {cfg.home}) ...", flush=True)
+        stack.up(cfg)
+        user, password = stack.login(cfg)
+        seeded = None if args.no_demo else _seed_demo_if_new("churn")
+        print(
+            f"\n  Airflow UI   {cfg.airflow_url}   (login: {user} / {password})\n"
+            f"  MLflow UI    {cfg.mlflow_url}\n"
+            f"  Data root    {get_settings().data_dir}   (drop files into <model>/landing/)\n"
+            f"  Logs         {cfg.logs_dir}\n",
+            flush=True,
+        )
+        if seeded:
+            print(f"cd4ml: landed the demo's first batch: {seeded}", flush=True)
+        if args.wait > 0 and not args.no_demo:
+            return _wait_champion(cfg.mlflow_url, "churn", args.wait)
+        return 0
+    if args.action == "down":
+        stack.down(cfg)
+    elif args.action == "status":
+        print(stack.status(cfg))
+    elif args.action == "env":
+        for key, value in stack.environment(cfg).items():
+            if "SECRET" not in key:
+                print(f"export {key}='{value}'")
+    elif args.action == "clean":
+        stack.clean(cfg)
+    return 0
+
+
+def _wait_champion(mlflow_url: str, model: str, timeout: float) -> int:
+    print(f"cd4ml: waiting up to {timeout:.0f}s for the '{model}' champion (Ctrl-C is safe) ...", flush=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        version = champion_version(mlflow_url, model)
+        if version:
+            print(f"cd4ml: {model} champion is version {version}: {mlflow_url}/#/models/{model}", flush=True)
+            return 0
+        time.sleep(3)
+    print(f"cd4ml: no champion yet after {timeout:.0f}s; check the {model}__train runs in the Airflow UI")
+    return 1
+
+
+def cmd_spec_check(args: argparse.Namespace) -> int:
+    from cd4ml.spec import load_specs, spec_files
+
+    paths = [Path(p) for p in args.paths] or spec_files(get_settings().specs_dir)
+    specs, errors = load_specs(paths)
+    for spec in specs:
+        try:
+            from cd4ml.training import build_pipeline
+
+            build_pipeline(spec)
+            import great_expectations as gx
+
+            for extra in spec.validation.expectations:
+                if not hasattr(gx.expectations, extra.expectation):
+                    raise SpecError(f"{spec.name}: field 'validation.expectations': unknown {extra.expectation!r}")
+            print(f"ok      {spec.name}")
+        except Cd4mlError as err:
+            errors[Path(spec.name)] = SpecError(str(err))
+    for err in errors.values():
+        print(f"error   {err}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def cmd_demo_land(args: argparse.Namespace) -> int:
+    print(_demo_land(args.model, args.batch, args.rows, args.drift, args.seed))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from cd4ml.pipeline import run_training
+    from cd4ml.spec import load_spec
+
+    settings = get_settings()
+    spec = load_spec(settings.specs_dir / f"{args.model}.yaml")
+    now = datetime.now(UTC).isoformat()
+    print(json.dumps(run_training(spec, settings, run_id=f"cli__{now}", run_time=now, force=args.force), indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cd4ml", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("stack", help="run the embedded Airflow + MLflow stack")
+    p.add_argument("action", choices=["up", "down", "status", "env", "clean"])
+    p.add_argument("--no-demo", action="store_true", help="do not land demo data")
+    p.add_argument("--wait", type=float, default=0, help="seconds to wait for the demo champion")
+    p.set_defaults(func=cmd_stack)
+
+    p = sub.add_parser("spec", help="check model specs (parse, estimator import, expectations)")
+    p.add_argument("action", choices=["check"])
+    p.add_argument("paths", nargs="*")
+    p.set_defaults(func=cmd_spec_check)
+
+    p = sub.add_parser("demo", help="land a synthetic demo batch")
+    p.add_argument("action", choices=["land"])
+    p.add_argument("--model", default="churn")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--rows", type=int, default=5000)
+    p.add_argument("--drift", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=7)
+    p.set_defaults(func=cmd_demo_land)
+
+    p = sub.add_parser("train", help="run the training pipeline once in this process, without Airflow")
+    p.add_argument("model")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except Cd4mlError as err:
+        print(f"cd4ml: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

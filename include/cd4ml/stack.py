@@ -1,0 +1,286 @@
+"""The embedded stack: Airflow (api-server, scheduler, dag-processor, triggerer; SQLite, LocalExecutor)
+and an MLflow tracking server (SQLite, local artifacts), run under supervisord.
+
+All state lives under CD4ML_HOME (default `.cd4ml/` in the project). `up` is idempotent and resumes
+with state intact; `down` stops everything supervisord started. Ports come from the environment
+(CD4ML_AIRFLOW_PORT, CD4ML_MLFLOW_PORT) so tests can run a second stack beside a developer's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from cd4ml.settings import PROJECT_ROOT, get_settings
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    home: Path
+    airflow_port: int
+    mlflow_port: int
+    bin_dir: Path
+    parallelism: int = 4
+
+    @property
+    def airflow_home(self) -> Path:
+        return self.home / "airflow"
+
+    @property
+    def supervisor_dir(self) -> Path:
+        return self.home / "supervisor"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def conf_path(self) -> Path:
+        return self.supervisor_dir / "supervisord.conf"
+
+    @property
+    def airflow_url(self) -> str:
+        return f"http://127.0.0.1:{self.airflow_port}"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://127.0.0.1:{self.mlflow_port}"
+
+
+def config_from_env() -> StackConfig:
+    settings = get_settings()
+    return StackConfig(
+        home=settings.home,
+        airflow_port=int(os.environ.get("CD4ML_AIRFLOW_PORT", "8080")),
+        mlflow_port=int(os.environ.get("CD4ML_MLFLOW_PORT", "5000")),
+        bin_dir=Path(sys.executable).parent,
+        parallelism=int(os.environ.get("CD4ML_PARALLELISM", "4")),
+    )
+
+
+def _secrets(cfg: StackConfig) -> dict[str, str]:
+    """Generated once per state dir, never committed, never printed except the UI password."""
+    path = cfg.home / "secrets.json"
+    if path.exists():
+        return dict(json.loads(path.read_text()))
+    values = {
+        "jwt_secret": secrets.token_urlsafe(32),
+        "api_secret_key": secrets.token_urlsafe(32),
+        "admin_password": secrets.token_urlsafe(12),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(json.dumps(values))
+    return values
+
+
+def environment(cfg: StackConfig) -> dict[str, str]:
+    """The environment every process of the stack shares (and a shell can `source` via `cd4ml stack env`)."""
+    settings = get_settings()
+    sec = _secrets(cfg)
+    ah = cfg.airflow_home
+    return {
+        "PATH": f"{cfg.bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+        "CD4ML_HOME": str(cfg.home),
+        "CD4ML_DATA_DIR": str(settings.data_dir),
+        "CD4ML_SPECS_DIR": str(settings.specs_dir),
+        "CD4ML_AIRFLOW_PORT": str(cfg.airflow_port),
+        "CD4ML_MLFLOW_PORT": str(cfg.mlflow_port),
+        "MLFLOW_TRACKING_URI": cfg.mlflow_url,
+        "GX_ANALYTICS_ENABLED": "false",
+        "AIRFLOW_HOME": str(ah),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(PROJECT_ROOT / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__PARALLELISM": str(cfg.parallelism),
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{ah}/airflow.db",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(ah / "simple_auth_manager_passwords.json"),
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(cfg.airflow_port),
+        "AIRFLOW__API__BASE_URL": cfg.airflow_url,
+        "AIRFLOW__API__WORKERS": "1",
+        "AIRFLOW__API__SECRET_KEY": sec["api_secret_key"],
+        "AIRFLOW__API_AUTH__JWT_SECRET": sec["jwt_secret"],
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{cfg.airflow_url}/execution/",
+        # New and edited specs show up within seconds, not the 5-minute default.
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
+        "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "15",
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+        "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
+    }
+
+
+PROGRAMS: dict[str, tuple[str, int]] = {
+    # name: (command relative to the venv's bin/, start priority)
+    "mlflow": (
+        "mlflow server --backend-store-uri sqlite:///{home}/mlflow/mlflow.db "
+        "--artifacts-destination {home}/mlflow/artifacts --host 127.0.0.1 --port {mlflow_port} --workers 1",
+        10,
+    ),
+    "airflow-api-server": ("airflow api-server", 20),
+    "airflow-scheduler": ("airflow scheduler", 30),
+    "airflow-dag-processor": ("airflow dag-processor", 30),
+    "airflow-triggerer": ("airflow triggerer", 30),
+}
+
+
+def _quote_env(env: dict[str, str]) -> str:
+    return ",".join(f'{k}="{v.replace("%", "%%").replace(chr(34), "")}"' for k, v in sorted(env.items()))
+
+
+def render_supervisord_conf(cfg: StackConfig) -> str:
+    env = environment(cfg)
+    sup = cfg.supervisor_dir
+    lines = [
+        "; generated by `cd4ml stack up`; edit cd4ml/stack.py instead",
+        "[unix_http_server]",
+        f"file={sup}/supervisor.sock",
+        "chmod=0700",
+        "[supervisord]",
+        f"logfile={cfg.logs_dir}/supervisord.log",
+        f"pidfile={sup}/supervisord.pid",
+        f"directory={cfg.home}",
+        "logfile_maxbytes=10MB",
+        "logfile_backups=2",
+        "[rpcinterface:supervisor]",
+        "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
+        "[supervisorctl]",
+        f"serverurl=unix://{sup}/supervisor.sock",
+    ]
+    extra_env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    for name, (command, priority) in PROGRAMS.items():
+        cmd = command.format(home=cfg.home, mlflow_port=cfg.mlflow_port)
+        program_env = {**env, **(extra_env if name == "mlflow" else {})}
+        lines += [
+            f"[program:{name}]",
+            f"command={cfg.bin_dir}/{cmd}",
+            f"environment={_quote_env(program_env)}",
+            f"directory={cfg.home}",
+            f"priority={priority}",
+            "autostart=true",
+            "autorestart=true",
+            "startsecs=3",
+            "startretries=5",
+            "stopasgroup=true",
+            "killasgroup=true",
+            "stopwaitsecs=20",
+            "redirect_stderr=true",
+            f"stdout_logfile={cfg.logs_dir}/{name}.log",
+            "stdout_logfile_maxbytes=20MB",
+            "stdout_logfile_backups=2",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _run(cmd: list[str], env: dict[str, str], log: Path | None = None) -> None:
+    out = log.open("ab") if log else subprocess.DEVNULL
+    try:
+        subprocess.run(cmd, env={**os.environ, **env}, check=True, stdout=out, stderr=subprocess.STDOUT)
+    except subprocess.CalledProcessError as err:
+        hint = f"; see {log}" if log else ""
+        raise SystemExit(f"cd4ml: `{' '.join(cmd)}` failed with exit code {err.returncode}{hint}") from None
+
+
+def init(cfg: StackConfig) -> dict[str, str]:
+    """Directories, secrets, the UI password, and the migrated Airflow metadata DB (idempotent)."""
+    env = environment(cfg)
+    for d in (cfg.airflow_home, cfg.supervisor_dir, cfg.logs_dir, cfg.home / "mlflow" / "artifacts"):
+        d.mkdir(parents=True, exist_ok=True)
+    passwords = cfg.airflow_home / "simple_auth_manager_passwords.json"
+    if not passwords.exists():
+        passwords.write_text(json.dumps({"admin": _secrets(cfg)["admin_password"]}))
+        passwords.chmod(0o600)
+    _run([str(cfg.bin_dir / "airflow"), "db", "migrate"], env, cfg.logs_dir / "airflow-db-migrate.log")
+    cfg.conf_path.write_text(render_supervisord_conf(cfg))
+    return env
+
+
+def supervisorctl(cfg: StackConfig, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(cfg.bin_dir / "supervisorctl"), "-c", str(cfg.conf_path), *args],
+        capture_output=True, text=True, check=check,
+    )  # fmt: skip
+
+
+def is_running(cfg: StackConfig) -> bool:
+    if not cfg.conf_path.exists():
+        return False
+    return supervisorctl(cfg, "pid", check=False).stdout.strip().isdigit()
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def up(cfg: StackConfig) -> None:
+    if not is_running(cfg):
+        for port, what in ((cfg.airflow_port, "CD4ML_AIRFLOW_PORT"), (cfg.mlflow_port, "CD4ML_MLFLOW_PORT")):
+            if not _port_free(port):
+                raise SystemExit(f"cd4ml: port {port} is already in use; set {what} to a free port")
+    init(cfg)
+    if is_running(cfg):
+        supervisorctl(cfg, "reread")
+        supervisorctl(cfg, "update")
+        supervisorctl(cfg, "start", "all", check=False)
+    else:
+        subprocess.run([str(cfg.bin_dir / "supervisord"), "-c", str(cfg.conf_path)], check=True)
+    wait_http(f"{cfg.mlflow_url}/health", "MLflow", timeout=120, cfg=cfg)
+    wait_http(f"{cfg.airflow_url}/api/v2/monitor/health", "Airflow API", timeout=180, cfg=cfg)
+
+
+def down(cfg: StackConfig) -> None:
+    if not is_running(cfg):
+        print("cd4ml: the stack is not running")
+        return
+    supervisorctl(cfg, "shutdown", check=False)
+    for _ in range(120):
+        if not (cfg.supervisor_dir / "supervisord.pid").exists():
+            break
+        time.sleep(0.5)
+    print("cd4ml: stopped Airflow and MLflow; state kept in", cfg.home)
+
+
+def wait_http(url: str, what: str, *, timeout: float, cfg: StackConfig) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError) as err:
+            last = str(err)
+        time.sleep(1)
+    raise SystemExit(f"cd4ml: {what} did not answer at {url} within {timeout:.0f}s ({last}); logs in {cfg.logs_dir}")
+
+
+def status(cfg: StackConfig) -> str:
+    if not is_running(cfg):
+        return "cd4ml: the stack is not running (make up)"
+    return supervisorctl(cfg, "status", check=False).stdout
+
+
+def login(cfg: StackConfig) -> tuple[str, str]:
+    return "admin", _secrets(cfg)["admin_password"]
+
+
+def clean(cfg: StackConfig) -> None:
+    """Delete all local state (models, data, runs). Refuses while the stack runs."""
+    if is_running(cfg):
+        raise SystemExit("cd4ml: stop the stack first (make down)")
+    shutil.rmtree(cfg.home, ignore_errors=False) if cfg.home.exists() else None

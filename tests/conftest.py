@@ -1,0 +1,104 @@
+"""Shared fixtures. Airflow reads its config at import, so the environment is set here, first."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="cd4ml-tests-"))
+
+os.environ.update(
+    {
+        "AIRFLOW_HOME": str(_SESSION_DIR / "airflow"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_SESSION_DIR}/airflow/airflow.db",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "CD4ML_HOME": str(_SESSION_DIR / "cd4ml"),
+        "GX_ANALYTICS_ENABLED": "false",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+    }
+)
+# Tests never talk to a developer's running stack by accident.
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("CD4ML_SPECS_DIR", None)
+os.environ.pop("CD4ML_DATA_DIR", None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=3) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """A migrated Airflow metadata DB (dag.test() needs one; no scheduler needed)."""
+    home = Path(os.environ["AIRFLOW_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    subprocess.run([str(BIN / "airflow"), "db", "migrate"], check=True, capture_output=True)
+    return home
+
+
+@pytest.fixture(scope="session")
+def mlflow_server() -> Iterator[str]:
+    """A real MLflow tracking server (SQLite backend, local proxied artifacts) for the session."""
+    root = _SESSION_DIR / "mlflow"
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log = (root / "server.log").open("wb")
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=root,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", 90)
+        yield url
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private data root and specs dir for one test."""
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    monkeypatch.setenv("CD4ML_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CD4ML_SPECS_DIR", str(specs))
+    return tmp_path
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)

@@ -1,0 +1,102 @@
+"""Every DAG file imports cleanly, fast and light, and every DAG follows the house rules."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import REPO, spec_dict
+
+HEAVY = ["pandas", "numpy", "sklearn", "scipy", "mlflow", "great_expectations", "evidently", "pyarrow"]
+
+PROBE = r"""
+import json, sys
+from unittest import mock
+def forbidden(*a, **k):
+    raise AssertionError("connection/variable lookup at parse time")
+patches = [mock.patch("airflow.sdk.BaseHook.get_connection", forbidden),
+           mock.patch("airflow.sdk.Variable.get", forbidden)]
+for p in patches:
+    p.start()
+from airflow.dag_processing.dagbag import DagBag
+bag = DagBag(dag_folder=sys.argv[1])
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in json.loads(sys.argv[2]))
+print(json.dumps({"errors": bag.import_errors, "dags": sorted(bag.dags), "heavy": heavy}))
+"""
+
+
+def parse_in_fresh_process(env: dict[str, str] | None = None) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, str(REPO / "dags"), json.dumps(HEAVY)],
+        capture_output=True, text=True, check=True, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_dag_files_import_without_errors_heavy_modules_or_lookups() -> None:
+    result = parse_in_fresh_process()
+    assert result["errors"] == {}
+    assert "churn__train" in result["dags"]
+    assert result["heavy"] == [], f"DAG parsing imported heavy modules: {result['heavy']}"
+
+
+def test_broken_spec_is_an_import_error_naming_file_and_field_and_others_still_load(tmp_path: Path) -> None:
+    (tmp_path / "good_model.yaml").write_text(yaml.safe_dump(spec_dict()))
+    (tmp_path / "bad_model.yaml").write_text(yaml.safe_dump(spec_dict(promotion__confidence=3)))
+    result = parse_in_fresh_process({"CD4ML_SPECS_DIR": str(tmp_path)})
+    assert "good_model__train" in result["dags"]
+    assert not any(d.startswith("bad_model") for d in result["dags"])
+    (path, message), = result["errors"].items()
+    assert path.endswith("cd4ml_spec_check.py")
+    assert f"{tmp_path}/bad_model.yaml: field 'promotion.confidence'" in message
+
+
+@pytest.fixture(scope="module")
+def bag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(REPO / "dags"))
+
+
+def test_every_dag_has_tags_retries_docs_and_an_owner(bag) -> None:
+    assert bag.dags
+    for dag_id, dag in bag.dags.items():
+        model = dag_id.split("__")[0]
+        assert {"cd4ml", model} <= set(dag.tags), dag_id
+        assert dag.doc_md and len(dag.doc_md) > 200, dag_id
+        assert dag.default_args.get("retries", 0) >= 1, dag_id
+        assert not dag.catchup, dag_id
+        for t in dag.tasks:
+            assert t.retries >= 1, f"{dag_id}.{t.task_id}"
+
+
+def test_training_dag_structure_schedule_and_form(bag) -> None:
+    from airflow.sdk import AssetOrTimeSchedule
+
+    dag = bag.dags["churn__train"]
+    downstream = {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks}
+    assert downstream == {
+        "collect_landed_files": ["validate_batches"],
+        "validate_batches": ["build_datasets", "register_challenger"],
+        "build_datasets": ["evaluate_against_champion", "needs_training", "register_challenger", "train_challenger"],
+        "needs_training": ["train_challenger"],
+        "train_challenger": ["evaluate_against_champion", "register_challenger"],
+        "evaluate_against_champion": ["promote_champion", "register_challenger"],
+        "register_challenger": ["promote_champion"],
+        "promote_champion": [],
+    }
+    assert dag.max_active_runs == 1
+    timetable = dag.timetable
+    assert isinstance(timetable, AssetOrTimeSchedule)
+    assert "expression='0 2 * * *', timezone='UTC'" in repr(timetable.timetable)
+    assert type(timetable.asset_condition).__name__ == "AssetAny"  # new data OR drift
+    assert {a.name for a in timetable.asset_condition.objects} == {"churn.new_data", "churn.drift_detected"}
+    (watcher,) = next(a for a in timetable.asset_condition.objects if a.name == "churn.new_data").watchers
+    assert type(watcher.trigger).__name__ == "LandingZoneTrigger"
+    assert set(dag.params) == {"reason", "evaluate_only", "force"}

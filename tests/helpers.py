@@ -1,0 +1,35 @@
+"""Small builders shared by the tests: specs derived from the demo spec, and demo batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_SPEC = REPO / "include" / "specs" / "churn.yaml"
+
+
+def spec_dict(**overrides: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = yaml.safe_load(DEMO_SPEC.read_text())
+    for dotted, value in overrides.items():
+        node = raw
+        *parents, leaf = dotted.split("__")
+        for key in parents:
+            node = node.setdefault(key, {})
+        if value is None:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = value
+    return raw
+
+
+def write_spec(specs_dir: Path, name: str, **overrides: Any) -> Path:
+    path = specs_dir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec_dict(**overrides), sort_keys=False))
+    return path
+
+
+WEAK = {"class": "sklearn.dummy.DummyClassifier", "params": {"strategy": "prior"}}
+LOGREG = {"class": "sklearn.linear_model.LogisticRegression", "params": {"max_iter": 500}}

@@ -1,0 +1,162 @@
+"""`<model>__train` end to end with dag.test(): real Airflow task execution, real GX, real sklearn,
+a real MLflow tracking server. One test per gate path; each test uses its own model name."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow import MlflowClient
+
+from cd4ml.datagen import generate_churn, write_batch
+from tests.helpers import LOGREG, WEAK, write_spec
+
+pytestmark = pytest.mark.integration
+ROWS = 1500
+
+
+@pytest.fixture
+def env(workspace: Path, mlflow_server: str, airflow_db: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    return {"specs": workspace / "specs", "data": workspace / "home" / "data", "mlflow": MlflowClient(mlflow_server)}
+
+
+def land(env: dict[str, Any], model: str, name: str, frame) -> Path:
+    return write_batch(frame, env["data"] / model / "landing", name)
+
+
+def run(env: dict[str, Any], model: str, **conf: Any) -> dict[str, str]:
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(Path(__file__).resolve().parents[2] / "dags"))
+    assert not bag.import_errors, bag.import_errors
+    dag_run = bag.dags[f"{model}__train"].test(run_conf={"reason": "integration test", **conf})
+    states = {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
+    states["__run__"] = str(dag_run.state)
+    return states
+
+
+def champion(env: dict[str, Any], model: str) -> str | None:
+    try:
+        return env["mlflow"].get_model_version_by_alias(model, "champion").version
+    except Exception:  # noqa: BLE001 - MLflow raises a generic RestException for "no such alias"
+        return None
+
+
+def versions(env: dict[str, Any], model: str) -> list:
+    return sorted(env["mlflow"].search_model_versions(f"name = '{model}'"), key=lambda v: int(v.version))
+
+
+def test_first_model_is_promoted_with_full_lineage(env: dict[str, Any]) -> None:
+    write_spec(env["specs"], "first", estimator=LOGREG)
+    land(env, "first", "week0.csv", generate_churn(ROWS, seed=1))
+    states = run(env, "first")
+    assert states["__run__"] == "success", states
+    assert champion(env, "first") == "1"
+    (v1,) = versions(env, "first")
+    assert env["mlflow"].get_model_version_by_alias("first", "challenger").version == "1"
+    tags = v1.tags
+    for key in ("data_fingerprint", "spec_hash", "code_version", "lock_hash", "validation", "decision", "evidence"):
+        assert tags.get(f"cd4ml.{key}"), key
+    evidence = json.loads(tags["cd4ml.evidence"])
+    assert evidence["promote"] and evidence["champion_version"] is None and evidence["n"] == 300
+    assert "first model" in evidence["reason"]
+    assert tags["cd4ml.decision"] == "promote" and tags["cd4ml.trigger_reason"] == "manual: integration test"
+    assert json.loads(tags["cd4ml.validation"])["accepted"] == ["week0.csv"]
+    assert [p.name for p in (env["data"] / "first" / "accepted").glob("*.csv")][0].endswith("__week0.csv")
+    assert not any((env["data"] / "first" / "landing").iterdir())
+    # The registered model has a signature and an input example.
+    model_info = env["mlflow"].get_logged_model(v1.model_id) if v1.model_id else None
+    assert model_info is None or model_info.model_id
+
+
+def test_better_challenger_is_promoted_then_an_equal_one_is_rejected(env: dict[str, Any]) -> None:
+    write_spec(env["specs"], "better", estimator=WEAK, promotion__floor=None)
+    land(env, "better", "week0.csv", generate_churn(ROWS, seed=2))
+    assert run(env, "better")["__run__"] == "success"
+    assert champion(env, "better") == "1"
+
+    write_spec(env["specs"], "better", estimator=LOGREG, promotion__floor=None)  # a real model now
+    assert run(env, "better")["__run__"] == "success"
+    assert champion(env, "better") == "2"
+    evidence = json.loads(versions(env, "better")[1].tags["cd4ml.evidence"])
+    assert evidence["promote"] and evidence["champion_version"] == "1"
+    assert evidence["ci_low"] > 0 and evidence["resamples"] == 1000
+    assert evidence["challenger_score"] > evidence["champion_score"] == 0.5
+    assert versions(env, "better")[1].tags["cd4ml.previous_champion"] == "1"
+
+    # Same data, spec and code: a forced retrain builds the identical model, which must not win.
+    states = run(env, "better", force=True)
+    assert states["__run__"] == "success"
+    assert champion(env, "better") == "2"
+    v3 = versions(env, "better")[2]
+    assert v3.tags["cd4ml.decision"] == "reject"
+    assert json.loads(v3.tags["cd4ml.evidence"])["difference"] == 0.0
+    assert env["mlflow"].get_model_version_by_alias("better", "challenger").version == "3"
+
+
+def test_worse_challenger_is_rejected_and_champion_unchanged(env: dict[str, Any]) -> None:
+    write_spec(env["specs"], "worse", estimator=LOGREG)
+    land(env, "worse", "week0.csv", generate_churn(ROWS, seed=3))
+    assert run(env, "worse")["__run__"] == "success"
+    write_spec(env["specs"], "worse", estimator=WEAK)
+    states = run(env, "worse")
+    assert states["__run__"] == "success" and states["promote_champion"] == "success"
+    assert champion(env, "worse") == "1"
+    evidence = json.loads(versions(env, "worse")[1].tags["cd4ml.evidence"])
+    assert not evidence["promote"] and "rejected" in evidence["reason"]
+
+
+def test_evaluate_only_records_the_decision_but_never_moves_the_champion(env: dict[str, Any]) -> None:
+    write_spec(env["specs"], "evalonly", estimator=WEAK, promotion__floor=None)
+    land(env, "evalonly", "week0.csv", generate_churn(ROWS, seed=4))
+    assert run(env, "evalonly")["__run__"] == "success"
+    write_spec(env["specs"], "evalonly", estimator=LOGREG, promotion__floor=None)
+    assert run(env, "evalonly", evaluate_only=True)["__run__"] == "success"
+    assert champion(env, "evalonly") == "1"
+    v2 = versions(env, "evalonly")[1]
+    assert v2.tags["cd4ml.decision"] == "promote"
+    assert v2.tags["cd4ml.promotion"] == "skipped: evaluate_only"
+
+
+def test_invalid_file_is_quarantined_with_reason_and_nothing_trained(env: dict[str, Any]) -> None:
+    write_spec(env["specs"], "guarded", estimator=LOGREG)
+    land(env, "guarded", "week0.csv", generate_churn(ROWS, seed=5))
+    assert run(env, "guarded")["__run__"] == "success"
+    bad = generate_churn(ROWS, seed=5, batch=1).drop(columns=["plan"])
+    bad.loc[:30, "tenure_months"] = -7
+    landed_bytes = land(env, "guarded", "week1.csv", bad).read_bytes()
+
+    states = run(env, "guarded")
+    assert states["__run__"] == "failed"
+    assert states["validate_batches"] == "failed"
+    assert states["train_challenger"] in {"upstream_failed", "None"}
+    assert champion(env, "guarded") == "1" and len(versions(env, "guarded")) == 1
+    quarantine = env["data"] / "guarded" / "quarantine"
+    (stored,) = [p for p in quarantine.iterdir() if p.name.endswith("__week1.csv")]
+    assert stored.read_bytes() == landed_bytes  # nothing lost
+    reason = stored.with_name(stored.name + ".reason.txt").read_text()
+    assert "week1.csv was rejected by validation" in reason
+    assert "missing columns ['plan']" in reason
+    assert "column 'tenure_months': 31 of 1500 rows outside [0, 120]" in reason
+    assert "Data Docs: file://" in reason
+    assert not any((env["data"] / "guarded" / "landing").iterdir())
+
+
+def test_the_same_file_landed_twice_is_processed_once(env: dict[str, Any]) -> None:
+    write_spec(env["specs"], "dedup", estimator=LOGREG)
+    frame = generate_churn(ROWS, seed=6)
+    land(env, "dedup", "week0.csv", frame)
+    assert run(env, "dedup")["__run__"] == "success"
+    land(env, "dedup", "week0-copy.csv", frame)  # same bytes, new name
+
+    states = run(env, "dedup")
+    assert states["__run__"] == "success"
+    assert states["train_challenger"] == "skipped"  # nothing new to learn from
+    assert len(versions(env, "dedup")) == 1
+    accepted = [p for p in (env["data"] / "dedup" / "accepted").iterdir() if p.suffix == ".csv"]
+    assert len(accepted) == 1
+    (dup,) = [p for p in (env["data"] / "dedup" / "quarantine").iterdir() if p.name.endswith("week0-copy.csv")]
+    assert "duplicate: byte-identical to" in dup.with_name(dup.name + ".reason.txt").read_text()
