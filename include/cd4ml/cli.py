@@ -105,12 +105,14 @@ def cmd_spec_check(args: argparse.Namespace) -> int:
 
             for extra in spec.validation.expectations:
                 if not hasattr(gx.expectations, extra.expectation):
-                    raise SpecError(f"{spec.name}: field 'validation.expectations': unknown {extra.expectation!r}")
+                    raise SpecError(
+                        f"{spec.name}: field 'validation.expectations': unknown {extra.expectation!r}"
+                    )
             print(f"ok      {spec.name}")
         except Cd4mlError as err:
             errors[Path(spec.name)] = SpecError(str(err))
-    for err in errors.values():
-        print(f"error   {err}", file=sys.stderr)
+    for problem in errors.values():
+        print(f"error   {problem}", file=sys.stderr)
     return 1 if errors else 0
 
 
@@ -128,7 +130,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     settings = get_settings()
     spec = load_spec(settings.specs_dir / f"{args.model}.yaml")
     now = datetime.now(UTC).isoformat()
-    print(json.dumps(run_training(spec, settings, run_id=f"cli__{now}", run_time=now, force=args.force), indent=2))
+    print(
+        json.dumps(
+            run_training(spec, settings, run_id=f"cli__{now}", run_time=now, force=args.force), indent=2
+        )
+    )
     return 0
 
 

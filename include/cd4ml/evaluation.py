@@ -165,7 +165,7 @@ def decide(
     of the one-sided confidence interval of (challenger - champion) exceeds `min_improvement`."""
     n = len(y_true)
     challenger_score = score(name, y_true, challenger)
-    base = dict(
+    base: dict[str, Any] = dict(
         metric=name,
         direction=METRICS[name][1],
         challenger_score=challenger_score,
@@ -186,18 +186,23 @@ def decide(
     if champion is None:
         return Decision(
             promote=floor_ok,
-            reason=(f"first model: {floor_text} met" if floor_ok else f"first model rejected: {floor_text} not met"),
+            reason=(f"first model: {floor_text} " + ("met" if floor_ok else "not met")),
             champion_score=None, champion_version=None, difference=None,
             ci_low=None, ci_high=None, resamples=0, **base,
         )  # fmt: skip
     champion_score = score(name, y_true, champion)
-    diffs = paired_bootstrap(name, y_true, challenger, champion, resamples=policy.bootstrap_resamples, seed=seed)
+    diffs = paired_bootstrap(
+        name, y_true, challenger, champion, resamples=policy.bootstrap_resamples, seed=seed
+    )
     sign = 1.0 if METRICS[name][1] == "maximize" else -1.0
     difference = sign * (challenger_score - champion_score)
     if len(diffs) < policy.bootstrap_resamples // 2:
         return Decision(
             promote=False,
-            reason=f"only {len(diffs)} of {policy.bootstrap_resamples} resamples could be scored; holdout too degenerate",
+            reason=(
+                f"only {len(diffs)} of {policy.bootstrap_resamples} resamples could be scored; "
+                "holdout too degenerate"
+            ),
             champion_score=champion_score, champion_version=champion_version, difference=difference,
             ci_low=None, ci_high=None, resamples=len(diffs), **base,
         )  # fmt: skip

@@ -137,7 +137,9 @@ def list_accepted(zone: Zone) -> list[AcceptedFile]:
         if meta.exists():
             records.append(AcceptedFile(**json.loads(meta.read_text(encoding="utf-8"))))
         else:  # moved but crashed before the sidecar was written: the name still says what it is
-            records.append(AcceptedFile(str(path), path.name.split("__", 1)[1], file_sha256(path), -1, "", ""))
+            records.append(
+                AcceptedFile(str(path), path.name.split("__", 1)[1], file_sha256(path), -1, "", "")
+            )
     return sorted(records, key=lambda r: (r.accepted_at, r.name, r.sha256))
 
 

@@ -49,7 +49,9 @@ def collect_landed_files(spec: ModelSpec, settings: Settings) -> dict[str, Any]:
                 f"{landed.name}: duplicate: byte-identical to {first} (sha256 {landed.sha256[:16]}…), "
                 "which was already processed; not trained on twice"
             )
-            target = landing.quarantine(zone, landed, reason=reason, details={"kind": "duplicate", "of": first})
+            target = landing.quarantine(
+                zone, landed, reason=reason, details={"kind": "duplicate", "of": first}
+            )
             duplicates.append({"name": landed.name, "path": str(target), "reason": reason})
             log.warning(reason)
             continue
@@ -101,12 +103,18 @@ def validate_landed_files(
             frame = normalise(spec, read_table(Path(landed.path)))
         except DataReadError as err:
             reason = f"{landed.name}: rejected before validation: {err}"
-            target = landing.quarantine(zone, landed, reason=reason, details={"kind": "unreadable", "run_id": run_id})
+            target = landing.quarantine(
+                zone, landed, reason=reason, details={"kind": "unreadable", "run_id": run_id}
+            )
             quarantined.append({"name": landed.name, "path": str(target), "reason": reason})
             continue
         reference = learn_reference(spec, accepted_frame)
         outcome = validate_frame(
-            spec, frame, reference, batch_name=f"{run_key(run_id)}__{landed.stored_name}", context_root=zone.gx
+            spec,
+            frame,
+            reference,
+            batch_name=f"{run_key(run_id)}__{landed.stored_name}",
+            context_root=zone.gx,
         )
         docs_url = outcome.docs_url or docs_url
         if outcome.success:
@@ -175,7 +183,11 @@ def training_needed(
         return True, "no champion yet"
     # The latest challenger counts too: a rejected model retrained on the same inputs is the same model.
     for alias in (registry.CHAMPION, registry.CHALLENGER):
-        mv = champion if alias == registry.CHAMPION else registry.version_by_alias(mlflow_client, spec.name, alias)
+        mv = (
+            champion
+            if alias == registry.CHAMPION
+            else registry.version_by_alias(mlflow_client, spec.name, alias)
+        )
         tags = (mv.tags or {}) if mv is not None else {}
         if mv is not None and (
             tags.get("cd4ml.data_fingerprint") == datasets["fingerprint"]
@@ -192,7 +204,9 @@ def training_needed(
 # -- train -----------------------------------------------------------------------------------------
 
 
-def train_challenger(spec: ModelSpec, settings: Settings, datasets: dict[str, Any], *, run_id: str) -> dict[str, Any]:
+def train_challenger(
+    spec: ModelSpec, settings: Settings, datasets: dict[str, Any], *, run_id: str
+) -> dict[str, Any]:
     import pandas as pd
 
     from cd4ml import registry, training
@@ -240,7 +254,9 @@ def evaluate_against_champion(
     champion = registry.version_by_alias(mlflow_client, spec.name, registry.CHAMPION)
     champion_scores = None
     if champion is not None:
-        champion_model = registry.load_model(settings.mlflow_tracking_uri, f"models:/{spec.name}/{champion.version}")
+        champion_model = registry.load_model(
+            settings.mlflow_tracking_uri, f"models:/{spec.name}/{champion.version}"
+        )
         champion_scores = training.metric_inputs(spec, champion_model, holdout)
     decision = decide(
         spec.metric.name, spec.promotion, y, challenger_scores, champion_scores,
@@ -321,8 +337,14 @@ def promote_champion(
         return {"promoted": False, "version": version, "why": evidence["reason"]}
     if evaluate_only:
         registry.set_tags(mlflow_client, spec.name, version, {"cd4ml.promotion": "skipped: evaluate_only"})
-        return {"promoted": False, "version": version, "why": "evaluate_only: decision recorded, champion untouched"}
-    previous = registry.move_champion(mlflow_client, spec.name, version, expected_current=evidence["champion_version"])
+        return {
+            "promoted": False,
+            "version": version,
+            "why": "evaluate_only: decision recorded, champion untouched",
+        }
+    previous = registry.move_champion(
+        mlflow_client, spec.name, version, expected_current=evidence["champion_version"]
+    )
     registry.set_tags(
         mlflow_client, spec.name, version,
         {"cd4ml.promoted_at": run_time, "cd4ml.previous_champion": previous or "none"},
@@ -353,5 +375,10 @@ def run_training(
         validation=validation, run_id=run_id, reason="plain python run",
     )  # fmt: skip
     return promote_champion(
-        spec, settings, version=registered["version"], evidence=evidence, evaluate_only=False, run_time=run_time
+        spec,
+        settings,
+        version=registered["version"],
+        evidence=evidence,
+        evaluate_only=False,
+        run_time=run_time,
     )

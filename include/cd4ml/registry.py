@@ -67,7 +67,9 @@ def untrusted_types_of(model: Any) -> list[str]:
 def check_trusted(types: list[str], where: str) -> None:
     bad = sorted(t for t in types if not t.startswith(TRUSTED_TYPE_PREFIXES))
     if bad:
-        raise UnsafeModelError(f"{where}: refers to types outside the allow-list {TRUSTED_TYPE_PREFIXES}: {bad}")
+        raise UnsafeModelError(
+            f"{where}: refers to types outside the allow-list {TRUSTED_TYPE_PREFIXES}: {bad}"
+        )
 
 
 def log_challenger(

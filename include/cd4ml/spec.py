@@ -95,7 +95,9 @@ class Estimator(_Strict):
     @classmethod
     def _dotted(cls, value: str) -> str:
         if not _DOTTED.match(value):
-            raise ValueError(f"must be an import path like 'sklearn.linear_model.LogisticRegression', got {value!r}")
+            raise ValueError(
+                f"must be an import path like 'sklearn.linear_model.LogisticRegression', got {value!r}"
+            )
         return value
 
 
@@ -116,7 +118,9 @@ class Metric(_Strict):
         if self.direction is None:
             object.__setattr__(self, "direction", natural)
         elif self.direction != natural:
-            raise ValueError(f"metric {self.name!r} is to be {natural}d, but direction says {self.direction!r}")
+            raise ValueError(
+                f"metric {self.name!r} is to be {natural}d, but direction says {self.direction!r}"
+            )
         return self
 
     @property
@@ -129,7 +133,9 @@ class Promotion(_Strict):
         default=0.0, ge=0.0, description="The challenger must beat the champion by more than this margin."
     )
     confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
-    floor: float | None = Field(default=None, description="Absolute score a model must reach to serve at all.")
+    floor: float | None = Field(
+        default=None, description="Absolute score a model must reach to serve at all."
+    )
     bootstrap_resamples: int = Field(default=1000, ge=1000, le=100_000)
     min_holdout_rows: int = Field(default=30, ge=1)
 
@@ -142,7 +148,9 @@ class Expectation(_Strict):
     @classmethod
     def _gx_name(cls, value: str) -> str:
         if not _EXPECTATION.match(value):
-            raise ValueError(f"must be a Great Expectations class name like 'ExpectColumnMeanToBeBetween', got {value!r}")
+            raise ValueError(
+                f"must be a Great Expectations class name like 'ExpectColumnMeanToBeBetween', got {value!r}"
+            )
         return value
 
 
@@ -177,7 +185,9 @@ class Schedule(_Strict):
 
 class Drift(_Strict):
     schedule: str = "@hourly"
-    threshold: float = Field(default=0.3, gt=0.0, le=1.0, description="Share of drifted features that means drift")
+    threshold: float = Field(
+        default=0.3, gt=0.0, le=1.0, description="Share of drifted features that means drift"
+    )
     performance_drop: float | None = Field(default=None, gt=0.0)
     cooldown_hours: float = Field(default=6.0, ge=0.0)
     min_rows: int = Field(default=200, ge=1)

@@ -266,7 +266,9 @@ def wait_http(url: str, what: str, *, timeout: float, cfg: StackConfig) -> None:
         except (urllib.error.URLError, OSError) as err:
             last = str(err)
         time.sleep(1)
-    raise SystemExit(f"cd4ml: {what} did not answer at {url} within {timeout:.0f}s ({last}); logs in {cfg.logs_dir}")
+    raise SystemExit(
+        f"cd4ml: {what} did not answer at {url} within {timeout:.0f}s ({last}); logs in {cfg.logs_dir}"
+    )
 
 
 def status(cfg: StackConfig) -> str:

@@ -16,7 +16,9 @@ def read_table(path: Path) -> pd.DataFrame:
         return _read_parquet(path)
     if suffix == ".csv":
         return _read_csv(path)
-    raise DataReadError(f"{path.name}: unsupported file type {suffix or '(none)'!r}; land .csv or .parquet files")
+    raise DataReadError(
+        f"{path.name}: unsupported file type {suffix or '(none)'!r}; land .csv or .parquet files"
+    )
 
 
 def _read_parquet(path: Path) -> pd.DataFrame:

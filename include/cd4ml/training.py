@@ -36,7 +36,9 @@ def order_rows(spec: ModelSpec, frame: pd.DataFrame) -> pd.DataFrame:
     out = frame.reset_index(drop=True)
     if spec.timestamp:
         ts = pd.to_datetime(out[spec.timestamp], utc=True, errors="coerce", format="mixed")
-        out = out.assign(_ts=ts).sort_values("_ts", kind="mergesort").drop(columns="_ts").reset_index(drop=True)
+        out = (
+            out.assign(_ts=ts).sort_values("_ts", kind="mergesort").drop(columns="_ts").reset_index(drop=True)
+        )
     return out
 
 
@@ -50,7 +52,9 @@ def split_holdout(spec: ModelSpec, frame: pd.DataFrame) -> Split:
     n = len(ordered)
     n_holdout = max(1, math.ceil(n * spec.data.holdout_fraction))
     if n - n_holdout < 2:
-        raise TrainingError(f"{spec.name}: only {n} accepted rows; too few to split into training and holdout")
+        raise TrainingError(
+            f"{spec.name}: only {n} accepted rows; too few to split into training and holdout"
+        )
     train, holdout = ordered.iloc[: n - n_holdout], ordered.iloc[n - n_holdout :]
     cutoff = str(holdout[spec.timestamp].iloc[0]) if spec.timestamp else f"row {n - n_holdout}"
     return Split(train.reset_index(drop=True), holdout.reset_index(drop=True), cutoff)
@@ -71,7 +75,7 @@ def load_estimator_class(path: str) -> type[BaseEstimator]:
         raise TrainingError(f"estimator.class: cannot import {path!r}: {err}") from None
     if not (inspect.isclass(cls) and hasattr(cls, "fit") and hasattr(cls, "predict")):
         raise TrainingError(f"estimator.class: {path!r} is not an estimator class with fit/predict")
-    return cls  # type: ignore[no-any-return]
+    return cls
 
 
 def build_pipeline(spec: ModelSpec) -> Pipeline:
@@ -82,7 +86,9 @@ def build_pipeline(spec: ModelSpec) -> Pipeline:
     try:
         estimator = cls(**params)
     except TypeError as err:
-        raise TrainingError(f"estimator.params: {spec.estimator.class_path} rejects {params}: {err}") from None
+        raise TrainingError(
+            f"estimator.params: {spec.estimator.class_path} rejects {params}: {err}"
+        ) from None
     numeric = Pipeline([("impute", SimpleImputer(strategy="median")), ("scale", StandardScaler())])
     categorical = Pipeline(
         [
@@ -115,7 +121,9 @@ def metric_inputs(spec: ModelSpec, model: Any, frame: pd.DataFrame) -> NDArray[A
     x = features(spec, frame)
     if spec.metric.name in PROBABILITY_METRICS:
         if not hasattr(model, "predict_proba"):
-            raise TrainingError(f"metric {spec.metric.name} needs predict_proba; {type(model).__name__} has none")
+            raise TrainingError(
+                f"metric {spec.metric.name} needs predict_proba; {type(model).__name__} has none"
+            )
         proba = model.predict_proba(x)
         classes = list(model.classes_)
         positive = classes[-1] if len(classes) == 2 else None  # sklearn sorts classes_ like np.unique

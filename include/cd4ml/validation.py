@@ -90,13 +90,18 @@ def _bounds(spec: ModelSpec, reference: Reference, col: str) -> tuple[float | No
     return lo, hi
 
 
-def expectation_configs(spec: ModelSpec, reference: Reference, columns: list[str]) -> list[tuple[str, dict[str, Any]]]:
+def expectation_configs(
+    spec: ModelSpec, reference: Reference, columns: list[str]
+) -> list[tuple[str, dict[str, Any]]]:
     """The suite as (GX expectation class name, kwargs) pairs; only columns present get column checks."""
     v = spec.validation
     present = set(columns)
     mostly_non_null = round(1.0 - v.max_null_fraction, 6)
     out: list[tuple[str, dict[str, Any]]] = [
-        ("ExpectTableColumnsToMatchSet", {"column_set": spec.columns, "exact_match": not v.allow_extra_columns}),
+        (
+            "ExpectTableColumnsToMatchSet",
+            {"column_set": spec.columns, "exact_match": not v.allow_extra_columns},
+        ),
         ("ExpectTableRowCountToBeBetween", {"min_value": v.min_rows, "max_value": v.max_rows}),
     ]
     for col in spec.numerical:
@@ -122,11 +127,18 @@ def expectation_configs(spec: ModelSpec, reference: Reference, columns: list[str
             if classes:
                 out.append(("ExpectColumnValuesToBeInSet", {"column": spec.target, "value_set": classes}))
         else:
-            out.append(("ExpectColumnValuesToBeInTypeList", {"column": spec.target, "type_list": NUMERIC_DTYPES}))
+            out.append(
+                ("ExpectColumnValuesToBeInTypeList", {"column": spec.target, "type_list": NUMERIC_DTYPES})
+            )
             out.append(("ExpectColumnStdevToBeBetween", {"column": spec.target, "min_value": 1e-12}))
             if spec.target in reference.ranges:
                 lo, hi = reference.ranges[spec.target]
-                out.append(("ExpectColumnValuesToBeBetween", {"column": spec.target, "min_value": lo, "max_value": hi}))
+                out.append(
+                    (
+                        "ExpectColumnValuesToBeBetween",
+                        {"column": spec.target, "min_value": lo, "max_value": hi},
+                    )
+                )
     if spec.timestamp and spec.timestamp in present:
         out.append(("ExpectColumnValuesToNotBeNull", {"column": spec.timestamp}))
         out.append(("ExpectColumnValuesToBeDateutilParseable", {"column": spec.timestamp}))
@@ -192,7 +204,11 @@ def _describe(kind: str, kwargs: dict[str, Any], result: dict[str, Any], excepti
     if kind == "ExpectColumnValuesToBeDateutilParseable":
         return f"{where}: {counted} are not timestamps" + (f" (e.g. {sample})" if sample else "")
     detail = counted or (f"observed {observed}" if observed is not None else "")
-    return f"{where}: {kind} failed" + (f": {detail}" if detail else "") + (f" (e.g. {sample})" if sample else "")
+    return (
+        f"{where}: {kind} failed"
+        + (f": {detail}" if detail else "")
+        + (f" (e.g. {sample})" if sample else "")
+    )
 
 
 def validate_frame(
@@ -210,6 +226,7 @@ def validate_frame(
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     configs = expectation_configs(spec, reference, [str(c) for c in frame.columns])
+    ctx: Any
     if context_root is not None:
         context_root.mkdir(parents=True, exist_ok=True)
         ctx = gx.get_context(mode="file", project_root_dir=str(context_root))
@@ -218,7 +235,9 @@ def validate_frame(
     # Progress bars would flood the task logs.
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
     source = ctx.data_sources.add_or_update_pandas(name=f"{spec.name}_landing")
-    asset = next((a for a in source.assets if a.name == "batches"), None) or source.add_dataframe_asset("batches")
+    asset = next((a for a in source.assets if a.name == "batches"), None) or source.add_dataframe_asset(
+        "batches"
+    )
     batch_def = next((b for b in asset.batch_definitions if b.name == "whole"), None)
     batch_def = batch_def or asset.add_batch_definition_whole_dataframe("whole")
 
@@ -226,13 +245,15 @@ def validate_frame(
     for kind, kwargs in configs:
         cls = getattr(gx.expectations, kind, None)
         if cls is None:
-            raise ValueError(f"spec {spec.name}: validation.expectations: unknown Great Expectations class {kind!r}")
+            raise ValueError(
+                f"spec {spec.name}: validation.expectations: unknown Great Expectations class {kind!r}"
+            )
         suite.add_expectation(cls(**{k: v for k, v in kwargs.items() if v is not None or k == "max_value"}))
     suite = ctx.suites.add_or_update(suite)
     definition = ctx.validation_definitions.add_or_update(
         gx.ValidationDefinition(name=f"{spec.name}_batch", data=batch_def, suite=suite)
     )
-    actions = [UpdateDataDocsAction(name="data_docs")] if context_root is not None else []
+    actions: list[Any] = [UpdateDataDocsAction(name="data_docs")] if context_root is not None else []
     checkpoint = ctx.checkpoints.add_or_update(
         gx.Checkpoint(
             name=f"{spec.name}_checkpoint",
@@ -241,7 +262,9 @@ def validate_frame(
             result_format={"result_format": "SUMMARY", "partial_unexpected_count": 10},
         )
     )
-    result = checkpoint.run(batch_parameters={"dataframe": frame}, run_id=gx.RunIdentifier(run_name=batch_name))
+    result = checkpoint.run(
+        batch_parameters={"dataframe": frame}, run_id=gx.RunIdentifier(run_name=batch_name)
+    )
     problems: list[str] = []
     evaluated = failed = 0
     for run_result in result.run_results.values():
@@ -251,10 +274,14 @@ def validate_frame(
                 continue
             failed += 1
             cfg = res.expectation_config
+            if cfg is None:
+                raise ValueError("GX returned a result without its expectation configuration")
             info = res.exception_info or {}
             raised = info.get("raised_exception") if isinstance(info, dict) else False
             message = info.get("exception_message") if raised else None
-            problems.append(_describe(_class_name(cfg.type), dict(cfg.kwargs), dict(res.result or {}), message))
+            problems.append(
+                _describe(_class_name(cfg.type), dict(cfg.kwargs), dict(res.result or {}), message)
+            )
     docs_url = None
     if context_root is not None:
         urls = ctx.get_docs_sites_urls()

@@ -52,7 +52,7 @@ def test_broken_spec_is_an_import_error_naming_file_and_field_and_others_still_l
     result = parse_in_fresh_process({"CD4ML_SPECS_DIR": str(tmp_path)})
     assert "good_model__train" in result["dags"]
     assert not any(d.startswith("bad_model") for d in result["dags"])
-    (path, message), = result["errors"].items()
+    ((path, message),) = result["errors"].items()
     assert path.endswith("cd4ml_spec_check.py")
     assert f"{tmp_path}/bad_model.yaml: field 'promotion.confidence'" in message
 
@@ -84,7 +84,12 @@ def test_training_dag_structure_schedule_and_form(bag) -> None:
     assert downstream == {
         "collect_landed_files": ["validate_batches"],
         "validate_batches": ["build_datasets", "register_challenger"],
-        "build_datasets": ["evaluate_against_champion", "needs_training", "register_challenger", "train_challenger"],
+        "build_datasets": [
+            "evaluate_against_champion",
+            "needs_training",
+            "register_challenger",
+            "train_challenger",
+        ],
         "needs_training": ["train_challenger"],
         "train_challenger": ["evaluate_against_champion", "register_challenger"],
         "evaluate_against_champion": ["promote_champion", "register_challenger"],

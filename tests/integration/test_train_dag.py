@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cd4ml.datagen import generate_churn, write_batch
 from mlflow import MlflowClient
 
-from cd4ml.datagen import generate_churn, write_batch
 from tests.helpers import LOGREG, WEAK, write_spec
 
 pytestmark = pytest.mark.integration
@@ -18,9 +18,15 @@ ROWS = 1500
 
 
 @pytest.fixture
-def env(workspace: Path, mlflow_server: str, airflow_db: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+def env(
+    workspace: Path, mlflow_server: str, airflow_db: Path, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, Any]:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    return {"specs": workspace / "specs", "data": workspace / "home" / "data", "mlflow": MlflowClient(mlflow_server)}
+    return {
+        "specs": workspace / "specs",
+        "data": workspace / "home" / "data",
+        "mlflow": MlflowClient(mlflow_server),
+    }
 
 
 def land(env: dict[str, Any], model: str, name: str, frame) -> Path:
@@ -58,18 +64,32 @@ def test_first_model_is_promoted_with_full_lineage(env: dict[str, Any]) -> None:
     (v1,) = versions(env, "first")
     assert env["mlflow"].get_model_version_by_alias("first", "challenger").version == "1"
     tags = v1.tags
-    for key in ("data_fingerprint", "spec_hash", "code_version", "lock_hash", "validation", "decision", "evidence"):
+    for key in (
+        "data_fingerprint",
+        "spec_hash",
+        "code_version",
+        "lock_hash",
+        "validation",
+        "decision",
+        "evidence",
+    ):
         assert tags.get(f"cd4ml.{key}"), key
     evidence = json.loads(tags["cd4ml.evidence"])
     assert evidence["promote"] and evidence["champion_version"] is None and evidence["n"] == 300
     assert "first model" in evidence["reason"]
     assert tags["cd4ml.decision"] == "promote" and tags["cd4ml.trigger_reason"] == "manual: integration test"
     assert json.loads(tags["cd4ml.validation"])["accepted"] == ["week0.csv"]
-    assert [p.name for p in (env["data"] / "first" / "accepted").glob("*.csv")][0].endswith("__week0.csv")
+    (accepted,) = (env["data"] / "first" / "accepted").glob("*.csv")
+    assert accepted.name.endswith("__week0.csv")
     assert not any((env["data"] / "first" / "landing").iterdir())
     # The registered model has a signature and an input example.
-    model_info = env["mlflow"].get_logged_model(v1.model_id) if v1.model_id else None
-    assert model_info is None or model_info.model_id
+    from mlflow.models import get_model_info
+
+    info = get_model_info("models:/first/1")
+    assert info.signature is not None
+    assert {c.name for c in info.signature.inputs} == {"tenure_months", "monthly_charges", "support_calls",
+                                                       "age", "contract", "plan", "region"}  # fmt: skip
+    assert info.saved_input_example_info is not None
 
 
 def test_better_challenger_is_promoted_then_an_equal_one_is_rejected(env: dict[str, Any]) -> None:
@@ -158,5 +178,7 @@ def test_the_same_file_landed_twice_is_processed_once(env: dict[str, Any]) -> No
     assert len(versions(env, "dedup")) == 1
     accepted = [p for p in (env["data"] / "dedup" / "accepted").iterdir() if p.suffix == ".csv"]
     assert len(accepted) == 1
-    (dup,) = [p for p in (env["data"] / "dedup" / "quarantine").iterdir() if p.name.endswith("week0-copy.csv")]
+    (dup,) = [
+        p for p in (env["data"] / "dedup" / "quarantine").iterdir() if p.name.endswith("week0-copy.csv")
+    ]
     assert "duplicate: byte-identical to" in dup.with_name(dup.name + ".reason.txt").read_text()

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from cd4ml.evaluation import decide, paired_bootstrap, score
+from cd4ml.spec import Promotion
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
@@ -11,9 +13,6 @@ from sklearn.metrics import (
     r2_score,
     roc_auc_score,
 )
-
-from cd4ml.evaluation import decide, paired_bootstrap, score
-from cd4ml.spec import Promotion
 
 RNG = np.random.default_rng(0)
 N = 2000
@@ -80,7 +79,9 @@ def test_no_champion_floor_alone_decides() -> None:
 
 
 def test_clearly_better_challenger_is_promoted() -> None:
-    d = decide("roc_auc", POLICY.model_copy(update={"floor": 0.5}), Y, GOOD, WEAK, champion_version="3", seed=1)
+    d = decide(
+        "roc_auc", POLICY.model_copy(update={"floor": 0.5}), Y, GOOD, WEAK, champion_version="3", seed=1
+    )
     assert d.promote
     assert d.ci_low is not None and d.ci_low > 0
     assert d.champion_version == "3" and d.n == N and d.resamples == 1000
@@ -94,7 +95,9 @@ def test_equal_challenger_is_rejected() -> None:
 
 
 def test_worse_challenger_is_rejected() -> None:
-    d = decide("roc_auc", POLICY.model_copy(update={"floor": None}), Y, WEAK, GOOD, champion_version="1", seed=1)
+    d = decide(
+        "roc_auc", POLICY.model_copy(update={"floor": None}), Y, WEAK, GOOD, champion_version="1", seed=1
+    )
     assert not d.promote and d.ci_high is not None and d.ci_high < 0
 
 

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from cd4ml.errors import SpecError
 from cd4ml.spec import load_spec, load_specs, parse_spec
+
 from tests.helpers import DEMO_SPEC, spec_dict
 
 
@@ -41,12 +41,19 @@ def test_spec_hash_is_stable_and_sensitive() -> None:
         ({"estimator__class": "RandomForest"}, "estimator.class", "import path"),
         ({"promotion__confidence": 1.5}, "promotion.confidence", "less than 1"),
         ({"promotion__bootstrap_resamples": 100}, "promotion.bootstrap_resamples", "1000"),
-        ({"features__numerical": [{"name": "age", "min": 5, "max": 1}]}, "features.numerical.0", "greater than max"),
+        (
+            {"features__numerical": [{"name": "age", "min": 5, "max": 1}]},
+            "features.numerical.0",
+            "greater than max",
+        ),
         ({"features__categorical": ["age"]}, "features", "unique"),
         ({"target": "age"}, "(top level)", "also listed as a feature"),
         ({"validation__max_null_fraction": 2}, "validation.max_null_fraction", "less than or equal to 1"),
-        ({"validation__expectations": [{"expectation": "not_a_class"}]}, "validation.expectations.0.expectation",
-         "Great Expectations class"),
+        (
+            {"validation__expectations": [{"expectation": "not_a_class"}]},
+            "validation.expectations.0.expectation",
+            "Great Expectations class",
+        ),
         ({"schedule__retrain_cron": "nightly"}, "schedule.retrain_cron", "cron"),
         ({"surprise": 1}, "surprise", "Extra inputs"),
     ],

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from cd4ml import landing
 from cd4ml.errors import DataReadError
 from cd4ml.tables import read_table
@@ -22,7 +21,9 @@ from cd4ml.tables import read_table
         ("broken.parquet", b"PAR1 nope", "not a readable Parquet file"),
     ],
 )
-def test_unreadable_files_raise_a_clear_error(tmp_path: Path, name: str, content: bytes, expected: str) -> None:
+def test_unreadable_files_raise_a_clear_error(
+    tmp_path: Path, name: str, content: bytes, expected: str
+) -> None:
     path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(DataReadError) as err:

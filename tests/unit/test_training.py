@@ -3,12 +3,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-
 from cd4ml.datagen import generate_churn
 from cd4ml.errors import TrainingError
 from cd4ml.evaluation import score
 from cd4ml.spec import load_spec
 from cd4ml.training import build_pipeline, metric_inputs, split_holdout, train
+
 from tests.helpers import DEMO_SPEC
 
 SPEC = load_spec(DEMO_SPEC)
@@ -45,11 +45,13 @@ def test_unseen_category_and_missing_values_do_not_break_prediction() -> None:
 
 
 def test_bad_estimator_is_a_training_error() -> None:
-    spec = SPEC.model_copy(update={"estimator": SPEC.estimator.model_copy(update={"class_path": "sklearn.nope.X"})})
-    with pytest.raises(TrainingError, match="estimator.class: cannot import 'sklearn.nope.X'"):
+    spec = SPEC.model_copy(
+        update={"estimator": SPEC.estimator.model_copy(update={"class_path": "sklearn.nope.X"})}
+    )
+    with pytest.raises(TrainingError, match=r"estimator\.class: cannot import 'sklearn\.nope\.X'"):
         build_pipeline(spec)
     spec = SPEC.model_copy(update={"estimator": SPEC.estimator.model_copy(update={"params": {"bogus": 1}})})
-    with pytest.raises(TrainingError, match="estimator.params"):
+    with pytest.raises(TrainingError, match=r"estimator\.params"):
         build_pipeline(spec)
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from cd4ml.datagen import generate_churn
 from cd4ml.spec import load_spec
 from cd4ml.validation import expectation_configs, learn_reference, normalise, validate_frame
+
 from tests.helpers import DEMO_SPEC
 
 SPEC = load_spec(DEMO_SPEC)
@@ -58,13 +58,21 @@ def test_clean_batch_passes(tmp_path: Path) -> None:
         (lambda f: f.assign(extra=1), "unexpected columns ['extra']"),
         (lambda f: f.rename(columns={"age": "Age"}), "missing columns ['age']"),
         (lambda f: f.assign(age=f["age"].astype(str) + "y"), "column 'age': has type"),
-        (lambda f: f.assign(tenure_months=np.where(f.index < 10, -3, f["tenure_months"])),
-         "column 'tenure_months': 10 of 400 rows outside [0, 120]"),
+        (
+            lambda f: f.assign(tenure_months=np.where(f.index < 10, -3, f["tenure_months"])),
+            "column 'tenure_months': 10 of 400 rows outside [0, 120]",
+        ),
         (lambda f: f.assign(monthly_charges=f["monthly_charges"] * 100), "column 'monthly_charges'"),
-        (lambda f: f.assign(age=np.where(f.index < 40, np.nan, f["age"])), "column 'age': 40 of 400 rows are null"),
+        (
+            lambda f: f.assign(age=np.where(f.index < 40, np.nan, f["age"])),
+            "column 'age': 40 of 400 rows are null",
+        ),
         (lambda f: f.assign(region=np.where(f.index < 5, "mars", f["region"])), "(found 'mars')"),
         (lambda f: f.assign(churned=0), "column 'churned': has 1 distinct value"),
-        (lambda f: f.assign(churned=np.where(f.index < 3, 7, f["churned"])), "column 'churned': 3 of 400 rows not in"),
+        (
+            lambda f: f.assign(churned=np.where(f.index < 3, 7, f["churned"])),
+            "column 'churned': 3 of 400 rows not in",
+        ),
         (lambda f: f.assign(event_time="yesterday-ish"), "column 'event_time'"),
         (lambda f: pd.concat([f, f.iloc[:50]], ignore_index=True), "duplicated rows"),
         (lambda f: f.iloc[:5], "table: has 5 rows; at least 50 required"),
@@ -77,13 +85,15 @@ def test_corrupted_batch_fails_with_a_reason(corrupt, expected: str) -> None:
 
 
 def test_spec_extra_expectations_are_applied() -> None:
-    from cd4ml.spec import parse_spec
-    from tests.helpers import spec_dict
     import yaml
+    from cd4ml.spec import parse_spec
 
-    raw = spec_dict(validation__expectations=[
-        {"expectation": "ExpectColumnMeanToBeBetween", "kwargs": {"column": "age", "min_value": 80, "max_value": 90}}
-    ])  # fmt: skip
+    from tests.helpers import spec_dict
+
+    mean_check = {"column": "age", "min_value": 80, "max_value": 90}
+    raw = spec_dict(
+        validation__expectations=[{"expectation": "ExpectColumnMeanToBeBetween", "kwargs": mean_check}]
+    )
     spec = parse_spec(yaml.safe_dump(raw), Path("churn.yaml"))
     outcome = validate_frame(spec, batch(), REFERENCE, batch_name="x")
     assert not outcome.success

@@ -19,7 +19,9 @@ def new_data(spec: ModelSpec, settings: Settings) -> Asset:
         watchers=[
             AssetWatcher(
                 name=f"{spec.name}_landing_watcher",
-                trigger=LandingZoneTrigger(directory=str(landing), poke_interval=spec.schedule.landing_poll_seconds),
+                trigger=LandingZoneTrigger(
+                    directory=str(landing), poke_interval=spec.schedule.landing_poll_seconds
+                ),
             )
         ],
     )

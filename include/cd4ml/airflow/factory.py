@@ -31,6 +31,8 @@ def build_dags(settings: Settings | None = None) -> dict[str, DAG]:
 def spec_errors(settings: Settings | None = None) -> dict[Path, str]:
     settings = settings or get_settings()
     if not settings.specs_dir.is_dir():
-        return {settings.specs_dir: f"{settings.specs_dir}: the specs directory does not exist (CD4ML_SPECS_DIR)"}
+        return {
+            settings.specs_dir: f"{settings.specs_dir}: the specs directory does not exist (CD4ML_SPECS_DIR)"
+        }
     _, errors = load_specs(spec_files(settings.specs_dir))
     return {path: str(err) for path, err in errors.items()}

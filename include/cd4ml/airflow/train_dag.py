@@ -106,13 +106,27 @@ def build_train_dag(spec: ModelSpec, settings: Settings) -> DAG:
         tags=["cd4ml", spec.name, "train"],
         default_args={"owner": spec.owner, "retries": 2, "retry_delay": timedelta(seconds=10)},
         params={
-            "reason": Param("manual run", type="string", minLength=1, maxLength=500,
-                            title="Reason", description="Why this run; recorded on the model version."),
-            "evaluate_only": Param(False, type="boolean", title="Evaluate only",
-                                   description="Train, evaluate and register, but never move the champion."),
-            "force": Param(False, type="boolean", title="Force retrain",
-                           description="Train even if the champion was built from exactly this data and spec."),
-        },  # fmt: skip
+            "reason": Param(
+                "manual run",
+                type="string",
+                minLength=1,
+                maxLength=500,
+                title="Reason",
+                description="Why this run; recorded on the model version.",
+            ),
+            "evaluate_only": Param(
+                False,
+                type="boolean",
+                title="Evaluate only",
+                description="Train, evaluate and register, but never move the champion.",
+            ),
+            "force": Param(
+                False,
+                type="boolean",
+                title="Force retrain",
+                description="Train even if the champion was built from exactly this data and spec.",
+            ),
+        },
         render_template_as_native_obj=False,
     )
     def train_pipeline() -> None:
@@ -135,7 +149,9 @@ def build_train_dag(spec: ModelSpec, settings: Settings) -> DAG:
             if result["quarantined"] and not result["accepted"]:
                 # Not retryable: the files are already in quarantine with their reasons.
                 reasons = "\n\n".join(q["reason"] for q in result["quarantined"])
-                raise AirflowFailException(f"{len(result['quarantined'])} file(s) quarantined; nothing trained.\n{reasons}")
+                raise AirflowFailException(
+                    f"{len(result['quarantined'])} file(s) quarantined; nothing trained.\n{reasons}"
+                )
             return result
 
         @task
@@ -167,7 +183,10 @@ def build_train_dag(spec: ModelSpec, settings: Settings) -> DAG:
 
         @task
         def register_challenger(
-            challenger: dict[str, Any], evidence: dict[str, Any], datasets: dict[str, Any], validated: dict[str, Any]
+            challenger: dict[str, Any],
+            evidence: dict[str, Any],
+            datasets: dict[str, Any],
+            validated: dict[str, Any],
         ) -> dict[str, Any]:
             from cd4ml.pipeline import register_challenger as step
 
