@@ -120,7 +120,9 @@ def validate_landed_files(
         if outcome.success:
             record = landing.accept(zone, landed, rows=len(frame), accepted_at=run_time, run_id=run_id)
             accepted.append({**asdict(record), "validation": outcome.summary()})
-            accepted_frame = pd.concat([accepted_frame, frame], ignore_index=True)
+            accepted_frame = (
+                frame if accepted_frame.empty else pd.concat([accepted_frame, frame], ignore_index=True)
+            )
         else:
             lines = [
                 f"{landed.name} was rejected by validation ({outcome.summary()}):",

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from cd4ml.datagen import generate_churn, write_batch
+
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.system
@@ -35,11 +35,16 @@ def stack() -> Iterator[dict[str, str]]:
         "CD4ML_MLFLOW_PORT": str(free_port()),
         "CD4ML_PARALLELISM": "2",
     }
-    for key in ("AIRFLOW_HOME", "CD4ML_SPECS_DIR", "MLFLOW_TRACKING_URI") + tuple(
-        k for k in os.environ if k.startswith("AIRFLOW__")
+    for key in (
+        "AIRFLOW_HOME",
+        "CD4ML_SPECS_DIR",
+        "MLFLOW_TRACKING_URI",
+        *tuple(k for k in os.environ if k.startswith("AIRFLOW__")),
     ):
         env.pop(key, None)
-    up = subprocess.run([CLI, "stack", "up", "--no-demo"], env=env, capture_output=True, text=True, timeout=400)
+    up = subprocess.run(
+        [CLI, "stack", "up", "--no-demo"], env=env, capture_output=True, text=True, timeout=400
+    )
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         yield {**env, "up_output": up.stdout}
@@ -49,7 +54,9 @@ def stack() -> Iterator[dict[str, str]]:
             shutil.rmtree(home, ignore_errors=True)
 
 
-def http_json(url: str, *, token: str | None = None, body: dict | None = None, method: str | None = None) -> dict:
+def http_json(
+    url: str, *, token: str | None = None, body: dict | None = None, method: str | None = None
+) -> dict:
     req = urllib.request.Request(url, method=method or ("POST" if body is not None else "GET"))
     req.add_header("Content-Type", "application/json")
     if token:
@@ -90,7 +97,9 @@ def test_airflow_api_requires_login(stack: dict[str, str]) -> None:
     with pytest.raises(urllib.error.HTTPError) as err:
         http_json(f"{base}/api/v2/dags")
     assert err.value.code in {401, 403}
-    assert "churn__train" in {d["dag_id"] for d in http_json(f"{base}/api/v2/dags", token=airflow_token(stack))["dags"]}
+    assert "churn__train" in {
+        d["dag_id"] for d in http_json(f"{base}/api/v2/dags", token=airflow_token(stack))["dags"]
+    }
 
 
 def test_landed_file_starts_a_run_by_itself_and_a_champion_is_registered(stack: dict[str, str]) -> None:
