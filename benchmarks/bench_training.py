@@ -1,7 +1,8 @@
 """Training-pipeline benchmarks, side by side in one run (results: BENCHMARKS.md).
 
 1. Orchestration overhead: the same 200k-row batch through `<model>__train` on the real embedded
-   stack (scheduler, LocalExecutor, triggerer) vs the same cd4ml steps in one plain Python process.
+   stack (scheduler, LocalExecutor, triggerer) vs the same cd4ml steps (validate, train, evaluate,
+   register, promote, deploy + smoke test) in one plain Python process.
 2. DAG parse time of every file in dags/, vs a "naive" DAG file that imports the ML stack at top level.
 3. Landing -> registered champion latency for a 10k-row file on the running stack, vs the plain
    process on the same file.
@@ -65,8 +66,8 @@ def parse_times(reps: int) -> list[dict]:
     dag-processor does; the naive variant adds the top-level imports a first draft usually has."""
     naive = Path(tempfile.mkdtemp()) / "naive_dag.py"
     naive.write_text(
-        "import mlflow, great_expectations, sklearn.ensemble, pandas  # noqa\n"
-        + (REPO / "dags/cd4ml_models.py").read_text()
+        (REPO / "dags/cd4ml_models.py").read_text()
+        + "\nimport great_expectations, mlflow, pandas, sklearn.ensemble  # noqa: E401\n"
     )
     files = [*sorted((REPO / "dags").glob("*.py")), naive]
     probe = textwrap.dedent(
@@ -97,10 +98,12 @@ class Stack:
             "CD4ML_SPECS_DIR": str(specs),
             "CD4ML_AIRFLOW_PORT": str(free_port()),
             "CD4ML_MLFLOW_PORT": str(free_port()),
+            "CD4ML_SERVICE_PORT": str(free_port()),
         }
         self.env.pop("MLFLOW_TRACKING_URI", None)
         self.base = f"http://127.0.0.1:{self.env['CD4ML_AIRFLOW_PORT']}"
         self.mlflow = f"http://127.0.0.1:{self.env['CD4ML_MLFLOW_PORT']}"
+        self.service = f"http://127.0.0.1:{self.env['CD4ML_SERVICE_PORT']}"
 
     def up(self) -> None:
         subprocess.run(
@@ -115,7 +118,12 @@ class Stack:
         subprocess.run([BIN / "cd4ml", "stack", "down"], env=self.env, check=False, stdout=subprocess.DEVNULL)
 
     def runs(self, dag_id: str) -> list[dict]:
-        return http_json(f"{self.base}/api/v2/dags/{dag_id}/dagRuns", token=self.token)["dag_runs"]
+        try:
+            return http_json(f"{self.base}/api/v2/dags/{dag_id}/dagRuns", token=self.token)["dag_runs"]
+        except urllib.error.HTTPError as err:
+            if err.code == 404:  # not parsed yet
+                return []
+            raise
 
     def wait_idle(self, dag_id: str, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
@@ -157,17 +165,24 @@ def through_dag(stack: Stack, model: str, frame, name: str) -> dict:
     raise TimeoutError(f"{model}: no finished run")
 
 
-def plain_process(stack: Stack, model: str, frame, name: str, specs: Path) -> dict:
+def plain_process(stack: Stack, model: str, frame, name: str) -> dict:
     from cd4ml.datagen import write_batch
 
-    write_batch(frame, stack.home / "data" / model / "landing", name)
+    write_batch(frame, stack.home / "plain_data" / model / "landing", name)
     code = (
         "from cd4ml.pipeline import run_training; from cd4ml.settings import get_settings; "
         "from cd4ml.spec import load_spec; s = get_settings(); "
         f"print(run_training(load_spec(s.specs_dir / '{model}.yaml'), s, run_id='plain', "
         "run_time='2026-01-01T00:00:00+00:00'))"
     )
-    env = {**stack.env, "CD4ML_SPECS_DIR": str(specs), "MLFLOW_TRACKING_URI": stack.mlflow}
+    secrets = json.loads((stack.home / "secrets.json").read_text())
+    env = {
+        **stack.env,
+        "CD4ML_DATA_DIR": str(stack.home / "plain_data"),
+        "MLFLOW_TRACKING_URI": stack.mlflow,
+        "CD4ML_SERVICE_URL": stack.service,
+        "CD4ML_SERVICE_ADMIN_TOKEN": secrets["service_admin_token"],
+    }
     t = time.time()
     subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
     return {"wall_s": time.time() - t}
@@ -187,31 +202,29 @@ def main() -> None:
     print(json.dumps(results["parse"], indent=1), flush=True)
 
     home = Path(tempfile.mkdtemp(prefix="cd4ml-bench-"))
-    dag_specs, py_specs = home / "specs_dag", home / "specs_py"
-    dag_specs.mkdir()
-    py_specs.mkdir()
-    for i in range(args.reps):
-        write_spec(dag_specs, f"bench_dag_{i}")
-        write_spec(py_specs, f"bench_py_{i}")
-    write_spec(dag_specs, "latency_dag")
-    write_spec(py_specs, "latency_py")
-    stack = Stack(home, dag_specs)
+    # One specs dir (the prediction service serves every model, so both paths deploy); the plain
+    # process keeps its data in a data root no landing watcher looks at.
+    specs = home / "specs"
+    specs.mkdir()
+    names = [f"bench_dag_{i}" for i in range(args.reps)] + [f"bench_py_{i}" for i in range(args.reps)]
+    for name in [*names, "latency_dag", "latency_py"]:
+        write_spec(specs, name)
+    stack = Stack(home, specs)
     try:
         stack.up()
-        for i in range(args.reps):
-            stack.wait_idle(f"bench_dag_{i}")
-        stack.wait_idle("latency_dag")
+        for name in [*names, "latency_dag", "latency_py"]:
+            stack.wait_idle(f"{name}__train")
         big = generate_churn(args.rows, seed=21)
         small = generate_churn(10_000, seed=22)
         results["orchestration"] = []
         for i in range(args.reps):
             dag = through_dag(stack, f"bench_dag_{i}", big, "big.csv")
-            plain = plain_process(stack, f"bench_py_{i}", big, "big.csv", py_specs)
+            plain = plain_process(stack, f"bench_py_{i}", big, "big.csv")
             results["orchestration"].append({"dag": dag, "plain": plain})
             print(json.dumps(results["orchestration"][-1]), flush=True)
         results["latency_10k"] = {
             "dag": through_dag(stack, "latency_dag", small, "small.csv"),
-            "plain": plain_process(stack, "latency_py", small, "small.csv", py_specs),
+            "plain": plain_process(stack, "latency_py", small, "small.csv"),
         }
         print(json.dumps(results["latency_10k"]), flush=True)
     finally:

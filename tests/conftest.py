@@ -90,6 +90,68 @@ def mlflow_server() -> Iterator[str]:
         proc.wait(timeout=30)
 
 
+SERVICE_TOKEN = "test-admin-token"
+SERVICE_MAX_ROWS = 200
+
+
+@pytest.fixture(scope="session")
+def shared_specs() -> Path:
+    """One specs dir the session's prediction service watches; each test adds its own model name."""
+    path = _SESSION_DIR / "specs"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def start_service(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [str(BIN / "cd4ml"), "serve", "--port", str(port)],
+        stdout=log_path.open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )  # fmt: skip
+    wait_http(f"http://127.0.0.1:{port}/health/live", 60)
+    return proc
+
+
+@pytest.fixture(scope="session")
+def prediction_service(mlflow_server: str, shared_specs: Path) -> Iterator[dict[str, str]]:
+    """The real prediction service (uvicorn subprocess) serving every model in `shared_specs`."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "CD4ML_SPECS_DIR": str(shared_specs),
+        "MLFLOW_TRACKING_URI": mlflow_server,
+        "CD4ML_SERVICE_ADMIN_TOKEN": SERVICE_TOKEN,
+        "CD4ML_SERVICE_POLL_SECONDS": "0.5",
+        "CD4ML_SERVICE_MAX_ROWS": str(SERVICE_MAX_ROWS),
+    }
+    proc = start_service(env, port, _SESSION_DIR / "service.log")
+    try:
+        yield {
+            "url": f"http://127.0.0.1:{port}",
+            "token": SERVICE_TOKEN,
+            "log": str(_SESSION_DIR / "service.log"),
+        }
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=60)
+
+
+@pytest.fixture
+def deploy_env(
+    prediction_service: dict[str, str],
+    mlflow_server: str,
+    shared_specs: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> dict[str, str]:
+    """The environment a training task sees on the embedded stack, pointed at the test services."""
+    monkeypatch.setenv("CD4ML_SPECS_DIR", str(shared_specs))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("CD4ML_SERVICE_URL", prediction_service["url"])
+    monkeypatch.setenv("CD4ML_SERVICE_ADMIN_TOKEN", prediction_service["token"])
+    monkeypatch.setenv("CD4ML_DEPLOY_GOLDEN_ROWS", "20")
+    monkeypatch.setenv("CD4ML_DEPLOY_WAIT_SECONDS", "30")
+    return prediction_service
+
+
 @pytest.fixture
 def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private data root and specs dir for one test."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -56,6 +57,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
         print(
             f"\n  Airflow UI   {cfg.airflow_url}   (login: {user} / {password})\n"
             f"  MLflow UI    {cfg.mlflow_url}\n"
+            f"  Predictions  {cfg.service_url}/v1/models/<model>/predict   (docs: {cfg.service_url}/docs)\n"
             f"  Data root    {get_settings().data_dir}   (drop files into <model>/landing/)\n"
             f"  Logs         {cfg.logs_dir}\n",
             flush=True,
@@ -71,7 +73,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
         print(stack.status(cfg))
     elif args.action == "env":
         for key, value in stack.environment(cfg).items():
-            if "SECRET" not in key:
+            if "SECRET" not in key and "TOKEN" not in key:
                 print(f"export {key}='{value}'")
     elif args.action == "clean":
         stack.clean(cfg)
@@ -130,11 +132,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     settings = get_settings()
     spec = load_spec(settings.specs_dir / f"{args.model}.yaml")
     now = datetime.now(UTC).isoformat()
-    print(
-        json.dumps(
-            run_training(spec, settings, run_id=f"cli__{now}", run_time=now, force=args.force), indent=2
-        )
+    result = run_training(
+        spec, settings, run_id=f"cli__{now}", run_time=now, force=args.force, deploy=not args.no_deploy
     )
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cd4ml.serving.app import serve
+
+    serve(args.host, args.port)
     return 0
 
 
@@ -165,7 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="run the training pipeline once in this process, without Airflow")
     p.add_argument("model")
     p.add_argument("--force", action="store_true")
+    p.add_argument("--no-deploy", action="store_true", help="register and promote, but do not roll out")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("serve", help="run the prediction service in the foreground")
+    p.add_argument("--host", default=os.environ.get("CD4ML_SERVICE_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(os.environ.get("CD4ML_SERVICE_PORT", "8000")))
+    p.set_defaults(func=cmd_serve)
 
     args = parser.parse_args(argv)
     try:

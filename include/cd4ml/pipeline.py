@@ -309,6 +309,7 @@ def register_challenger(
         "cd4ml.airflow_run_id": run_id,
         "cd4ml.trigger_reason": reason[:500],
         "cd4ml.train_snapshot": datasets["train_path"],
+        "cd4ml.holdout_snapshot": datasets["holdout_path"],
         "cd4ml.holdout_starts_at": str(datasets["holdout_starts_at"]),
         "cd4ml.rows_train": str(datasets["rows_train"]),
     }  # fmt: skip
@@ -359,9 +360,15 @@ def promote_champion(
 
 
 def run_training(
-    spec: ModelSpec, settings: Settings, *, run_id: str, run_time: str, force: bool = False
+    spec: ModelSpec,
+    settings: Settings,
+    *,
+    run_id: str,
+    run_time: str,
+    force: bool = False,
+    deploy: bool = True,
 ) -> dict[str, Any]:
-    """The same steps as the training DAG, without Airflow."""
+    """The same steps as the training DAG, without Airflow (`deploy=False` skips the rollout)."""
     collected = collect_landed_files(spec, settings)
     validation = validate_landed_files(spec, settings, collected["new"], run_id=run_id, run_time=run_time)
     if validation["quarantined"] and not validation["accepted"]:
@@ -376,7 +383,7 @@ def run_training(
         spec, settings, challenger=challenger, evidence=evidence, datasets=datasets,
         validation=validation, run_id=run_id, reason="plain python run",
     )  # fmt: skip
-    return promote_champion(
+    promoted = promote_champion(
         spec,
         settings,
         version=registered["version"],
@@ -384,3 +391,15 @@ def run_training(
         evaluate_only=False,
         run_time=run_time,
     )
+    if deploy:
+        from cd4ml.deploy import deploy_champion
+
+        promoted["deployment"] = deploy_champion(
+            spec,
+            settings,
+            promoted=promoted,
+            holdout_path=datasets["holdout_path"],
+            who=run_id,
+            when=run_time,
+        )
+    return promoted

@@ -106,13 +106,24 @@ def log_challenger(
     return LoggedModel(run_id=run.info.run_id, model_uri=info.model_uri)
 
 
-def load_model(tracking_uri: str, model_uri: str) -> Any:
+@dataclass(frozen=True)
+class ModelBundle:
+    """A safely loaded model with what serving needs: its input schema and its own input example."""
+
+    model: Any
+    numerical: list[str]
+    categorical: list[str]
+    example: pd.DataFrame | None
+
+
+def load_bundle(tracking_uri: str, model_uri: str) -> ModelBundle:
     """Load an sklearn model without executing pickles: skops only, types checked against our list.
 
     MLflow's own loader trusts the allow-list written inside the artefact; we do not.
     """
     quiet_mlflow()
     import mlflow
+    import pandas as pd
     import skops.io
 
     mlflow.set_tracking_uri(tracking_uri)
@@ -129,7 +140,20 @@ def load_model(tracking_uri: str, model_uri: str) -> Any:
         path = local / flavor["pickled_model"]
         found = list(skops.io.get_untrusted_types(file=path))
         check_trusted(found, model_uri)
-        return skops.io.load(path, trusted=found)
+        model = skops.io.load(path, trusted=found)
+        inputs = json.loads((mlmodel.get("signature") or {}).get("inputs") or "[]")
+        numerical = [c["name"] for c in inputs if c.get("type") in {"double", "float", "long", "integer"}]
+        categorical = [c["name"] for c in inputs if c.get("type") == "string"]
+        example = None
+        example_file = local / "input_example.json"
+        if example_file.exists():
+            raw = json.loads(example_file.read_text())
+            example = pd.DataFrame(raw["data"], columns=raw["columns"]) if "columns" in raw else None
+    return ModelBundle(model, numerical, categorical, example)
+
+
+def load_model(tracking_uri: str, model_uri: str) -> Any:
+    return load_bundle(tracking_uri, model_uri).model
 
 
 def version_by_alias(mlflow_client: MlflowClient, name: str, alias: str) -> ModelVersion | None:

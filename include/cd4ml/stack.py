@@ -28,6 +28,7 @@ class StackConfig:
     home: Path
     airflow_port: int
     mlflow_port: int
+    service_port: int
     bin_dir: Path
     parallelism: int = 4
 
@@ -55,6 +56,10 @@ class StackConfig:
     def mlflow_url(self) -> str:
         return f"http://127.0.0.1:{self.mlflow_port}"
 
+    @property
+    def service_url(self) -> str:
+        return f"http://127.0.0.1:{self.service_port}"
+
 
 def config_from_env() -> StackConfig:
     settings = get_settings()
@@ -62,6 +67,7 @@ def config_from_env() -> StackConfig:
         home=settings.home,
         airflow_port=int(os.environ.get("CD4ML_AIRFLOW_PORT", "8080")),
         mlflow_port=int(os.environ.get("CD4ML_MLFLOW_PORT", "5000")),
+        service_port=int(os.environ.get("CD4ML_SERVICE_PORT", "8000")),
         bin_dir=Path(sys.executable).parent,
         parallelism=int(os.environ.get("CD4ML_PARALLELISM", "4")),
     )
@@ -71,11 +77,16 @@ def _secrets(cfg: StackConfig) -> dict[str, str]:
     """Generated once per state dir, never committed, never printed except the UI password."""
     path = cfg.home / "secrets.json"
     if path.exists():
-        return dict(json.loads(path.read_text()))
+        values = dict(json.loads(path.read_text()))
+        if "service_admin_token" not in values:  # state from before the prediction service existed
+            values["service_admin_token"] = secrets.token_urlsafe(24)
+            path.write_text(json.dumps(values))
+        return values
     values = {
         "jwt_secret": secrets.token_urlsafe(32),
         "api_secret_key": secrets.token_urlsafe(32),
         "admin_password": secrets.token_urlsafe(12),
+        "service_admin_token": secrets.token_urlsafe(24),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch(mode=0o600)
@@ -95,6 +106,9 @@ def environment(cfg: StackConfig) -> dict[str, str]:
         "CD4ML_SPECS_DIR": str(settings.specs_dir),
         "CD4ML_AIRFLOW_PORT": str(cfg.airflow_port),
         "CD4ML_MLFLOW_PORT": str(cfg.mlflow_port),
+        "CD4ML_SERVICE_PORT": str(cfg.service_port),
+        "CD4ML_SERVICE_URL": cfg.service_url,
+        "CD4ML_SERVICE_ADMIN_TOKEN": sec["service_admin_token"],
         "MLFLOW_TRACKING_URI": cfg.mlflow_url,
         "GX_ANALYTICS_ENABLED": "false",
         "AIRFLOW_HOME": str(ah),
@@ -133,6 +147,7 @@ PROGRAMS: dict[str, tuple[str, int]] = {
     "airflow-scheduler": ("airflow scheduler", 30),
     "airflow-dag-processor": ("airflow dag-processor", 30),
     "airflow-triggerer": ("airflow triggerer", 30),
+    "prediction-service": ("cd4ml serve --host 127.0.0.1 --port {service_port}", 20),
 }
 
 
@@ -161,7 +176,7 @@ def render_supervisord_conf(cfg: StackConfig) -> str:
     ]
     extra_env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     for name, (command, priority) in PROGRAMS.items():
-        cmd = command.format(home=cfg.home, mlflow_port=cfg.mlflow_port)
+        cmd = command.format(home=cfg.home, mlflow_port=cfg.mlflow_port, service_port=cfg.service_port)
         program_env = {**env, **(extra_env if name == "mlflow" else {})}
         lines += [
             f"[program:{name}]",
@@ -229,7 +244,12 @@ def _port_free(port: int) -> bool:
 
 def up(cfg: StackConfig) -> None:
     if not is_running(cfg):
-        for port, what in ((cfg.airflow_port, "CD4ML_AIRFLOW_PORT"), (cfg.mlflow_port, "CD4ML_MLFLOW_PORT")):
+        ports = (
+            (cfg.airflow_port, "CD4ML_AIRFLOW_PORT"),
+            (cfg.mlflow_port, "CD4ML_MLFLOW_PORT"),
+            (cfg.service_port, "CD4ML_SERVICE_PORT"),
+        )
+        for port, what in ports:
             if not _port_free(port):
                 raise SystemExit(f"cd4ml: port {port} is already in use; set {what} to a free port")
     init(cfg)
@@ -241,6 +261,7 @@ def up(cfg: StackConfig) -> None:
         subprocess.run([str(cfg.bin_dir / "supervisord"), "-c", str(cfg.conf_path)], check=True)
     wait_http(f"{cfg.mlflow_url}/health", "MLflow", timeout=120, cfg=cfg)
     wait_http(f"{cfg.airflow_url}/api/v2/monitor/health", "Airflow API", timeout=180, cfg=cfg)
+    wait_http(f"{cfg.service_url}/health/live", "prediction service", timeout=120, cfg=cfg)
 
 
 def down(cfg: StackConfig) -> None:
@@ -252,7 +273,7 @@ def down(cfg: StackConfig) -> None:
         if not (cfg.supervisor_dir / "supervisord.pid").exists():
             break
         time.sleep(0.5)
-    print("cd4ml: stopped Airflow and MLflow; state kept in", cfg.home)
+    print("cd4ml: stopped Airflow, MLflow and the prediction service; state kept in", cfg.home)
 
 
 def wait_http(url: str, what: str, *, timeout: float, cfg: StackConfig) -> None:

@@ -85,6 +85,7 @@ def test_training_dag_structure_schedule_and_form(bag) -> None:
         "collect_landed_files": ["validate_batches"],
         "validate_batches": ["build_datasets", "register_challenger"],
         "build_datasets": [
+            "deploy_champion",
             "evaluate_against_champion",
             "needs_training",
             "register_challenger",
@@ -94,7 +95,8 @@ def test_training_dag_structure_schedule_and_form(bag) -> None:
         "train_challenger": ["evaluate_against_champion", "register_challenger"],
         "evaluate_against_champion": ["promote_champion", "register_challenger"],
         "register_challenger": ["promote_champion"],
-        "promote_champion": [],
+        "promote_champion": ["deploy_champion"],
+        "deploy_champion": [],
     }
     assert dag.max_active_runs == 1
     timetable = dag.timetable
@@ -105,3 +107,11 @@ def test_training_dag_structure_schedule_and_form(bag) -> None:
     (watcher,) = next(a for a in timetable.asset_condition.objects if a.name == "churn.new_data").watchers
     assert type(watcher.trigger).__name__ == "LandingZoneTrigger"
     assert set(dag.params) == {"reason", "evaluate_only", "force"}
+
+
+def test_rollback_dag_is_manual_with_a_version_and_reason_form(bag) -> None:
+    dag = bag.dags["churn__rollback"]
+    assert type(dag.timetable).__name__ == "NullTimetable"  # manual only
+    assert [t.task_id for t in dag.tasks] == ["roll_back"]
+    assert set(dag.params) == {"version", "reason"}
+    assert dag.params["version"] == ""

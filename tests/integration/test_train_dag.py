@@ -1,5 +1,6 @@
 """`<model>__train` end to end with dag.test(): real Airflow task execution, real GX, real sklearn,
-a real MLflow tracking server. One test per gate path; each test uses its own model name."""
+a real MLflow tracking server and the real prediction service (deploy step). One test per gate
+path; each test uses its own model name."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from cd4ml.datagen import generate_churn, write_batch
 from mlflow import MlflowClient
@@ -18,14 +20,15 @@ ROWS = 1500
 
 
 @pytest.fixture
-def env(
-    workspace: Path, mlflow_server: str, airflow_db: Path, monkeypatch: pytest.MonkeyPatch
-) -> dict[str, Any]:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+def env(deploy_env: dict[str, str], shared_specs: Path, airflow_db: Path) -> dict[str, Any]:
+    """Specs in the dir the session's prediction service watches; data under the session's home."""
+    import os
+
     return {
-        "specs": workspace / "specs",
-        "data": workspace / "home" / "data",
-        "mlflow": MlflowClient(mlflow_server),
+        "specs": shared_specs,
+        "data": Path(os.environ["CD4ML_HOME"]) / "data",
+        "mlflow": MlflowClient(os.environ["MLFLOW_TRACKING_URI"]),
+        "service": deploy_env["url"],
     }
 
 
@@ -34,14 +37,23 @@ def land(env: dict[str, Any], model: str, name: str, frame) -> Path:
 
 
 def run(env: dict[str, Any], model: str, **conf: Any) -> dict[str, str]:
+    return run_dag(f"{model}__train", {"reason": "integration test", **conf})
+
+
+def run_dag(dag_id: str, conf: dict[str, Any]) -> dict[str, str]:
     from airflow.dag_processing.dagbag import DagBag
 
     bag = DagBag(dag_folder=str(Path(__file__).resolve().parents[2] / "dags"))
     assert not bag.import_errors, bag.import_errors
-    dag_run = bag.dags[f"{model}__train"].test(run_conf={"reason": "integration test", **conf})
+    dag_run = bag.dags[dag_id].test(run_conf=conf)
     states = {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
     states["__run__"] = str(dag_run.state)
     return states
+
+
+def served(env: dict[str, Any], model: str) -> str | None:
+    resp = httpx.get(f"{env['service']}/v1/models/{model}", timeout=10)
+    return str(resp.json()["version"]) if resp.status_code == 200 else None
 
 
 def champion(env: dict[str, Any], model: str) -> str | None:
@@ -90,6 +102,11 @@ def test_first_model_is_promoted_with_full_lineage(env: dict[str, Any]) -> None:
     assert {c.name for c in info.signature.inputs} == {"tenure_months", "monthly_charges", "support_calls",
                                                        "age", "contract", "plan", "region"}  # fmt: skip
     assert info.saved_input_example_info is not None
+    # Deployed: the service serves it, and the smoke test passed on golden rows.
+    assert served(env, "first") == "1"
+    deployment = json.loads(env["mlflow"].get_model_version("first", "1").tags["cd4ml.deployment"])
+    assert deployment["outcome"] == "deployed" and deployment["golden_rows"] == 20
+    assert states["deploy_champion"] == "success"
 
 
 def test_better_challenger_is_promoted_then_an_equal_one_is_rejected(env: dict[str, Any]) -> None:
@@ -182,3 +199,48 @@ def test_the_same_file_landed_twice_is_processed_once(env: dict[str, Any]) -> No
         p for p in (env["data"] / "dedup" / "quarantine").iterdir() if p.name.endswith("week0-copy.csv")
     ]
     assert "duplicate: byte-identical to" in dup.with_name(dup.name + ".reason.txt").read_text()
+
+
+def test_failed_deploy_rolls_back_and_the_service_serves_the_previous_champion(
+    env: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_spec(env["specs"], "deployfail", estimator=WEAK, promotion__floor=None)
+    land(env, "deployfail", "week0.csv", generate_churn(ROWS, seed=7))
+    assert run(env, "deployfail")["__run__"] == "success"
+    assert served(env, "deployfail") == "1"
+
+    write_spec(env["specs"], "deployfail", estimator=LOGREG, promotion__floor=None)
+    # More golden rows than the service accepts per request: the smoke test itself fails (HTTP 413).
+    monkeypatch.setenv("CD4ML_DEPLOY_GOLDEN_ROWS", "250")
+    states = run(env, "deployfail")
+    assert states["__run__"] == "failed" and states["deploy_champion"] == "failed"
+    assert states["promote_champion"] == "success"
+    assert champion(env, "deployfail") == "1"
+    assert served(env, "deployfail") == "1"
+    v2 = env["mlflow"].get_model_version("deployfail", "2")
+    deployment = json.loads(v2.tags["cd4ml.deployment"])
+    assert deployment["outcome"] == "failed" and "HTTP 413" in deployment["error"]
+    assert deployment["rollback"] == "champion rolled back to 1, which the service serves again"
+    assert v2.tags["cd4ml.rolled_back"] == "to 1"
+
+
+def test_rollback_dag_moves_the_champion_to_the_chosen_version(env: dict[str, Any]) -> None:
+    write_spec(env["specs"], "rollme", estimator=WEAK, promotion__floor=None)
+    land(env, "rollme", "week0.csv", generate_churn(ROWS, seed=8))
+    assert run(env, "rollme")["__run__"] == "success"
+    write_spec(env["specs"], "rollme", estimator=LOGREG, promotion__floor=None)
+    assert run(env, "rollme")["__run__"] == "success"
+    assert champion(env, "rollme") == served(env, "rollme") == "2"
+
+    states = run_dag("rollme__rollback", {"version": "", "reason": "bad predictions in prod"})
+    assert states["__run__"] == "success", states
+    assert champion(env, "rollme") == served(env, "rollme") == "1"
+    v1 = env["mlflow"].get_model_version("rollme", "1")
+    assert v1.tags["cd4ml.rollback_reason"] == "bad predictions in prod"
+    assert json.loads(v1.tags["cd4ml.deployment"])["outcome"] == "rolled back"
+
+    assert run_dag("rollme__rollback", {"version": "2", "reason": "fixed"})["__run__"] == "success"
+    assert champion(env, "rollme") == served(env, "rollme") == "2"
+
+    assert run_dag("rollme__rollback", {"version": "99", "reason": "typo"})["__run__"] == "failed"
+    assert champion(env, "rollme") == "2"

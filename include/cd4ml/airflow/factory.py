@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 
 def build_dags(settings: Settings | None = None) -> dict[str, DAG]:
     """Every valid spec's DAGs, by dag_id. Broken specs are skipped here (see `spec_errors`)."""
+    from cd4ml.airflow.rollback_dag import build_rollback_dag
     from cd4ml.airflow.train_dag import build_train_dag
 
     settings = settings or get_settings()
@@ -23,7 +24,7 @@ def build_dags(settings: Settings | None = None) -> dict[str, DAG]:
         log.error("Skipping the DAGs of %s: %s", path, err)
     dags: dict[str, DAG] = {}
     for spec in specs:
-        for built in (build_train_dag(spec, settings),):
+        for built in (build_train_dag(spec, settings), build_rollback_dag(spec, settings)):
             dags[built.dag_id] = built
     return dags
 

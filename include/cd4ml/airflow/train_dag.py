@@ -44,6 +44,8 @@ moves only on a promotion.
 
 **What it produces.** Files moved to `accepted/` or `quarantine/`, GX Data Docs, an MLflow run and
 model version with the decision and its evidence, and the `challenger` / `champion` aliases.
+After a promotion, `deploy_champion` waits until the prediction service serves the new version,
+smoke-tests it on golden holdout rows, and rolls `champion` back by itself if anything fails.
 """
 
 
@@ -54,6 +56,12 @@ def _context() -> dict[str, Any]:
 def _run_time(ctx: dict[str, Any]) -> str:
     # The run's own timestamp, not "now": a retried task writes the same values.
     return ctx["dag_run"].run_after.isoformat()
+
+
+def _who(ctx: dict[str, Any]) -> str:
+    dag_run = ctx["dag_run"]
+    user = getattr(dag_run, "triggering_user_name", None)
+    return f"{user or 'airflow'} via {dag_run.dag_id} run {ctx['run_id']}"
 
 
 def _trigger_reason(ctx: dict[str, Any]) -> str:
@@ -207,6 +215,21 @@ def build_train_dag(spec: ModelSpec, settings: Settings) -> DAG:
                 evaluate_only=bool(params.get("evaluate_only")), run_time=_run_time(ctx),
             )  # fmt: skip
 
+        @task
+        def deploy_champion(promoted: dict[str, Any], datasets: dict[str, Any]) -> dict[str, Any]:
+            from airflow.sdk.exceptions import AirflowFailException
+
+            from cd4ml.deploy import DeployError
+            from cd4ml.deploy import deploy_champion as step
+
+            ctx = _context()
+            try:
+                return step(spec, settings, promoted=promoted, holdout_path=datasets["holdout_path"],
+                            who=_who(ctx), when=_run_time(ctx))  # fmt: skip
+            except DeployError as err:
+                # Not retryable: the champion was already rolled back; a retry would deploy a non-champion.
+                raise AirflowFailException(str(err)) from None
+
         collected = collect_landed_files()
         validated = validate_batches(collected)
         datasets = build_datasets(validated)
@@ -215,6 +238,7 @@ def build_train_dag(spec: ModelSpec, settings: Settings) -> DAG:
         gate >> challenger
         evidence = evaluate_against_champion(datasets, challenger)
         registered = register_challenger(challenger, evidence, datasets, validated)
-        promote_champion(registered, evidence)
+        promoted = promote_champion(registered, evidence)
+        deploy_champion(promoted, datasets)
 
     return train_pipeline()

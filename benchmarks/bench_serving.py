@@ -1,0 +1,210 @@
+"""Prediction service vs `mlflow models serve --env-manager local`, side by side in one run.
+
+Same registered model version (the demo spec's HistGradientBoosting pipeline), same machine, same
+load generator (aiohttp, keep-alive, fixed concurrency), one worker each. Single-row and 100-row
+requests: throughput, p50/p99 latency, server RSS. The prediction-log overhead is measured by running
+our service with the log on and off.
+
+Usage: .venv/bin/python benchmarks/bench_serving.py [--requests 3000] [--concurrency 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=3) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        cmd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=60)
+
+
+def tree_rss_mb(pid: int) -> float:
+    proc = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
+
+
+async def load(url: str, body: bytes, n: int, concurrency: int) -> dict[str, float]:
+    import aiohttp
+
+    latencies: list[float] = []
+    failures = 0
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(n):
+        queue.put_nowait(i)
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal failures
+        while True:
+            try:
+                queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            t = time.perf_counter()
+            async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
+                await resp.read()
+                if resp.status != 200:
+                    failures += 1
+            latencies.append(time.perf_counter() - t)
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        # warm-up
+        for _ in range(20):
+            async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
+                await resp.read()
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "requests": n,
+        "failures": failures,
+        "throughput_rps": n / wall,
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--batch-requests", type=int, default=600)
+    parser.add_argument("--concurrency", type=int, default=8)
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+
+    from cd4ml.datagen import generate_churn, write_batch
+    from cd4ml.pipeline import run_training
+    from cd4ml.settings import get_settings
+    from cd4ml.spec import load_spec
+    from cd4ml.training import features
+
+    home = Path(tempfile.mkdtemp(prefix="cd4ml-bench-serving-"))
+    specs = home / "specs"
+    specs.mkdir()
+    (specs / "bench.yaml").write_text((REPO / "include/specs/churn.yaml").read_text())
+    mlflow_port = free_port()
+    base_env = {**os.environ, "CD4ML_HOME": str(home), "CD4ML_SPECS_DIR": str(specs),
+                "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}"}  # fmt: skip
+    os.environ.update({k: base_env[k] for k in ("CD4ML_HOME", "CD4ML_SPECS_DIR", "MLFLOW_TRACKING_URI")})
+    procs: list[subprocess.Popen[bytes]] = []
+    results: dict[str, Any] = {"concurrency": args.concurrency, "cpus": os.cpu_count()}
+    try:
+        procs.append(start(
+            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{home}/mlflow.db",
+             "--artifacts-destination", str(home / "artifacts"), "--host", "127.0.0.1",
+             "--port", str(mlflow_port), "--workers", "1"],
+            {**base_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, home / "mlflow.log",
+        ))  # fmt: skip
+        wait_http(f"http://127.0.0.1:{mlflow_port}/health")
+        settings = get_settings()
+        spec = load_spec(specs / "bench.yaml")
+        write_batch(generate_churn(20_000, seed=41), settings.model_dir("bench") / "landing", "w0.csv")
+        assert run_training(spec, settings, run_id="bench", run_time="2026-01-01T00:00:00+00:00")["promoted"]
+        rows = features(spec, generate_churn(100, seed=42, batch=2))
+        one = json.dumps(
+            {"dataframe_split": json.loads(rows.head(1).to_json(orient="split", index=False))}
+        ).encode()
+        hundred = json.dumps(
+            {"dataframe_split": json.loads(rows.to_json(orient="split", index=False))}
+        ).encode()
+
+        ours = [str(BIN / "cd4ml"), "serve", "--port", "{port}"]
+        theirs = [str(BIN / "mlflow"), "models", "serve", "-m", "models:/bench@champion"]
+        theirs += ["--env-manager", "local", "-h", "127.0.0.1", "-p", "{port}", "--workers", "1"]
+        predict = "/v1/models/bench/predict"
+        targets = {
+            "cd4ml (log on)": (ours, {}, predict),
+            "cd4ml (log off)": (ours, {"CD4ML_SERVICE_LOG_PREDICTIONS": "0"}, predict),
+            # MLflow refuses to deserialize any model (skops included) unless explicitly allowed.
+            "mlflow models serve": (theirs, {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "true"}, "/invocations"),
+        }
+        for name, (cmd, extra, path) in targets.items():
+            port = free_port()
+            proc = start([c.replace("{port}", str(port)) for c in cmd], {**base_env, **extra},
+                         home / f"{name.split()[0]}-{port}.log")  # fmt: skip
+            procs.append(proc)
+            health = "/health/ready" if "cd4ml" in name else "/ping"
+            wait_http(f"http://127.0.0.1:{port}{health}")
+            url = f"http://127.0.0.1:{port}{path}"
+            idle = tree_rss_mb(proc.pid)
+            single = asyncio.run(load(url, one, args.requests, args.concurrency))
+            batch = asyncio.run(load(url, hundred, args.batch_requests, args.concurrency))
+            results[name] = {"single": single, "batch100": batch, "rss_idle_mb": idle,
+                             "rss_after_mb": tree_rss_mb(proc.pid)}  # fmt: skip
+            print(name, json.dumps(results[name]), flush=True)
+            stop(proc)
+            procs.remove(proc)
+        logged = sum(1 for _ in (home / "data" / "bench" / "predictions").rglob("*.parquet"))
+        results["log_parts_written"] = logged
+    finally:
+        for proc in procs:
+            stop(proc)
+        shutil.rmtree(home, ignore_errors=True)
+    out = REPO / "benchmarks" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serving.json").write_text(json.dumps(results, indent=2))
+    print(report(results))
+
+
+def report(r: dict[str, Any]) -> str:
+    head = (
+        "| server | 1-row req/s | p50 ms | p99 ms | 100-row req/s | p50 ms | p99 ms | RSS idle / after MB |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for name in ("cd4ml (log on)", "cd4ml (log off)", "mlflow models serve"):
+        x = r[name]
+        s, b = x["single"], x["batch100"]
+        lines.append(
+            f"| {name} | {s['throughput_rps']:.0f} | {s['p50_ms']:.1f} | {s['p99_ms']:.1f} | "
+            f"{b['throughput_rps']:.0f} | {b['p50_ms']:.1f} | {b['p99_ms']:.1f} | "
+            f"{x['rss_idle_mb']:.0f} / {x['rss_after_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""`<model>__rollback`: move `champion` back to a chosen version, smoke-tested like any deploy."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from airflow.sdk import DAG, Param, dag, get_current_context, task
+
+from cd4ml.airflow.train_dag import START, _run_time, _who
+from cd4ml.settings import Settings
+from cd4ml.spec import ModelSpec
+
+DOC = """\
+### {name}: roll back the champion
+
+**What it does.** Moves the `champion` alias of `{name}` to the version you choose (default: the
+previous champion recorded on the current one), waits until the prediction service serves it,
+and smoke-tests it on golden holdout rows. Versions that never passed validation are refused. If
+the smoke test fails, the champion is restored and the run fails with the reason.
+
+**What starts it.** Only a manual trigger: *Trigger* opens a form with the version and a reason.
+
+**What it produces.** The moved alias and `cd4ml.deployment` / `cd4ml.rollback_reason` tags on
+the version in MLflow.
+"""
+
+
+def build_rollback_dag(spec: ModelSpec, settings: Settings) -> DAG:
+    @dag(
+        dag_id=f"{spec.name}__rollback",
+        description=f"Roll the {spec.name} champion back to a chosen version",
+        doc_md=DOC.format(name=spec.name),
+        schedule=None,
+        start_date=START,
+        catchup=False,
+        max_active_runs=1,
+        tags=["cd4ml", spec.name, "rollback"],
+        default_args={"owner": spec.owner, "retries": 1, "retry_delay": timedelta(seconds=10)},
+        params={
+            "version": Param(
+                "",
+                type="string",
+                pattern="^[0-9]*$",
+                title="Version",
+                description="Model version to serve; empty means the previous champion.",
+            ),
+            "reason": Param(
+                "manual rollback",
+                type="string",
+                minLength=1,
+                maxLength=500,
+                title="Reason",
+                description="Why; recorded on the version.",
+            ),
+        },
+    )
+    def rollback_pipeline() -> None:
+        @task
+        def roll_back() -> dict[str, Any]:
+            from airflow.sdk.exceptions import AirflowFailException
+
+            from cd4ml.deploy import DeployError, rollback
+
+            ctx: dict[str, Any] = dict(get_current_context())
+            params: dict[str, Any] = dict(ctx.get("params") or {})
+            target = str(params.get("version") or "") or None
+            reason = str(params.get("reason") or "")
+            try:
+                return rollback(
+                    spec, settings, target=target, reason=reason, who=_who(ctx), when=_run_time(ctx)
+                )
+            except DeployError as err:
+                raise AirflowFailException(str(err)) from None
+
+        roll_back()
+
+    return rollback_pipeline()

@@ -1,0 +1,1 @@
+"""The prediction service (FastAPI): serves every model's champion, swaps versions without downtime."""

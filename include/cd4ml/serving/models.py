@@ -1,0 +1,201 @@
+"""What the service serves: one slot per model, swapped atomically when `champion` moves.
+
+A background thread polls MLflow for each model's `champion` alias. A new version is loaded and
+sanity-checked off the request path; only then is the slot replaced (one reference assignment), so
+requests already running finish on the model they started with and no request waits for a load.
+A version that fails to load or fails its sanity check is remembered and never swapped in.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cd4ml import registry
+from cd4ml.serving.payload import FeatureSchema
+from cd4ml.settings import Settings
+from cd4ml.spec import load_specs, spec_files
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Slot:
+    name: str
+    version: str
+    run_id: str
+    champion_since: str
+    data_fingerprint: str
+    loaded_at: float
+    model: Any
+    schema: FeatureSchema
+    classes: list[Any] | None
+
+    def frame(self, rows: list[list[Any]]) -> pd.DataFrame:
+        frame = pd.DataFrame(rows, columns=list(self.schema.columns))
+        if self.schema.numerical:
+            num = list(self.schema.numerical)
+            frame[num] = frame[num].astype(float)
+        return frame
+
+    def predict(self, rows: list[list[Any]]) -> dict[str, Any]:
+        frame = self.frame(rows)
+        out: dict[str, Any] = {
+            "model": self.name,
+            "version": self.version,
+            "predictions": self.model.predict(frame).tolist(),
+        }
+        if self.classes is not None:
+            out["classes"] = self.classes
+            out["probabilities"] = self.model.predict_proba(frame).tolist()
+        return out
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "run_id": self.run_id,
+            "champion_since": self.champion_since,
+            "data_fingerprint": self.data_fingerprint,
+            "loaded_at": self.loaded_at,
+            "inputs": {
+                "numerical": list(self.schema.numerical),
+                "categorical": list(self.schema.categorical),
+            },
+        }
+
+
+class SanityError(Exception):
+    pass
+
+
+def _transient(err: Exception) -> bool:
+    """MLflow briefly unreachable is not the version's fault: retry it on the next poll."""
+    import requests
+
+    if isinstance(err, requests.RequestException | ConnectionError | TimeoutError):
+        return True
+    text = str(err)
+    return "Connection refused" in text or "Max retries exceeded" in text or "timed out" in text
+
+
+def sanity_check(slot: Slot, example: pd.DataFrame | None) -> None:
+    """The version must predict on its own input example: right length, finite, valid probabilities."""
+    if example is None or example.empty:
+        raise SanityError(f"{slot.name} v{slot.version}: no input example to check the model with")
+    missing = [c for c in slot.schema.columns if c not in example.columns]
+    if missing:
+        raise SanityError(f"{slot.name} v{slot.version}: input example lacks {missing}")
+    rows = example[list(slot.schema.columns)].astype(object).where(example.notna(), None).values.tolist()
+    out = slot.predict(rows)
+    preds = out["predictions"]
+    if len(preds) != len(rows):
+        raise SanityError(f"{slot.name} v{slot.version}: {len(preds)} predictions for {len(rows)} rows")
+    if slot.classes is None and not np.all(np.isfinite(np.asarray(preds, dtype=float))):
+        raise SanityError(f"{slot.name} v{slot.version}: non-finite predictions {preds[:5]}")
+    if slot.classes is not None:
+        proba = np.asarray(out["probabilities"], dtype=float)
+        if not np.allclose(proba.sum(axis=1), 1.0, atol=1e-6):
+            raise SanityError(f"{slot.name} v{slot.version}: probabilities do not sum to 1")
+
+
+@dataclass
+class ModelStore:
+    settings: Settings
+    poll_seconds: float = 2.0
+    on_event: Callable[[str, str, str], None] = lambda model, version, outcome: None
+    slots: dict[str, Slot] = field(default_factory=dict)
+    refused: dict[tuple[str, str], str] = field(default_factory=dict)
+    known_models: list[str] = field(default_factory=list)
+    last_poll_error: str | None = None
+    _wake: threading.Event = field(default_factory=threading.Event)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="cd4ml-model-poller", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout=30)
+
+    def reload_now(self, timeout: float = 60.0) -> dict[str, str]:
+        """Check every model now (admin action); returns the serving versions."""
+        self.refresh()
+        return {name: slot.version for name, slot in self.slots.items()}
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.refresh()
+            self._wake.wait(self.poll_seconds)
+            self._wake.clear()
+
+    def refresh(self) -> None:
+        with self._lock:  # the poller and an admin reload never load the same version twice
+            try:
+                self._refresh()
+                self.last_poll_error = None
+            except Exception as err:  # noqa: BLE001 - keep serving whatever MLflow does; report it
+                self.last_poll_error = f"{type(err).__name__}: {err}"
+                log.warning("model poll failed: %s", self.last_poll_error)
+
+    def _refresh(self) -> None:
+        specs, _ = load_specs(spec_files(self.settings.specs_dir))
+        self.known_models = sorted(s.name for s in specs)
+        mlflow_client = registry.client(self.settings.mlflow_tracking_uri)
+        for name in self.known_models:
+            champion = registry.version_by_alias(mlflow_client, name, registry.CHAMPION)
+            if champion is None:
+                continue
+            version = str(champion.version)
+            current = self.slots.get(name)
+            if (current and current.version == version) or (name, version) in self.refused:
+                continue
+            self._load(name, champion)
+
+    def _load(self, name: str, mv: Any) -> None:
+        version = str(mv.version)
+        try:
+            bundle = registry.load_bundle(self.settings.mlflow_tracking_uri, f"models:/{name}/{version}")
+            if not bundle.numerical and not bundle.categorical:
+                raise SanityError(f"{name} v{version}: the model has no input signature")
+            tags = mv.tags or {}
+            classes = getattr(bundle.model, "classes_", None)
+            slot = Slot(
+                name=name,
+                version=version,
+                run_id=mv.run_id or "",
+                champion_since=tags.get("cd4ml.promoted_at") or tags.get("cd4ml.rolled_back_at") or "",
+                data_fingerprint=tags.get("cd4ml.data_fingerprint", ""),
+                loaded_at=time.time(),
+                model=bundle.model,
+                schema=FeatureSchema(tuple(bundle.numerical), tuple(bundle.categorical)),
+                classes=[c.item() if hasattr(c, "item") else c for c in classes]
+                if classes is not None
+                else None,
+            )
+            sanity_check(slot, bundle.example)
+        except Exception as err:  # noqa: BLE001 - any failure means: do not serve this version
+            reason = f"{type(err).__name__}: {err}"[:500]
+            if _transient(err):
+                log.warning("could not fetch %s v%s yet (%s); will retry", name, version, reason)
+                return
+            self.refused[(name, version)] = reason
+            log.error("refusing %s v%s: %s", name, version, reason)
+            self.on_event(name, version, "refused")
+            return
+        previous = self.slots.get(name)
+        self.slots[name] = slot  # the atomic swap
+        log.info("%s: now serving v%s (was %s)", name, version, previous.version if previous else None)
+        self.on_event(name, version, "loaded")

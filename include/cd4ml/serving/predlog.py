@@ -1,0 +1,120 @@
+"""The prediction log: every request's features, predictions, model version and time, written off
+the request path to partitioned Parquet under `<data root>/<model>/predictions/date=YYYY-MM-DD/`.
+
+Requests only `put_nowait` into a bounded queue; a writer thread batches and writes parts
+atomically (temp name, then rename). On clean shutdown the queue is drained and flushed. When the
+queue is full (the disk cannot keep up), entries are dropped and counted, never blocking a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Entry:
+    model: str
+    version: str
+    at: float
+    request_id: str
+    columns: tuple[str, ...]
+    rows: list[list[Any]]
+    predictions: list[Any]
+
+
+class PredictionLog:
+    def __init__(
+        self, data_dir: Path, *, max_queue: int = 10_000, flush_rows: int = 5_000, flush_seconds: float = 1.0
+    ):
+        self.data_dir = data_dir
+        self.queue: queue.Queue[Entry] = queue.Queue(maxsize=max_queue)
+        self.flush_rows = flush_rows
+        self.flush_seconds = flush_seconds
+        self.dropped = 0
+        self.written_rows = 0
+        self._stop = threading.Event()
+        self._seq = 0
+        self._thread = threading.Thread(target=self._run, name="cd4ml-prediction-log", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, entry: Entry) -> bool:
+        try:
+            self.queue.put_nowait(entry)
+            return True
+        except queue.Full:
+            self.dropped += len(entry.rows)
+            return False
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Drain everything queued so far, then stop."""
+        self._stop.set()
+        self._thread.join(timeout=timeout)
+
+    def _run(self) -> None:
+        pending: list[Entry] = []
+        rows = 0
+        last = time.monotonic()
+        while True:
+            try:
+                entry = self.queue.get(timeout=0.2)
+                pending.append(entry)
+                rows += len(entry.rows)
+            except queue.Empty:
+                pass
+            due = rows >= self.flush_rows or (pending and time.monotonic() - last >= self.flush_seconds)
+            stopping = self._stop.is_set() and self.queue.empty()
+            if pending and (due or stopping):
+                self._write(pending)
+                pending, rows, last = [], 0, time.monotonic()
+            if stopping:
+                return
+
+    def _write(self, entries: list[Entry]) -> None:
+        import pandas as pd
+
+        by_part: dict[tuple[str, str], list[pd.DataFrame]] = {}
+        for e in entries:
+            frame = pd.DataFrame(e.rows, columns=list(e.columns))
+            frame["prediction"] = e.predictions
+            frame["model_version"] = e.version
+            frame["request_id"] = e.request_id
+            frame["ts"] = pd.Timestamp(e.at, unit="s", tz="UTC")
+            day = datetime.fromtimestamp(e.at, UTC).strftime("%Y-%m-%d")
+            by_part.setdefault((e.model, day), []).append(frame)
+        for (model, day), frames in by_part.items():
+            out_dir = self.data_dir / model / "predictions" / f"date={day}"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self._seq += 1
+            name = f"part-{time.time_ns()}-{os.getpid()}-{self._seq:06d}.parquet"
+            tmp = out_dir / f".{name}.tmp"
+            try:
+                frame = pd.concat(frames, ignore_index=True)
+                frame.to_parquet(tmp, index=False)
+                tmp.replace(out_dir / name)
+                self.written_rows += len(frame)
+            except (OSError, ValueError) as err:
+                self.dropped += sum(len(f) for f in frames)
+                log.error("prediction log write failed for %s: %s", model, err)
+
+
+def read_predictions(data_dir: Path, model: str) -> Any:
+    """Everything logged for a model (the drift monitor reads windows of this)."""
+    import pandas as pd
+
+    root = data_dir / model / "predictions"
+    parts = sorted(root.glob("date=*/part-*.parquet"))
+    if not parts:
+        return pd.DataFrame()
+    return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
