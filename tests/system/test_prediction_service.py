@@ -49,12 +49,14 @@ def served_model(
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CD4ML_SPECS_DIR", str(shared_specs))
         mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        mp.setenv("CD4ML_SERVICE_URL", prediction_service["url"])
+        mp.setenv("CD4ML_SERVICE_ADMIN_TOKEN", prediction_service["token"])
         write_spec(shared_specs, MODEL, estimator=LOGREG)
         settings = get_settings()
         spec = load_spec(shared_specs / f"{MODEL}.yaml")
         write_batch(generate_churn(1500, seed=31), settings.model_dir(MODEL) / "landing", "w0.csv")
         result = run_training(spec, settings, run_id="svc_1", run_time="2026-01-01T00:00:00+00:00")
-        assert result["promoted"], result
+        assert result["promoted"] and result["deployment"]["deployed"], result
         url = prediction_service["url"]
         wait_for(lambda: httpx.get(f"{url}/v1/models/{MODEL}").status_code == 200)
         holdout = features(spec, generate_churn(100, seed=32, batch=3))
@@ -164,8 +166,12 @@ def test_champion_swap_under_load_loses_no_request_and_broken_versions_are_refus
     client = MlflowClient(served_model["mlflow"])
     # A second, different version: trained on more data (forced, so the gate's verdict does not matter).
     write_batch(generate_churn(1500, seed=33, batch=1), settings.model_dir(MODEL) / "landing", "w1.csv")
-    run_training(spec, settings, run_id="svc_2", run_time="2026-01-02T00:00:00+00:00", force=True)
+    run_training(
+        spec, settings, run_id="svc_2", run_time="2026-01-02T00:00:00+00:00", force=True, deploy=False
+    )
     v2 = max(int(v.version) for v in client.search_model_versions(f"name = '{MODEL}'"))
+    client.set_registered_model_alias(MODEL, "champion", "1")  # whatever the gate said: start from v1
+    wait_for(lambda: httpx.get(f"{url}/v1/models/{MODEL}").json()["version"] == "1", timeout=30)
     body = json.loads(served_model["rows"].head(5).to_json(orient="records"))
 
     results: list[tuple[int, str]] = []
@@ -196,7 +202,7 @@ def test_champion_swap_under_load_loses_no_request_and_broken_versions_are_refus
     assert set(versions[first_new:]) == {str(v2)} or versions[first_new:].count("1") <= 4  # in-flight only
     metrics = httpx.get(f"{url}/metrics").text
     assert f'cd4ml_serving_version{{model="{MODEL}"}} {float(v2)}' in metrics
-    assert f'cd4ml_model_reloads_total{{model="{MODEL}",outcome="loaded",version="{v2}"}} 1.0' in metrics
+    assert f'cd4ml_model_reloads_total{{model="{MODEL}",outcome="loaded",version="{v2}"}}' in metrics
 
     # A version that must not be loaded is refused; the current one keeps serving.
     bad = _register_unsafe_version(served_model["mlflow"])
