@@ -127,7 +127,8 @@ def main() -> None:
     specs.mkdir()
     (specs / "bench.yaml").write_text((REPO / "include/specs/churn.yaml").read_text())
     mlflow_port = free_port()
-    base_env = {**os.environ, "CD4ML_HOME": str(home), "CD4ML_SPECS_DIR": str(specs),
+    # `mlflow models serve` execs `uvicorn` from PATH: the venv's bin/ must be on it.
+    base_env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "CD4ML_HOME": str(home), "CD4ML_SPECS_DIR": str(specs),
                 "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}"}  # fmt: skip
     os.environ.update({k: base_env[k] for k in ("CD4ML_HOME", "CD4ML_SPECS_DIR", "MLFLOW_TRACKING_URI")})
     procs: list[subprocess.Popen[bytes]] = []
@@ -143,7 +144,9 @@ def main() -> None:
         settings = get_settings()
         spec = load_spec(specs / "bench.yaml")
         write_batch(generate_churn(20_000, seed=41), settings.model_dir("bench") / "landing", "w0.csv")
-        assert run_training(spec, settings, run_id="bench", run_time="2026-01-01T00:00:00+00:00")["promoted"]
+        assert run_training(
+            spec, settings, run_id="bench", run_time="2026-01-01T00:00:00+00:00", deploy=False
+        )["promoted"]
         rows = features(spec, generate_churn(100, seed=42, batch=2))
         one = json.dumps(
             {"dataframe_split": json.loads(rows.head(1).to_json(orient="split", index=False))}
@@ -162,13 +165,20 @@ def main() -> None:
             # MLflow refuses to deserialize any model (skops included) unless explicitly allowed.
             "mlflow models serve": (theirs, {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "true"}, "/invocations"),
         }
+        only = os.environ.get("CD4ML_BENCH_ONLY")
         for name, (cmd, extra, path) in targets.items():
+            if only and only not in name:
+                continue
             port = free_port()
             proc = start([c.replace("{port}", str(port)) for c in cmd], {**base_env, **extra},
                          home / f"{name.split()[0]}-{port}.log")  # fmt: skip
             procs.append(proc)
             health = "/health/ready" if "cd4ml" in name else "/ping"
-            wait_http(f"http://127.0.0.1:{port}{health}")
+            log_file = home / f"{name.split()[0]}-{port}.log"
+            try:
+                wait_http(f"http://127.0.0.1:{port}{health}")
+            except TimeoutError:
+                raise SystemExit(f"{name} did not start:\n{log_file.read_text()[-3000:]}") from None
             url = f"http://127.0.0.1:{port}{path}"
             idle = tree_rss_mb(proc.pid)
             single = asyncio.run(load(url, one, args.requests, args.concurrency))
@@ -183,7 +193,10 @@ def main() -> None:
     finally:
         for proc in procs:
             stop(proc)
-        shutil.rmtree(home, ignore_errors=True)
+        if os.environ.get("CD4ML_BENCH_KEEP") != "1":
+            shutil.rmtree(home, ignore_errors=True)
+        else:
+            print("kept", home)
     out = REPO / "benchmarks" / "out"
     out.mkdir(parents=True, exist_ok=True)
     (out / "serving.json").write_text(json.dumps(results, indent=2))
@@ -196,6 +209,8 @@ def report(r: dict[str, Any]) -> str:
     )
     lines = [head, "|---|---|---|---|---|---|---|---|"]
     for name in ("cd4ml (log on)", "cd4ml (log off)", "mlflow models serve"):
+        if name not in r:
+            continue
         x = r[name]
         s, b = x["single"], x["batch100"]
         lines.append(

@@ -1,4 +1,6 @@
-"""cd4ml model DAGs: `<model>__train` and `<model>__rollback` per spec in include/specs ($CD4ML_SPECS_DIR).
+"""cd4ml model DAGs: `<model>__train`, `__monitor` and `__rollback` for every model spec.
+
+Specs live in include/specs (or $CD4ML_SPECS_DIR).
 
 Thin on purpose: the DAG factory reads the YAML specs (pydantic, no ML imports) and builds the
 DAGs; all ML work happens inside tasks. A broken spec is skipped here and reported as an import

@@ -166,6 +166,8 @@ def prepare_datasets(spec: ModelSpec, settings: Settings, *, run_id: str) -> dic
         "holdout_starts_at": split.cutoff,
         "fingerprint": landing.data_fingerprint(files),
         "files": [f.name for f in files],
+        # The drift monitor treats batches accepted after this as new to a model trained now.
+        "trained_through": max(f.accepted_at for f in files),
     }
 
 
@@ -310,6 +312,7 @@ def register_challenger(
         "cd4ml.trigger_reason": reason[:500],
         "cd4ml.train_snapshot": datasets["train_path"],
         "cd4ml.holdout_snapshot": datasets["holdout_path"],
+        "cd4ml.trained_through": str(datasets.get("trained_through", "")),
         "cd4ml.holdout_starts_at": str(datasets["holdout_starts_at"]),
         "cd4ml.rows_train": str(datasets["rows_train"]),
     }  # fmt: skip

@@ -107,12 +107,17 @@ def create_app(settings: Settings | None = None, config: ServiceConfig | None = 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from threadpoolctl import threadpool_limits
+
+        # One request is tiny: OpenMP/BLAS thread pools only add spin-up and contention here.
+        limits = threadpool_limits(limits=1)
         predlog.start()
         await run_in_threadpool(store.refresh)  # serve what already exists before the first request
         store.start()
         yield
         store.stop()
         predlog.close()  # every queued prediction reaches disk on a clean shutdown
+        limits.restore_original_limits()
 
     app = FastAPI(title="cd4ml prediction service", version="1", lifespan=lifespan)
     app.state.store = store

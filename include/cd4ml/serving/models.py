@@ -12,13 +12,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from cd4ml import registry
+from cd4ml.serving.fastpath import FastPipeline, split_rows, verified
 from cd4ml.serving.payload import FeatureSchema
 from cd4ml.settings import Settings
 from cd4ml.spec import load_specs, spec_files
@@ -37,6 +38,7 @@ class Slot:
     model: Any
     schema: FeatureSchema
     classes: list[Any] | None
+    fast: FastPipeline | None = None
 
     def frame(self, rows: list[list[Any]]) -> pd.DataFrame:
         frame = pd.DataFrame(rows, columns=list(self.schema.columns))
@@ -46,16 +48,31 @@ class Slot:
         return frame
 
     def predict(self, rows: list[list[Any]]) -> dict[str, Any]:
+        if self.fast is not None:
+            num, cat = split_rows(self.fast, list(self.schema.columns), rows)
+            labels, proba = self.fast.predict(num, cat)
+            out: dict[str, Any] = {
+                "model": self.name,
+                "version": self.version,
+                "predictions": labels.tolist(),
+            }
+            if proba is not None:
+                out["classes"] = self.classes
+                out["probabilities"] = proba.tolist()
+            return out
+        return self.predict_with_sklearn(rows)
+
+    def predict_with_sklearn(self, rows: list[list[Any]]) -> dict[str, Any]:
         frame = self.frame(rows)
-        out: dict[str, Any] = {
+        result: dict[str, Any] = {
             "model": self.name,
             "version": self.version,
             "predictions": self.model.predict(frame).tolist(),
         }
         if self.classes is not None:
-            out["classes"] = self.classes
-            out["probabilities"] = self.model.predict_proba(frame).tolist()
-        return out
+            result["classes"] = self.classes
+            result["probabilities"] = self.model.predict_proba(frame).tolist()
+        return result
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -69,6 +86,7 @@ class Slot:
                 "numerical": list(self.schema.numerical),
                 "categorical": list(self.schema.categorical),
             },
+            "fast_path": self.fast is not None,
         }
 
 
@@ -186,6 +204,10 @@ class ModelStore:
                 else None,
             )
             sanity_check(slot, bundle.example)
+            fast = verified(bundle.model, bundle.example, list(slot.schema.columns))
+            if fast is not None:
+                slot = replace(slot, fast=fast)
+                sanity_check(slot, bundle.example)
         except Exception as err:  # noqa: BLE001 - any failure means: do not serve this version
             reason = f"{type(err).__name__}: {err}"[:500]
             if _transient(err):
