@@ -128,8 +128,13 @@ def main() -> None:
     (specs / "bench.yaml").write_text((REPO / "include/specs/churn.yaml").read_text())
     mlflow_port = free_port()
     # `mlflow models serve` execs `uvicorn` from PATH: the venv's bin/ must be on it.
-    base_env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "CD4ML_HOME": str(home), "CD4ML_SPECS_DIR": str(specs),
-                "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}"}  # fmt: skip
+    base_env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+        "CD4ML_HOME": str(home),
+        "CD4ML_SPECS_DIR": str(specs),
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
+    }
     os.environ.update({k: base_env[k] for k in ("CD4ML_HOME", "CD4ML_SPECS_DIR", "MLFLOW_TRACKING_URI")})
     procs: list[subprocess.Popen[bytes]] = []
     results: dict[str, Any] = {"concurrency": args.concurrency, "cpus": os.cpu_count()}

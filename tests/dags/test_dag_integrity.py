@@ -115,3 +115,18 @@ def test_rollback_dag_is_manual_with_a_version_and_reason_form(bag) -> None:
     assert [t.task_id for t in dag.tasks] == ["roll_back"]
     assert set(dag.params) == {"version", "reason"}
     assert dag.params["version"] == ""
+
+
+def test_monitor_dag_emits_the_drift_asset_the_training_dag_listens_to(bag) -> None:
+    dag = bag.dags["churn__monitor"]
+    downstream = {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks}
+    assert downstream == {
+        "check_drift": ["emit_drift_detected", "should_retrain"],
+        "should_retrain": ["emit_drift_detected"],
+        "emit_drift_detected": [],
+    }
+    (outlet,) = dag.get_task("emit_drift_detected").outlets
+    train_assets = {a.name for a in bag.dags["churn__train"].timetable.asset_condition.objects}
+    assert outlet.name == "churn.drift_detected" and outlet.name in train_assets
+    assert "0 * * * *" in repr(dag.timetable) or "@hourly" in repr(dag.timetable)
+    assert set(dag.params) == {"window_hours"}

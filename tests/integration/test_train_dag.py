@@ -5,66 +5,16 @@ path; each test uses its own model name."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from cd4ml.datagen import generate_churn, write_batch
-from mlflow import MlflowClient
 
+from cd4ml.datagen import generate_churn
 from tests.helpers import LOGREG, WEAK, write_spec
+from tests.integration.dagtools import champion, land, run, run_dag, served, versions
 
 pytestmark = pytest.mark.integration
 ROWS = 1500
-
-
-@pytest.fixture
-def env(deploy_env: dict[str, str], shared_specs: Path, airflow_db: Path) -> dict[str, Any]:
-    """Specs in the dir the session's prediction service watches; data under the session's home."""
-    import os
-
-    return {
-        "specs": shared_specs,
-        "data": Path(os.environ["CD4ML_HOME"]) / "data",
-        "mlflow": MlflowClient(os.environ["MLFLOW_TRACKING_URI"]),
-        "service": deploy_env["url"],
-    }
-
-
-def land(env: dict[str, Any], model: str, name: str, frame) -> Path:
-    return write_batch(frame, env["data"] / model / "landing", name)
-
-
-def run(env: dict[str, Any], model: str, **conf: Any) -> dict[str, str]:
-    return run_dag(f"{model}__train", {"reason": "integration test", **conf})
-
-
-def run_dag(dag_id: str, conf: dict[str, Any]) -> dict[str, str]:
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(Path(__file__).resolve().parents[2] / "dags"))
-    assert not bag.import_errors, bag.import_errors
-    dag_run = bag.dags[dag_id].test(run_conf=conf)
-    states = {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
-    states["__run__"] = str(dag_run.state)
-    return states
-
-
-def served(env: dict[str, Any], model: str) -> str | None:
-    resp = httpx.get(f"{env['service']}/v1/models/{model}", timeout=10)
-    return str(resp.json()["version"]) if resp.status_code == 200 else None
-
-
-def champion(env: dict[str, Any], model: str) -> str | None:
-    try:
-        return env["mlflow"].get_model_version_by_alias(model, "champion").version
-    except Exception:  # noqa: BLE001 - MLflow raises a generic RestException for "no such alias"
-        return None
-
-
-def versions(env: dict[str, Any], model: str) -> list:
-    return sorted(env["mlflow"].search_model_versions(f"name = '{model}'"), key=lambda v: int(v.version))
 
 
 def test_first_model_is_promoted_with_full_lineage(env: dict[str, Any]) -> None:

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cd4ml.datagen import generate_churn, write_batch
 
+from cd4ml.datagen import generate_churn, write_batch
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.system

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pandas as pd
 import pytest
+
 from cd4ml.drift import (
     column_drift,
     dataset_drift,

@@ -2,8 +2,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from cd4ml.evaluation import decide, paired_bootstrap, score
-from cd4ml.spec import Promotion
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
@@ -13,6 +11,9 @@ from sklearn.metrics import (
     r2_score,
     roc_auc_score,
 )
+
+from cd4ml.evaluation import decide, paired_bootstrap, score
+from cd4ml.spec import Promotion
 
 RNG = np.random.default_rng(0)
 N = 2000

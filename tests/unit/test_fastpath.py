@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+
 from cd4ml.datagen import generate_churn
 from cd4ml.serving.fastpath import compile_pipeline, split_rows, verified
 from cd4ml.spec import load_spec
 from cd4ml.training import features, split_holdout, train
-
 from tests.helpers import DEMO_SPEC
 
 SPEC = load_spec(DEMO_SPEC)
@@ -54,8 +54,8 @@ def test_regression_pipelines_compile_too() -> None:
     from pathlib import Path
 
     import yaml
-    from cd4ml.spec import parse_spec
 
+    from cd4ml.spec import parse_spec
     from tests.helpers import spec_dict
 
     raw = spec_dict(task="regression", target="monthly_charges", metric={"name": "rmse"},

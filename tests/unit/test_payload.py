@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from cd4ml.serving.payload import FeatureSchema, PayloadError, check, to_columns
 
 SCHEMA = FeatureSchema(numerical=("age", "charges"), categorical=("plan",))

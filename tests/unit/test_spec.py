@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from cd4ml.errors import SpecError
 from cd4ml.spec import load_spec, load_specs, parse_spec
-
 from tests.helpers import DEMO_SPEC, spec_dict
 
 

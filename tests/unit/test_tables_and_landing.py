@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
 from cd4ml import landing
 from cd4ml.errors import DataReadError
 from cd4ml.tables import read_table

@@ -3,12 +3,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+
 from cd4ml.datagen import generate_churn
 from cd4ml.errors import TrainingError
 from cd4ml.evaluation import score
 from cd4ml.spec import load_spec
 from cd4ml.training import build_pipeline, metric_inputs, split_holdout, train
-
 from tests.helpers import DEMO_SPEC
 
 SPEC = load_spec(DEMO_SPEC)

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
 from cd4ml.datagen import generate_churn
 from cd4ml.spec import load_spec
 from cd4ml.validation import expectation_configs, learn_reference, normalise, validate_frame
-
 from tests.helpers import DEMO_SPEC
 
 SPEC = load_spec(DEMO_SPEC)
@@ -86,8 +86,8 @@ def test_corrupted_batch_fails_with_a_reason(corrupt, expected: str) -> None:
 
 def test_spec_extra_expectations_are_applied() -> None:
     import yaml
-    from cd4ml.spec import parse_spec
 
+    from cd4ml.spec import parse_spec
     from tests.helpers import spec_dict
 
     mean_check = {"column": "age", "min_value": 80, "max_value": 90}

@@ -1,0 +1,44 @@
+"""Helpers for dag.test() runs: land data, run a DAG, read back aliases and versions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from cd4ml import registry
+from cd4ml.datagen import write_batch
+
+
+def land(env: dict[str, Any], model: str, name: str, frame) -> Path:
+    return write_batch(frame, env["data"] / model / "landing", name)
+
+
+def run(env: dict[str, Any], model: str, **conf: Any) -> dict[str, str]:
+    return run_dag(f"{model}__train", {"reason": "integration test", **conf})
+
+
+def run_dag(dag_id: str, conf: dict[str, Any]) -> dict[str, str]:
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(Path(__file__).resolve().parents[2] / "dags"))
+    assert not bag.import_errors, bag.import_errors
+    dag_run = bag.dags[dag_id].test(run_conf=conf)
+    states = {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
+    states["__run__"] = str(dag_run.state)
+    return states
+
+
+def served(env: dict[str, Any], model: str) -> str | None:
+    resp = httpx.get(f"{env['service']}/v1/models/{model}", timeout=10)
+    return str(resp.json()["version"]) if resp.status_code == 200 else None
+
+
+def champion(env: dict[str, Any], model: str) -> str | None:
+    mv = registry.version_by_alias(env["mlflow"], model, registry.CHAMPION)
+    return str(mv.version) if mv else None
+
+
+def versions(env: dict[str, Any], model: str) -> list:
+    return sorted(env["mlflow"].search_model_versions(f"name = '{model}'"), key=lambda v: int(v.version))

@@ -1,0 +1,138 @@
+"""`<model>__monitor` with dag.test(): real traffic through the real prediction service, a real
+MLflow store, Evidently reports, and asset events in Airflow's metadata DB.
+
+One model goes through the scenarios in order: stable traffic -> no event; drifted traffic -> one
+drift_detected event queuing one training run; drifted again inside the cooldown -> a report but no
+second event; a window too small to judge -> "not enough data"; then the queued retrain runs through
+the normal validation and champion/challenger gate.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from cd4ml.datagen import generate_churn
+from cd4ml.training import features
+from tests.helpers import LOGREG, write_spec
+from tests.integration.dagtools import land, run, run_dag, served, versions
+
+pytestmark = pytest.mark.integration
+MODEL = "drifty"
+
+
+def send_traffic(env: dict[str, Any], frame) -> int:
+    rows = json.loads(features_frame(frame).to_json(orient="records"))
+    for i in range(0, len(rows), 100):
+        resp = httpx.post(f"{env['service']}/v1/models/{MODEL}/predict", json=rows[i : i + 100], timeout=30)
+        assert resp.status_code == 200, resp.text
+    time.sleep(2.5)  # the prediction log flushes every second
+    return len(rows)
+
+
+def features_frame(frame):
+    from cd4ml.spec import load_spec
+
+    spec = load_spec(Path(_specs_dir()) / f"{MODEL}.yaml")
+    return features(spec, frame)
+
+
+def _specs_dir() -> str:
+    import os
+
+    return os.environ["CD4ML_SPECS_DIR"]
+
+
+def drift_events() -> list[Any]:
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        return list(
+            session.scalars(
+                select(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+                .where(AssetModel.name == f"{MODEL}.drift_detected")
+            )
+        )  # fmt: skip
+
+
+def queued_training_runs() -> int:
+    from airflow.models.asset import AssetDagRunQueue
+    from airflow.utils.session import create_session
+    from sqlalchemy import func, select
+
+    with create_session() as session:
+        return int(
+            session.scalar(
+                select(func.count()).select_from(AssetDagRunQueue)
+                .where(AssetDagRunQueue.target_dag_id == f"{MODEL}__train")
+            )
+            or 0
+        )  # fmt: skip
+
+
+def monitor() -> tuple[dict[str, str], dict[str, Any]]:
+    states = run_dag(f"{MODEL}__monitor", {"window_hours": None})
+    from cd4ml.monitor import history
+    from cd4ml.settings import get_settings
+
+    return states, history(get_settings(), MODEL)[-1]
+
+
+def test_drift_monitor_closes_the_loop_with_guards(env: dict[str, Any]) -> None:
+    write_spec(env["specs"], MODEL, estimator=LOGREG, drift__min_rows=200, drift__threshold=0.3,
+               drift__cooldown_hours=6)  # fmt: skip
+    land(env, MODEL, "week0.csv", generate_churn(2000, seed=50))
+    assert run(env, MODEL)["__run__"] == "success"
+    assert served(env, MODEL) == "1"
+
+    # 1. Stable traffic: report saved, no event, nothing queued.
+    send_traffic(env, generate_churn(400, seed=51, batch=1))
+    states, check = monitor()
+    assert states["__run__"] == "success" and states["emit_drift_detected"] == "skipped"
+    assert check["decision"]["drift"] is False and check["window"]["rows"] == 400
+    assert check["window"]["source"] == "prediction log"
+    assert Path(check["report_uri"].removeprefix("file://")).read_text().startswith("<")
+    assert drift_events() == [] and queued_training_runs() == 0
+
+    # 2. Drifted traffic: exactly one drift_detected event, with why, queuing one training run.
+    send_traffic(env, generate_churn(400, seed=52, batch=2, drift=1.0))
+    states, check = monitor()
+    assert states["emit_drift_detected"] == "success", check
+    assert check["decision"]["trigger"] is True and check["share"] >= 0.3
+    (event,) = drift_events()
+    assert event.extra["share"] == check["share"] and event.extra["drifted_columns"]
+    assert event.extra["report_uri"].endswith("report.html") and "threshold" in event.extra["reason"]
+    assert queued_training_runs() == 1
+    report_dir = Path(check["report_uri"].removeprefix("file://")).parent
+    summary = json.loads((report_dir / "summary.json").read_text())
+    assert summary["sample"]["rows"] <= 400 and summary["window"]["rows"] == 400
+    assert (report_dir / "report.json").exists()
+
+    # 3. Drifted again inside the cooldown: a report, but no second event.
+    send_traffic(env, generate_churn(400, seed=53, batch=3, drift=1.0))
+    states, check = monitor()
+    assert states["emit_drift_detected"] == "skipped"
+    assert check["decision"]["drift"] is True and "cooldown" in check["decision"]["reason"]
+    assert len(drift_events()) == 1 and queued_training_runs() == 1
+
+    # 4. Too few rows to judge.
+    send_traffic(env, generate_churn(50, seed=54, batch=4, drift=1.0))
+    states, check = monitor()
+    assert states["emit_drift_detected"] == "skipped"
+    assert check["decision"]["reason"].startswith("not enough data: 50 rows")
+    assert len(drift_events()) == 1
+
+    # 5. The queued retrain goes through the normal gate once labelled data for the new world lands.
+    land(env, MODEL, "week2-labelled.csv", generate_churn(2000, seed=55, batch=2, drift=1.0))
+    states = run(env, MODEL)
+    assert states["validate_batches"] == "success" and states["evaluate_against_champion"] == "success"
+    v2 = versions(env, MODEL)[-1]
+    assert v2.version == "2" and v2.tags["cd4ml.decision"] in {"promote", "reject"}
+    assert json.loads(v2.tags["cd4ml.evidence"])["champion_version"] == "1"
