@@ -27,6 +27,8 @@ os.environ.update(
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_SESSION_DIR}/airflow/airflow.db",
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        # As on the embedded stack: new DAGs are live, so asset events queue their consumers.
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
         "CD4ML_HOME": str(_SESSION_DIR / "cd4ml"),
         "GX_ANALYTICS_ENABLED": "false",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",

@@ -107,7 +107,12 @@ def smoke_test(
     expected = model.predict(golden).tolist()
     payload = {"dataframe_split": json.loads(golden.to_json(orient="split", index=False))}
     try:
-        resp = httpx.post(f"{endpoint.url}/v1/models/{spec.name}/predict", json=payload, timeout=30)
+        resp = httpx.post(
+            f"{endpoint.url}/v1/models/{spec.name}/predict",
+            json=payload,
+            headers={"x-cd4ml-purpose": "smoke-test"},  # not real traffic: kept out of the drift window
+            timeout=30,
+        )
     except httpx.HTTPError as err:
         raise DeployError(f"{spec.name}: smoke test could not reach the service: {err}") from None
     if resp.status_code != 200:
