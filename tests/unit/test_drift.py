@@ -118,3 +118,15 @@ def test_decision_branches() -> None:
     assert decide(share=0.5, last_trigger_at=NOW - timedelta(hours=7)).trigger
     known = decide(share=0.9, window_already_trained_on=True)
     assert known.drift and not known.trigger and "already trained on" in known.reason
+
+
+@pytest.mark.parametrize(("n", "m"), [(1000, 1000), (1000, 1337), (50, 7)])
+def test_wasserstein_matches_scipy(n: int, m: int) -> None:
+    from scipy.stats import wasserstein_distance
+
+    from cd4ml.drift import wasserstein_1d
+
+    rng = np.random.default_rng(n + m)
+    u, v = rng.normal(0, 1, n), rng.gamma(2, 1, m)
+    u[:5] = v[:5] = 1.0  # ties across the samples
+    assert wasserstein_1d(u, v) == pytest.approx(wasserstein_distance(u, v), rel=1e-12, abs=1e-12)
