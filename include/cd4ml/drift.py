@@ -64,14 +64,12 @@ class DriftSummary:
         }
 
 
-def _clean(series: pd.Series) -> pd.Series:
-    return series.replace([np.inf, -np.inf], np.nan).dropna()
+def _finite(series: pd.Series) -> NDArray[np.float64]:
+    values = series.to_numpy(dtype=float, na_value=np.nan)
+    return values[np.isfinite(values)]
 
 
-def wasserstein_1d(u: NDArray[np.float64], v: NDArray[np.float64]) -> float:
-    """First Wasserstein distance, as scipy.stats.wasserstein_distance computes it, with plain sorts
-    instead of argsorts (a third of the time on a million rows)."""
-    u_sorted, v_sorted = np.sort(u), np.sort(v)
+def _wasserstein_sorted(u_sorted: NDArray[np.float64], v_sorted: NDArray[np.float64]) -> float:
     if len(u_sorted) == len(v_sorted):  # equal sizes: the quantile functions pair up exactly
         return float(np.mean(np.abs(u_sorted - v_sorted)))
     values = np.sort(np.concatenate([u_sorted, v_sorted]))
@@ -81,10 +79,14 @@ def wasserstein_1d(u: NDArray[np.float64], v: NDArray[np.float64]) -> float:
     return float(np.sum(np.abs(u_cdf - v_cdf) * deltas))
 
 
-def wasserstein_normed(reference: pd.Series, current: pd.Series) -> float:
-    ref = reference.to_numpy(dtype=float)
-    norm = max(float(np.std(ref)), 0.001)
-    return wasserstein_1d(ref, current.to_numpy(dtype=float)) / norm
+def wasserstein_1d(u: NDArray[np.float64], v: NDArray[np.float64]) -> float:
+    """First Wasserstein distance, as scipy.stats.wasserstein_distance computes it, with plain sorts
+    instead of argsorts (a third of the time on a million rows)."""
+    return _wasserstein_sorted(np.sort(u), np.sort(v))
+
+
+def _distinct_sorted(values: NDArray[np.float64]) -> NDArray[np.float64]:
+    return values[np.r_[True, values[1:] != values[:-1]]] if values.size else values
 
 
 def jensenshannon_frequencies(reference: pd.Series, current: pd.Series) -> float:
@@ -97,28 +99,27 @@ def jensenshannon_frequencies(reference: pd.Series, current: pd.Series) -> float
     return float(distance.jensenshannon(ref, cur))
 
 
-def jensenshannon_histogram(reference: pd.Series, current: pd.Series) -> float:
-    """JS distance over Sturges bins of the combined data (Evidently's binning for many-valued numbers)."""
-    ref = reference.to_numpy(dtype=float)
-    cur = current.to_numpy(dtype=float)
-    bins = np.histogram_bin_edges(np.concatenate([ref, cur]), bins="sturges")
-    return float(
-        distance.jensenshannon(np.histogram(ref, bins)[0] / len(ref), np.histogram(cur, bins)[0] / len(cur))
-    )
-
-
 def column_drift(name: str, reference: pd.Series, current: pd.Series, kind: str) -> ColumnDrift:
-    ref, cur = _clean(reference), _clean(current)
-    if ref.empty or cur.empty:
-        return ColumnDrift(name, kind, "empty", math.nan, DISTANCE_THRESHOLD, False)
-    n_values = pd.concat([ref, cur]).nunique()
-    if kind == "num" and n_values > 5:
-        score, method = wasserstein_normed(ref, cur), "wasserstein"
-    elif kind == "num" and ref.nunique() > 20:
-        score, method = jensenshannon_histogram(ref, cur), "jensenshannon"
+    """Evidently's default test for a reference above 1000 rows: normed Wasserstein for numbers
+    with more than 5 distinct values, Jensen-Shannon on value frequencies otherwise. Nulls and
+    infinities are dropped first, as Evidently does."""
+    if kind == "num":
+        ref, cur = np.sort(_finite(reference)), np.sort(_finite(current))
+        if ref.size == 0 or cur.size == 0:
+            return ColumnDrift(name, kind, "empty", math.nan, DISTANCE_THRESHOLD, False)
+        distinct = np.union1d(_distinct_sorted(ref)[:6], _distinct_sorted(cur)[:6])
+        if distinct.size > 5:
+            score = _wasserstein_sorted(ref, cur) / max(float(np.std(ref)), 0.001)
+            return ColumnDrift(
+                name, kind, "wasserstein", score, DISTANCE_THRESHOLD, score >= DISTANCE_THRESHOLD
+            )
+        score = jensenshannon_frequencies(pd.Series(ref), pd.Series(cur))
     else:
-        score, method = jensenshannon_frequencies(ref, cur), "jensenshannon"
-    return ColumnDrift(name, kind, method, score, DISTANCE_THRESHOLD, score >= DISTANCE_THRESHOLD)
+        ref_s, cur_s = reference.dropna(), current.dropna()
+        if ref_s.empty or cur_s.empty:
+            return ColumnDrift(name, kind, "empty", math.nan, DISTANCE_THRESHOLD, False)
+        score = jensenshannon_frequencies(ref_s, cur_s)
+    return ColumnDrift(name, kind, "jensenshannon", score, DISTANCE_THRESHOLD, score >= DISTANCE_THRESHOLD)
 
 
 def dataset_drift(
@@ -128,9 +129,7 @@ def dataset_drift(
     if len(reference) <= EVIDENTLY_SMALL_REFERENCE:
         return evidently_drift(reference, current, numerical, categorical)
     columns = [column_drift(c, reference[c], current[c], "num") for c in numerical]
-    columns += [
-        column_drift(c, reference[c].astype(object), current[c].astype(object), "cat") for c in categorical
-    ]
+    columns += [column_drift(c, reference[c], current[c], "cat") for c in categorical]
     return DriftSummary(
         columns, len(reference), len(current), missing_rise(reference, current, numerical + categorical)
     )
