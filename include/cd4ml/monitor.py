@@ -69,7 +69,7 @@ def _current_window(
     from cd4ml.tables import read_table
     from cd4ml.validation import normalise
 
-    traffic = read_predictions(settings.data_dir, spec.name)
+    traffic = read_predictions(settings.data_dir, spec.name, since=start)
     if not traffic.empty:
         mask = traffic["ts"] <= pd.Timestamp(end)
         if start is not None:
@@ -111,8 +111,12 @@ def check_drift(
 
     client = registry.client(settings.mlflow_tracking_uri)
     champion = registry.version_by_alias(client, spec.name, registry.CHAMPION)
-    if champion is None:
-        raise Cd4mlError(f"{spec.name}: no champion yet; nothing to monitor")
+    if champion is None:  # a new model: nothing serves yet, so there is nothing to compare
+        reason = f"{spec.name}: no champion yet; nothing to monitor"
+        log.info(reason)
+        return {"model": spec.name, "champion_version": None, "window": {"end": window_end, "rows": 0},
+                "share": 0.0, "drifted_columns": [], "report_uri": None,
+                "decision": {"drift": False, "trigger": False, "reason": reason}}  # fmt: skip
     tags = champion.tags or {}
     snapshot = tags.get("cd4ml.train_snapshot", "")
     if not snapshot or not Path(snapshot).exists():

@@ -136,3 +136,10 @@ def test_drift_monitor_closes_the_loop_with_guards(env: dict[str, Any]) -> None:
     v2 = versions(env, MODEL)[-1]
     assert v2.version == "2" and v2.tags["cd4ml.decision"] in {"promote", "reject"}
     assert json.loads(v2.tags["cd4ml.evidence"])["champion_version"] == "1"
+
+
+def test_a_model_without_a_champion_is_not_an_error(env: dict[str, Any]) -> None:
+    write_spec(env["specs"], "newborn", estimator=LOGREG)
+    states = run_dag("newborn__monitor", {"window_hours": None})
+    assert states["__run__"] == "success"
+    assert states["check_drift"] == "success" and states["emit_drift_detected"] == "skipped"

@@ -194,3 +194,14 @@ def test_rollback_dag_moves_the_champion_to_the_chosen_version(env: dict[str, An
 
     assert run_dag("rollme__rollback", {"version": "99", "reason": "typo"})["__run__"] == "failed"
     assert champion(env, "rollme") == "2"
+
+    # A version registered outside cd4ml never passed validation: refused.
+    import mlflow
+    from sklearn.dummy import DummyClassifier
+
+    mlflow.set_experiment("rollme")
+    with mlflow.start_run():
+        info = mlflow.sklearn.log_model(DummyClassifier().fit([[0], [1]], [0, 1]), name="model")
+    outsider = mlflow.register_model(info.model_uri, "rollme").version
+    assert run_dag("rollme__rollback", {"version": str(outsider), "reason": "x"})["__run__"] == "failed"
+    assert champion(env, "rollme") == served(env, "rollme") == "2"

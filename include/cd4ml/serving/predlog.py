@@ -111,12 +111,13 @@ class PredictionLog:
                 log.error("prediction log write failed for %s: %s", model, err)
 
 
-def read_predictions(data_dir: Path, model: str) -> Any:
-    """Everything logged for a model (the drift monitor reads windows of this)."""
+def read_predictions(data_dir: Path, model: str, since: datetime | None = None) -> Any:
+    """What was logged for a model; with `since`, day partitions before that day are not read."""
     import pandas as pd
 
     root = data_dir / model / "predictions"
-    parts = sorted(root.glob("date=*/part-*.parquet"))
+    first_day = since.strftime("date=%Y-%m-%d") if since else ""
+    parts = sorted(p for p in root.glob("date=*/part-*.parquet") if p.parent.name >= first_day)
     if not parts:
         return pd.DataFrame()
     return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
