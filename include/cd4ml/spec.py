@@ -193,6 +193,26 @@ class Drift(_Strict):
     min_rows: int = Field(default=200, ge=1)
 
 
+class Notifications(_Strict):
+    """Who hears about what. E-mail goes through the Airflow connection `cd4ml_smtp`."""
+
+    email: list[str] = Field(default_factory=list)
+    on_promotion: bool = True
+    on_reject: bool = False
+    on_quarantine: bool = True
+    on_drift: bool = True
+    on_rollback: bool = True
+    on_failure: bool = True
+
+    @field_validator("email")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        bad = [a for a in value if not re.match(r"^[^@\s]+@[^@\s]+$", a)]
+        if bad:
+            raise ValueError(f"not e-mail addresses: {bad}")
+        return value
+
+
 class ModelSpec(_Strict):
     name: str
     description: str = ""
@@ -207,6 +227,7 @@ class ModelSpec(_Strict):
     data: Data = Field(default_factory=Data)
     schedule: Schedule = Field(default_factory=Schedule)
     drift: Drift = Field(default_factory=Drift)
+    notifications: Notifications = Field(default_factory=Notifications)
     seed: int = 42
     owner: str = "cd4ml"
 

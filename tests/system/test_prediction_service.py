@@ -171,6 +171,10 @@ def test_champion_swap_under_load_loses_no_request_and_broken_versions_are_refus
     )
     v2 = max(int(v.version) for v in client.search_model_versions(f"name = '{MODEL}'"))
     client.set_registered_model_alias(MODEL, "champion", "1")  # whatever the gate said: start from v1
+    # The reload waits for any load already in flight, so nothing stale can swap in after this.
+    httpx.post(
+        f"{url}/admin/reload", headers={"Authorization": f"Bearer {served_model['token']}"}, timeout=60
+    )
     wait_for(lambda: httpx.get(f"{url}/v1/models/{MODEL}").json()["version"] == "1", timeout=30)
     body = json.loads(served_model["rows"].head(5).to_json(orient="records"))
 

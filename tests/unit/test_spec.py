@@ -56,6 +56,7 @@ def test_spec_hash_is_stable_and_sensitive() -> None:
         ),
         ({"schedule__retrain_cron": "nightly"}, "schedule.retrain_cron", "cron"),
         ({"surprise": 1}, "surprise", "Extra inputs"),
+        ({"notifications": {"email": ["not-an-address"]}}, "notifications.email", "not e-mail addresses"),
     ],
 )
 def test_bad_spec_names_file_and_field(overrides: dict, field: str, words: str) -> None:

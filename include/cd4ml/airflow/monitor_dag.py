@@ -9,6 +9,7 @@ from typing import Any
 from airflow.sdk import DAG, Metadata, Param, dag, get_current_context, task
 
 from cd4ml.airflow import assets
+from cd4ml.airflow.notifiers import Cd4mlNotifier
 from cd4ml.airflow.train_dag import START, _run_time
 from cd4ml.settings import Settings
 from cd4ml.spec import ModelSpec
@@ -50,7 +51,12 @@ def build_monitor_dag(spec: ModelSpec, settings: Settings) -> DAG:
         catchup=False,
         max_active_runs=1,
         tags=["cd4ml", spec.name, "monitor"],
-        default_args={"owner": spec.owner, "retries": 2, "retry_delay": timedelta(seconds=30)},
+        default_args={
+            "owner": spec.owner,
+            "retries": 2,
+            "retry_delay": timedelta(seconds=30),
+            "on_failure_callback": [Cd4mlNotifier("failure", spec)],
+        },
         params={
             "window_hours": Param(
                 None,
@@ -77,7 +83,7 @@ def build_monitor_dag(spec: ModelSpec, settings: Settings) -> DAG:
             print(summary["decision"]["reason"])
             return bool(summary["decision"]["trigger"])
 
-        @task(outlets=[drift_detected])
+        @task(outlets=[drift_detected], on_success_callback=[Cd4mlNotifier("drift", spec)])
         def emit_drift_detected(summary: dict[str, Any]) -> Iterator[Metadata]:
             from cd4ml.monitor import record_trigger
 

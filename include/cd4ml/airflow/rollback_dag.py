@@ -7,6 +7,7 @@ from typing import Any
 
 from airflow.sdk import DAG, Param, dag, get_current_context, task
 
+from cd4ml.airflow.notifiers import Cd4mlNotifier
 from cd4ml.airflow.train_dag import START, _run_time, _who
 from cd4ml.settings import Settings
 from cd4ml.spec import ModelSpec
@@ -36,7 +37,12 @@ def build_rollback_dag(spec: ModelSpec, settings: Settings) -> DAG:
         catchup=False,
         max_active_runs=1,
         tags=["cd4ml", spec.name, "rollback"],
-        default_args={"owner": spec.owner, "retries": 1, "retry_delay": timedelta(seconds=10)},
+        default_args={
+            "owner": spec.owner,
+            "retries": 1,
+            "retry_delay": timedelta(seconds=10),
+            "on_failure_callback": [Cd4mlNotifier("failure", spec)],
+        },
         params={
             "version": Param(
                 "",
@@ -56,7 +62,7 @@ def build_rollback_dag(spec: ModelSpec, settings: Settings) -> DAG:
         },
     )
     def rollback_pipeline() -> None:
-        @task
+        @task(on_success_callback=[Cd4mlNotifier("rollback", spec)])
         def roll_back() -> dict[str, Any]:
             from airflow.sdk.exceptions import AirflowFailException
 

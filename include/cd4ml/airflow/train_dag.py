@@ -19,6 +19,7 @@ from airflow.sdk import (
 )
 
 from cd4ml.airflow import assets
+from cd4ml.airflow.notifiers import Cd4mlNotifier
 from cd4ml.settings import Settings
 from cd4ml.spec import ModelSpec
 
@@ -112,7 +113,12 @@ def build_train_dag(spec: ModelSpec, settings: Settings) -> DAG:
         catchup=False,
         max_active_runs=1,
         tags=["cd4ml", spec.name, "train"],
-        default_args={"owner": spec.owner, "retries": 2, "retry_delay": timedelta(seconds=10)},
+        default_args={
+            "owner": spec.owner,
+            "retries": 2,
+            "retry_delay": timedelta(seconds=10),
+            "on_failure_callback": [Cd4mlNotifier("failure", spec)],
+        },
         params={
             "reason": Param(
                 "manual run",
@@ -144,7 +150,7 @@ def build_train_dag(spec: ModelSpec, settings: Settings) -> DAG:
 
             return step(spec, settings)
 
-        @task
+        @task(on_failure_callback=[Cd4mlNotifier("quarantine", spec), Cd4mlNotifier("failure", spec)])
         def validate_batches(collected: dict[str, Any]) -> dict[str, Any]:
             from airflow.sdk.exceptions import AirflowFailException
 
@@ -204,7 +210,7 @@ def build_train_dag(spec: ModelSpec, settings: Settings) -> DAG:
                 validation=validated, run_id=ctx["run_id"], reason=_trigger_reason(ctx),
             )  # fmt: skip
 
-        @task
+        @task(on_success_callback=[Cd4mlNotifier("decision", spec)])
         def promote_champion(registered: dict[str, Any], evidence: dict[str, Any]) -> dict[str, Any]:
             from cd4ml.pipeline import promote_champion as step
 

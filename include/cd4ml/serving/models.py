@@ -217,6 +217,14 @@ class ModelStore:
             log.error("refusing %s v%s: %s", name, version, reason)
             self.on_event(name, version, "refused")
             return
+        # Loading takes a while; if `champion` moved meanwhile (a rollback, say), this version must
+        # not go live: the next poll loads whatever the alias points to now.
+        now = registry.version_by_alias(
+            registry.client(self.settings.mlflow_tracking_uri), name, registry.CHAMPION
+        )
+        if now is None or str(now.version) != version:
+            log.info("%s: champion moved while v%s was loading; not swapping it in", name, version)
+            return
         previous = self.slots.get(name)
         self.slots[name] = slot  # the atomic swap
         log.info("%s: now serving v%s (was %s)", name, version, previous.version if previous else None)
