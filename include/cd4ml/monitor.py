@@ -257,6 +257,7 @@ def _log_to_mlflow(
     with mlflow.start_run(run_name=f"drift check {run_id}", tags=tags) as run:
         mlflow.log_metrics(metrics)
         mlflow.log_artifacts(str(report_dir), artifact_path="drift_report")
+    summary["experiment_id"] = str(run.info.experiment_id)
     return str(run.info.run_id)
 
 

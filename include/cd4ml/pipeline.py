@@ -234,7 +234,12 @@ def train_challenger(
               "cd4ml.spec_hash": spec.spec_hash()},
         metrics={f"holdout_{spec.metric.name}": holdout_score},
     )  # fmt: skip
-    return {"run_id": logged.run_id, "model_uri": logged.model_uri, "holdout_score": holdout_score}
+    return {
+        "run_id": logged.run_id,
+        "model_uri": logged.model_uri,
+        "experiment_id": logged.experiment_id,
+        "holdout_score": holdout_score,
+    }
 
 
 # -- evaluate --------------------------------------------------------------------------------------

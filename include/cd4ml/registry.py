@@ -40,6 +40,7 @@ class UnsafeModelError(Cd4mlError):
 class LoggedModel:
     run_id: str
     model_uri: str
+    experiment_id: str = ""
 
 
 def client(tracking_uri: str) -> MlflowClient:
@@ -103,7 +104,7 @@ def log_challenger(
             signature=infer_signature(input_example, model.predict(input_example)),
             input_example=input_example,
         )
-    return LoggedModel(run_id=run.info.run_id, model_uri=info.model_uri)
+    return LoggedModel(run_id=run.info.run_id, model_uri=info.model_uri, experiment_id=run.info.experiment_id)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ def run_dag(dag_id: str, conf: dict[str, Any]) -> dict[str, str]:
     dag_run = bag.dags[dag_id].test(run_conf=conf)
     states = {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
     states["__run__"] = str(dag_run.state)
+    states["__run_id__"] = dag_run.run_id
     return states
 
 

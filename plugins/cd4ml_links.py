@@ -1,0 +1,89 @@
+"""cd4ml's Airflow plugin: extra links on task instances to what the task made in MLflow.
+
+Global links, evaluated by the API server: each reads the task's own return value (a small JSON
+XCom every cd4ml task returns) and builds the URL. Tasks without such a value show no link.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+from airflow.plugins_manager import AirflowPlugin
+from airflow.sdk import BaseOperatorLink
+
+
+def _mlflow_ui() -> str:
+    port = os.environ.get("CD4ML_MLFLOW_PORT", "5000")
+    return (os.environ.get("CD4ML_MLFLOW_UI_URL") or f"http://127.0.0.1:{port}").rstrip("/")
+
+
+def _return_value(ti_key: Any) -> Any:
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        row = session.execute(
+            XComModel.get_many(
+                key="return_value",
+                run_id=ti_key.run_id,
+                dag_ids=ti_key.dag_id,
+                task_ids=ti_key.task_id,
+                map_indexes=ti_key.map_index,
+            ).with_only_columns(XComModel.value)
+        ).first()
+    if row is None:
+        return None
+    value = row.value
+    return json.loads(value) if isinstance(value, str | bytes) else value
+
+
+class _FromReturnValue(BaseOperatorLink):
+    builders: dict[str, Callable[[str, dict[str, Any]], str | None]] = {}
+
+    def get_link(self, operator: Any, *, ti_key: Any) -> str:
+        build = self.builders.get(ti_key.task_id)
+        if build is None or "__" not in ti_key.dag_id:
+            return ""
+        value = _return_value(ti_key)
+        if not isinstance(value, dict):
+            return ""
+        return build(ti_key.dag_id.split("__")[0], value) or ""
+
+
+def _version_url(model: str, version: Any) -> str | None:
+    return f"{_mlflow_ui()}/#/models/{model}/versions/{version}" if version else None
+
+
+class MlflowRunLink(_FromReturnValue):
+    name = "MLflow run"
+    builders = {
+        "train_challenger": lambda model, v: (
+            f"{_mlflow_ui()}/#/experiments/{v['experiment_id']}/runs/{v['run_id']}"
+            if v.get("experiment_id") and v.get("run_id")
+            else None
+        ),
+        "check_drift": lambda model, v: (
+            f"{_mlflow_ui()}/#/experiments/{v['experiment_id']}/runs/{v['mlflow_run_id']}"
+            if v.get("experiment_id") and v.get("mlflow_run_id")
+            else None
+        ),
+    }
+
+
+class ModelVersionLink(_FromReturnValue):
+    name = "Model version"
+    builders = {
+        "register_challenger": lambda model, v: _version_url(model, v.get("version")),
+        "promote_champion": lambda model, v: _version_url(model, v.get("version")),
+        "deploy_champion": lambda model, v: _version_url(model, v.get("version")),
+        "roll_back": lambda model, v: _version_url(model, v.get("to")),
+        "check_drift": lambda model, v: _version_url(model, v.get("champion_version")),
+    }
+
+
+class Cd4mlPlugin(AirflowPlugin):
+    name = "cd4ml"
+    global_operator_extra_links = [MlflowRunLink(), ModelVersionLink()]
