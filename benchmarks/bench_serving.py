@@ -16,38 +16,21 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from cd4ml.netutil import free_port, wait_http
+
 REPO = Path(__file__).resolve().parents[1]
+
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http(url: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=3) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(url)
 
 
 def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -145,7 +128,7 @@ def main() -> None:
              "--port", str(mlflow_port), "--workers", "1"],
             {**base_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, home / "mlflow.log",
         ))  # fmt: skip
-        wait_http(f"http://127.0.0.1:{mlflow_port}/health")
+        wait_http(f"http://127.0.0.1:{mlflow_port}/health", 120)
         settings = get_settings()
         spec = load_spec(specs / "bench.yaml")
         write_batch(generate_churn(20_000, seed=41), settings.model_dir("bench") / "landing", "w0.csv")
@@ -181,7 +164,7 @@ def main() -> None:
             health = "/health/ready" if "cd4ml" in name else "/ping"
             log_file = home / f"{name.split()[0]}-{port}.log"
             try:
-                wait_http(f"http://127.0.0.1:{port}{health}")
+                wait_http(f"http://127.0.0.1:{port}{health}", 120)
             except TimeoutError:
                 raise SystemExit(f"{name} did not start:\n{log_file.read_text()[-3000:]}") from None
             url = f"http://127.0.0.1:{port}{path}"

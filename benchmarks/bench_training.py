@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,15 +30,12 @@ from pathlib import Path
 
 import yaml
 
+from cd4ml.netutil import free_port
+
 REPO = Path(__file__).resolve().parents[1]
+
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def http_json(url: str, *, token: str | None = None, body: dict | None = None) -> dict:

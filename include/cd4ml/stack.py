@@ -15,11 +15,11 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from cd4ml import netutil
+from cd4ml.netutil import port_in_use
 from cd4ml.settings import PROJECT_ROOT, get_settings
 
 
@@ -250,13 +250,6 @@ def is_running(cfg: StackConfig) -> bool:
     return supervisorctl(cfg, "pid", check=False).stdout.strip().isdigit()
 
 
-def _port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
-
-
 def up(cfg: StackConfig) -> None:
     if not is_running(cfg):
         ports = (
@@ -265,7 +258,7 @@ def up(cfg: StackConfig) -> None:
             (cfg.service_port, "CD4ML_SERVICE_PORT"),
         )
         for port, what in ports:
-            if not _port_free(port):
+            if port_in_use(port):
                 raise SystemExit(f"cd4ml: port {port} is already in use; set {what} to a free port")
     init(cfg)
     if is_running(cfg):
@@ -292,19 +285,10 @@ def down(cfg: StackConfig) -> None:
 
 
 def wait_http(url: str, what: str, *, timeout: float, cfg: StackConfig) -> None:
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError) as err:
-            last = str(err)
-        time.sleep(1)
-    raise SystemExit(
-        f"cd4ml: {what} did not answer at {url} within {timeout:.0f}s ({last}); logs in {cfg.logs_dir}"
-    )
+    try:
+        netutil.wait_http(url, timeout)
+    except TimeoutError as err:
+        raise SystemExit(f"cd4ml: {what} is not up: {err}; logs in {cfg.logs_dir}") from None
 
 
 def status(cfg: StackConfig) -> str:

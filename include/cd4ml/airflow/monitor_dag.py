@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import DAG, Metadata, Param, dag, get_current_context, task
 
 from cd4ml.airflow import assets
+from cd4ml.airflow.common import START, default_args, run_time
 from cd4ml.airflow.notifiers import Cd4mlNotifier
-from cd4ml.airflow.train_dag import START, _run_time
 from cd4ml.settings import Settings
 from cd4ml.spec import ModelSpec
 
@@ -51,12 +50,7 @@ def build_monitor_dag(spec: ModelSpec, settings: Settings) -> DAG:
         catchup=False,
         max_active_runs=1,
         tags=["cd4ml", spec.name, "monitor"],
-        default_args={
-            "owner": spec.owner,
-            "retries": 2,
-            "retry_delay": timedelta(seconds=30),
-            "on_failure_callback": [Cd4mlNotifier("failure", spec)],
-        },
+        default_args=default_args(spec, retries=2, retry_delay_s=30),
         params={
             "window_hours": Param(
                 None,
@@ -75,7 +69,7 @@ def build_monitor_dag(spec: ModelSpec, settings: Settings) -> DAG:
             ctx: dict[str, Any] = dict(get_current_context())
             params: dict[str, Any] = dict(ctx.get("params") or {})
             hours = params.get("window_hours")
-            return step(spec, settings, run_id=ctx["run_id"], window_end=_run_time(ctx),
+            return step(spec, settings, run_id=ctx["run_id"], window_end=run_time(ctx),
                         window_hours=float(hours) if hours else None)  # fmt: skip
 
         @task.short_circuit

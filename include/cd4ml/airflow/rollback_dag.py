@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import DAG, Param, dag, get_current_context, task
 
+from cd4ml.airflow.common import START, default_args, run_time, who
 from cd4ml.airflow.notifiers import Cd4mlNotifier
-from cd4ml.airflow.train_dag import START, _run_time, _who
 from cd4ml.settings import Settings
 from cd4ml.spec import ModelSpec
 
@@ -37,12 +36,7 @@ def build_rollback_dag(spec: ModelSpec, settings: Settings) -> DAG:
         catchup=False,
         max_active_runs=1,
         tags=["cd4ml", spec.name, "rollback"],
-        default_args={
-            "owner": spec.owner,
-            "retries": 1,
-            "retry_delay": timedelta(seconds=10),
-            "on_failure_callback": [Cd4mlNotifier("failure", spec)],
-        },
+        default_args=default_args(spec, retries=1, retry_delay_s=10),
         params={
             "version": Param(
                 "",
@@ -74,7 +68,7 @@ def build_rollback_dag(spec: ModelSpec, settings: Settings) -> DAG:
             reason = str(params.get("reason") or "")
             try:
                 return rollback(
-                    spec, settings, target=target, reason=reason, who=_who(ctx), when=_run_time(ctx)
+                    spec, settings, target=target, reason=reason, who=who(ctx), when=run_time(ctx)
                 )
             except DeployError as err:
                 raise AirflowFailException(str(err)) from None

@@ -5,7 +5,6 @@ Each task is a thin adapter: import inside, call one `cd4ml.pipeline` step, retu
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from airflow.sdk import (
@@ -14,16 +13,14 @@ from airflow.sdk import (
     CronTriggerTimetable,
     Param,
     dag,
-    get_current_context,
     task,
 )
 
 from cd4ml.airflow import assets
+from cd4ml.airflow.common import START, context, default_args, run_time, who
 from cd4ml.airflow.notifiers import Cd4mlNotifier
 from cd4ml.settings import Settings
 from cd4ml.spec import ModelSpec
-
-START = datetime(2026, 1, 1, tzinfo=UTC)
 
 DOC = """\
 ### {name}: training pipeline
@@ -48,21 +45,6 @@ model version with the decision and its evidence, and the `challenger` / `champi
 After a promotion, `deploy_champion` waits until the prediction service serves the new version,
 smoke-tests it on golden holdout rows, and rolls `champion` back by itself if anything fails.
 """
-
-
-def _context() -> dict[str, Any]:
-    return dict(get_current_context())
-
-
-def _run_time(ctx: dict[str, Any]) -> str:
-    # The run's own timestamp, not "now": a retried task writes the same values.
-    return ctx["dag_run"].run_after.isoformat()
-
-
-def _who(ctx: dict[str, Any]) -> str:
-    dag_run = ctx["dag_run"]
-    user = getattr(dag_run, "triggering_user_name", None)
-    return f"{user or 'airflow'} via {dag_run.dag_id} run {ctx['run_id']}"
 
 
 def _trigger_reason(ctx: dict[str, Any]) -> str:
@@ -113,12 +95,7 @@ def build_train_dag(spec: ModelSpec, settings: Settings) -> DAG:
         catchup=False,
         max_active_runs=1,
         tags=["cd4ml", spec.name, "train"],
-        default_args={
-            "owner": spec.owner,
-            "retries": 2,
-            "retry_delay": timedelta(seconds=10),
-            "on_failure_callback": [Cd4mlNotifier("failure", spec)],
-        },
+        default_args=default_args(spec, retries=2, retry_delay_s=10),
         params={
             "reason": Param(
                 "manual run",
@@ -156,9 +133,9 @@ def build_train_dag(spec: ModelSpec, settings: Settings) -> DAG:
 
             from cd4ml.pipeline import validate_landed_files
 
-            ctx = _context()
+            ctx = context()
             result = validate_landed_files(
-                spec, settings, collected["new"], run_id=ctx["run_id"], run_time=_run_time(ctx)
+                spec, settings, collected["new"], run_id=ctx["run_id"], run_time=run_time(ctx)
             )
             if result["quarantined"] and not result["accepted"]:
                 # Not retryable: the files are already in quarantine with their reasons.
@@ -172,13 +149,13 @@ def build_train_dag(spec: ModelSpec, settings: Settings) -> DAG:
         def build_datasets(validated: dict[str, Any]) -> dict[str, Any]:
             from cd4ml.pipeline import prepare_datasets
 
-            return prepare_datasets(spec, settings, run_id=_context()["run_id"])
+            return prepare_datasets(spec, settings, run_id=context()["run_id"])
 
         @task.short_circuit
         def needs_training(datasets: dict[str, Any]) -> bool:
             from cd4ml.pipeline import training_needed
 
-            params = _context().get("params") or {}
+            params = context().get("params") or {}
             needed, why = training_needed(spec, settings, datasets, force=bool(params.get("force")))
             print(f"{'Training' if needed else 'Skipping training'}: {why}")
             return needed
@@ -187,7 +164,7 @@ def build_train_dag(spec: ModelSpec, settings: Settings) -> DAG:
         def train_challenger(datasets: dict[str, Any]) -> dict[str, Any]:
             from cd4ml.pipeline import train_challenger as step
 
-            return step(spec, settings, datasets, run_id=_context()["run_id"])
+            return step(spec, settings, datasets, run_id=context()["run_id"])
 
         @task
         def evaluate_against_champion(datasets: dict[str, Any], challenger: dict[str, Any]) -> dict[str, Any]:
@@ -204,7 +181,7 @@ def build_train_dag(spec: ModelSpec, settings: Settings) -> DAG:
         ) -> dict[str, Any]:
             from cd4ml.pipeline import register_challenger as step
 
-            ctx = _context()
+            ctx = context()
             return step(
                 spec, settings, challenger=challenger, evidence=evidence, datasets=datasets,
                 validation=validated, run_id=ctx["run_id"], reason=_trigger_reason(ctx),
@@ -214,11 +191,11 @@ def build_train_dag(spec: ModelSpec, settings: Settings) -> DAG:
         def promote_champion(registered: dict[str, Any], evidence: dict[str, Any]) -> dict[str, Any]:
             from cd4ml.pipeline import promote_champion as step
 
-            ctx = _context()
+            ctx = context()
             params = ctx.get("params") or {}
             return step(
                 spec, settings, version=registered["version"], evidence=evidence,
-                evaluate_only=bool(params.get("evaluate_only")), run_time=_run_time(ctx),
+                evaluate_only=bool(params.get("evaluate_only")), run_time=run_time(ctx),
             )  # fmt: skip
 
         @task
@@ -228,10 +205,10 @@ def build_train_dag(spec: ModelSpec, settings: Settings) -> DAG:
             from cd4ml.deploy import DeployError
             from cd4ml.deploy import deploy_champion as step
 
-            ctx = _context()
+            ctx = context()
             try:
                 return step(spec, settings, promoted=promoted, holdout_path=datasets["holdout_path"],
-                            who=_who(ctx), when=_run_time(ctx))  # fmt: skip
+                            who=who(ctx), when=run_time(ctx))  # fmt: skip
             except DeployError as err:
                 # Not retryable: the champion was already rolled back; a retry would deploy a non-champion.
                 raise AirflowFailException(str(err)) from None
