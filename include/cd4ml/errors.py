@@ -13,13 +13,5 @@ class DataReadError(Cd4mlError):
     """A landed file cannot be read as a table."""
 
 
-class DataValidationError(Cd4mlError):
-    """Landed data failed validation; the files were quarantined with a reason."""
-
-
 class TrainingError(Cd4mlError):
     """A challenger could not be trained from the spec and the accepted data."""
-
-
-class GateError(Cd4mlError):
-    """A promotion gate refused to proceed; the message names the metric, value and threshold."""

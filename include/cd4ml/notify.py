@@ -49,69 +49,63 @@ def airflow_run_url(dag_id: str, run_id: str) -> str:
     return f"{base}/dags/{dag_id}/runs/{run_id}"
 
 
+def _message(subject: str, model: str, version_line: str, details: list[str], links: list[str]) -> Message:
+    """Every mail has the same skeleton: model, version, what happened, then the links."""
+    lines = [f"Model: {model}", f"Version: {version_line}", *details, *links]
+    return Message(subject=f"[cd4ml] {model}: {subject}", body="\n".join(lines) + "\n")
+
+
 def promotion(model: str, result: dict[str, Any], run_url: str) -> Message:
     version = str(result.get("version"))
-    return Message(
-        subject=f"[cd4ml] {model}: version {version} is the new champion",
-        body=(
-            f"Model: {model}\nVersion: {version} (previous champion: {result.get('previous') or 'none'})\n"
-            f"Why: {result.get('why')}\nModel version: {mlflow_version_url(model, version)}\nRun: {run_url}\n"
-        ),
-    )
+    return _message(
+        f"version {version} is the new champion", model,
+        f"{version} (previous champion: {result.get('previous') or 'none'})",
+        [f"Why: {result.get('why')}"],
+        [f"Model version: {mlflow_version_url(model, version)}", f"Run: {run_url}"],
+    )  # fmt: skip
 
 
 def rejection(model: str, result: dict[str, Any], run_url: str) -> Message:
     version = str(result.get("version"))
-    return Message(
-        subject=f"[cd4ml] {model}: challenger version {version} rejected",
-        body=(
-            f"Model: {model}\nVersion: {version} (registered, not serving)\nWhy: {result.get('why')}\n"
-            f"Model version: {mlflow_version_url(model, version)}\nRun: {run_url}\n"
-        ),
-    )
+    return _message(
+        f"challenger version {version} rejected", model, f"{version} (registered, not serving)",
+        [f"Why: {result.get('why')}"],
+        [f"Model version: {mlflow_version_url(model, version)}", f"Run: {run_url}"],
+    )  # fmt: skip
 
 
 def quarantine(model: str, reasons: str, run_url: str) -> Message:
-    return Message(
-        subject=f"[cd4ml] {model}: landed data quarantined",
-        body=(
-            f"Model: {model}\nVersion: unchanged (nothing was trained)\n\n{reasons}\n\n"
-            f"Model: {mlflow_version_url(model, None)}\nRun: {run_url}\n"
-        ),
-    )
+    return _message(
+        "landed data quarantined", model, "unchanged (nothing was trained)",
+        ["", reasons, ""],
+        [f"Model: {mlflow_version_url(model, None)}", f"Run: {run_url}"],
+    )  # fmt: skip
 
 
 def drift(model: str, summary: dict[str, Any], run_url: str) -> Message:
     version = str(summary.get("champion_version"))
-    return Message(
-        subject=f"[cd4ml] {model}: drift detected, retraining",
-        body=(
-            f"Model: {model}\nVersion: {version} (champion)\nWhy: {summary['decision']['reason']}\n"
-            f"Drifted columns: {', '.join(summary.get('drifted_columns') or []) or 'none'}\n"
-            f"Report: {summary.get('report_uri')}\nModel version: {mlflow_version_url(model, version)}\n"
-            f"Run: {run_url}\n"
-        ),
-    )
+    columns = ", ".join(summary.get("drifted_columns") or []) or "none"
+    return _message(
+        "drift detected, retraining", model, f"{version} (champion)",
+        [f"Why: {summary['decision']['reason']}", f"Drifted columns: {columns}",
+         f"Report: {summary.get('report_uri')}"],
+        [f"Model version: {mlflow_version_url(model, version)}", f"Run: {run_url}"],
+    )  # fmt: skip
 
 
 def rollback(model: str, result: dict[str, Any], run_url: str) -> Message:
     version = str(result.get("to"))
-    return Message(
-        subject=f"[cd4ml] {model}: rolled back to version {version}",
-        body=(
-            f"Model: {model}\nVersion: {version} (was {result.get('from')})\n"
-            f"Model version: {mlflow_version_url(model, version)}\nRun: {run_url}\n"
-        ),
-    )
+    return _message(
+        f"rolled back to version {version}", model, f"{version} (was {result.get('from')})", [],
+        [f"Model version: {mlflow_version_url(model, version)}", f"Run: {run_url}"],
+    )  # fmt: skip
 
 
 def failure(model: str, task_id: str, error: str, run_url: str) -> Message:
-    return Message(
-        subject=f"[cd4ml] {model}: {task_id} failed",
-        body=(
-            f"Model: {model}\nVersion: see the run\nTask: {task_id}\nError: {error[:4000]}\nRun: {run_url}\n"
-        ),
-    )
+    return _message(
+        f"{task_id} failed", model, "see the run", [f"Task: {task_id}", f"Error: {error[:4000]}"],
+        [f"Run: {run_url}"],
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from cd4ml.spec import ModelSpec
@@ -291,9 +290,3 @@ def validate_frame(
 
 def _class_name(snake: str) -> str:
     return "".join(part.capitalize() for part in snake.split("_"))
-
-
-def to_jsonable(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    return value

@@ -148,7 +148,7 @@ class ModelStore:
         if self._thread:
             self._thread.join(timeout=30)
 
-    def reload_now(self, timeout: float = 60.0) -> dict[str, str]:
+    def reload_now(self) -> dict[str, str]:
         """Check every model now (admin action); returns the serving versions."""
         self.refresh()
         return {name: slot.version for name, slot in self.slots.items()}
