@@ -23,7 +23,8 @@ def champion_version(mlflow_url: str, model: str) -> str | None:
         with urllib.request.urlopen(url, timeout=5) as resp:
             return str(json.loads(resp.read())["model_version"]["version"])
     except urllib.error.HTTPError as err:
-        if err.code == 404:
+        # 404: no such model yet; 400: the model exists (registration under way) but has no champion.
+        if err.code in {400, 404}:
             return None
         raise
 
