@@ -1,0 +1,97 @@
+"""The prediction service under concurrent load while `champion` moves: the short version of
+`benchmarks/bench_load.py` (which runs 60 s with 3 swaps under `make soak`).
+
+Real processes: the session's MLflow server and a `cd4ml serve` uvicorn subprocess of this test's own.
+Asserts behaviour only: no failed request, the swap took effect, no request answered by the old
+version once the new one answered, and memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from cd4ml.netutil import free_port, wait_http
+from tests.conftest import start_service
+from tests.helpers import LOGREG
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+DURATION = 15.0
+# Serving a second small model and the prediction log's buffers cost a few MB; a per-request leak
+# at ~100 requests/s would not stay under this.
+RSS_GROWTH_LIMIT_MB = 150
+
+
+def bench_module() -> ModuleType:
+    if "bench_load" in sys.modules:
+        return sys.modules["bench_load"]
+    spec = importlib.util.spec_from_file_location("bench_load", REPO / "benchmarks" / "bench_load.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def served_model(mlflow_server: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    bench = bench_module()
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    from cd4ml.spec import load_spec
+
+    spec = load_spec(bench.write_spec(specs, estimator=LOGREG))
+    versions = [
+        bench.register(mlflow_server, spec, fitted, f"model {i}")
+        for i, fitted in enumerate(bench.fit_models(spec, 2, 3000))
+    ]
+    bench.promote(mlflow_server, spec, versions[0])
+    port = free_port()
+    env = {
+        **os.environ,
+        "CD4ML_HOME": str(tmp_path / "home"),
+        "CD4ML_SPECS_DIR": str(specs),
+        "MLFLOW_TRACKING_URI": mlflow_server,
+    }
+    proc = start_service(env, port, tmp_path / "service.log")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/health/ready", 60)
+        yield {"bench": bench, "spec": spec, "url": url, "pid": proc.pid, "versions": versions}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+def test_no_request_fails_while_the_champion_is_swapped_under_load(
+    served_model: dict[str, Any], mlflow_server: str
+) -> None:
+    bench = served_model["bench"]
+    old, new = served_model["versions"]
+    result = bench.run_load(
+        service_url=served_model["url"], service_pid=served_model["pid"], tracking_uri=mlflow_server,
+        spec=served_model["spec"], swap_versions=[new], duration=DURATION, concurrency=8,
+    )  # fmt: skip
+    summary = bench.summarise(result)
+    print(bench.report(summary))
+
+    assert summary["requests"] > 100, summary["requests"]
+    assert summary["failed"] == 0, summary["failures"]
+    (swap,) = result.swaps
+    assert swap.version == new and result.initial_version == old
+    assert swap.first_served_at is not None, "the service never served the new champion"
+    served = {s.version for s in result.samples}
+    assert served == {old, new}, served
+    # Once the new version answered, every request sent afterwards got the new version.
+    assert summary["stale_after_swap"] == 0
+    assert summary["rss_samples"] >= DURATION - 2
+    assert summary["rss_max_mb"] - summary["rss_start_mb"] < RSS_GROWTH_LIMIT_MB, summary
