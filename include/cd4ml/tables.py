@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
 
 import pandas as pd
 
 from cd4ml.errors import DataReadError
+
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -25,29 +29,40 @@ def _read_parquet(path: Path) -> pd.DataFrame:
     import pyarrow as pa
 
     try:
-        return pd.read_parquet(path)
-    except (pa.ArrowException, OSError, ValueError) as err:
+        frame = pd.read_parquet(path)
+    # Arbitrary bytes can fail deep inside pyarrow or in pandas' metadata handling in many ways;
+    # all of them mean the same thing to whoever landed the file.
+    except (pa.ArrowException, OSError, ValueError, TypeError, KeyError, IndexError) as err:
         raise DataReadError(f"{path.name}: not a readable Parquet file: {err}") from None
+    duplicated = sorted({str(c) for c in frame.columns if list(frame.columns).count(c) > 1})
+    if duplicated:
+        raise DataReadError(f"{path.name}: duplicate column names {duplicated}")
+    return frame
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
     if path.stat().st_size == 0:
         raise DataReadError(f"{path.name}: the file is empty (0 bytes)")
     raw = path.read_bytes()
+    if raw.startswith(_UTF16_BOMS):
+        raise DataReadError(f"{path.name}: UTF-16 text, not UTF-8; re-export the file as UTF-8")
     if b"\x00" in raw[:65536]:
         raise DataReadError(f"{path.name}: contains NUL bytes; this is not a CSV text file")
     try:
-        raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise DataReadError(
             f"{path.name}: not UTF-8 text (invalid byte 0x{raw[err.start]:02x} at offset {err.start}); "
             "re-export the file as UTF-8"
         ) from None
+    _check_rows(path.name, raw, text)
     try:
-        frame = pd.read_csv(path, encoding="utf-8")
+        # index_col=False: rows with one field more than the header must not silently become an index
+        # (which would shift every value one column to the left).
+        frame = pd.read_csv(io.BytesIO(raw), encoding="utf-8", index_col=False)
     except pd.errors.EmptyDataError:
         raise DataReadError(f"{path.name}: no header row and no data") from None
-    except pd.errors.ParserError as err:
+    except (pd.errors.ParserError, ValueError) as err:
         raise DataReadError(f"{path.name}: malformed CSV: {str(err).strip()}") from None
     if frame.shape[1] == 1 and any(sep in str(frame.columns[0]) for sep in (";", "\t", "|")):
         raise DataReadError(
@@ -55,3 +70,61 @@ def _read_csv(path: Path) -> pd.DataFrame:
             "the file looks delimited by something other than commas"
         )
     return frame
+
+
+def _check_rows(name: str, raw: bytes, text: str) -> None:
+    """Every row has as many fields as the header, and header names are unique.
+
+    pandas fills short rows with nulls and may turn one extra field into an index; both hide a
+    broken (often truncated) file behind plausible-looking data. Unquoted files are checked with a
+    byte count first, so the row-by-row pass only runs when something is off (or when quotes make
+    commas ambiguous).
+    """
+    first_line = text.lstrip("\ufeff").split("\n", 1)[0].rstrip("\r")
+    if not first_line.strip():
+        return  # no header: pandas reports it
+    if "," not in first_line and any(sep in first_line for sep in (";", "\t", "|")):
+        raise DataReadError(
+            f"{name}: the header {first_line[:80]!r} has no commas; "
+            "the file looks delimited by something other than commas"
+        )
+    quoted = b'"' in raw
+    if not quoted:
+        header = first_line.split(",")
+        lines = raw.count(b"\n") + (0 if raw.endswith(b"\n") else 1)
+        if raw.count(b",") == (len(header) - 1) * lines:
+            _check_header(name, header)
+            return
+    try:
+        reader = csv.reader(io.StringIO(text.lstrip("\ufeff")))
+        header = next(reader)
+        _check_header(name, header)
+        if len(header) < 2:
+            return
+        for row in reader:
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue  # blank line: pandas skips it too
+            if len(row) != len(header):
+                last = reader.line_num == _physical_lines(text)
+                if last and not text.endswith("\n") and len(row) < len(header):
+                    raise DataReadError(
+                        f"{name}: truncated CSV: the last line ({reader.line_num}) has {len(row)} of "
+                        f"{len(header)} fields and the file ends mid-row"
+                    )
+                raise DataReadError(
+                    f"{name}: malformed CSV: line {reader.line_num} has {len(row)} fields; "
+                    f"the header has {len(header)}"
+                )
+    except csv.Error as err:
+        raise DataReadError(f"{name}: malformed CSV: {err}") from None
+
+
+def _physical_lines(text: str) -> int:
+    return text.count("\n") + (0 if text.endswith("\n") else 1)
+
+
+def _check_header(name: str, header: list[str]) -> None:
+    names = [h.strip() for h in header]
+    duplicated = sorted({h for h in names if h and names.count(h) > 1})
+    if duplicated:
+        raise DataReadError(f"{name}: duplicate column names in the header: {duplicated}")

@@ -240,15 +240,19 @@ def validate_frame(
     batch_def = next((b for b in asset.batch_definitions if b.name == "whole"), None)
     batch_def = batch_def or asset.add_batch_definition_whole_dataframe("whole")
 
-    suite = gx.ExpectationSuite(name=f"{spec.name}_suite")
+    expectations = []
     for kind, kwargs in configs:
         cls = getattr(gx.expectations, kind, None)
         if cls is None:
             raise ValueError(
                 f"spec {spec.name}: validation.expectations: unknown Great Expectations class {kind!r}"
             )
-        suite.add_expectation(cls(**{k: v for k, v in kwargs.items() if v is not None or k == "max_value"}))
-    suite = ctx.suites.add_or_update(suite)
+        expectations.append(cls(**{k: v for k, v in kwargs.items() if v is not None or k == "max_value"}))
+    # Built whole, not with add_expectation: once a suite of this name is stored (file context),
+    # every add_expectation rewrites the stored suite, which made each validation O(n^2) slow.
+    suite = ctx.suites.add_or_update(
+        gx.ExpectationSuite(name=f"{spec.name}_suite", expectations=expectations)
+    )
     definition = ctx.validation_definitions.add_or_update(
         gx.ValidationDefinition(name=f"{spec.name}_batch", data=batch_def, suite=suite)
     )
@@ -283,7 +287,9 @@ def validate_frame(
             )
     docs_url = None
     if context_root is not None:
-        urls = ctx.get_docs_sites_urls()
+        # The page of this very validation result, not the site's index.
+        key = next(iter(result.run_results), None)
+        urls = ctx.get_docs_sites_urls(resource_identifier=key) if key else ctx.get_docs_sites_urls()
         docs_url = urls[0]["site_url"] if urls else None
     return ValidationOutcome(bool(result.success), evaluated, failed, problems, docs_url)
 
