@@ -1,7 +1,10 @@
-"""cd4ml's Airflow plugin: extra links on task instances to what the task made in MLflow.
+"""cd4ml's Airflow plugin: extra links to what each task made, and a Models view in the UI.
 
-Global links, evaluated by the API server: each reads the task's own return value (a small JSON
-XCom every cd4ml task returns) and builds the URL. Tasks without such a value show no link.
+Extra links are global links, evaluated by the API server: each reads the task's own return value
+(a small JSON XCom every cd4ml task returns) and builds the URL (MLflow run, model version, GX Data
+Docs, Evidently report). Tasks without such a value show no link. The Models view, the reports
+and the pipeline metrics are served by a FastAPI app the API server mounts at /cd4ml
+(cd4ml.airflow.ui); every route needs an Airflow login.
 """
 
 from __future__ import annotations
@@ -20,14 +23,14 @@ def _mlflow_ui() -> str:
     return (os.environ.get("CD4ML_MLFLOW_UI_URL") or f"http://127.0.0.1:{port}").rstrip("/")
 
 
-def _return_value(ti_key: Any) -> Any:
+def _xcom(ti_key: Any, key: str) -> Any:
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
     with create_session() as session:
         row = session.execute(
             XComModel.get_many(
-                key="return_value",
+                key=key,
                 run_id=ti_key.run_id,
                 dag_ids=ti_key.dag_id,
                 task_ids=ti_key.task_id,
@@ -42,15 +45,18 @@ def _return_value(ti_key: Any) -> Any:
 
 class _FromReturnValue(BaseOperatorLink):
     builders: dict[str, Callable[[str, dict[str, Any]], str | None]] = {}
+    # A failed task has no return value; it may leave its artefact under the "report" key instead.
+    keys: tuple[str, ...] = ("return_value",)
 
     def get_link(self, operator: Any, *, ti_key: Any) -> str:
         build = self.builders.get(ti_key.task_id)
         if build is None or "__" not in ti_key.dag_id:
             return ""
-        value = _return_value(ti_key)
-        if not isinstance(value, dict):
-            return ""
-        return build(ti_key.dag_id.split("__")[0], value) or ""
+        for key in self.keys:
+            value = _xcom(ti_key, key)
+            if isinstance(value, dict):
+                return build(ti_key.dag_id.split("__")[0], value) or ""
+        return ""
 
 
 def _version_url(model: str, version: Any) -> str | None:
@@ -84,6 +90,45 @@ class ModelVersionLink(_FromReturnValue):
     }
 
 
+def _report(model: str, uri: Any) -> str | None:
+    from cd4ml.airflow.ui import report_link
+
+    return report_link(model, uri) if isinstance(uri, str) else None
+
+
+class DataDocsLink(_FromReturnValue):
+    name = "Data Docs"
+    builders = {"validate_batches": lambda model, v: _report(model, v.get("docs_url"))}
+    keys = ("return_value", "report")
+
+
+class EvidentlyReportLink(_FromReturnValue):
+    name = "Evidently report"
+    builders = {"check_drift": lambda model, v: _report(model, v.get("report_uri"))}
+
+
+def _app() -> Any:
+    from cd4ml.airflow.ui import create_app
+
+    return create_app()
+
+
 class Cd4mlPlugin(AirflowPlugin):
     name = "cd4ml"
-    global_operator_extra_links = [MlflowRunLink(), ModelVersionLink()]
+    global_operator_extra_links = [MlflowRunLink(), ModelVersionLink(), DataDocsLink(), EvidentlyReportLink()]
+    fastapi_apps = [{"app": _app(), "url_prefix": "/cd4ml", "name": "cd4ml models and reports"}]
+    external_views = [
+        {
+            "name": "Models",
+            "href": "cd4ml/models",
+            "destination": "nav",
+            "url_route": "cd4ml-models",
+            "nav_top_level": True,
+        },
+        {  # a "Model" tab on each cd4ml DAG: the same view, for that DAG's model only
+            "name": "Model",
+            "href": "cd4ml/models?dag_id={DAG_ID}",
+            "destination": "dag",
+            "url_route": "cd4ml-model",
+        },
+    ]

@@ -38,3 +38,21 @@ def test_extra_links_point_at_what_each_task_made(env: dict[str, Any]) -> None:
         assert link("Model version", task_id).endswith("/#/models/linked/versions/1"), task_id
     assert link("Model version", "collect_landed_files") == ""  # no link where the task made none
     assert link("MLflow run", "register_challenger") == ""
+
+    # The Data Docs page of this very validation, served by the plugin from the model's gx/ dir.
+    docs = link("Data Docs", "validate_batches")
+    assert docs.startswith("/cd4ml/files/linked/gx/") and docs.endswith(".html"), docs
+    page = env["data"] / "linked" / docs.removeprefix("/cd4ml/files/linked/")
+    assert "validations" in docs and page.is_file() and "week0" in page.read_text()
+
+    # A run whose only file is quarantined fails, yet still links to the Data Docs that say why.
+    bad = generate_churn(400, seed=81)
+    bad.loc[:, "monthly_charges"] = -5.0
+    land(env, "linked", "week1-broken.csv", bad)
+    failed = run(env, "linked")
+    assert failed["validate_batches"] == "failed"
+    key = TaskInstanceKey(dag_id="linked__train", task_id="validate_batches", run_id=failed["__run_id__"],
+                          try_number=1)  # fmt: skip
+    docs = str(links["Data Docs"].get_link(None, ti_key=key))
+    page = env["data"] / "linked" / docs.removeprefix("/cd4ml/files/linked/")
+    assert page.is_file() and "week1-broken" in page.read_text() and "monthly_charges" in page.read_text()

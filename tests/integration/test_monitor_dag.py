@@ -104,6 +104,7 @@ def test_drift_monitor_closes_the_loop_with_guards(env: dict[str, Any]) -> None:
     # 2. Drifted traffic: exactly one drift_detected event, with why, queuing one training run.
     send_traffic(env, generate_churn(400, seed=52, batch=2, drift=1.0))
     states, check = monitor()
+    drift_run_id = states["__run_id__"]
     assert states["emit_drift_detected"] == "success", check
     assert check["decision"]["trigger"] is True and check["share"] >= 0.3
     (event,) = drift_events()
@@ -136,6 +137,52 @@ def test_drift_monitor_closes_the_loop_with_guards(env: dict[str, Any]) -> None:
     v2 = versions(env, MODEL)[-1]
     assert v2.version == "2" and v2.tags["cd4ml.decision"] in {"promote", "reject"}
     assert json.loads(v2.tags["cd4ml.evidence"])["champion_version"] == "1"
+
+    # 6. What the plugin shows: the Evidently link of a check, the Models view, the metrics.
+    assert_models_view_and_metrics(env, drift_run_id, v2)
+
+
+def assert_models_view_and_metrics(env: dict[str, Any], drift_run_id: str, v2: Any) -> None:
+    from airflow import plugins_manager
+    from airflow.models.taskinstancekey import TaskInstanceKey
+
+    from cd4ml.monitor import history
+    from cd4ml.overview import model_overview, prometheus_text, render_html
+    from cd4ml.settings import get_settings
+    from cd4ml.spec import load_spec
+
+    links = {link.name: link for link in plugins_manager.get_global_operator_extra_links()}
+    key = TaskInstanceKey(
+        dag_id=f"{MODEL}__monitor", task_id="check_drift", run_id=drift_run_id, try_number=1
+    )
+    href = links["Evidently report"].get_link(None, ti_key=key)
+    assert href.startswith(f"/cd4ml/files/{MODEL}/reports/drift/") and href.endswith("/report.html"), href
+    assert (env["data"] / MODEL / href.removeprefix(f"/cd4ml/files/{MODEL}/")).is_file()
+
+    settings = get_settings()
+    overview = model_overview(load_spec(Path(_specs_dir()) / f"{MODEL}.yaml"), settings)
+    champion = "2" if v2.tags["cd4ml.decision"] == "promote" else "1"
+    assert overview.champion is not None and overview.champion.version == champion
+    assert [v.version for v in overview.versions] == ["2", "1"]
+    assert overview.versions[0].evidence["champion_version"] == "1"
+    assert [round(c["share"], 6) for c in overview.drift] == [
+        round(c["share"], 6) for c in history(settings, MODEL)
+    ]
+    assert sum(bool(c["decision"]["trigger"]) for c in overview.drift) == 1
+    assert {"promoted", "deployed"} <= {e.what for e in overview.events}
+    assert overview.files["accepted"] == 2 and overview.files["waiting"] == 0
+
+    page = render_html([overview], settings, "http://mlflow.example", [])
+    assert f"version {champion}</b>" in page and "aria-label='drift share over time'" in page
+    assert page.count("<circle") == len(overview.drift)
+    assert f"href='files/{MODEL}/reports/drift/" in page
+
+    text = prometheus_text([overview])
+    assert f'cd4ml_champion_version{{model="{MODEL}"}} {champion}' in text
+    assert f'cd4ml_drift_checks_total{{model="{MODEL}",retrain="true"}} 1' in text
+    assert f'cd4ml_files{{model="{MODEL}",state="accepted"}} 2' in text
+    last_share = overview.drift[-1]["share"]
+    assert f'cd4ml_drift_share{{model="{MODEL}"}} {last_share:g}' in text
 
 
 def test_a_model_without_a_champion_is_not_an_error(env: dict[str, Any]) -> None:

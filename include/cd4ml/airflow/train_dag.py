@@ -138,6 +138,8 @@ def build_train_dag(spec: ModelSpec, settings: Settings) -> DAG:
                 spec, settings, collected["new"], run_id=ctx["run_id"], run_time=run_time(ctx)
             )
             if result["quarantined"] and not result["accepted"]:
+                # The task fails, so it has no return value: keep the Data Docs link reachable.
+                ctx["ti"].xcom_push(key="report", value={"docs_url": result["docs_url"]})
                 # Not retryable: the files are already in quarantine with their reasons.
                 reasons = "\n\n".join(q["reason"] for q in result["quarantined"])
                 raise AirflowFailException(
