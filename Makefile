@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WAIT ?= 300
 
-.PHONY: up down status logs test test-fast lint typecheck bench clean install
+.PHONY: up down status logs test test-fast lint typecheck bench clean install chromium
 
 install: $(STAMP)
 
@@ -37,8 +37,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# The system test drives the Airflow UI in Debian's chromium (Playwright never downloads a browser here).
+chromium:
+	@command -v chromium >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
 # Every test: lint, types, DAG integrity, unit, dag.test() integration, and the system test.
-test: $(STAMP) lint typecheck
+test: $(STAMP) chromium lint typecheck
 	$(BIN)/pytest
 
 test-fast: $(STAMP)
