@@ -56,6 +56,7 @@ class ModelOverview:
     drift: list[dict[str, Any]]
     drift_threshold: float
     files: dict[str, int]
+    runs: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -127,6 +128,19 @@ def _file_counts(spec: ModelSpec, settings: Settings) -> dict[str, int]:
     }
 
 
+def _run_outcomes(spec: ModelSpec, settings: Settings, limit: int) -> list[dict[str, Any]]:
+    """Why the latest training runs trained or not (runs/<run key>/outcome.json), newest first."""
+    runs = landing.Zone(settings.model_dir(spec.name)).runs
+    paths = sorted(runs.glob("*/outcome.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    out = []
+    for path in paths[:limit]:
+        try:
+            out.append({**json.loads(path.read_text()), "mtime": path.stat().st_mtime})
+        except (OSError, json.JSONDecodeError):
+            continue
+    return out
+
+
 def model_overview(spec: ModelSpec, settings: Settings, *, limit: int = 25) -> ModelOverview:
     from mlflow.exceptions import MlflowException
 
@@ -154,6 +168,7 @@ def model_overview(spec: ModelSpec, settings: Settings, *, limit: int = 25) -> M
         drift=monitor.history(settings, spec.name)[-200:],
         drift_threshold=spec.drift.threshold,
         files=_file_counts(spec, settings),
+        runs=_run_outcomes(spec, settings, limit),
     )
 
 
@@ -356,6 +371,18 @@ def _render_model(o: ModelOverview, settings: Settings, mlflow_ui: str) -> str:
                 f"<td>{_fmt((v.lineage.get('trigger_reason') or '')[:160])}</td>"
                 f"<td>{escape(', '.join(v.aliases))}</td></tr>"
             )
+        out.append("</table>")
+    out.append("<h3>Training runs</h3>")
+    if not o.runs:
+        out.append("<p class='muted'>None yet.</p>")
+    else:
+        out.append("<table class='runs'><tr><th>run</th><th>trigger</th><th>trained</th><th>why</th></tr>")
+        out += [
+            f"<tr><td><a target='_top' href='/dags/{quote(o.name)}__train/runs/{quote(str(r['run_id']))}'>"
+            f"{_fmt(r.get('run_id'))}</a></td><td>{_fmt(str(r.get('trigger', ''))[:160])}</td>"
+            f"<td>{'yes' if r.get('trained') else 'no'}</td><td>{_fmt(r.get('why'))}</td></tr>"
+            for r in o.runs[:10]
+        ]
         out.append("</table>")
     out.append("<h3>Deployments and rollbacks</h3>")
     if not o.events:

@@ -171,6 +171,19 @@ def prepare_datasets(spec: ModelSpec, settings: Settings, *, run_id: str) -> dic
     }
 
 
+def record_run_outcome(
+    spec: ModelSpec, settings: Settings, *, run_id: str, trigger: str, trained: bool, why: str
+) -> Path:
+    """runs/<run key>/outcome.json: why this run trained or not (shown in the Models view)."""
+    import json
+
+    out = zone_for(spec, settings).runs / run_key(run_id)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "outcome.json"
+    path.write_text(json.dumps({"run_id": run_id, "trigger": trigger, "trained": trained, "why": why}))
+    return path
+
+
 def training_needed(
     spec: ModelSpec, settings: Settings, datasets: dict[str, Any], *, force: bool
 ) -> tuple[bool, str]:

@@ -155,11 +155,14 @@ def build_train_dag(spec: ModelSpec, settings: Settings) -> DAG:
 
         @task.short_circuit
         def needs_training(datasets: dict[str, Any]) -> bool:
-            from cd4ml.pipeline import training_needed
+            from cd4ml.pipeline import record_run_outcome, training_needed
 
-            params = context().get("params") or {}
+            ctx = context()
+            params = ctx.get("params") or {}
             needed, why = training_needed(spec, settings, datasets, force=bool(params.get("force")))
             print(f"{'Training' if needed else 'Skipping training'}: {why}")
+            record_run_outcome(spec, settings, run_id=ctx["run_id"], trigger=_trigger_reason(ctx),
+                               trained=needed, why=why)  # fmt: skip
             return needed
 
         @task
