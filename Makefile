@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WAIT ?= 300
 
-.PHONY: up down status logs test test-fast lint typecheck bench clean install chromium
+.PHONY: up down status logs test test-fast test-scale lint typecheck bench bench-scale clean install chromium
 
 install: $(STAMP)
 
@@ -43,15 +43,25 @@ chromium:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
-# Every test: lint, types, DAG integrity, unit, dag.test() integration, and the system test.
-test: $(STAMP) chromium lint typecheck
+# Every test: lint, types, DAG integrity, unit, dag.test() integration, the system test, and the
+# docker-compose topology on CeleryExecutor (test-scale).
+test: $(STAMP) chromium lint typecheck test-scale
 	$(BIN)/pytest
+
+# docker-compose.yaml's services as local processes: CeleryExecutor on this machine's PostgreSQL and
+# Redis, two workers, MLflow on PostgreSQL, the prediction service (README "Scaling out").
+test-scale: $(STAMP)
+	$(BIN)/pytest -m scale tests/scale
 
 test-fast: $(STAMP)
 	$(BIN)/pytest tests/dags tests/unit
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
+
+# 4 models x 4 batches on LocalExecutor vs CeleryExecutor with 1 and 2 workers (BENCHMARKS.md).
+bench-scale: $(STAMP)
+	$(BIN)/python benchmarks/bench_scale.py
 
 clean: $(STAMP)
 	$(BIN)/cd4ml stack clean

@@ -78,6 +78,8 @@ def cmd_stack(args: argparse.Namespace) -> int:
                 print(f"export {key}='{value}'")
     elif args.action == "clean":
         stack.clean(cfg)
+    elif args.action == "init-auth":
+        print(f"cd4ml: wrote the Airflow login file {stack.write_auth_file(os.environ)}")
     return 0
 
 
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("stack", help="run the embedded Airflow + MLflow stack")
-    p.add_argument("action", choices=["up", "down", "status", "env", "clean"])
+    p.add_argument("action", choices=["up", "down", "status", "env", "clean", "init-auth"])
     p.add_argument("--no-demo", action="store_true", help="do not land demo data")
     p.add_argument("--wait", type=float, default=0, help="seconds to wait for the demo champion")
     p.set_defaults(func=cmd_stack)

@@ -1,0 +1,258 @@
+"""docker-compose.yaml, checked without Docker: valid, complete, secret-free, and the same process
+topology, commands and settings as the embedded stack (cd4ml/stack.py), the Dockerfile and the
+Makefile. Runs in the default `pytest` (it takes well under a second)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from cd4ml import compose, stack
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE = REPO / "docker-compose.yaml"
+PROVIDED = {"postgres", "redis"}  # official images with their own commands
+SECRET_KEY = re.compile(r"SECRET|PASSWORD|TOKEN|FERNET|_KEY\b")
+
+
+def required_vars() -> dict[str, str]:
+    return {
+        n: f"test-{n.lower()}" for n, v in compose.variables(compose.load_raw(COMPOSE)).items() if v.required
+    }
+
+
+@pytest.fixture(scope="module")
+def services() -> dict[str, compose.Service]:
+    return compose.load(COMPOSE, required_vars())
+
+
+def airflow_services(services: dict[str, compose.Service]) -> list[compose.Service]:
+    return [s for s in services.values() if (s.command or [""])[0] in {"airflow", "bash"}]
+
+
+def test_valid_yaml_with_an_image_or_build_for_every_service() -> None:
+    raw = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(raw["services"], dict)
+    for name, svc in raw["services"].items():
+        assert svc.get("image") or svc.get("build"), f"{name}: neither image nor build"
+    assert set(raw["volumes"]) >= {
+        m.source for s in compose.load(COMPOSE, required_vars()).values() for m in s.mounts if not m.is_bind
+    }
+
+
+def test_the_same_processes_as_the_embedded_stack_plus_workers_and_servers(
+    services: dict[str, compose.Service],
+) -> None:
+    assert set(services) == set(stack.PROGRAMS) | PROVIDED | {"airflow-init", "airflow-worker"}
+    for name, (command, _) in stack.PROGRAMS.items():
+        # Same program and subcommand as under supervisord (options differ: hosts and paths).
+        assert services[name].command is not None, name
+        assert services[name].command[:2] == command.split()[:2], (name, services[name].command, command)
+    assert services["airflow-worker"].command == ["airflow", "celery", "worker"]
+    assert (
+        services["airflow-init"].command is not None
+        and "airflow db migrate" in services["airflow-init"].command[-1]
+    )
+
+
+def test_commands_are_exec_form_and_non_airflow_ones_bypass_the_airflow_entrypoint() -> None:
+    raw = compose.load_raw(COMPOSE)["services"]
+    for name, svc in raw.items():
+        if name in PROVIDED:
+            continue
+        assert isinstance(svc.get("command"), list), f"{name}: use exec form so cd4ml.scale runs it verbatim"
+        # The Airflow image's entrypoint runs `airflow <command>` unless it starts with airflow/bash/python.
+        if svc["command"][0] not in {"airflow", "bash", "python"}:
+            assert svc.get("entrypoint"), (
+                f"{name}: `{svc['command'][0]}` would run as `airflow {svc['command'][0]}`"
+            )
+
+
+def test_airflow_services_share_one_celery_configuration(services: dict[str, compose.Service]) -> None:
+    envs = [s.environment for s in airflow_services(services)]
+    assert len(envs) == 6  # init, api-server, scheduler, dag-processor, triggerer, worker
+    keys = ("AIRFLOW__CORE__EXECUTOR", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__CELERY__BROKER_URL",
+            "AIRFLOW__CELERY__RESULT_BACKEND", "AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__CORE__FERNET_KEY",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL", "MLFLOW_TRACKING_URI", "CD4ML_DATA_DIR")  # fmt: skip
+    for key in keys:
+        assert len({env[key] for env in envs}) == 1, key
+    env = envs[0]
+    assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+    assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql+psycopg2://airflow:")
+    assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].endswith("@postgres:5432/airflow")
+    assert env["AIRFLOW__CELERY__RESULT_BACKEND"].startswith("db+postgresql://")
+    assert env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://redis:6379/")
+
+
+def test_urls_point_at_the_services_that_listen_there(services: dict[str, compose.Service]) -> None:
+    def listens(name: str, port: int) -> bool:
+        cmd = services[name].command or []
+        return any(p.container_port == port for p in services[name].ports) or (
+            "--port" in cmd and cmd[cmd.index("--port") + 1] == str(port)
+        )
+
+    env = services["airflow-worker"].environment
+    checks = {
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": ("airflow-api-server", "/execution/"),
+        "MLFLOW_TRACKING_URI": ("mlflow", ""),
+        "CD4ML_SERVICE_URL": ("prediction-service", ""),
+    }
+    for key, (name, path) in checks.items():
+        m = re.fullmatch(r"http://([\w-]+):(\d+)(/.*)?", env[key])
+        assert m, (key, env[key])
+        assert m.group(1) == name and listens(name, int(m.group(2))) and (m.group(3) or "") == path, env[key]
+    assert services["prediction-service"].environment["MLFLOW_TRACKING_URI"] == env["MLFLOW_TRACKING_URI"]
+    # The worker deploys to the service with the token the service checks.
+    assert (
+        services["prediction-service"].environment["CD4ML_SERVICE_ADMIN_TOKEN"]
+        == env["CD4ML_SERVICE_ADMIN_TOKEN"]
+    )
+
+
+def test_tuning_matches_the_embedded_stack(services: dict[str, compose.Service]) -> None:
+    """Scheduler, DAG-processor and triggerer settings must not drift from what `make up` runs."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CD4ML_HOME", "/tmp/cd4ml-static-check-unused")
+        cfg = stack.StackConfig(Path("/tmp/cd4ml-static-check-unused"), 8080, 5000, 8000, Path("/usr/bin"))
+        mp.setattr(stack, "_secrets", lambda _: dict.fromkeys(
+            ("jwt_secret", "api_secret_key", "admin_password", "service_admin_token"), "x"))  # fmt: skip
+        embedded = stack.environment(cfg)
+    topology_specific = {
+        "AIRFLOW__CORE__EXECUTOR", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__CORE__DAGS_FOLDER",
+        "AIRFLOW__CORE__PLUGINS_FOLDER", "AIRFLOW__CORE__PARALLELISM", "AIRFLOW__API__HOST",
+        "AIRFLOW__API__PORT", "AIRFLOW__API__BASE_URL", "AIRFLOW__API__WORKERS", "AIRFLOW__API__SECRET_KEY",
+        "AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__CORE__EXECUTION_API_SERVER_URL",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE",
+    }  # fmt: skip
+    env = services["airflow-scheduler"].environment
+    for key, value in embedded.items():
+        if key.startswith("AIRFLOW__") and key not in topology_specific:
+            assert env.get(key) == value, f"{key}: compose {env.get(key)!r} vs embedded {value!r}"
+    for key in ("GX_ANALYTICS_ENABLED", "MLFLOW_DISABLE_TELEMETRY"):
+        assert env[key] == embedded[key]
+
+
+def test_volumes_share_code_data_and_artifacts(services: dict[str, compose.Service]) -> None:
+    for svc in services.values():
+        for mount in svc.mounts:
+            if mount.is_bind:
+                assert (COMPOSE.parent / mount.source).exists(), f"{svc.name}: {mount.source} does not exist"
+    for svc in airflow_services(services):
+        targets = {m.target: m for m in svc.mounts}
+        env = svc.environment
+        assert targets[env["AIRFLOW__CORE__DAGS_FOLDER"]].source == "./dags", svc.name
+        assert targets[env["AIRFLOW__CORE__PLUGINS_FOLDER"]].source == "./plugins", svc.name
+        assert targets[env["AIRFLOW__LOGGING__BASE_LOG_FOLDER"]].source == "airflow-logs", svc.name
+        assert env["CD4ML_SPECS_DIR"].startswith(
+            next(t for t, m in targets.items() if m.source == "./include")
+        )
+        assert Path(env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"]).parent.as_posix() in targets
+    # One data volume for every process that reads or writes the data root (the triggerer watches
+    # landing/, workers move files, the service writes its prediction log).
+    data_users = [*airflow_services(services), services["prediction-service"]]
+    sources = {
+        next(m.source for m in s.mounts if m.target == s.environment["CD4ML_DATA_DIR"]) for s in data_users
+    }
+    assert sources == {"cd4ml-data"}
+    mlflow = services["mlflow"]
+    cmd = mlflow.command or []
+    artifacts = cmd[cmd.index("--artifacts-destination") + 1]
+    assert any(m.target == artifacts and not m.is_bind for m in mlflow.mounts)
+    assert cmd[cmd.index("--backend-store-uri") + 1].startswith("postgresql+psycopg2://airflow:")
+    init_sql = next(m for m in services["postgres"].mounts if "initdb" in m.target)
+    assert "CREATE DATABASE mlflow" in (COMPOSE.parent / init_sql.source).read_text()
+
+
+def test_health_checks_and_start_order(services: dict[str, compose.Service]) -> None:
+    for svc in services.values():
+        if svc.name != "airflow-init":
+            assert svc.healthcheck, f"{svc.name}: no healthcheck"
+    for svc in airflow_services(services):
+        assert svc.depends_on.get("postgres") == "service_healthy", svc.name
+        assert svc.depends_on.get("redis") == "service_healthy", svc.name
+        if svc.name != "airflow-init":
+            assert svc.depends_on.get("airflow-init") == "service_completed_successfully", svc.name
+    worker = services["airflow-worker"].depends_on
+    assert worker["airflow-api-server"] == worker["mlflow"] == "service_healthy"
+    assert services["prediction-service"].depends_on == {"mlflow": "service_healthy"}
+    order = compose.start_order(services)
+    assert order.index("airflow-init") < order.index("airflow-scheduler") < order.index("airflow-worker")
+    for svc in services.values():
+        for port in svc.ports:
+            assert port.host_ip == "127.0.0.1", f"{svc.name}: publish on loopback only"
+
+
+def _env_example() -> tuple[set[str], set[str]]:
+    text = (REPO / ".env.example").read_text()
+    required = set(re.findall(r"^([A-Z][A-Z0-9_]*)=$", text, re.M))
+    documented = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]*)=", text, re.M))
+    return required, documented
+
+
+def test_no_hard_coded_secrets_and_every_variable_documented() -> None:
+    raw = compose.load_raw(COMPOSE)
+    variables = compose.variables(raw)
+    required, documented = _env_example()
+    assert set(variables) <= documented, f"undocumented in .env.example: {set(variables) - documented}"
+    secrets = {n for n, v in variables.items() if v.required}
+    assert secrets == required, "required variables and the empty `VAR=` lines of .env.example differ"
+    assert all(v.default is None for n, v in variables.items() if SECRET_KEY.search(n))
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                # A *_FILE setting names where a secret lives; the value itself must come from .env.
+                if isinstance(v, str) and SECRET_KEY.search(str(k)) and not str(k).endswith("_FILE"):
+                    assert re.fullmatch(r"\$\{[A-Z0-9_]+:\?[^}]+\}", v), (
+                        f"{where}.{k} is not a required ${{VAR}}"
+                    )
+                walk(v, f"{where}.{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{where}[{i}]")
+        elif isinstance(node, str):
+            for m in compose._URL.finditer(node):
+                auth = m.group("auth") or ""
+                if ":" in auth:
+                    assert auth.split(":", 1)[1].startswith("${"), f"{where}: password in a URL"
+
+    walk(raw, "compose")
+    tracked = subprocess.run(["git", "ls-files", ".env"], cwd=REPO, capture_output=True, text=True).stdout
+    assert tracked.strip() == "", ".env must never be committed"
+
+
+def test_a_missing_secret_stops_start_up_with_its_name() -> None:
+    values = required_vars()
+    for name in values:
+        partial = {k: v for k, v in values.items() if k != name}
+        with pytest.raises(compose.ComposeError, match=rf"\b{name}\b"):
+            compose.load(COMPOSE, partial)
+        with pytest.raises(compose.ComposeError, match=rf"\b{name}\b"):
+            compose.load(COMPOSE, {**partial, name: ""})
+
+
+def test_interpolation_follows_compose_rules() -> None:
+    env = {"SET": "v", "EMPTY": ""}
+    assert (
+        compose.interpolate("${SET} ${EMPTY:-d} ${EMPTY-d} ${UNSET:-d} $$HOSTNAME", env) == "v d  d $HOSTNAME"
+    )
+    with pytest.raises(compose.ComposeError, match="UNSET must be set"):
+        compose.interpolate("${UNSET:?UNSET must be set}", env)
+
+
+def test_image_and_makefile_agree_with_the_pins_and_the_test_entry_point() -> None:
+    dockerfile = (REPO / "Dockerfile").read_text()
+    airflow_pin = re.search(r"apache-airflow\[[^\]]*\]==([\d.]+)", (REPO / "requirements.txt").read_text())
+    assert airflow_pin and f"FROM apache/airflow:{airflow_pin.group(1)}-python3.11" in dockerfile
+    assert "-c /opt/cd4ml/constraints.txt -r /opt/cd4ml/requirements.txt" in dockerfile
+    assert "LOCAL_SETTINGS" in dockerfile and "/opt/airflow/config/airflow_local_settings.py" in dockerfile
+    makefile = (REPO / "Makefile").read_text()
+    test_rule = re.search(r"^test:(.*)$", makefile, re.M)
+    assert test_rule and "test-scale" in test_rule.group(1), "make test must run make test-scale"
+    scale_rule = re.search(r"^test-scale:.*\n((?:\t.*\n)+)", makefile, re.M)
+    assert scale_rule and "-m scale" in scale_rule.group(1)
