@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from html import escape
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlparse
 
 from cd4ml import landing, monitor, registry
 from cd4ml.settings import Settings
@@ -190,6 +190,12 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
 
 
+def _number(value: float) -> str:
+    """Integers as integers; other values with every digit (a timestamp must not lose seconds)."""
+    value = float(value)
+    return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
+
+
 def prometheus_text(overviews: list[ModelOverview]) -> str:
     """Pipeline figures in the Prometheus text exposition format (version 0.0.4)."""
     from datetime import datetime
@@ -227,7 +233,7 @@ def prometheus_text(overviews: list[ModelOverview]) -> str:
         lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
         for labels, value in samples[name]:
             rendered = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
-            lines.append(f"{name}{{{rendered}}} {value:g}")
+            lines.append(f"{name}{{{rendered}}} {_number(value)}")
     return "\n".join(lines) + "\n"
 
 
@@ -238,7 +244,7 @@ def report_href(settings: Settings, model: str, uri: str | None) -> str | None:
     """A file under the model's data dir (file:// URI or path) as a URL relative to the plugin's root."""
     if not uri:
         return None
-    path = Path(uri.removeprefix("file://")).resolve()
+    path = Path(unquote(urlparse(uri).path) if uri.startswith("file:") else uri).resolve()
     root = settings.model_dir(model).resolve()
     if not path.is_relative_to(root):
         return None

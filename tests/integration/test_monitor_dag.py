@@ -147,7 +147,7 @@ def assert_models_view_and_metrics(env: dict[str, Any], drift_run_id: str, v2: A
     from airflow.models.taskinstancekey import TaskInstanceKey
 
     from cd4ml.monitor import history
-    from cd4ml.overview import model_overview, prometheus_text, render_html
+    from cd4ml.overview import _number, model_overview, prometheus_text, render_html
     from cd4ml.settings import get_settings
     from cd4ml.spec import load_spec
 
@@ -182,7 +182,7 @@ def assert_models_view_and_metrics(env: dict[str, Any], drift_run_id: str, v2: A
     assert f'cd4ml_drift_checks_total{{model="{MODEL}",retrain="true"}} 1' in text
     assert f'cd4ml_files{{model="{MODEL}",state="accepted"}} 2' in text
     last_share = overview.drift[-1]["share"]
-    assert f'cd4ml_drift_share{{model="{MODEL}"}} {last_share:g}' in text
+    assert f'cd4ml_drift_share{{model="{MODEL}"}} {_number(last_share)}' in text
 
 
 def test_a_model_without_a_champion_is_not_an_error(env: dict[str, Any]) -> None:

@@ -1,0 +1,114 @@
+"""The Models view's pure parts: Prometheus text that a real parser reads back, the drift chart,
+events from version tags, and report paths that cannot escape the model's directory."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from cd4ml.overview import (
+    ModelOverview,
+    VersionInfo,
+    _events,
+    drift_chart_svg,
+    prometheus_text,
+    render_html,
+    report_href,
+)
+from cd4ml.settings import Settings
+
+
+def version(v: str, decision: str | None, **tags: str) -> VersionInfo:
+    return VersionInfo(v, 1_795_600_000_000, f"run{v}", [], decision, {}, {}, {}, tags)
+
+
+def overview(drift: list[dict], versions: list[VersionInfo], champion: VersionInfo | None) -> ModelOverview:
+    return ModelOverview(
+        name='we"ird\\model',
+        owner=None,
+        metric="roc_auc",
+        champion=champion,
+        versions=versions,
+        events=_events(versions),
+        drift=drift,
+        drift_threshold=0.3,
+        files={"waiting": 1, "accepted": 4, "quarantined": 2},
+    )
+
+
+def test_prometheus_text_parses_back_with_the_figures() -> None:
+    deployed = json.dumps({"when": "2026-11-02T00:00:00", "outcome": "deployed", "golden_rows": 50})
+    failed = json.dumps({"when": "2026-11-03T00:00:00", "outcome": "failed", "error": "smoke test"})
+    v1 = version("1", "promote", **{"cd4ml.promoted_at": "2026-11-01T00:00:00", "cd4ml.deployment": deployed})
+    v2 = version("2", "reject")
+    v3 = version("3", "promote", **{"cd4ml.promoted_at": "2026-11-03T00:00:00", "cd4ml.deployment": failed})
+    checks = [
+        {"share": 0.1, "decision": {"trigger": False}, "window": {"end": "2026-11-01T00:00:00+00:00"}},
+        {"share": 0.6, "decision": {"trigger": True}, "window": {"end": "2026-11-02T03:25:45.5+00:00"}},
+    ]
+    text = prometheus_text([overview(checks, [v3, v2, v1], v1)])
+    samples = {
+        (s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "model"))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert all(
+        s.labels["model"] == 'we"ird\\model'
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    )
+    assert samples[("cd4ml_champion_version", ())] == 1
+    assert samples[("cd4ml_model_versions", (("decision", "promote"),))] == 2
+    assert samples[("cd4ml_model_versions", (("decision", "reject"),))] == 1
+    assert samples[("cd4ml_promotions_total", ())] == 2
+    assert samples[("cd4ml_deployments_total", (("outcome", "deployed"),))] == 1
+    assert samples[("cd4ml_deployments_total", (("outcome", "failed"),))] == 1
+    assert samples[("cd4ml_files", (("state", "quarantined"),))] == 2
+    assert samples[("cd4ml_drift_share", ())] == 0.6
+    assert samples[("cd4ml_drift_checks_total", (("retrain", "true"),))] == 1
+    assert samples[("cd4ml_drift_checks_total", (("retrain", "false"),))] == 1
+    end = datetime(2026, 11, 2, 3, 25, 45, 500000, tzinfo=UTC).timestamp()
+    assert samples[("cd4ml_last_drift_check_timestamp_seconds", ())] == end
+
+
+def test_events_are_newest_first_and_say_what_happened() -> None:
+    failed = json.dumps({"when": "2026-11-03", "outcome": "failed", "error": "boom", "rollback": "back to 1"})
+    rolled_back = {"cd4ml.rolled_back_at": "2026-11-04", "cd4ml.rollback_reason": "bad v2"}
+    v1 = version("1", "promote", **{"cd4ml.promoted_at": "2026-11-01", **rolled_back,
+                                    "cd4ml.previous_champion": "2"})  # fmt: skip
+    v2 = version("2", "promote", **{"cd4ml.promoted_at": "2026-11-02", "cd4ml.deployment": failed})
+    events = _events([v2, v1])
+    assert [(e.when, e.version, e.what) for e in events] == [
+        ("2026-11-04", "1", "rollback requested"),
+        ("2026-11-03", "2", "failed"),
+        ("2026-11-02", "2", "promoted"),
+        ("2026-11-01", "1", "promoted"),
+    ]
+    assert events[0].detail == "bad v2 (from v2)" and events[1].detail == "boom; back to 1"
+
+
+def test_drift_chart_has_a_point_per_check_and_marks_those_over_the_threshold() -> None:
+    checks = [{"share": s, "window": {"end": f"t{i}"}} for i, s in enumerate([0.0, 0.2, 0.5, 0.9])]
+    svg = drift_chart_svg(checks, threshold=0.3)
+    assert svg.count("<circle") == 4 and svg.count("class='hot'") == 2
+    assert "retrain threshold 0.3" in svg
+    assert "No drift checks yet" in drift_chart_svg([], threshold=0.3)
+
+
+def test_report_links_stay_inside_the_model_dir(tmp_path: Path) -> None:
+    settings = Settings(tmp_path, tmp_path / "data", tmp_path / "specs", "http://mlflow")
+    inside = tmp_path / "data" / "churn" / "reports" / "drift" / "r 1" / "report.html"
+    assert report_href(settings, "churn", inside.as_uri()) == "files/churn/reports/drift/r%201/report.html"
+    assert report_href(settings, "churn", str(tmp_path / "data" / "other" / "x.html")) is None
+    assert report_href(settings, "churn", str(tmp_path / "data" / "churn" / ".." / "x.html")) is None
+    assert report_href(settings, "churn", None) is None
+
+
+def test_html_escapes_what_comes_from_tags() -> None:
+    v1 = version("1", "<script>alert(1)</script>")
+    page = render_html([overview([], [v1], None)], Settings(Path("/"), Path("/d"), Path("/s"), "x"), "m", [])
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert "No champion yet" in page
