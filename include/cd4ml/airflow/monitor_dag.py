@@ -29,6 +29,9 @@ champion was already trained on it, or the last drift-triggered retrain was less
 {cooldown} h ago (cooldown).
 
 **What starts it.** The schedule `{schedule}` or a manual trigger (form: window override in hours).
+
+**Where to look.** check_drift's *Details* tab links the *Evidently report* and the *MLflow run*;
+the *Model* tab charts the drift share of every check.
 """
 
 

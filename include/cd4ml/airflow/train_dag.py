@@ -44,6 +44,10 @@ moves only on a promotion.
 model version with the decision and its evidence, and the `challenger` / `champion` aliases.
 After a promotion, `deploy_champion` waits until the prediction service serves the new version,
 smoke-tests it on golden holdout rows, and rolls `champion` back by itself if anything fails.
+
+**Where to look.** A task's *Details* tab has extra links: *Data Docs* (validate_batches), *MLflow
+run* (train_challenger), *Model version* (register, promote, deploy). The *Model* tab of this DAG
+(and *Models* in the nav bar) shows the champion, its lineage, every decision and why, and drift.
 """
 
 
