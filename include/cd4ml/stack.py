@@ -274,9 +274,11 @@ def up(cfg: StackConfig) -> None:
         supervisorctl(cfg, "start", "all", check=False)
     else:
         subprocess.run([str(cfg.bin_dir / "supervisord"), "-c", str(cfg.conf_path)], check=True)
-    wait_http(f"{cfg.mlflow_url}/health", "MLflow", timeout=120, cfg=cfg)
-    wait_http(f"{cfg.airflow_url}/api/v2/monitor/health", "Airflow API", timeout=180, cfg=cfg)
-    wait_http(f"{cfg.service_url}/health/live", "prediction service", timeout=120, cfg=cfg)
+    # Generous: a busy 2-core machine has been seen taking 2 minutes to start MLflow alone.
+    limit = float(os.environ.get("CD4ML_START_TIMEOUT", "300"))
+    wait_http(f"{cfg.mlflow_url}/health", "MLflow", timeout=limit, cfg=cfg)
+    wait_http(f"{cfg.airflow_url}/api/v2/monitor/health", "Airflow API", timeout=limit, cfg=cfg)
+    wait_http(f"{cfg.service_url}/health/live", "prediction service", timeout=limit, cfg=cfg)
 
 
 def down(cfg: StackConfig) -> None:
