@@ -3,10 +3,11 @@
 FROM apache/airflow:3.3.2-python3.11
 
 USER root
-# Mount points of the named volumes: a new volume takes the owner of the directory it covers, so the
-# airflow user (uid 50000, gid 0) can write data, artifacts, logs and the login file.
+# Mount points of the named volumes: a new volume takes the owner and mode of the directory it
+# covers, so the containers' user (AIRFLOW_UID, group 0) can write data, artifacts, logs and the login.
 RUN mkdir -p /data /mlflow-artifacts /opt/airflow/auth /opt/airflow/logs /opt/cd4ml \
-    && chown -R airflow:0 /data /mlflow-artifacts /opt/airflow/auth /opt/airflow/logs /opt/cd4ml
+    && chown -R airflow:0 /data /mlflow-artifacts /opt/airflow/auth /opt/airflow/logs /opt/cd4ml \
+    && chmod -R g+rwX /data /mlflow-artifacts /opt/airflow/auth /opt/airflow/logs
 USER airflow
 
 COPY --chown=airflow:0 requirements.txt constraints.txt /opt/cd4ml/
