@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WAIT ?= 300
 
-.PHONY: up down status logs test test-fast test-scale lint typecheck bench bench-scale clean install chromium
+.PHONY: up down status logs test test-fast test-scale lint typecheck bench bench-scale soak clean install chromium
 
 install: $(STAMP)
 
@@ -58,6 +58,12 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
+
+# The slow reliability runs (minutes): faults on a real embedded stack (SIGKILL mid-training, 5 files
+# with the schedule, whole-stack restart mid-run) and the service under 60 s of load with 3 swaps.
+soak: $(STAMP)
+	CD4ML_SOAK=1 $(BIN)/pytest tests/reliability/test_faults_stack.py
+	$(BIN)/python benchmarks/bench_load.py --duration 60 --swaps 3 --concurrency 12
 
 # 4 models x 4 batches on LocalExecutor vs CeleryExecutor with 1 and 2 workers (BENCHMARKS.md).
 bench-scale: $(STAMP)
