@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -57,9 +58,14 @@ def _read_csv(path: Path) -> pd.DataFrame:
         ) from None
     _check_rows(path.name, raw, text)
     try:
-        # index_col=False: rows with one field more than the header must not silently become an index
-        # (which would shift every value one column to the left).
-        frame = pd.read_csv(io.BytesIO(raw), encoding="utf-8", index_col=False)
+        with warnings.catch_warnings():
+            # pandas only warns when it drops fields; a dropped value is a broken file here.
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            # index_col=False: rows with one field more than the header must not silently become an
+            # index (which would shift every value one column to the left).
+            frame = pd.read_csv(io.BytesIO(raw), encoding="utf-8", index_col=False)
+    except pd.errors.ParserWarning as warning:
+        raise DataReadError(f"{path.name}: malformed CSV: {warning}") from None
     except pd.errors.EmptyDataError:
         raise DataReadError(f"{path.name}: no header row and no data") from None
     except (pd.errors.ParserError, ValueError) as err:
@@ -99,8 +105,6 @@ def _check_rows(name: str, raw: bytes, text: str) -> None:
         reader = csv.reader(io.StringIO(text.lstrip("\ufeff")))
         header = next(reader)
         _check_header(name, header)
-        if len(header) < 2:
-            return
         for row in reader:
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue  # blank line: pandas skips it too

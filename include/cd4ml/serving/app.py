@@ -166,11 +166,20 @@ def create_app(settings: Settings | None = None, config: ServiceConfig | None = 
         openapi_extra={
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": {"oneOf": [
-                    {"type": "object", "properties": {"dataframe_split": {"type": "object"}}},
-                    {"type": "object", "properties": {"dataframe_records": {"type": "array"}}},
-                    {"type": "object", "properties": {"instances": {"type": "array"}}},
+                # anyOf with required keys: with oneOf and no `required`, every object matched three
+                # alternatives at once, so no object body was valid against the document.
+                "content": {"application/json": {"schema": {"anyOf": [
+                    {"type": "object", "required": ["dataframe_split"], "properties": {"dataframe_split": {
+                        "type": "object", "required": ["columns", "data"], "properties": {
+                            "columns": {"type": "array", "items": {"type": "string"}},
+                            "data": {"type": "array", "items": {"type": "array"}}}}}},
+                    {"type": "object", "required": ["dataframe_records"],
+                     "properties": {"dataframe_records": {"type": "array", "items": {"type": "object"}}}},
+                    {"type": "object", "required": ["instances"],
+                     "properties": {"instances": {"type": "array", "items": {"type": "object"}}}},
                     {"type": "array", "items": {"type": "object"}},
+                    {"type": "object", "description": "one record",
+                     "additionalProperties": {"type": ["number", "string", "null"]}},
                 ]}}},
             }
         },
@@ -188,8 +197,8 @@ def create_app(settings: Settings | None = None, config: ServiceConfig | None = 
             metrics.errors.labels(model, "too_large").inc()
             return _error(413, f"body of {declared} bytes; at most {config.max_body_bytes}",
                           [Problem("body", "too large")])  # fmt: skip
-        raw = await request.body()
-        if len(raw) > config.max_body_bytes:
+        raw = await _read_limited(request, config.max_body_bytes)
+        if raw is None:  # a chunked body has no length up front: stop reading once it is too big
             metrics.errors.labels(model, "too_large").inc()
             return _error(
                 413, f"body larger than {config.max_body_bytes} bytes", [Problem("body", "too large")]
@@ -199,6 +208,9 @@ def create_app(settings: Settings | None = None, config: ServiceConfig | None = 
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             metrics.errors.labels(model, "bad_request").inc()
             return _error(400, "body is not valid JSON", [Problem("body", f"invalid JSON: {err}")])
+        except RecursionError:
+            metrics.errors.labels(model, "bad_request").inc()
+            return _error(400, "body is nested too deeply", [Problem("body", "JSON nested too deeply")])
         try:
             columns, data = to_columns(body)
             rows = check(slot.schema, columns, data, config.max_rows)
@@ -242,6 +254,18 @@ def create_app(settings: Settings | None = None, config: ServiceConfig | None = 
         return JSONResponse({"serving": serving, "refused": refused})
 
     return app
+
+
+async def _read_limited(request: Request, limit: int) -> bytes | None:
+    """The whole body, or None as soon as it exceeds `limit` bytes (never buffering more)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def serve(host: str, port: int) -> None:

@@ -6,10 +6,12 @@ Nothing is cast silently: "12" is not a number and 3 is not a category.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 MAX_PROBLEMS = 20
+_FLOAT_MAX = sys.float_info.max
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,8 @@ def _type_problem(value: Any, numeric: bool) -> str | None:
             return f"expected a number, got {type(value).__name__} {value!r}"[:200]
         if isinstance(value, float) and math.isinf(value):
             return "expected a finite number"
+        if isinstance(value, int) and abs(value) > _FLOAT_MAX:  # would overflow the float conversion
+            return "expected a finite number (too large for a float)"
         return None
     if not isinstance(value, str):
         return f"expected a string category, got {type(value).__name__} {value!r}"[:200]
