@@ -121,6 +121,8 @@ class LocalTopology:
         self.paths = self._paths()
         self.processes: list[Process] = []
         self._created_dbs: list[str] = []
+        self.events: list[tuple[float, str, str]] = []  # (seconds since start(), process, what)
+        self._t0 = time.monotonic()
 
     # -- derivation ------------------------------------------------------------------------------
 
@@ -323,6 +325,9 @@ class LocalTopology:
             if str(local).startswith(str(self.root)):
                 local.mkdir(parents=True, exist_ok=True)
 
+    def _event(self, proc: Process, what: str) -> None:
+        self.events.append((round(time.monotonic() - self._t0, 1), proc.name, what))
+
     def _start(self, proc: Process) -> None:
         logs = self.root / "logs"
         logs.mkdir(parents=True, exist_ok=True)
@@ -331,6 +336,7 @@ class LocalTopology:
             proc.argv, env=proc.env, cwd=self.root, stdout=proc.log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
+        self._event(proc, "started")
 
     def log_tail(self, name: str, lines: int = 30) -> str:
         path = self.root / "logs" / f"{name}.log"
@@ -393,6 +399,7 @@ class LocalTopology:
                 )
 
     def start(self, timeout: float = 240) -> None:
+        self._t0 = time.monotonic()
         self._prepare_provided()
         self._image_files()
         self.processes = self.plan()
@@ -400,7 +407,10 @@ class LocalTopology:
         while True:
             self.check_alive()
             for proc in self.processes:
+                was = proc.healthy or proc.exit_code == 0
                 self._probe(proc)
+                if not was and (proc.healthy or proc.exit_code == 0):
+                    self._event(proc, "healthy" if proc.healthy else "completed")
                 if not proc.started:
                     deps = self.services[proc.service].depends_on
                     if all(self._condition_met(d, c) for d, c in deps.items()):

@@ -72,7 +72,7 @@ def topology() -> Iterator[dict[str, Any]]:
     started = time.monotonic()
     try:
         topo.start(timeout=240)
-        print(f"topology up in {time.monotonic() - started:.1f}s")
+        print(f"topology up in {time.monotonic() - started:.1f}s: {topo.events}")
         out, _ = reference.communicate(timeout=180)
         assert reference.returncode == 0, (ref_root / "train.log").read_text()[-3000:]
         yield {"topo": topo, "reference": json.loads(out)}
