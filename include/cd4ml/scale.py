@@ -267,10 +267,28 @@ class LocalTopology:
         host, port = PROVIDED["redis"]
         return redis.Redis(host=host, port=port, db=db, socket_timeout=10)
 
+    @staticmethod
+    def _owner_alive(prefix: str) -> bool:
+        m = re.match(r"cd4ml_scale_(\d+)_", prefix)
+        return bool(m) and Path(f"/proc/{m.group(1) if m else 0}").exists()
+
+    def _sweep_stale(self, cur: Any) -> None:
+        """Databases and Redis dbs left by a run that was killed before it could clean up."""
+        cur.execute("SELECT datname FROM pg_database WHERE datname LIKE 'cd4ml\\_scale\\_%%'")
+        for (name,) in cur.fetchall():
+            if not self._owner_alive(name):
+                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        for number in range(1, 16):
+            client = self._redis(number)
+            owner = client.get("cd4ml:scale:claimed-by")
+            if owner and not self._owner_alive(owner.decode()):
+                client.flushdb()
+
     def _prepare_provided(self) -> None:
         conn = self._pg()
         try:
             with conn.cursor() as cur:
+                self._sweep_stale(cur)
                 for name in self.databases:
                     db = f"{self.prefix}_{name}"
                     cur.execute(f'CREATE DATABASE "{db}"')
