@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -138,8 +139,18 @@ def load_bundle(tracking_uri: str, model_uri: str) -> ModelBundle:
             raise UnsafeModelError(
                 f"{model_uri}: serialized as {flavor.get('serialization_format')!r}; only 'skops' is loaded"
             )
-        path = local / flavor["pickled_model"]
-        found = list(skops.io.get_untrusted_types(file=path))
+        path = (local / str(flavor.get("pickled_model"))).resolve()
+        if not path.is_relative_to(local.resolve()) or not path.is_file():
+            raise UnsafeModelError(
+                f"{model_uri}: MLmodel points at {flavor.get('pickled_model')!r}, not a file in the model"
+            )
+        try:
+            found = list(skops.io.get_untrusted_types(file=path))
+        except (zipfile.BadZipFile, KeyError, ValueError, OSError) as err:
+            # A pickle (or anything else) behind a `skops` label: never handed to a loader.
+            raise UnsafeModelError(
+                f"{model_uri}: {path.name} is labelled skops but is not a skops file ({err}); not loaded"
+            ) from None
         check_trusted(found, model_uri)
         model = skops.io.load(path, trusted=found)
         inputs = json.loads((mlmodel.get("signature") or {}).get("inputs") or "[]")
@@ -186,7 +197,40 @@ def find_version_for_run(mlflow_client: MlflowClient, name: str, run_id: str) ->
     return None
 
 
+class RegistryUnreachableError(Cd4mlError):
+    """MLflow did not answer; nothing this step would have changed is half-changed (see the message)."""
+
+
+def unreachable(err: Exception) -> bool:
+    text = str(err)
+    return any(
+        s in text for s in ("Connection refused", "Max retries exceeded", "timed out", "Connection aborted")
+    )
+
+
 def register_version(
+    mlflow_client: MlflowClient,
+    *,
+    name: str,
+    description: str,
+    logged: LoggedModel,
+    tags: dict[str, str],
+) -> ModelVersion:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _register_version(mlflow_client, name=name, description=description, logged=logged, tags=tags)
+    except MlflowException as err:
+        if not unreachable(err):
+            raise
+        raise RegistryUnreachableError(
+            f"{name}: MLflow at {mlflow_client.tracking_uri} is unreachable while registering run "
+            f"{logged.run_id}; no alias was moved. A retry re-uses the version if it was already "
+            f"created (registration is idempotent by run id). Cause: {err}"
+        ) from None
+
+
+def _register_version(
     mlflow_client: MlflowClient,
     *,
     name: str,

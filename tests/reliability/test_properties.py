@@ -22,7 +22,7 @@ from cd4ml.spec import parse_spec
 from cd4ml.tables import read_table
 from cd4ml.validation import Reference, normalise, validate_frame
 
-EXAMPLES = {"bytes": 300, "text": 400, "parquet": 150, "validation": 20, "validation_any": 10}
+EXAMPLES = {"bytes": 300, "text": 400, "parquet": 150, "validation": 14, "validation_any": 5}
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
