@@ -160,14 +160,15 @@ def test_no_secret_is_committed() -> None:
 
 def test_the_secret_scanner_finds_what_it_looks_for() -> None:
     """Guards the scan above against patterns that match nothing."""
+    # Assembled at run time, so this file does not trip the scan of the tracked files.
     samples = {
-        "private key": "-----BEGIN RSA PRIVATE KEY-----",
-        "AWS access key": "key AKIAABCDEFGHIJKLMNOP here",
+        "private key": "-----BEGIN RSA " + "PRIVATE KEY-----",
+        "AWS access key": "key AKIA" + "ABCDEFGHIJKLMNOP here",
         "GitHub token": "ghp_" + "a1" * 18,
-        "Slack token": "xoxb-123456789012-abc",
-        "JWT": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhZG1pbiJ9.c2lnbmF0dXJlc2lnbmF0dXJl",
-        "URL with a password": "postgresql://admin:s3cr3tpw@db/x",
-        "assigned secret": 'ADMIN_PASSWORD = "Zq8vN3kLr7Tg2Wx9"',
+        "Slack token": "xoxb" + "-123456789012-abc",
+        "JWT": "eyJhbGciOiJIUzI1NiJ9" + ".eyJzdWIiOiJhZG1pbiJ9.c2lnbmF0dXJlc2lnbmF0dXJl",
+        "URL with a password": "postgresql://admin" + ":s3cr3tpw@db/x",
+        "assigned secret": "ADMIN_PASSWORD = " + '"Zq8vN3kLr7Tg2Wx9"',
     }
     for kind, sample in samples.items():
         assert SECRET_PATTERNS[kind].search(sample), kind
