@@ -162,6 +162,12 @@ class Validation(_Strict):
     range_tolerance: float = Field(
         default=0.5, ge=0.0, description="Learned ranges are widened by this fraction of their span."
     )
+    max_outside_learned_range: float = Field(
+        default=0.01,
+        ge=0.0,
+        le=1.0,
+        description="Share of rows allowed outside a learned range (the spec's own min/max allow none).",
+    )
     learn_categories: bool = True
     allow_extra_columns: bool = False
     expectations: list[Expectation] = Field(default_factory=list)

@@ -81,12 +81,17 @@ def learn_reference(spec: ModelSpec, accepted: pd.DataFrame) -> Reference:
     return Reference(ranges=ranges, categories=categories, rows=len(accepted))
 
 
-def _bounds(spec: ModelSpec, reference: Reference, col: str) -> tuple[float | None, float | None]:
+def _bounds(
+    spec: ModelSpec, reference: Reference, col: str
+) -> tuple[tuple[float | None, float | None], tuple[float | None, float | None]]:
+    """(declared bounds, learned bounds for the sides the spec leaves open)."""
     declared = next((f for f in spec.features.numerical if f.name == col), None)
+    d_lo = declared.min if declared else None
+    d_hi = declared.max if declared else None
     learned = reference.ranges.get(col)
-    lo = declared.min if declared and declared.min is not None else (learned[0] if learned else None)
-    hi = declared.max if declared and declared.max is not None else (learned[1] if learned else None)
-    return lo, hi
+    l_lo = learned[0] if learned and d_lo is None else None
+    l_hi = learned[1] if learned and d_hi is None else None
+    return (d_lo, d_hi), (l_lo, l_hi)
 
 
 def expectation_configs(
@@ -96,6 +101,7 @@ def expectation_configs(
     v = spec.validation
     present = set(columns)
     mostly_non_null = round(1.0 - v.max_null_fraction, 6)
+    mostly_in_range = round(1.0 - v.max_outside_learned_range, 6)
     out: list[tuple[str, dict[str, Any]]] = [
         (
             "ExpectTableColumnsToMatchSet",
@@ -108,9 +114,15 @@ def expectation_configs(
             continue
         out.append(("ExpectColumnValuesToBeInTypeList", {"column": col, "type_list": NUMERIC_DTYPES}))
         out.append(("ExpectColumnValuesToNotBeNull", {"column": col, "mostly": mostly_non_null}))
-        lo, hi = _bounds(spec, reference, col)
-        if lo is not None or hi is not None:
+        (lo, hi), (learned_lo, learned_hi) = _bounds(spec, reference, col)
+        if lo is not None or hi is not None:  # the spec's bounds: every row
             out.append(("ExpectColumnValuesToBeBetween", {"column": col, "min_value": lo, "max_value": hi}))
+        if learned_lo is not None or learned_hi is not None:
+            # Learned from past data: a drifting world may step a little outside; a broken file won't.
+            out.append((
+                "ExpectColumnValuesToBeBetween",
+                {"column": col, "min_value": learned_lo, "max_value": learned_hi, "mostly": mostly_in_range},
+            ))  # fmt: skip
     for feat in spec.features.categorical:
         if feat.name not in present:
             continue
@@ -153,7 +165,9 @@ def expectation_configs(
     return out
 
 
-def _num(value: Any) -> str:
+def _num(value: Any, unbounded: str = "None") -> str:
+    if value is None:
+        return unbounded
     return f"{value:.6g}" if isinstance(value, float | int) else str(value)
 
 
@@ -186,9 +200,16 @@ def _describe(kind: str, kwargs: dict[str, Any], result: dict[str, Any], excepti
     if kind == "ExpectColumnValuesToBeInTypeList":
         return f"{where}: has type {observed or sample}; expected a numeric type"
     if kind == "ExpectColumnValuesToBeBetween":
+        allowed = 1 - kwargs.get("mostly", 1.0)
         return (
-            f"{where}: {counted} outside [{_num(kwargs.get('min_value'))}, {_num(kwargs.get('max_value'))}]"
+            f"{where}: {counted} outside [{_num(kwargs.get('min_value'), '-inf')}, "
+            f"{_num(kwargs.get('max_value'), 'inf')}]"
             + (f" (e.g. {sample})" if sample else "")
+            + (
+                f"; at most {allowed:.1%} allowed outside the range learned from accepted data"
+                if allowed
+                else ""
+            )
         )
     if kind == "ExpectColumnValuesToBeInSet":
         return f"{where}: {counted} not in the known values {kwargs.get('value_set')}" + (

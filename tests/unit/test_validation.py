@@ -101,3 +101,21 @@ def test_spec_extra_expectations_are_applied() -> None:
 def test_first_batch_without_reference_uses_declared_bounds_only() -> None:
     outcome = validate_frame(SPEC, batch(), learn_reference(SPEC, ACCEPTED.iloc[0:0]), batch_name="first")
     assert outcome.success, outcome.problems
+
+
+def test_learned_ranges_let_a_drifting_world_step_a_little_outside_but_not_far() -> None:
+    _, hi = REFERENCE.ranges["support_calls"]  # support_calls has no max in the spec: learned
+    frame = batch(1000)
+    few = frame.assign(support_calls=np.where(frame.index < 5, hi + 3, frame["support_calls"]))
+    assert validate_frame(SPEC, few, REFERENCE, batch_name="few").success  # 0.5% <= 1% allowed
+    many = frame.assign(support_calls=np.where(frame.index < 30, hi + 3, frame["support_calls"]))
+    outcome = validate_frame(SPEC, many, REFERENCE, batch_name="many")
+    assert not outcome.success
+    assert any(
+        p.startswith("column 'support_calls': 30 of 1000 rows outside [-inf, ")
+        and "at most 1.0% allowed outside the range learned" in p
+        for p in outcome.problems
+    ), outcome.problems
+    # The spec's own bounds allow no row outside.
+    one = frame.assign(tenure_months=np.where(frame.index < 1, -1, frame["tenure_months"]))
+    assert not validate_frame(SPEC, one, REFERENCE, batch_name="one").success
