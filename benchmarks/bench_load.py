@@ -375,6 +375,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=12)
     parser.add_argument("--train-rows", type=int, default=20_000)
     args = parser.parse_args()
+    # The setup fits (not measured) use HistGradientBoosting; OpenMP threads on 2 shared cores
+    # slowed one fit 20x here. The service limits its own thread pools to 1 regardless.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
     from cd4ml.spec import load_spec
 
