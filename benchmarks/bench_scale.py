@@ -185,6 +185,7 @@ def drive(stack: Stack, models: list[str], batches: int, rows: int) -> dict[str,
 
 def breakdown(stack: Stack, models: list[str], driven: dict[str, Any]) -> dict[str, Any]:
     work, schedule, dispatch, per_run, hosts = [], [], [], [], {}
+    per_task: dict[str, list[float]] = {}
     deployed = 0
     for model in models:
         tis = http_json(f"{stack.airflow_url}/api/v2/dags/{model}__train/dagRuns/~/taskInstances?limit=1000",
@@ -199,6 +200,7 @@ def breakdown(stack: Stack, models: list[str], driven: dict[str, Any]) -> dict[s
                 queued, start, end = ts(t["queued_when"]), ts(t["start_date"]), ts(t["end_date"])
                 assert start is not None and end is not None and previous_end is not None
                 work.append(end - start)
+                per_task.setdefault(t["task_id"], []).append(end - start)
                 if queued is not None:
                     schedule.append(max(0.0, queued - previous_end))
                     dispatch.append(max(0.0, start - queued))
@@ -220,6 +222,7 @@ def breakdown(stack: Stack, models: list[str], driven: dict[str, Any]) -> dict[s
         "dispatch_gap_median_s": statistics.median(dispatch) if dispatch else None,
         "schedule_gap_median_s": statistics.median(schedule) if schedule else None,
         "tasks_per_host": hosts,
+        "task_work_median_s": {k: round(statistics.median(v), 2) for k, v in per_task.items()},
         # Same data, same seeds: every stack should promote and deploy in the same runs.
         "runs_that_deployed": deployed,
     }

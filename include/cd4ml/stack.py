@@ -113,6 +113,10 @@ def environment(cfg: StackConfig) -> dict[str, str]:
         "MLFLOW_TRACKING_URI": cfg.mlflow_url,
         "GX_ANALYTICS_ENABLED": "false",
         "MLFLOW_DISABLE_TELEMETRY": "true",
+        # OpenMP threads (HistGradientBoosting, ...) sleep instead of spinning while they wait: with
+        # several tasks at once on few cores, spinning threads starve each other (a 1,600-row fit took
+        # 160 s instead of 1 s with 4 fits on 2 busy cores; BENCHMARKS.md "Scale-out").
+        "OMP_WAIT_POLICY": "passive",
         "AIRFLOW_HOME": str(ah),
         "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_ROOT / "dags"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(PROJECT_ROOT / "plugins"),

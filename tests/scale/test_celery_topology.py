@@ -53,6 +53,7 @@ def reference_run(root: Path) -> subprocess.Popen[bytes]:
         "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db",
         "GX_ANALYTICS_ENABLED": "false",
         "MLFLOW_DISABLE_TELEMETRY": "true",
+        "OMP_WAIT_POLICY": "passive",  # as every stack sets it (cd4ml/stack.py, docker-compose.yaml)
     }
     write_batch(generate_churn(ROWS, seed=SEED), root / "data" / MODEL / "landing", FILE)
     return subprocess.Popen(

@@ -107,6 +107,7 @@ def test_urls_point_at_the_services_that_listen_there(services: dict[str, compos
         assert m, (key, env[key])
         assert m.group(1) == name and listens(name, int(m.group(2))) and (m.group(3) or "") == path, env[key]
     assert services["prediction-service"].environment["MLFLOW_TRACKING_URI"] == env["MLFLOW_TRACKING_URI"]
+    assert services["prediction-service"].environment["OMP_WAIT_POLICY"] == env["OMP_WAIT_POLICY"]
     # The worker deploys to the service with the token the service checks.
     assert (
         services["prediction-service"].environment["CD4ML_SERVICE_ADMIN_TOKEN"]
@@ -133,7 +134,7 @@ def test_tuning_matches_the_embedded_stack(services: dict[str, compose.Service])
     for key, value in embedded.items():
         if key.startswith("AIRFLOW__") and key not in topology_specific:
             assert env.get(key) == value, f"{key}: compose {env.get(key)!r} vs embedded {value!r}"
-    for key in ("GX_ANALYTICS_ENABLED", "MLFLOW_DISABLE_TELEMETRY"):
+    for key in ("GX_ANALYTICS_ENABLED", "MLFLOW_DISABLE_TELEMETRY", "OMP_WAIT_POLICY"):
         assert env[key] == embedded[key]
 
 
