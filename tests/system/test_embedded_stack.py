@@ -1,6 +1,16 @@
-"""The real embedded stack, started exactly as `make up` starts it (the same `cd4ml stack up`),
-on non-default ports in a temporary state dir: a file lands, the training run starts by itself,
-and a champion is registered."""
+"""The whole loop on the real embedded stack, started exactly as `make up` starts it (the same
+`cd4ml stack up`), on non-default ports in a temporary state dir. The tests run in order on one stack:
+
+1. `up` prints the URLs and a login; Airflow's API and cd4ml's plugin routes need that login.
+2. A file lands -> the training run starts by itself -> a champion is registered and served over HTTP.
+3. A real browser (Debian's chromium via Playwright): log in, trigger the training DAG with its Params
+   form, watch the run succeed, follow the "MLflow run" extra link, open the Models view.
+4. A drifted stream of requests -> the (every-minute) monitor emits drift -> a retrain runs by itself and
+   records its decision; the service keeps serving the champion. Then labelled data from the drifted
+   world lands -> a new challenger is judged and the service serves whatever is champion.
+
+Screenshots go to $CD4ML_SCREENSHOTS (default: a temp dir); `docs/screenshots/` holds the README's.
+"""
 
 from __future__ import annotations
 
@@ -12,38 +22,49 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
+import yaml
 
 from cd4ml.datagen import generate_churn, write_batch
+from cd4ml.settings import PROJECT_ROOT
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.system
 CLI = str(Path(sys.executable).parent / "cd4ml")
+CHROMIUM = "/usr/bin/chromium"
+FEATURES = ["tenure_months", "monthly_charges", "support_calls", "age", "contract", "plan", "region"]
 
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[dict[str, str]]:
     home = Path(tempfile.mkdtemp(prefix="cd4ml-sys-"))
+    specs = home / "specs"
+    specs.mkdir()
+    spec = yaml.safe_load((PROJECT_ROOT / "include" / "specs" / "churn.yaml").read_text())
+    spec["drift"]["schedule"] = "* * * * *"  # the demo's hourly monitor, every minute for the test
+    (specs / "churn.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     env = {
         **os.environ,
         "CD4ML_HOME": str(home),
+        "CD4ML_SPECS_DIR": str(specs),
         "CD4ML_AIRFLOW_PORT": str(free_port()),
         "CD4ML_MLFLOW_PORT": str(free_port()),
+        "CD4ML_SERVICE_PORT": str(free_port()),
         "CD4ML_PARALLELISM": "2",
     }
-    for key in (
-        "AIRFLOW_HOME",
-        "CD4ML_SPECS_DIR",
-        "MLFLOW_TRACKING_URI",
-        *tuple(k for k in os.environ if k.startswith("AIRFLOW__")),
-    ):
+    for key in ("AIRFLOW_HOME", "MLFLOW_TRACKING_URI", "CD4ML_DATA_DIR", "CD4ML_SERVICE_URL"):
         env.pop(key, None)
+    for key in [k for k in env if k.startswith("AIRFLOW__")]:
+        env.pop(key)
     up = subprocess.run(
-        [CLI, "stack", "up", "--no-demo"], env=env, capture_output=True, text=True, timeout=400
+        [CLI, "stack", "up", "--no-demo"], env=env, capture_output=True, text=True, timeout=1000
     )
     try:
         assert up.returncode == 0, up.stdout + up.stderr
@@ -54,35 +75,79 @@ def stack() -> Iterator[dict[str, str]]:
             shutil.rmtree(home, ignore_errors=True)
 
 
-def http_json(
-    url: str, *, token: str | None = None, body: dict | None = None, method: str | None = None
-) -> dict:
-    req = urllib.request.Request(url, method=method or ("POST" if body is not None else "GET"))
+def airflow(stack: dict[str, str]) -> str:
+    return f"http://127.0.0.1:{stack['CD4ML_AIRFLOW_PORT']}"
+
+
+def mlflow_url(stack: dict[str, str]) -> str:
+    return f"http://127.0.0.1:{stack['CD4ML_MLFLOW_PORT']}"
+
+
+def service(stack: dict[str, str]) -> str:
+    return f"http://127.0.0.1:{stack['CD4ML_SERVICE_PORT']}"
+
+
+def admin_password(stack: dict[str, str]) -> str:
+    return str(json.loads(Path(stack["CD4ML_HOME"], "secrets.json").read_text())["admin_password"])
+
+
+def http_json(url: str, *, token: str | None = None, body: dict | None = None) -> Any:
+    req = urllib.request.Request(url, method="POST" if body is not None else "GET")
     req.add_header("Content-Type", "application/json")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     data = json.dumps(body).encode() if body is not None else None
-    with urllib.request.urlopen(req, data=data, timeout=10) as resp:
+    with urllib.request.urlopen(req, data=data, timeout=120) as resp:  # generous: a loaded 2-core box
         return json.loads(resp.read())
 
 
 def airflow_token(stack: dict[str, str]) -> str:
-    password = json.loads(Path(stack["CD4ML_HOME"], "secrets.json").read_text())["admin_password"]
-    base = f"http://127.0.0.1:{stack['CD4ML_AIRFLOW_PORT']}"
-    return http_json(f"{base}/auth/token", body={"username": "admin", "password": password})["access_token"]
+    body = {"username": "admin", "password": admin_password(stack)}
+    return str(http_json(f"{airflow(stack)}/auth/token", body=body)["access_token"])
 
 
-def wait_until_idle(base: str, token: str, timeout: float = 120) -> None:
+def train_runs(stack: dict[str, str], token: str) -> list[dict[str, Any]]:
+    url = f"{airflow(stack)}/api/v2/dags/churn__train/dagRuns?order_by=-run_after&limit=50"
+    return list(http_json(url, token=token)["dag_runs"])
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float = 3) -> Any:
     deadline = time.monotonic() + timeout
-    quiet_since = time.monotonic()
     while time.monotonic() < deadline:
-        runs = http_json(f"{base}/api/v2/dags/churn__train/dagRuns", token=token)["dag_runs"]
-        if runs and all(r["state"] in {"success", "failed"} for r in runs):
-            return
-        if not runs and time.monotonic() - quiet_since > 20:
-            return
-        time.sleep(2)
-    raise TimeoutError("churn__train did not become idle")
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+
+
+def wait_until_idle(stack: dict[str, str], token: str, timeout: float = 240) -> None:
+    def idle() -> bool:
+        runs = train_runs(stack, token)
+        return all(r["state"] in {"success", "failed"} for r in runs)
+
+    wait_for("churn__train idle", idle, timeout)
+
+
+def champion(stack: dict[str, str]) -> str | None:
+    query = urllib.parse.urlencode({"name": "churn", "alias": "champion"})
+    try:
+        body = http_json(f"{mlflow_url(stack)}/api/2.0/mlflow/registered-models/alias?{query}")
+    except urllib.error.HTTPError:
+        return None
+    return str(body["model_version"]["version"])
+
+
+def served(stack: dict[str, str]) -> str | None:
+    resp = httpx.get(f"{service(stack)}/v1/models/churn", timeout=10)
+    return str(resp.json()["version"]) if resp.status_code == 200 else None
+
+
+def models_api(stack: dict[str, str], token: str) -> dict[str, Any]:
+    return dict(http_json(f"{airflow(stack)}/cd4ml/api/models", token=token)["models"][0])
+
+
+# -- 1. start-up and login --------------------------------------------------------------------------
 
 
 def test_up_prints_urls_and_a_login_and_binds_to_loopback(stack: dict[str, str]) -> None:
@@ -92,40 +157,211 @@ def test_up_prints_urls_and_a_login_and_binds_to_loopback(stack: dict[str, str])
     assert "login: admin / " in out
 
 
-def test_airflow_api_requires_login(stack: dict[str, str]) -> None:
-    base = f"http://127.0.0.1:{stack['CD4ML_AIRFLOW_PORT']}"
+def test_airflow_api_and_cd4ml_views_require_login(stack: dict[str, str]) -> None:
+    base = airflow(stack)
+    for path in ("/api/v2/dags", "/cd4ml/models", "/cd4ml/api/models", "/cd4ml/metrics"):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            http_json(f"{base}{path}")
+        assert err.value.code == 401, path
     with pytest.raises(urllib.error.HTTPError) as err:
-        http_json(f"{base}/api/v2/dags")
-    assert err.value.code in {401, 403}
-    assert "churn__train" in {
-        d["dag_id"] for d in http_json(f"{base}/api/v2/dags", token=airflow_token(stack))["dags"]
-    }
-
-
-def test_landed_file_starts_a_run_by_itself_and_a_champion_is_registered(stack: dict[str, str]) -> None:
-    base = f"http://127.0.0.1:{stack['CD4ML_AIRFLOW_PORT']}"
-    mlflow = f"http://127.0.0.1:{stack['CD4ML_MLFLOW_PORT']}"
+        http_json(f"{base}/cd4ml/metrics", token="not-a-token")
+    assert err.value.code == 403
     token = airflow_token(stack)
-    wait_until_idle(base, token)  # the first start runs the missed nightly slot; let it finish
+    assert "churn__train" in {d["dag_id"] for d in http_json(f"{base}/api/v2/dags", token=token)["dags"]}
+    with pytest.raises(urllib.error.HTTPError) as err:  # reports are confined to the model's dirs
+        http_json(f"{base}/cd4ml/files/churn/..%2F..%2Fsecrets.json", token=token)
+    assert err.value.code == 404
+
+
+# -- 2. a file lands ---------------------------------------------------------------------------------
+
+
+def test_landed_file_starts_a_run_by_itself_and_the_champion_is_served(stack: dict[str, str]) -> None:
+    token = airflow_token(stack)
+    wait_until_idle(stack, token)  # the first start runs the missed nightly slot; let it finish
     landing = Path(stack["CD4ML_HOME"]) / "data" / "churn" / "landing"
     landed_at = time.monotonic()
     write_batch(generate_churn(3000, seed=11), landing, "first_week.csv")
 
-    deadline = time.monotonic() + 300
-    champion = None
-    while time.monotonic() < deadline and champion is None:
-        time.sleep(3)
-        try:
-            champion = http_json(f"{mlflow}/api/2.0/mlflow/registered-models/alias?name=churn&alias=champion")
-        except urllib.error.HTTPError:
-            champion = None
-    assert champion is not None, "no champion within 300 s of the file landing"
+    version = wait_for("a champion after the file landed", lambda: champion(stack), 300)
+    wait_for(f"the service serving v{version}", lambda: served(stack) == version, 60, every=1)
     latency = time.monotonic() - landed_at
-    runs = http_json(f"{base}/api/v2/dags/churn__train/dagRuns?order_by=-start_date", token=token)["dag_runs"]
-    triggered = [r for r in runs if r["run_type"] == "asset_triggered"]
-    assert triggered, [r["run_type"] for r in runs]
-    assert triggered[0]["state"] in {"success", "running"}
-    assert all(r["state"] != "failed" for r in runs), runs
+    rows = generate_churn(5, seed=12)[FEATURES].to_dict(orient="records")
+    resp = httpx.post(f"{service(stack)}/v1/models/churn/predict", json=rows, timeout=10)
+    assert resp.status_code == 200 and resp.json()["version"] == version
+    assert len(resp.json()["predictions"]) == 5
+
+    triggered = [r for r in train_runs(stack, token) if r["run_type"] == "asset_triggered"]
+    assert triggered, "the landed file did not start a run by itself"
+    wait_until_idle(stack, token)
+    assert all(r["state"] == "success" for r in train_runs(stack, token))
     accepted = list((Path(stack["CD4ML_HOME"]) / "data" / "churn" / "accepted").glob("*__first_week.csv"))
     assert len(accepted) == 1
-    print(f"landing -> champion: {latency:.1f} s")
+    print(f"landing -> champion served: {latency:.1f} s")
+
+
+# -- 3. the UI in a real browser ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shots() -> Path:
+    path = Path(os.environ.get("CD4ML_SCREENSHOTS") or tempfile.mkdtemp(prefix="cd4ml-shots-"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: `make test` installs Debian's chromium package"
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+        )  # fmt: skip
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def test_browser_trigger_with_form_follow_extra_link_and_see_models_view(
+    stack: dict[str, str], browser: Any, shots: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=60_000)  # a busy 2-core machine renders slowly
+    base, token = airflow(stack), airflow_token(stack)
+    champion_before = champion(stack)
+    assert champion_before, "needs the champion of the previous test"
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    context.set_default_timeout(60_000)
+    page = context.new_page()
+
+    page.goto(f"{base}/dags/churn__train")
+    page.get_by_label("Username").fill("admin")
+    page.get_by_label("Password").fill(admin_password(stack))
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(f"{base}/dags/churn__train")
+
+    page.get_by_role("button", name="Trigger").first.click()
+    dialog = page.get_by_role("dialog")
+    expect(dialog.get_by_text("Why this run; recorded on the model version.")).to_be_visible()
+    dialog.locator("input[name=element_reason]").fill("browser test: retrain from the form")
+    dialog.locator("label[id='switch:element_force']").click()
+    page.screenshot(path=str(shots / "trigger-form.png"))
+    dialog.get_by_role("button", name="Trigger").click()
+    expect(dialog).to_be_hidden()
+
+    def browser_run() -> dict[str, Any] | None:
+        runs = [r for r in train_runs(stack, token) if (r.get("conf") or {}).get("force")]
+        return runs[0] if runs else None
+
+    run = wait_for("the run triggered from the form", browser_run, 60)
+    assert run["run_type"] == "manual" and run["conf"]["reason"].startswith("browser test")
+    run_path = f"/dags/churn__train/runs/{urllib.parse.quote(run['dag_run_id'])}"
+
+    # Watch it succeed in the UI: the run page's state badge turns to Success (and the API agrees).
+    def succeeded() -> bool:
+        state = http_json(f"{base}/api/v2/dags/churn__train/dagRuns/{run['dag_run_id']}", token=token)[
+            "state"
+        ]
+        assert state != "failed", "the run triggered from the form failed"
+        page.goto(f"{base}{run_path}")
+        try:
+            expect(page.get_by_text("Success").first).to_be_visible(timeout=10_000)
+        except AssertionError:
+            return False
+        return state == "success"
+
+    wait_for("the run shown as Success", succeeded, 600, every=5)
+
+    page.goto(f"{base}{run_path}/tasks/train_challenger/details")
+    link = page.get_by_role("link", name="MLflow run")
+    expect(link).to_be_visible()
+    page.screenshot(path=str(shots / "extra-links.png"))
+    with context.expect_page() as opened:
+        link.click()
+    mlflow_page = opened.value
+    mlflow_page.wait_for_load_state()
+    assert mlflow_page.url.startswith(f"{mlflow_url(stack)}/#/experiments/")
+    run_uuid = mlflow_page.url.rsplit("/", 1)[-1]
+    mlflow_run = http_json(f"{mlflow_url(stack)}/api/2.0/mlflow/runs/get?run_id={run_uuid}")["run"]
+    assert {t["key"]: t["value"] for t in mlflow_run["data"]["tags"]}["cd4ml.airflow_run_id"] == run[
+        "dag_run_id"
+    ]
+    expect(mlflow_page.get_by_text(run_uuid).first).to_be_visible()
+    mlflow_page.close()
+
+    # The Models view, from the nav bar, inside the Airflow UI.
+    page.goto(f"{base}/")
+    page.get_by_role("link", name="Models").click()
+    frame = page.frame_locator("iframe").first
+    champion_now = champion(stack)
+    expect(frame.locator(".champion")).to_contain_text(f"version {champion_now}")
+    new_version = models_api(stack, token)["versions"][0]
+    assert new_version["lineage"]["airflow_run_id"] == run["dag_run_id"]
+    row = frame.locator(f"table.decisions tr[data-version='{new_version['version']}']")
+    expect(row).to_contain_text(new_version["decision"])
+    expect(frame.locator("table.runs")).to_contain_text("browser test")
+    page.screenshot(path=str(shots / "models-view.png"), full_page=True)
+    context.close()
+
+
+# -- 4. drift closes the loop ----------------------------------------------------------------------
+
+
+def test_drifted_traffic_makes_the_monitor_retrain_by_itself(stack: dict[str, str]) -> None:
+    token = airflow_token(stack)
+    wait_until_idle(stack, token)
+    before = {r["dag_run_id"] for r in train_runs(stack, token)}
+    champion_before = champion(stack)
+    rows = generate_churn(600, seed=21, batch=2, drift=1.0)[FEATURES].to_dict(orient="records")
+    for i in range(0, len(rows), 100):
+        resp = httpx.post(f"{service(stack)}/v1/models/churn/predict", json=rows[i : i + 100], timeout=30)
+        assert resp.status_code == 200, resp.text
+
+    def drift_check() -> dict[str, Any] | None:
+        checks = models_api(stack, token)["drift"]
+        return next((c for c in checks if c["decision"].get("trigger")), None)
+
+    check = wait_for("a drift check that triggers a retrain", drift_check, 240, every=5)
+    assert check["share"] >= 0.3 and check["window"]["source"] == "prediction log"
+
+    def drift_run() -> dict[str, Any] | None:
+        new = [r for r in train_runs(stack, token) if r["dag_run_id"] not in before]
+        done = [r for r in new if r["run_type"] == "asset_triggered" and r["state"] in {"success", "failed"}]
+        return done[0] if done else None
+
+    run = wait_for("the drift-triggered training run", drift_run, 240, every=5)
+    assert run["state"] == "success", run
+    events = http_json(
+        f"{airflow(stack)}/api/v2/dags/churn__train/dagRuns/{run['dag_run_id']}/upstreamAssetEvents",
+        token=token,
+    )["asset_events"]
+    assert any(e["uri"] == "cd4ml://churn/drift_detected" for e in events), events
+    overview = models_api(stack, token)
+    outcome = next(r for r in overview["runs"] if r["run_id"] == run["dag_run_id"])
+    assert "drift" in outcome["trigger"] and outcome["why"]  # the decision, recorded
+    # No new labelled data yet: the champion stays, and the service still serves it.
+    assert champion(stack) == champion_before and served(stack) == champion_before
+
+    # Labels from the drifted world arrive: a challenger is judged against the champion.
+    landing = Path(stack["CD4ML_HOME"]) / "data" / "churn" / "landing"
+    write_batch(generate_churn(3000, seed=22, batch=2, drift=1.0), landing, "drifted_week_labelled.csv")
+    versions_before = len(overview["versions"])
+    wait_for("a new version", lambda: len(models_api(stack, token)["versions"]) > versions_before, 300)
+    wait_until_idle(stack, token)
+    newest = models_api(stack, token)["versions"][0]
+    assert newest["decision"] in {"promote", "reject"} and newest["evidence"]["champion_version"]
+    expected = newest["version"] if newest["decision"] == "promote" else champion_before
+    assert champion(stack) == expected
+    wait_for(f"the service serving v{expected}", lambda: served(stack) == expected, 60, every=1)
+
+    metrics = httpx.get(
+        f"{airflow(stack)}/cd4ml/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=30
+    ).text
+    assert 'cd4ml_drift_checks_total{model="churn",retrain="true"} 1' in metrics
+    assert f'cd4ml_champion_version{{model="churn"}} {expected}' in metrics
