@@ -152,9 +152,10 @@ PROGRAMS: dict[str, tuple[str, int]] = {
         10,
     ),
     "airflow-api-server": ("airflow api-server", 20),
-    "airflow-scheduler": ("airflow scheduler", 30),
+    # --skip-serve-logs: Airflow's log servers bind every interface; task logs here are local files.
+    "airflow-scheduler": ("airflow scheduler --skip-serve-logs", 30),
     "airflow-dag-processor": ("airflow dag-processor", 30),
-    "airflow-triggerer": ("airflow triggerer", 30),
+    "airflow-triggerer": ("airflow triggerer --skip-serve-logs", 30),
     "prediction-service": ("cd4ml serve --host 127.0.0.1 --port {service_port}", 20),
 }
 

@@ -101,12 +101,6 @@ def test_every_listening_service_binds_to_loopback(rendered: dict[str, Any]) -> 
         assert "0.0.0.0" not in program["command"] + program["environment"], name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="stack.py starts `airflow scheduler` and `airflow triggerer` with their log servers, which "
-    "Airflow binds to all interfaces (serve_logs: host='', ports 8793/8794); the fix is "
-    "`--skip-serve-logs` on both (LocalExecutor logs are local files) and belongs to stack.py",
-)
 def test_airflow_log_servers_are_not_started_on_all_interfaces(rendered: dict[str, Any]) -> None:
     for name in ("airflow-scheduler", "airflow-triggerer"):
         assert "--skip-serve-logs" in rendered["programs"][name]["command"], name
