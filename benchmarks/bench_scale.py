@@ -56,8 +56,16 @@ def http_json(url: str, *, token: str | None = None, body: dict[str, Any] | None
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     data = json.dumps(body).encode() if body is not None else None
-    with urllib.request.urlopen(req, data=data, timeout=30) as resp:
-        return json.loads(resp.read())
+    for attempt in range(5):
+        try:
+            with urllib.request.urlopen(req, data=data, timeout=30) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            # SQLite (embedded stack) answers 500 "database is locked" under concurrent writes.
+            if err.code < 500 or attempt == 4:
+                raise
+            time.sleep(1 + attempt)
+    raise AssertionError("unreachable")
 
 
 def ts(value: str | None) -> float | None:
