@@ -31,6 +31,8 @@ os.environ.update(
         "CD4ML_HOME": str(_SESSION_DIR / "cd4ml"),
         "GX_ANALYTICS_ENABLED": "false",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        # As on every stack: waiting OpenMP threads sleep instead of starving concurrent fits.
+        "OMP_WAIT_POLICY": "passive",
         "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
     }
 )

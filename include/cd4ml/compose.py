@@ -207,7 +207,12 @@ def load_raw(path: Path) -> dict[str, Any]:
 def load(path: Path, env: Mapping[str, str]) -> dict[str, Service]:
     """Services with every variable interpolated from `env`, as `docker compose config` shows them."""
     raw = _interpolate_tree(load_raw(path), env)
-    return {name: _service(name, svc or {}) for name, svc in raw["services"].items()}
+    # As `docker compose up` without --profile: services in a profile are not started.
+    return {
+        name: _service(name, svc or {})
+        for name, svc in raw["services"].items()
+        if not (svc or {}).get("profiles")
+    }
 
 
 def start_order(services: Mapping[str, Service]) -> list[str]:

@@ -260,3 +260,17 @@ def test_image_and_makefile_agree_with_the_pins_and_the_test_entry_point() -> No
     assert test_rule and "test-scale" in test_rule.group(1), "make test must run make test-scale"
     scale_rule = re.search(r"^test-scale:.*\n((?:\t.*\n)+)", makefile, re.M)
     assert scale_rule and "-m scale" in scale_rule.group(1)
+
+
+def test_airflow_metrics_reach_the_statsd_exporter_when_switched_on() -> None:
+    on = compose.load(COMPOSE, {**required_vars(), "AIRFLOW_STATSD_ON": "True"})
+    raw = compose.load_raw(COMPOSE)["services"]
+    exporter = raw["statsd-exporter"]
+    assert exporter["profiles"] == ["metrics"] and "statsd-exporter" not in on  # opt-in, as compose does
+    for svc in airflow_services(on):
+        env = svc.environment
+        assert env["AIRFLOW__METRICS__STATSD_ON"] == "True", svc.name
+        assert env["AIRFLOW__METRICS__STATSD_HOST"] == "statsd-exporter", svc.name
+        assert f"--statsd.listen-udp=:{env['AIRFLOW__METRICS__STATSD_PORT']}" in exporter["command"]
+    off = compose.load(COMPOSE, required_vars())
+    assert all(s.environment["AIRFLOW__METRICS__STATSD_ON"] == "False" for s in airflow_services(off))
