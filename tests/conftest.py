@@ -9,6 +9,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -135,6 +136,19 @@ def deploy_env(
     monkeypatch.setenv("CD4ML_DEPLOY_GOLDEN_ROWS", "20")
     monkeypatch.setenv("CD4ML_DEPLOY_WAIT_SECONDS", "30")
     return prediction_service
+
+
+@pytest.fixture
+def env(deploy_env: dict[str, str], shared_specs: Path, airflow_db: Path) -> dict[str, Any]:
+    """For dag.test() runs: specs in the dir the session's service watches, data under the session home."""
+    from mlflow import MlflowClient
+
+    return {
+        "specs": shared_specs,
+        "data": Path(os.environ["CD4ML_HOME"]) / "data",
+        "mlflow": MlflowClient(os.environ["MLFLOW_TRACKING_URI"]),
+        "service": deploy_env["url"],
+    }
 
 
 @pytest.fixture

@@ -155,19 +155,6 @@ class CutProxy:
 
 
 @pytest.fixture
-def env(deploy_env: dict[str, str], shared_specs: Path, airflow_db: Path) -> dict[str, Any]:
-    """As tests/integration's: specs the session's service watches, data under the session home."""
-    from mlflow import MlflowClient
-
-    return {
-        "specs": shared_specs,
-        "data": Path(os.environ["CD4ML_HOME"]) / "data",
-        "mlflow": MlflowClient(os.environ["MLFLOW_TRACKING_URI"]),
-        "service": deploy_env["url"],
-    }
-
-
-@pytest.fixture
 def fast_failing_mlflow_client(monkeypatch: pytest.MonkeyPatch) -> None:
     """The MLflow client's own HTTP retries (default: 7 with exponential backoff, minutes) shortened,
     so the task-level retries (`default_args`: 2 retries, 10 s apart) are what is exercised."""
