@@ -110,7 +110,12 @@ def _fuzz(op: Any, mode: Any, url: str, statuses: collections.Counter[str], erro
     def fuzz(case: Any) -> None:
         response = case.call(base_url=url, timeout=60)
         statuses[str(response.status_code)] += 1
-        if response.status_code >= 500:
+        # The one documented 5xx: readiness is 503 while any spec'd model still waits for a champion
+        # (in the full suite, another test's model without a champion).
+        not_ready = (
+            op.path == "/health/ready" and response.status_code == 503 and not response.json()["ready"]
+        )
+        if response.status_code >= 500 and not not_ready:
             errors.append(
                 f"{op.label} {mode.value}: {response.status_code} for {case.body!r:.300}: "
                 f"{response.text[:300]}"

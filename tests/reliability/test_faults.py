@@ -301,7 +301,7 @@ def test_service_down_during_deploy_rolls_champion_back_and_records_it(
     land(env, model, "week0.csv", generate_churn(ROWS, seed=33))
     assert run(env, model)["__run__"] == "success"
     assert champion(env, model) == "1"
-    wait_http(f"{own_service['url']}/health/ready", 30)
+    wait_http(f"{own_service['url']}/v1/models/{model}", 30)  # not /health/ready: other tests' models
 
     own_service["kill"]()  # SIGKILL: no goodbye, the port just stops answering
     write_spec(env["specs"], model, estimator=LOGREG, promotion__floor=None)
@@ -322,7 +322,7 @@ def test_service_down_during_deploy_rolls_champion_back_and_records_it(
 
     # Back up, the service serves the restored champion, never the failed one.
     own_service["start"]()
-    wait_http(f"{own_service['url']}/health/ready", 60)
+    wait_http(f"{own_service['url']}/v1/models/{model}", 60)
     import httpx
 
     body = httpx.get(f"{own_service['url']}/v1/models/{model}", timeout=10).json()
