@@ -36,7 +36,7 @@ from typing import Any
 
 import psutil
 
-from cd4ml.netutil import free_port, wait_http
+from cd4ml.netutil import free_port, local_mlflow_server, wait_http
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -393,9 +393,7 @@ def main() -> None:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         procs.append(start(
-            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{home}/mlflow.db",
-             "--artifacts-destination", str(home / "artifacts"), "--host", "127.0.0.1",
-             "--port", str(mlflow_port), "--workers", "1"],
+            local_mlflow_server(BIN, home, mlflow_port),
             {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, home / "mlflow.log",
         ))  # fmt: skip
         wait_http(f"{tracking_uri}/health", 120)

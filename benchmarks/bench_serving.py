@@ -26,7 +26,7 @@ from typing import Any
 
 import psutil
 
-from cd4ml.netutil import free_port, wait_http
+from cd4ml.netutil import free_port, local_mlflow_server, wait_http
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -123,9 +123,7 @@ def main() -> None:
     results: dict[str, Any] = {"concurrency": args.concurrency, "cpus": os.cpu_count()}
     try:
         procs.append(start(
-            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{home}/mlflow.db",
-             "--artifacts-destination", str(home / "artifacts"), "--host", "127.0.0.1",
-             "--port", str(mlflow_port), "--workers", "1"],
+            local_mlflow_server(BIN, home, mlflow_port),
             {**base_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, home / "mlflow.log",
         ))  # fmt: skip
         wait_http(f"http://127.0.0.1:{mlflow_port}/health", 120)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from cd4ml.netutil import free_port, wait_http
+from cd4ml.netutil import free_port, local_mlflow_server, wait_http
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -60,9 +60,7 @@ def mlflow_server() -> Iterator[str]:
     port = free_port()
     log = (root / "server.log").open("wb")
     proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
+        local_mlflow_server(BIN, root, port),
         stdout=log, stderr=subprocess.STDOUT, cwd=root,
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         start_new_session=True,
