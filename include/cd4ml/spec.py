@@ -32,6 +32,9 @@ METRICS: dict[str, tuple[Literal["classification", "regression"], Literal["maxim
     "r2": ("regression", "maximize"),
 }
 
+# Metrics that combine per-class scores on a multiclass target (`metric.average`).
+AVERAGED_METRICS = {"f1", "roc_auc"}
+
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 _EXPECTATION = re.compile(r"^Expect[A-Za-z0-9]+$")
@@ -104,6 +107,13 @@ class Estimator(_Strict):
 class Metric(_Strict):
     name: str
     direction: Literal["maximize", "minimize"] | None = None
+    average: Literal["binary", "macro", "micro", "weighted"] | None = Field(
+        default=None,
+        description=(
+            "How f1 (and roc_auc) combine classes: unset means 'binary' for a two-class target and "
+            "'macro' for more; 'binary' on a target with more than two classes is refused before training."
+        ),
+    )
 
     @field_validator("name")
     @classmethod
@@ -120,6 +130,14 @@ class Metric(_Strict):
         elif self.direction != natural:
             raise ValueError(
                 f"metric {self.name!r} is to be {natural}d, but direction says {self.direction!r}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _average(self) -> Metric:
+        if self.average is not None and self.name not in AVERAGED_METRICS:
+            raise ValueError(
+                f"'average' applies to {', '.join(sorted(AVERAGED_METRICS))} only, not to {self.name!r}"
             )
         return self
 
