@@ -11,17 +11,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
-from sklearn.base import BaseEstimator
+from sklearn.base import BaseEstimator, is_classifier, is_regressor
 from sklearn.compose import ColumnTransformer
 from sklearn.impute import SimpleImputer
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from cd4ml.errors import TrainingError
-from cd4ml.spec import ModelSpec
+from cd4ml.errors import DataError, SpecError, TrainingError
+from cd4ml.spec import AVERAGED_METRICS, ModelSpec
 from cd4ml.validation import normalise
 
 PROBABILITY_METRICS = {"roc_auc", "log_loss"}
+MISSING_CATEGORY = "__missing__"
+# Above this a dense one-hot matrix of the training data is refused before it exhausts memory.
+MAX_DENSE_BYTES = 4 * 2**30
 
 
 @dataclass(frozen=True)
@@ -72,36 +75,192 @@ def load_estimator_class(path: str) -> type[BaseEstimator]:
     try:
         cls = getattr(importlib.import_module(module_name), cls_name)
     except (ImportError, AttributeError) as err:
-        raise TrainingError(f"estimator.class: cannot import {path!r}: {err}") from None
+        raise SpecError(f"estimator.class: cannot import {path!r}: {err}") from None
     if not (inspect.isclass(cls) and hasattr(cls, "fit") and hasattr(cls, "predict")):
-        raise TrainingError(f"estimator.class: {path!r} is not an estimator class with fit/predict")
+        raise SpecError(f"estimator.class: {path!r} is not an estimator class with fit/predict")
     return cls
 
 
-def build_pipeline(spec: ModelSpec) -> Pipeline:
+def build_estimator(spec: ModelSpec) -> BaseEstimator:
+    """The spec's estimator, instantiated and with its params checked by sklearn, unfitted."""
     cls = load_estimator_class(spec.estimator.class_path)
     params = dict(spec.estimator.params)
     if "random_state" in inspect.signature(cls).parameters:
         params.setdefault("random_state", spec.seed)
     try:
         estimator = cls(**params)
-    except TypeError as err:
-        raise TrainingError(
-            f"estimator.params: {spec.estimator.class_path} rejects {params}: {err}"
+        # sklearn checks parameter values only when fitting; checking them now keeps a typo from
+        # surfacing after the data was loaded and split.
+        validate = getattr(estimator, "_validate_params", None)
+        if callable(validate):
+            validate()
+    except (TypeError, ValueError) as err:
+        raise SpecError(
+            f"estimator.params: {spec.estimator.class_path} rejects {spec.estimator.params}: {err}"
         ) from None
-    numeric = Pipeline([("impute", SimpleImputer(strategy="median")), ("scale", StandardScaler())])
-    categorical = Pipeline(
-        [
-            ("impute", SimpleImputer(strategy="constant", fill_value="__missing__")),
-            ("onehot", OneHotEncoder(handle_unknown="ignore", sparse_output=False)),
-        ]
-    )
-    pre = ColumnTransformer(
-        [("num", numeric, spec.numerical), ("cat", categorical, spec.categorical)],
-        remainder="drop",
-        verbose_feature_names_out=False,
-    )
-    return Pipeline([("preprocess", pre), ("model", estimator)])
+    return estimator
+
+
+def build_preprocessor(spec: ModelSpec) -> ColumnTransformer:
+    """Median-imputed, standardised numbers and one-hot categories (unseen values encode as zeros).
+
+    Only feature groups that have columns get a transformer: sklearn leaves a transformer with an
+    empty column list unfitted, and an unfitted encoder inside a fitted pipeline breaks whoever
+    inspects it (the serving fast path did, for every numeric-only model).
+    """
+    transformers: list[tuple[str, Pipeline, list[str]]] = []
+    if spec.numerical:
+        numeric = Pipeline([("impute", SimpleImputer(strategy="median")), ("scale", StandardScaler())])
+        transformers.append(("num", numeric, spec.numerical))
+    if spec.categorical:
+        categorical = Pipeline(
+            [
+                ("impute", SimpleImputer(strategy="constant", fill_value=MISSING_CATEGORY)),
+                ("onehot", OneHotEncoder(handle_unknown="ignore", sparse_output=False)),
+            ]
+        )
+        transformers.append(("cat", categorical, spec.categorical))
+    return ColumnTransformer(transformers, remainder="drop", verbose_feature_names_out=False)
+
+
+def build_pipeline(spec: ModelSpec) -> Pipeline:
+    return Pipeline([("preprocess", build_preprocessor(spec)), ("model", build_estimator(spec))])
+
+
+def check_trainable_spec(spec: ModelSpec) -> None:
+    """Refuse, before any data is read, a spec whose model cannot be trained or scored.
+
+    Raises SpecError naming `estimator.class`, `estimator.params` or `metric.name`.
+    """
+    estimator = build_estimator(spec)
+    path = spec.estimator.class_path
+    if spec.task == "classification" and not is_classifier(estimator):
+        kind = "a regressor" if is_regressor(estimator) else "not a classifier"
+        raise SpecError(
+            f"estimator.class: {path} is {kind}, but task is 'classification'; "
+            "choose a classifier (e.g. sklearn.linear_model.LogisticRegression) or set task: regression"
+        )
+    if spec.task == "regression" and not is_regressor(estimator):
+        kind = "a classifier" if is_classifier(estimator) else "not a regressor"
+        raise SpecError(
+            f"estimator.class: {path} is {kind}, but task is 'regression'; "
+            "choose a regressor (e.g. sklearn.linear_model.Ridge) or set task: classification"
+        )
+    # On the instance: SVC has predict_proba only with probability=True.
+    if spec.metric.name in PROBABILITY_METRICS and not hasattr(estimator, "predict_proba"):
+        raise SpecError(
+            f"metric.name: {spec.metric.name} scores class probabilities, but {path} with params "
+            f"{spec.estimator.params} has no predict_proba; choose accuracy, balanced_accuracy or f1, "
+            "or an estimator (or params, e.g. probability: true for SVC) that predicts probabilities"
+        )
+
+
+def check_target(spec: ModelSpec, y: pd.Series) -> None:
+    """Refuse, before fitting, a target the spec's task and metric cannot be computed on.
+
+    Raises SpecError when the spec must change (naming the field and what to set), DataError when
+    the data cannot be trained on whatever the spec says.
+    """
+    present = y.dropna()
+    if len(present) < len(y):
+        raise DataError(
+            f"{spec.name}: target {spec.target!r} is missing in {len(y) - len(present)} of {len(y)} "
+            "accepted rows; every training row needs a target value"
+        )
+    if spec.task == "regression":
+        values = pd.to_numeric(present, errors="coerce")
+        bad = int(values.isna().sum())
+        if bad:
+            examples = present[values.isna()].astype(str).unique()[:3].tolist()
+            raise SpecError(
+                f"task: regression needs a numeric target, but {spec.target!r} has {bad} non-numeric "
+                f"values (e.g. {examples}); set task: classification with a classification metric"
+            )
+        infinite = int((~np.isfinite(values.to_numpy(dtype=float))).sum())
+        if infinite:
+            raise DataError(f"{spec.name}: target {spec.target!r} has {infinite} non-finite values")
+        return
+    classes = present.unique()
+    n = len(classes)
+    if n < 2:
+        raise DataError(
+            f"{spec.name}: target {spec.target!r} has a single class ({classes.tolist()}) in the "
+            "accepted data; a classifier needs at least two"
+        )
+    metric = spec.metric
+    if metric.name in AVERAGED_METRICS and metric.average == "binary" and n > 2:
+        raise SpecError(
+            f"metric.average: {metric.name} with average 'binary' needs two classes, but target "
+            f"{spec.target!r} has {n} classes; set metric.average to 'macro' ('weighted' or 'micro') "
+            "or remove it (unset means 'binary' for two classes, 'macro' for more)"
+        )
+    if pd.api.types.is_float_dtype(present) and not np.all(np.mod(present.to_numpy(dtype=float), 1) == 0):
+        raise SpecError(
+            f"task: classification, but target {spec.target!r} holds {n} distinct non-integer numbers; "
+            "set task: regression (with rmse, mae or r2) if it is a quantity"
+        )
+
+
+def preprocessing_problems(spec: ModelSpec, frame: pd.DataFrame) -> list[str]:
+    """What the model's own preprocessing cannot take in `frame`'s features, naming the columns.
+
+    [] means a model can be fitted on these features. Categorical columns are checked on their
+    distinct values only (what the encoder learns), so this stays cheap on large frames.
+    """
+    problems: list[str] = []
+    missing = [c for c in spec.feature_names if c not in frame.columns]
+    if missing:
+        return [f"feature columns missing: {missing}"]
+    x = features(spec, frame)
+    if spec.numerical:
+        num = x[spec.numerical].to_numpy(dtype=float)
+        finite = np.isfinite(num)
+        for j, col in enumerate(spec.numerical):
+            infinite = int((np.isinf(num[:, j])).sum())
+            if infinite:
+                problems.append(f"column {col!r}: {infinite} infinite values")
+            elif not finite[:, j].any():
+                problems.append(f"column {col!r}: no numeric value in any row (all missing)")
+        if not problems:
+            try:
+                with np.errstate(over="ignore", invalid="ignore"):
+                    out = build_preprocessor(spec.model_copy(update={"features": _only_numerical(spec)}))
+                    transformed = np.asarray(out.fit_transform(x[spec.numerical]), dtype=float)
+            except ValueError as err:
+                problems.append(f"numerical features {spec.numerical}: preprocessing failed: {err}")
+            else:
+                for j in np.flatnonzero(~np.isfinite(transformed).all(axis=0)).tolist():
+                    problems.append(
+                        f"column {spec.numerical[j]!r}: standardising gives non-finite values "
+                        "(magnitudes too large for float64 arithmetic)"
+                    )
+    if spec.categorical:
+        distinct = x[spec.categorical].drop_duplicates()
+        width = 0
+        try:
+            pre = build_preprocessor(spec.model_copy(update={"features": _only_categorical(spec)}))
+            pre.fit(distinct)
+            width = len(pre.get_feature_names_out())
+        except (ValueError, TypeError) as err:
+            problems.append(f"categorical features {spec.categorical}: encoding failed: {err}")
+        dense_bytes = len(x) * (len(spec.numerical) + width) * 8
+        if dense_bytes > MAX_DENSE_BYTES:
+            counts = {c: int(x[c].nunique()) for c in spec.categorical}
+            widest = max(counts, key=lambda c: counts[c])
+            problems.append(
+                f"column {widest!r} has {counts[widest]:,} distinct values: one-hot encoding {len(x):,} "
+                f"rows needs {dense_bytes / 2**30:.1f} GiB (limit {MAX_DENSE_BYTES / 2**30:.0f} GiB); "
+                "drop it from features.categorical or bucket it upstream"
+            )
+    return problems
+
+
+def _only_numerical(spec: ModelSpec) -> Any:
+    return spec.features.model_copy(update={"categorical": []})
+
+
+def _only_categorical(spec: ModelSpec) -> Any:
+    return spec.features.model_copy(update={"numerical": []})
 
 
 def train(spec: ModelSpec, train_frame: pd.DataFrame) -> Pipeline:
