@@ -4,120 +4,343 @@ Everything here is pure: arrays in, numbers and a `Decision` out. The bootstrap 
 resampling weights (equivalent to resampling rows with replacement) and evaluates both models on
 the same draw, so the interval is for the *difference* and the pairing removes the noise both
 models share. Weighted metrics make 1000+ resamples cost a few matrix products, not 2000 sklearn calls.
+
+Every metric equals scikit-learn's on unweighted data, with these choices for multiclass targets:
+
+- `f1`: `average` unset means 'binary' for two classes (positive = the last class in sorted order,
+  as `model.classes_[-1]`) and 'macro' for more; 'micro' and 'weighted' as in `f1_score`. Like
+  `f1_score` without `labels=`, a class neither in the holdout nor predicted is not averaged in.
+- `roc_auc`: one-vs-rest, 'macro' (unset) or 'weighted' by class prevalence or 'micro', as
+  `roc_auc_score(multi_class='ovr')`. A class the model knows but the holdout lacks has no AUC (no
+  positives): it is left out of the average, where sklearn would return nan for the whole score.
+- `log_loss`: against the model's own class list, as `log_loss(y, proba, labels=model.classes_)`,
+  so a holdout lacking a class is fine. A holdout class the model never saw gets probability 0,
+  clipped to machine epsilon (a large but finite loss, as sklearn clips).
+- `balanced_accuracy`, `accuracy`: as sklearn (recall averaged over the classes in the holdout).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from numpy.typing import NDArray
 
-from cd4ml.spec import METRICS, Promotion
+from cd4ml.spec import METRICS, Metric, Promotion
 
 Array = NDArray[Any]
+Evaluator = Callable[[Array], Array]
+
+LABEL_METRICS = {"accuracy", "balanced_accuracy", "f1"}
+PROBABILITY_METRICS = {"roc_auc", "log_loss"}
+REGRESSION_METRICS = {"rmse", "mae", "r2"}
+# Rows of (bootstrap draws x holdout cells) held at once; bounds memory on large multiclass holdouts.
+_CELLS_PER_CHUNK = 10_000_000
+
+
+@dataclass(frozen=True, eq=False)
+class Scores:
+    """What one model says about a holdout, in the form its metric needs.
+
+    `values`: predicted labels (accuracy, balanced_accuracy, f1), predicted values (regression), or
+    class probabilities (roc_auc, log_loss): P(classes[-1]) as a vector for a two-class model, else
+    an (n, k) matrix whose columns follow `classes`. `classes` is the model's `classes_`.
+    `average` carries the spec's `metric.average`, so a caller that passes only the metric's name
+    still scores what the spec asked for. Behaves as `values` under `numpy.asarray`.
+    """
+
+    values: Array
+    classes: tuple[Any, ...] | None = None
+    average: str | None = None
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> Array:
+        return np.asarray(self.values, dtype=dtype)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape)
+
+
+ScoresLike = Scores | Array
 
 
 def _weights_ok(w: Array) -> Array:
     return np.atleast_2d(np.asarray(w, dtype=float))
 
 
-def weighted_metric(name: str, y_true: Array, scores: Array, weights: Array) -> Array:
-    """Metric of each weight row (shape (B, n)); `scores` are P(positive) for roc_auc/log_loss,
-    labels for the other classification metrics, values for regression. Returns shape (B,)."""
-    w = _weights_ok(weights)
-    total = w.sum(axis=1)
-    y = np.asarray(y_true)
-    s = np.asarray(scores)
-    if name == "accuracy":
-        return np.asarray((w @ (y == s).astype(float)) / total)
-    if name == "balanced_accuracy":
-        classes = np.unique(y)
-        recalls = []
-        for c in classes:
-            mask = (y == c).astype(float)
-            denom = w @ mask
-            with np.errstate(invalid="ignore", divide="ignore"):
-                recalls.append((w @ (mask * (s == c))) / denom)
-        return np.asarray(np.nanmean(np.vstack(recalls), axis=0))
-    if name == "f1":
-        pos = _positive_label(y)
-        tp = w @ ((y == pos) & (s == pos)).astype(float)
-        fp = w @ ((y != pos) & (s == pos)).astype(float)
-        fn = w @ ((y == pos) & (s != pos)).astype(float)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.asarray(np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0))
+def _name_and_average(
+    metric: str | Metric, average: str | None, parts: Iterable[ScoresLike | None]
+) -> tuple[str, str | None]:
+    """One `average` from the arguments, the Metric and the Scores; conflicting ones are a bug."""
+    name = metric.name if isinstance(metric, Metric) else metric
+    if name not in METRICS:
+        raise ValueError(f"unknown metric {name!r}")
+    given = {a for a in (average, metric.average if isinstance(metric, Metric) else None) if a}
+    given |= {p.average for p in parts if isinstance(p, Scores) and p.average}
+    if len(given) > 1:
+        raise ValueError(f"{name}: conflicting averages {sorted(given)}")
+    return name, (given.pop() if given else None)
+
+
+def _sorted_labels(values: Iterable[Any]) -> list[Any]:
+    unique = list(dict.fromkeys(v.item() if isinstance(v, np.generic) else v for v in values))
+    try:
+        return sorted(unique)
+    except TypeError:  # mixed types cannot be ordered: a stable, documented order instead
+        return sorted(unique, key=lambda v: (type(v).__name__, str(v)))
+
+
+def _universe(name: str, y: Array, parts: Sequence[ScoresLike | None]) -> list[Any]:
+    """Every class in play: the models' classes, the holdout's and, for label metrics, predicted ones."""
+    labels: list[Any] = list(pd.unique(pd.Series(y, dtype=object)))
+    for part in parts:
+        if part is None:
+            continue
+        if isinstance(part, Scores) and part.classes is not None:
+            labels.extend(part.classes)
+        if name in LABEL_METRICS:
+            labels.extend(pd.unique(pd.Series(np.asarray(part), dtype=object)))
+    return _sorted_labels(labels)
+
+
+def _resolve_average(name: str, average: str | None, n_classes: int) -> str | None:
+    if name not in {"f1", "roc_auc"}:
+        return None
+    if name == "roc_auc" and n_classes <= 2:
+        return "binary"  # as roc_auc_score, which ignores `average` on a binary target
+    if average is None:
+        return "binary" if n_classes <= 2 else "macro"
+    if average == "binary" and n_classes > 2:
+        raise ValueError(
+            f"{name} with metric.average 'binary' needs two classes, found {n_classes}; "
+            "set metric.average to 'macro', 'weighted' or 'micro'"
+        )
+    return average
+
+
+def _indices(universe: list[Any], values: Array) -> Array:
+    idx = pd.Index(universe, dtype=object).get_indexer(pd.Series(values, dtype=object).map(_plain))
+    if (idx < 0).any():
+        raise ValueError(
+            f"labels {sorted(set(np.asarray(values)[idx < 0].tolist()), key=str)} not in {universe}"
+        )
+    return np.asarray(idx)
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _one_hot(idx: Array, k: int) -> Array:
+    out = np.zeros((len(idx), k))
+    out[np.arange(len(idx)), idx] = 1.0
+    return out
+
+
+def _probability_matrix(part: ScoresLike, universe: list[Any]) -> Array:
+    """Class probabilities as (n, len(universe)); classes a model does not know get probability 0."""
+    values = np.asarray(part, dtype=float)
+    classes = part.classes if isinstance(part, Scores) else None
+    k = len(universe)
+    if classes is None:
+        if values.ndim == 1:
+            if k > 2:
+                raise ValueError(f"P(positive) scores but {k} classes; pass the model's class list")
+            classes = tuple(universe[-2:]) if k == 2 else (None, universe[-1])
+        elif values.shape[1] == k:
+            classes = tuple(universe)  # sklearn's convention: columns follow the sorted labels
+        else:
+            raise ValueError(f"{values.shape[1]} probability columns for {k} classes and no class list")
+    if values.ndim == 1:
+        values = np.column_stack([1.0 - values, values])
+    if values.shape[1] != len(classes):
+        raise ValueError(f"{values.shape[1]} probability columns for classes {list(classes)}")
+    out = np.zeros((values.shape[0], k))
+    known = [(j, c) for j, c in enumerate(classes) if c is not None]
+    cols = _indices(universe, np.asarray([c for _, c in known], dtype=object))
+    out[:, cols] = values[:, [j for j, _ in known]]
+    return out
+
+
+def _evaluator(name: str, y: Array, part: ScoresLike, universe: list[Any], average: str | None) -> Evaluator:
+    """A function from weight rows (B, n) to the metric of each row (B,), with the setup done once."""
+    values = np.asarray(part)
+    if name in REGRESSION_METRICS:
+        return _regression(name, y.astype(float), values.astype(float))
+    k = len(universe)
+    y_idx = _indices(universe, y)
+    if name in LABEL_METRICS:
+        correct = (y_idx == _indices(universe, values)).astype(float)
+        if name == "accuracy":
+            return lambda w: np.asarray((w @ correct) / w.sum(axis=1))
+        truth = _one_hot(y_idx, k)
+        hits = truth * correct[:, None]
+        if name == "balanced_accuracy":
+            return lambda w: _nanmean_rows(_ratio(w @ hits, w @ truth))
+        predicted = _one_hot(_indices(universe, values), k)
+        return lambda w: _f1(w @ hits, w @ predicted, w @ truth, average)
+    proba = _probability_matrix(part, universe)
     if name == "log_loss":
-        pos = _positive_label(y)
-        p = np.clip(s.astype(float), 1e-15, 1 - 1e-15)
-        losses = -np.where(y == pos, np.log(p), np.log(1 - p))
-        return np.asarray((w @ losses) / total)
-    if name == "roc_auc":
-        return _weighted_auc(y, s.astype(float), w)
-    if name in {"rmse", "mae", "r2"}:
-        err = s.astype(float) - y.astype(float)
-        if name == "rmse":
-            return np.asarray(np.sqrt((w @ err**2) / total))
-        if name == "mae":
-            return np.asarray((w @ np.abs(err)) / total)
-        mean = (w @ y.astype(float)) / total
-        ss_tot = (w * (y.astype(float)[None, :] - mean[:, None]) ** 2).sum(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.asarray(1 - (w @ err**2) / ss_tot)
-    raise ValueError(f"unknown metric {name!r}")
+        eps = np.finfo(float).eps
+        loss = -np.log(np.clip(proba[np.arange(len(y_idx)), y_idx], eps, 1 - eps))
+        return lambda w: np.asarray((w @ loss) / w.sum(axis=1))
+    if average == "binary":
+        return _auc_evaluator(y_idx == k - 1, proba[:, k - 1])
+    truth = _one_hot(y_idx, k)
+    if average == "micro":
+        flat_truth, flat_score = truth.ravel(), proba.ravel()
+        micro = _auc_evaluator(flat_truth.astype(bool), flat_score)
+        return lambda w: micro(np.repeat(w, k, axis=1))
+    present = [c for c in range(k) if truth[:, c].any()]
+    per_class = [_auc_evaluator(y_idx == c, proba[:, c]) for c in present]
+    truth = truth[:, present]
+
+    def ovr(w: Array) -> Array:
+        aucs = np.column_stack([f(w) for f in per_class]) if per_class else np.full((len(w), 0), np.nan)
+        if average == "weighted":
+            prevalence = np.where(np.isnan(aucs), 0.0, w @ truth)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                return np.asarray(np.nansum(aucs * prevalence, axis=1) / prevalence.sum(axis=1))
+        return _nanmean_rows(aucs)
+
+    return ovr
 
 
-def _positive_label(y: Array) -> Any:
-    classes = np.unique(y)
-    if len(classes) > 2:
-        raise ValueError(f"this metric needs a binary target, found {len(classes)} classes")
-    return classes[-1]
+def _ratio(num: Array, den: Array) -> Array:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.asarray(np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan))
 
 
-def _weighted_auc(y: Array, score: Array, w: Array) -> Array:
+def _nanmean_rows(values: Array) -> Array:
+    counts = (~np.isnan(values)).sum(axis=1)
+    sums = np.nansum(values, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.asarray(np.where(counts > 0, sums / np.maximum(counts, 1), np.nan))
+
+
+def _f1(tp: Array, predicted: Array, truth: Array, average: str | None) -> Array:
+    """F1 from per-class weighted counts (B, k); 0 where a class was neither true nor predicted."""
+    denom = predicted + truth  # = 2tp + fp + fn
+    if average == "micro":
+        return _ratio(2 * tp.sum(axis=1), denom.sum(axis=1))
+    per_class = np.where(denom > 0, 2 * tp / np.where(denom > 0, denom, 1.0), 0.0)
+    if average == "binary":
+        return np.asarray(per_class[:, -1])
+    if average == "weighted":
+        support = truth.sum(axis=1)
+        return np.asarray(
+            np.where(support > 0, (per_class * truth).sum(axis=1) / np.where(support > 0, support, 1.0), 0.0)
+        )
+    # macro: sklearn averages over the labels present in y_true or y_pred, i.e. denom > 0
+    return _nanmean_rows(np.where(denom > 0, per_class, np.nan))
+
+
+def _auc_evaluator(positive: Array, score: Array) -> Evaluator:
     """AUC = P(score_pos > score_neg) + 0.5 P(tie), for every weight row at once."""
-    pos_label = _positive_label(y)
     order = np.argsort(score, kind="mergesort")
     sorted_scores = score[order]
-    is_pos = (y[order] == pos_label).astype(float)
-    ws = w[:, order]
+    is_pos = positive[order].astype(float)
     group_starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
-    pos_g = np.add.reduceat(ws * is_pos, group_starts, axis=1)
-    neg_g = np.add.reduceat(ws * (1 - is_pos), group_starts, axis=1)
-    neg_before = np.cumsum(neg_g, axis=1) - neg_g
-    numerator = (pos_g * (neg_before + 0.5 * neg_g)).sum(axis=1)
-    denom = pos_g.sum(axis=1) * neg_g.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.asarray(np.where(denom > 0, numerator / denom, np.nan))
+
+    def auc(w: Array) -> Array:
+        ws = w[:, order]
+        pos_g = np.add.reduceat(ws * is_pos, group_starts, axis=1)
+        neg_g = np.add.reduceat(ws * (1 - is_pos), group_starts, axis=1)
+        neg_before = np.cumsum(neg_g, axis=1) - neg_g
+        numerator = (pos_g * (neg_before + 0.5 * neg_g)).sum(axis=1)
+        denom = pos_g.sum(axis=1) * neg_g.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.asarray(np.where(denom > 0, numerator / np.where(denom > 0, denom, 1.0), np.nan))
+
+    return auc
 
 
-def score(name: str, y_true: Array, scores: Array) -> float:
-    return float(weighted_metric(name, y_true, scores, np.ones((1, len(y_true))))[0])
+def _regression(name: str, y: Array, pred: Array) -> Evaluator:
+    err = pred - y
+    if name == "rmse":
+        return lambda w: np.asarray(np.sqrt((w @ err**2) / w.sum(axis=1)))
+    if name == "mae":
+        return lambda w: np.asarray((w @ np.abs(err)) / w.sum(axis=1))
+
+    def r2(w: Array) -> Array:
+        total = w.sum(axis=1)
+        mean = (w @ y) / total
+        ss_tot = (w * (y[None, :] - mean[:, None]) ** 2).sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.asarray(1 - (w @ err**2) / ss_tot)
+
+    return r2
+
+
+def _prepare(
+    metric: str | Metric,
+    y_true: Array,
+    parts: Sequence[ScoresLike | None],
+    average: str | None,
+) -> tuple[str, Array, list[Any], str | None]:
+    name, wanted = _name_and_average(metric, average, parts)
+    y = np.asarray(y_true)
+    if name in REGRESSION_METRICS:
+        return name, y, [], None
+    universe = _universe(name, y, parts)
+    return name, y, universe, _resolve_average(name, wanted, len(universe))
+
+
+def weighted_metric(
+    metric: str | Metric,
+    y_true: Array,
+    scores: ScoresLike,
+    weights: Array,
+    *,
+    average: str | None = None,
+) -> Array:
+    """Metric of each weight row (shape (B, n)). `scores` as in `Scores`: labels, values, or
+    probabilities (a plain 2-D array's columns are taken to follow the sorted classes of
+    `y_true`, as sklearn does). Returns shape (B,)."""
+    name, y, universe, avg = _prepare(metric, y_true, [scores], average)
+    return _evaluator(name, y, scores, universe, avg)(_weights_ok(weights))
+
+
+def score(metric: str | Metric, y_true: Array, scores: ScoresLike, *, average: str | None = None) -> float:
+    return float(weighted_metric(metric, y_true, scores, np.ones((1, len(y_true))), average=average)[0])
 
 
 def paired_bootstrap(
-    name: str,
+    metric: str | Metric,
     y_true: Array,
-    challenger: Array,
-    champion: Array,
+    challenger: ScoresLike,
+    champion: ScoresLike,
     *,
     resamples: int,
     seed: int,
     chunk: int = 200,
+    average: str | None = None,
 ) -> Array:
     """Differences (challenger - champion, oriented so that positive = challenger better)."""
-    n = len(y_true)
+    name, y, universe, avg = _prepare(metric, y_true, [challenger, champion], average)
+    first = _evaluator(name, y, challenger, universe, avg)
+    second = _evaluator(name, y, champion, universe, avg)
+    return _bootstrap(name, len(y), len(universe), first, second, resamples, seed, chunk)
+
+
+def _bootstrap(
+    name: str, n: int, k: int, first: Evaluator, second: Evaluator, resamples: int, seed: int, chunk: int
+) -> Array:
     sign = 1.0 if METRICS[name][1] == "maximize" else -1.0
+    chunk = max(1, min(chunk, _CELLS_PER_CHUNK // max(1, n * max(1, k))))
     rng = np.random.default_rng(seed)
     diffs = []
     done = 0
     while done < resamples:
         b = min(chunk, resamples - done)
         weights = rng.multinomial(n, np.full(n, 1.0 / n), size=b).astype(float)
-        a = weighted_metric(name, y_true, challenger, weights)
-        c = weighted_metric(name, y_true, champion, weights)
-        diffs.append(sign * (a - c))
+        diffs.append(sign * (first(weights) - second(weights)))
         done += b
     out = np.concatenate(diffs)
     return out[np.isfinite(out)]  # resamples with a single class have no AUC
@@ -140,6 +363,8 @@ class Decision:
     floor: float | None
     n: int
     resamples: int
+    average: str | None = None
+    classes: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -152,19 +377,25 @@ def _meets_floor(name: str, value: float, floor: float | None) -> bool:
 
 
 def decide(
-    name: str,
+    metric: str | Metric,
     policy: Promotion,
     y_true: Array,
-    challenger: Array,
-    champion: Array | None,
+    challenger: ScoresLike,
+    champion: ScoresLike | None,
     *,
     champion_version: str | None,
     seed: int,
+    average: str | None = None,
 ) -> Decision:
     """Promote only if the challenger meets the floor and, when there is a champion, the lower bound
-    of the one-sided confidence interval of (challenger - champion) exceeds `min_improvement`."""
-    n = len(y_true)
-    challenger_score = score(name, y_true, challenger)
+    of the one-sided confidence interval of (challenger - champion) exceeds `min_improvement`.
+
+    Both models are scored over the same classes (theirs and the holdout's) with the same average."""
+    name, y, universe, avg = _prepare(metric, y_true, [challenger, champion], average)
+    n = len(y)
+    ones = np.ones((1, n))
+    judge_challenger = _evaluator(name, y, challenger, universe, avg)
+    challenger_score = float(judge_challenger(ones)[0])
     base: dict[str, Any] = dict(
         metric=name,
         direction=METRICS[name][1],
@@ -173,6 +404,8 @@ def decide(
         min_improvement=policy.min_improvement,
         floor=policy.floor,
         n=n,
+        average=avg,
+        classes=len(universe) or None,
     )
     if n < policy.min_holdout_rows:
         return Decision(
@@ -190,9 +423,10 @@ def decide(
             champion_score=None, champion_version=None, difference=None,
             ci_low=None, ci_high=None, resamples=0, **base,
         )  # fmt: skip
-    champion_score = score(name, y_true, champion)
-    diffs = paired_bootstrap(
-        name, y_true, challenger, champion, resamples=policy.bootstrap_resamples, seed=seed
+    judge_champion = _evaluator(name, y, champion, universe, avg)
+    champion_score = float(judge_champion(ones)[0])
+    diffs = _bootstrap(
+        name, n, len(universe), judge_challenger, judge_champion, policy.bootstrap_resamples, seed, 200
     )
     sign = 1.0 if METRICS[name][1] == "maximize" else -1.0
     difference = sign * (challenger_score - champion_score)

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from numpy.typing import NDArray
 from sklearn.base import BaseEstimator, is_classifier, is_regressor
 from sklearn.compose import ColumnTransformer
 from sklearn.impute import SimpleImputer
@@ -18,10 +17,10 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from cd4ml.errors import DataError, SpecError, TrainingError
+from cd4ml.evaluation import PROBABILITY_METRICS, Scores
 from cd4ml.spec import AVERAGED_METRICS, ModelSpec
 from cd4ml.validation import normalise
 
-PROBABILITY_METRICS = {"roc_auc", "log_loss"}
 MISSING_CATEGORY = "__missing__"
 # Above this a dense one-hot matrix of the training data is refused before it exhausts memory.
 MAX_DENSE_BYTES = 4 * 2**30
@@ -275,18 +274,23 @@ def train(spec: ModelSpec, train_frame: pd.DataFrame) -> Pipeline:
     return pipeline
 
 
-def metric_inputs(spec: ModelSpec, model: Any, frame: pd.DataFrame) -> NDArray[Any]:
-    """What the primary metric scores: P(positive class) for ranking metrics, predictions otherwise."""
+def metric_inputs(spec: ModelSpec, model: Any, frame: pd.DataFrame) -> Scores:
+    """What the primary metric scores, with the model's class list (see `evaluation.Scores`).
+
+    Never refuses a class count: whether the metric can be computed on the target was settled by
+    `check_target` before fitting, so nothing here can fail after a model was trained.
+    """
     x = features(spec, frame)
-    if spec.metric.name in PROBABILITY_METRICS:
-        if not hasattr(model, "predict_proba"):
-            raise TrainingError(
-                f"metric {spec.metric.name} needs predict_proba; {type(model).__name__} has none"
-            )
-        proba = model.predict_proba(x)
-        classes = list(model.classes_)
-        positive = classes[-1] if len(classes) == 2 else None  # sklearn sorts classes_ like np.unique
-        if positive is None:
-            raise TrainingError(f"metric {spec.metric.name} needs a binary target, found classes {classes}")
-        return np.asarray(proba[:, classes.index(positive)])
-    return np.asarray(model.predict(x))
+    average = spec.metric.average
+    if spec.task == "regression":
+        return Scores(np.asarray(model.predict(x)))
+    classes = tuple(np.asarray(model.classes_).tolist())
+    if spec.metric.name not in PROBABILITY_METRICS:
+        return Scores(np.asarray(model.predict(x)), classes, average)
+    if not hasattr(model, "predict_proba"):
+        raise SpecError(
+            f"metric.name: {spec.metric.name} needs predict_proba; {type(model).__name__} has none"
+        )
+    proba = np.asarray(model.predict_proba(x), dtype=float)
+    # Two classes: P(classes[-1]), the convention of sklearn's binary metrics.
+    return Scores(proba[:, -1] if len(classes) == 2 else proba, classes, average)
