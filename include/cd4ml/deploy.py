@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 
 from cd4ml import registry
-from cd4ml.errors import Cd4mlError
+from cd4ml.errors import Cd4mlError, TransientError
 from cd4ml.settings import Settings
 from cd4ml.spec import ModelSpec
 
@@ -33,6 +33,15 @@ def golden_rows() -> int:
 
 class DeployError(Cd4mlError):
     """The service did not serve the champion correctly; the message says what broke."""
+
+
+class ServiceRefusedError(DeployError):
+    """The service loaded the version and refused it (its own reason is in the message): a retry
+    would be refused the same way."""
+
+
+class ServiceUnreachableError(TransientError, DeployError):
+    """The service (or the MLflow it polls) did not answer: a retry may find it back."""
 
 
 @dataclass(frozen=True)
@@ -51,35 +60,100 @@ class ServiceEndpoint:
         )
 
 
-def serving_version(endpoint: ServiceEndpoint, model: str) -> str | None:
+@dataclass(frozen=True)
+class ServiceState:
+    """What the service says about one model: the version it serves and the versions it refused."""
+
+    reachable: bool
+    known: bool
+    version: str | None
+    refused: dict[str, str]
+    error: str | None = None
+
+
+def _json(resp: httpx.Response) -> dict[str, Any]:
+    try:
+        body = resp.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def service_state(endpoint: ServiceEndpoint, model: str) -> ServiceState:
     try:
         resp = httpx.get(f"{endpoint.url}/v1/models/{model}", timeout=5)
+    except httpx.HTTPError as err:
+        return ServiceState(False, False, None, {}, f"{type(err).__name__}: {err}")
+    body = _json(resp)
+    refused = {str(v): str(why) for v, why in (body.get("refused_versions") or {}).items()}
+    version = str(body["version"]) if resp.status_code == 200 and "version" in body else None
+    error = (
+        None if resp.status_code == 200 else f"HTTP {resp.status_code}: {body.get('error', resp.text[:200])}"
+    )
+    return ServiceState(True, resp.status_code != 404, version, refused, error)
+
+
+def serving_version(endpoint: ServiceEndpoint, model: str) -> str | None:
+    return service_state(endpoint, model).version
+
+
+def _reload(endpoint: ServiceEndpoint, model: str) -> dict[str, str]:
+    """Ask the service to check MLflow now; returns the refusals it reports for `model`."""
+    if not endpoint.admin_token:
+        return {}
+    try:
+        resp = httpx.post(
+            f"{endpoint.url}/admin/reload",
+            headers={"Authorization": f"Bearer {endpoint.admin_token}"},
+            timeout=endpoint.wait_seconds,
+        )
+    except httpx.HTTPError:
+        return {}  # unreachable now; service_state() reports it if it stays that way
+    refused = _json(resp).get("refused") or {}
+    prefix = f"{model}/"
+    return {str(k)[len(prefix) :]: str(v) for k, v in refused.items() if str(k).startswith(prefix)}
+
+
+def _poll_error(endpoint: ServiceEndpoint) -> str | None:
+    try:
+        error = _json(httpx.get(f"{endpoint.url}/health/ready", timeout=5)).get("last_poll_error")
     except httpx.HTTPError:
         return None
-    return str(resp.json()["version"]) if resp.status_code == 200 else None
+    return str(error) if error else None
 
 
 def wait_until_serving(endpoint: ServiceEndpoint, model: str, version: str) -> None:
+    """Return once the service serves `version`; otherwise raise what actually happened: it refused
+    the version (with its reason, at once), it is unreachable (transient), or it never switched."""
     deadline = time.monotonic() + endpoint.wait_seconds
-    seen: str | None = None
-    while time.monotonic() < deadline:
-        if endpoint.admin_token:
-            try:
-                httpx.post(
-                    f"{endpoint.url}/admin/reload",
-                    headers={"Authorization": f"Bearer {endpoint.admin_token}"},
-                    timeout=endpoint.wait_seconds,
-                )
-            except httpx.HTTPError:
-                pass  # unreachable now; the loop below reports it if it stays that way
-        seen = serving_version(endpoint, model)
-        if seen == version:
+    where = f"{model}: the prediction service at {endpoint.url}"
+    while True:
+        refused = _reload(endpoint, model)
+        state = service_state(endpoint, model)
+        reason = state.refused.get(version) or refused.get(version)
+        if reason:
+            raise ServiceRefusedError(f"{where} refused version {version}: {reason}")
+        if state.version == version:
             return
+        if time.monotonic() >= deadline:
+            break
         time.sleep(1.0)
+    waited = f"{endpoint.wait_seconds:.0f}s after champion moved to {version}"
+    if not state.reachable:
+        raise ServiceUnreachableError(f"{where} is unreachable ({state.error}) {waited}")
+    if not state.known:
+        raise DeployError(
+            f"{where} does not know model {model!r} {waited}: it serves the specs in its own "
+            f"CD4ML_SPECS_DIR; give it {model}.yaml"
+        )
+    poll_error = _poll_error(endpoint)
+    if poll_error:
+        raise ServiceUnreachableError(
+            f"{where} still serves version {state.version} {waited}: it cannot read MLflow ({poll_error})"
+        )
     raise DeployError(
-        f"{model}: the prediction service at {endpoint.url} still serves version {seen} "
-        f"{endpoint.wait_seconds:.0f}s after champion moved to {version}"
-        + (" (service unreachable)" if seen is None else "")
+        f"{where} still serves version {state.version} {waited}; it neither loaded nor refused it "
+        "(see the service log; CD4ML_DEPLOY_WAIT_SECONDS sets the wait)"
     )
 
 
@@ -114,7 +188,9 @@ def smoke_test(
             timeout=30,
         )
     except httpx.HTTPError as err:
-        raise DeployError(f"{spec.name}: smoke test could not reach the service: {err}") from None
+        raise ServiceUnreachableError(
+            f"{spec.name}: smoke test could not reach the service at {endpoint.url}: {err}"
+        ) from None
     if resp.status_code != 200:
         raise DeployError(f"{spec.name}: smoke test got HTTP {resp.status_code}: {resp.text[:500]}")
     body = resp.json()
@@ -148,25 +224,36 @@ def deploy_champion(
     who: str,
     when: str,
     endpoint: ServiceEndpoint | None = None,
+    last_attempt: bool = True,
 ) -> dict[str, Any]:
-    """Roll out a freshly promoted champion; roll back to the previous one if anything fails."""
+    """Roll out a freshly promoted champion; roll back to the previous one if anything fails.
+
+    A transient failure (service unreachable) before the last attempt is raised as it is, with the
+    champion left in place, so the retry deploys it again once the service is back; on the last
+    attempt, or for a deterministic failure (a refusal, wrong predictions), `champion` is rolled
+    back first. Every outcome is recorded on the version as `cd4ml.deployment`.
+    """
     if not promoted.get("promoted"):
         return {"deployed": False, "why": "champion unchanged; nothing to deploy"}
     endpoint = endpoint or ServiceEndpoint.from_env()
     version, previous = str(promoted["version"]), promoted.get("previous")
+    record: dict[str, Any] = {"who": who, "when": when}
     try:
         wait_until_serving(endpoint, spec.name, version)
         checked = smoke_test(spec, settings, endpoint, version, holdout_path)
     except DeployError as failure:
+        if failure.retryable and not last_attempt:
+            _record(settings, spec.name, version, {**record, "outcome": "retrying", "error": str(failure)})
+            raise
         rollback_note = _roll_back_after_failure(spec, settings, endpoint, version, previous)
         _record(
             settings,
             spec.name,
             version,
-            {"who": who, "when": when, "outcome": "failed", "error": str(failure), "rollback": rollback_note},
+            {**record, "outcome": "failed", "error": str(failure), "rollback": rollback_note},
         )
-        raise DeployError(f"deploy of {spec.name} v{version} failed: {failure}; {rollback_note}") from None
-    _record(settings, spec.name, version, {"who": who, "when": when, "outcome": "deployed", **checked})
+        raise type(failure)(f"deploy of {spec.name} v{version} failed: {failure}; {rollback_note}") from None
+    _record(settings, spec.name, version, {**record, "outcome": "deployed", **checked})
     return {"deployed": True, "version": version, **checked}
 
 
@@ -235,7 +322,7 @@ def rollback(
             note = f"champion restored to {current_version}"
         _record(settings, spec.name, target, {"who": who, "when": when, "outcome": "rollback failed",
                                                "error": str(failure)})  # fmt: skip
-        raise DeployError(f"rollback of {spec.name} to v{target} failed: {failure}; {note}") from None
+        raise type(failure)(f"rollback of {spec.name} to v{target} failed: {failure}; {note}") from None
     record = {"who": who, "when": when, "outcome": "rolled back", "reason": reason, "from": current_version}
     _record(settings, spec.name, target, {**record, **checked})
     return {"rolled_back": True, "from": current_version, "to": target, **checked}

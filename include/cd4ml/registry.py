@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from cd4ml.errors import Cd4mlError
+from cd4ml.errors import Cd4mlError, TransientError, is_transient
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -197,15 +197,14 @@ def find_version_for_run(mlflow_client: MlflowClient, name: str, run_id: str) ->
     return None
 
 
-class RegistryUnreachableError(Cd4mlError):
+class RegistryUnreachableError(TransientError):
     """MLflow did not answer; nothing this step would have changed is half-changed (see the message)."""
 
 
-def unreachable(err: Exception) -> bool:
-    text = str(err)
-    return any(
-        s in text for s in ("Connection refused", "Max retries exceeded", "timed out", "Connection aborted")
-    )
+def unreachable(err: BaseException) -> bool:
+    """MLflow did not answer (in time): its client re-raises connection failures as MlflowException
+    while handling them, so the typed cause is in the exception chain."""
+    return is_transient(err)
 
 
 def register_version(
@@ -262,7 +261,10 @@ def wait_ready(mlflow_client: MlflowClient, name: str, version: str, attempts: i
         if mv.status == "FAILED_REGISTRATION":
             raise Cd4mlError(f"MLflow failed to register {name} version {version}: {mv.status_message}")
         time.sleep(0.5)
-    raise Cd4mlError(f"{name} version {version} not READY after {attempts * 0.5:.0f}s")
+    raise TransientError(
+        f"{name} version {version} not READY after {attempts * 0.5:.0f}s: MLflow is slow to finish "
+        "the registration; a retry re-uses the version (registration is idempotent by run id)"
+    )
 
 
 def set_tags(mlflow_client: MlflowClient, name: str, version: str, tags: dict[str, str]) -> None:

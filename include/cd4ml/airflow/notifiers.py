@@ -12,10 +12,10 @@ from typing import Any
 
 from airflow.sdk import BaseNotifier
 
+from cd4ml.errors import QuarantinedError
 from cd4ml.spec import ModelSpec
 
 log = logging.getLogger(__name__)
-QUARANTINE_MARK = "quarantined; nothing trained"
 
 
 class Cd4mlNotifier(BaseNotifier):
@@ -35,7 +35,10 @@ class Cd4mlNotifier(BaseNotifier):
             return
         ti, dag_run = context["ti"], context["dag_run"]
         run_url = notify.airflow_run_url(dag_run.dag_id, dag_run.run_id)
-        error = str(context.get("exception") or "")
+        exception = context.get("exception")
+        # A quarantine is an expected outcome with its own mail, not a failure: told apart by type.
+        quarantined = isinstance(exception, QuarantinedError)
+        error = str(exception or "")
         message = None
         if self.event == "decision":
             result = ti.xcom_pull(task_ids=ti.task_id) or {}
@@ -43,13 +46,16 @@ class Cd4mlNotifier(BaseNotifier):
                 message = notify.promotion(self.model, result, run_url)
             elif not result.get("promoted") and self.settings.on_reject:
                 message = notify.rejection(self.model, result, run_url)
-        elif self.event == "quarantine" and QUARANTINE_MARK in error and self.settings.on_quarantine:
-            message = notify.quarantine(self.model, error, run_url)
+        elif self.event == "quarantine" and isinstance(exception, QuarantinedError):
+            if not self.settings.on_quarantine:
+                return
+            reasons = "\n\n".join(str(q.get("reason", "")) for q in exception.quarantined)
+            message = notify.quarantine(self.model, reasons, run_url)
         elif self.event == "drift" and self.settings.on_drift:
             message = notify.drift(self.model, ti.xcom_pull(task_ids="check_drift") or {}, run_url)
         elif self.event == "rollback" and self.settings.on_rollback:
             message = notify.rollback(self.model, ti.xcom_pull(task_ids=ti.task_id) or {}, run_url)
-        elif self.event == "failure" and QUARANTINE_MARK not in error and self.settings.on_failure:
+        elif self.event == "failure" and not quarantined and self.settings.on_failure:
             message = notify.failure(self.model, ti.task_id, error, run_url)
         if message is None:
             return

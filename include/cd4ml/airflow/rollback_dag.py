@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from airflow.sdk import DAG, Param, dag, get_current_context, task
+from airflow.sdk import DAG, Param, dag, task
 
-from cd4ml.airflow.common import START, default_args, run_time, who
+from cd4ml.airflow.common import START, context, default_args, params, run_time, who
 from cd4ml.airflow.notifiers import Cd4mlNotifier
 from cd4ml.settings import Settings
 from cd4ml.spec import ModelSpec
@@ -58,20 +58,13 @@ def build_rollback_dag(spec: ModelSpec, settings: Settings) -> DAG:
     def rollback_pipeline() -> None:
         @task(on_success_callback=[Cd4mlNotifier("rollback", spec)])
         def roll_back() -> dict[str, Any]:
-            from airflow.sdk.exceptions import AirflowFailException
+            from cd4ml.deploy import rollback
 
-            from cd4ml.deploy import DeployError, rollback
-
-            ctx: dict[str, Any] = dict(get_current_context())
-            params: dict[str, Any] = dict(ctx.get("params") or {})
-            target = str(params.get("version") or "") or None
-            reason = str(params.get("reason") or "")
-            try:
-                return rollback(
-                    spec, settings, target=target, reason=reason, who=who(ctx), when=run_time(ctx)
-                )
-            except DeployError as err:
-                raise AirflowFailException(str(err)) from None
+            ctx = context()
+            form = params(ctx)
+            target = str(form.get("version") or "") or None
+            reason = str(form.get("reason") or "")
+            return rollback(spec, settings, target=target, reason=reason, who=who(ctx), when=run_time(ctx))
 
         roll_back()
 

@@ -17,7 +17,7 @@ from airflow.sdk import (
 )
 
 from cd4ml.airflow import assets
-from cd4ml.airflow.common import START, context, default_args, run_time, who
+from cd4ml.airflow.common import START, context, default_args, last_attempt, run_time, who
 from cd4ml.airflow.notifiers import Cd4mlNotifier
 from cd4ml.settings import Settings
 from cd4ml.spec import ModelSpec
@@ -133,8 +133,7 @@ def build_train_dag(spec: ModelSpec, settings: Settings) -> DAG:
 
         @task(on_failure_callback=[Cd4mlNotifier("quarantine", spec), Cd4mlNotifier("failure", spec)])
         def validate_batches(collected: dict[str, Any]) -> dict[str, Any]:
-            from airflow.sdk.exceptions import AirflowFailException
-
+            from cd4ml.errors import QuarantinedError
             from cd4ml.pipeline import validate_landed_files
 
             ctx = context()
@@ -144,11 +143,7 @@ def build_train_dag(spec: ModelSpec, settings: Settings) -> DAG:
             if result["quarantined"] and not result["accepted"]:
                 # The task fails, so it has no return value: keep the Data Docs link reachable.
                 ctx["ti"].xcom_push(key="report", value={"docs_url": result["docs_url"]})
-                # Not retryable: the files are already in quarantine with their reasons.
-                reasons = "\n\n".join(q["reason"] for q in result["quarantined"])
-                raise AirflowFailException(
-                    f"{len(result['quarantined'])} file(s) quarantined; nothing trained.\n{reasons}"
-                )
+                raise QuarantinedError(result["quarantined"])  # a data error: never retried
             return result
 
         @task
@@ -209,18 +204,11 @@ def build_train_dag(spec: ModelSpec, settings: Settings) -> DAG:
 
         @task
         def deploy_champion(promoted: dict[str, Any], datasets: dict[str, Any]) -> dict[str, Any]:
-            from airflow.sdk.exceptions import AirflowFailException
-
-            from cd4ml.deploy import DeployError
             from cd4ml.deploy import deploy_champion as step
 
             ctx = context()
-            try:
-                return step(spec, settings, promoted=promoted, holdout_path=datasets["holdout_path"],
-                            who=who(ctx), when=run_time(ctx))  # fmt: skip
-            except DeployError as err:
-                # Not retryable: the champion was already rolled back; a retry would deploy a non-champion.
-                raise AirflowFailException(str(err)) from None
+            return step(spec, settings, promoted=promoted, holdout_path=datasets["holdout_path"],
+                        who=who(ctx), when=run_time(ctx), last_attempt=last_attempt(ctx))  # fmt: skip
 
         collected = collect_landed_files()
         validated = validate_batches(collected)

@@ -146,19 +146,29 @@ def create_app(settings: Settings | None = None, config: ServiceConfig | None = 
             "known": store.known_models,
         }
 
+    def refused_versions(model: str) -> dict[str, str]:
+        """Versions of `model` this service will not serve, with its own reason for each."""
+        return {v: why for (m, v), why in list(store.refused.items()) if m == model}
+
     @app.get("/v1/models/{model}")
     def model_metadata(model: str) -> JSONResponse:
         slot = store.slots.get(model)
         if slot is None:
             return _unknown_or_waiting(model)
         body = slot.metadata()
-        body["refused_versions"] = {v: why for (m, v), why in store.refused.items() if m == model}
+        body["refused_versions"] = refused_versions(model)
         return JSONResponse(body)
 
     def _unknown_or_waiting(model: str) -> JSONResponse:
         if model in store.known_models:
-            return _error(503, f"model '{model}' has no champion loaded yet",
-                          [Problem("model", "no champion loaded yet")])  # fmt: skip
+            # Why nothing is served yet: a deploy reads the refusal reasons here, so it can say
+            # "refused version 3: <reason>" instead of waiting for a version that never comes.
+            body = {
+                "error": f"model '{model}' has no champion loaded yet",
+                "problems": [Problem("model", "no champion loaded yet").as_dict()],
+                "refused_versions": refused_versions(model),
+            }
+            return JSONResponse(body, status_code=503)
         return _error(404, f"unknown model '{model}'", [Problem("model", f"'{model}' is not served here")])
 
     @app.post(
