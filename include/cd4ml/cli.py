@@ -101,24 +101,101 @@ def cmd_spec_check(args: argparse.Namespace) -> int:
 
     paths = [Path(p) for p in args.paths] or spec_files(get_settings().specs_dir)
     specs, errors = load_specs(paths)
+    by_name = {p.stem: p for p in paths}
     for spec in specs:
+        where = by_name.get(spec.name, Path(spec.name))
         try:
-            from cd4ml.training import build_pipeline
+            from cd4ml.training import build_pipeline, check_trainable_spec
 
+            # What training would refuse after reading the data (a metric it cannot compute, an
+            # estimator it cannot build or of the wrong kind) is refused here, before anything runs.
+            check_trainable_spec(spec)
             build_pipeline(spec)
             import great_expectations as gx
 
             for extra in spec.validation.expectations:
                 if not hasattr(gx.expectations, extra.expectation):
-                    raise SpecError(
-                        f"{spec.name}: field 'validation.expectations': unknown {extra.expectation!r}"
-                    )
+                    raise SpecError(f"field 'validation.expectations': unknown {extra.expectation!r}")
             print(f"ok      {spec.name}")
         except Cd4mlError as err:
-            errors[Path(spec.name)] = SpecError(str(err))
+            text = str(err)
+            errors[where] = SpecError(text if text.startswith(str(where)) else f"{where}: {text}")
     for problem in errors.values():
         print(f"error   {problem}", file=sys.stderr)
     return 1 if errors else 0
+
+
+def _airflow_api() -> tuple[str, str, str | None]:
+    """Base URL, user and password of the Airflow REST API (the embedded stack's by default)."""
+    from cd4ml import stack
+
+    cfg = stack.config_from_env()
+    url = (os.environ.get("CD4ML_AIRFLOW_URL") or cfg.airflow_url).rstrip("/")
+    password = os.environ.get("CD4ML_AIRFLOW_PASSWORD") or os.environ.get("CD4ML_ADMIN_PASSWORD")
+    secrets = cfg.home / "secrets.json"
+    if not password and secrets.is_file():  # written by `cd4ml stack up`; never generated here
+        password = json.loads(secrets.read_text()).get("admin_password")
+    return url, os.environ.get("CD4ML_AIRFLOW_USER", "admin"), password
+
+
+def _http_json(url: str, body: dict[str, object], token: str | None = None) -> dict[str, object]:
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        return dict(json.loads(resp.read()))
+
+
+def trigger_training(model: str, reason: str) -> str:
+    """Start `<model>__train` through the Airflow REST API; returns the run id."""
+    url, user, password = _airflow_api()
+    if not password:
+        raise urllib.error.URLError("no Airflow password (CD4ML_AIRFLOW_PASSWORD, or a running `make up`)")
+    token = str(_http_json(f"{url}/auth/token", {"username": user, "password": password})["access_token"])
+    run = _http_json(
+        f"{url}/api/v2/dags/{model}__train/dagRuns",
+        {"logical_date": None, "conf": {"reason": reason[:500]}},
+        token,
+    )
+    return str(run["dag_run_id"])
+
+
+def cmd_data_retract(args: argparse.Namespace) -> int:
+    import getpass
+    from datetime import UTC, datetime
+
+    from cd4ml import landing
+
+    root = get_settings().model_dir(args.model)
+    if not (root / "accepted").is_dir():
+        raise Cd4mlError(
+            f"{args.model}: no accepted data under {root} (CD4ML_DATA_DIR); is the model name right?"
+        )
+    done = landing.retract(
+        landing.Zone(root),
+        args.file,
+        reason=args.reason,
+        who=f"{getpass.getuser()} via cd4ml CLI",
+        when=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    print(f"cd4ml: retracted {done.file} (sha256 {done.sha256[:12]}, {done.rows} rows) at {done.when}")
+    print(f"       moved to {done.path}; its rows leave the next training run")
+    if args.no_retrain:
+        print(f"cd4ml: no retrain requested; the next {args.model}__train run trains without it")
+        return 0
+    try:
+        run_id = trigger_training(args.model, f"retraction of {done.file}: {done.reason}")
+    except (urllib.error.URLError, OSError, KeyError, ValueError) as err:
+        url = _airflow_api()[0]
+        print(
+            f"cd4ml: Airflow is not reachable at {url} ({err}): the retrain starts with the next "
+            f"{args.model}__train run (nightly, new data or drift). To retrain now, trigger "
+            f"{args.model}__train in the Airflow UI or run `cd4ml train {args.model}`."
+        )
+        return 0
+    print(f"cd4ml: started {args.model}__train run {run_id} to retrain without it")
+    return 0
 
 
 def cmd_demo_land(args: argparse.Namespace) -> int:
@@ -163,6 +240,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("action", choices=["check"])
     p.add_argument("paths", nargs="*")
     p.set_defaults(func=cmd_spec_check)
+
+    p = sub.add_parser("data", help="manage a model's accepted data")
+    p.add_argument("action", choices=["retract"])
+    p.add_argument("model")
+    p.add_argument("file", help="stored name, original name or sha256 prefix of an accepted file")
+    p.add_argument("--reason", required=True, help="why; recorded with who and when")
+    p.add_argument(
+        "--no-retrain", action="store_true", help="do not start <model>__train through the Airflow API"
+    )
+    p.set_defaults(func=cmd_data_retract)
 
     p = sub.add_parser("demo", help="land a synthetic demo batch")
     p.add_argument("action", choices=["land"])

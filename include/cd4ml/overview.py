@@ -57,6 +57,7 @@ class ModelOverview:
     drift_threshold: float
     files: dict[str, int]
     runs: list[dict[str, Any]] = field(default_factory=list)
+    retractions: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -119,13 +120,23 @@ def _events(versions: list[VersionInfo]) -> list[Event]:
 def _file_counts(spec: ModelSpec, settings: Settings) -> dict[str, int]:
     zone = landing.Zone(settings.model_dir(spec.name))
     count = lambda d, pattern: sum(1 for _ in d.glob(pattern)) if d.is_dir() else 0  # noqa: E731
+    retracted = len(landing.list_retractions(zone))
     return {
         "waiting": sum(1 for p in zone.landing.iterdir() if landing.is_candidate(p))
         if zone.landing.is_dir()
         else 0,
-        "accepted": count(zone.accepted, "*.meta.json"),
-        "quarantined": count(zone.quarantine, "*.reason.json"),
+        "accepted": len(landing.accepted_hashes(zone)) if zone.accepted.is_dir() else 0,
+        # Rejected on arrival; a retracted file was accepted first and is counted apart.
+        "quarantined": count(zone.quarantine, "*.reason.json") - retracted,
+        "retracted": retracted,
     }
+
+
+def _retractions(spec: ModelSpec, settings: Settings, limit: int) -> list[dict[str, Any]]:
+    """Who took which accepted file back, when and why (newest first), from the reason files."""
+    keys = ("when", "who", "file", "sha256", "rows", "reason", "accepted_at")
+    zone = landing.Zone(settings.model_dir(spec.name))
+    return [{k: r.get(k) for k in keys} for r in landing.list_retractions(zone)[:limit]]
 
 
 def _run_outcomes(spec: ModelSpec, settings: Settings, limit: int) -> list[dict[str, Any]]:
@@ -169,6 +180,7 @@ def model_overview(spec: ModelSpec, settings: Settings, *, limit: int = 25) -> M
         drift_threshold=spec.drift.threshold,
         files=_file_counts(spec, settings),
         runs=_run_outcomes(spec, settings, limit),
+        retractions=_retractions(spec, settings, limit),
     )
 
 
@@ -327,7 +339,8 @@ def _render_model(o: ModelOverview, settings: Settings, mlflow_ui: str) -> str:
         + ", ".join(f"{n} {k}" for k, n in o.files.items())
         + f" · <a href='/dags/{quote(o.name)}__train' target='_top'>training DAG</a>"
         + f" · <a href='/dags/{quote(o.name)}__monitor' target='_top'>monitor DAG</a>"
-        + f" · <a href='/dags/{quote(o.name)}__rollback' target='_top'>rollback DAG</a></p>"
+        + f" · <a href='/dags/{quote(o.name)}__rollback' target='_top'>rollback DAG</a>"
+        + f" · <a href='/dags/{quote(o.name)}__retract' target='_top'>retract DAG</a></p>"
     )
     c = o.champion
     if c is None:
@@ -388,6 +401,21 @@ def _render_model(o: ModelOverview, settings: Settings, mlflow_ui: str) -> str:
             f"{_fmt(r.get('run_id'))}</a></td><td>{_fmt(str(r.get('trigger', ''))[:160])}</td>"
             f"<td>{'yes' if r.get('trained') else 'no'}</td><td>{_fmt(r.get('why'))}</td></tr>"
             for r in o.runs[:10]
+        ]
+        out.append("</table>")
+    out.append("<h3>Retracted files</h3>")
+    if not o.retractions:
+        out.append("<p class='muted'>None: every accepted file is used for training.</p>")
+    else:
+        out.append(
+            "<table class='retractions'><tr><th>when</th><th>who</th><th>file</th><th>sha256</th>"
+            "<th>rows</th><th>why</th></tr>"
+        )
+        out += [
+            f"<tr><td>{_fmt(r.get('when'))}</td><td>{_fmt(r.get('who'))}</td><td>{_fmt(r.get('file'))}</td>"
+            f"<td><code>{_fmt(str(r.get('sha256') or '')[:12])}</code></td><td>{_fmt(r.get('rows'))}</td>"
+            f"<td>{_fmt(r.get('reason'))}</td></tr>"
+            for r in o.retractions
         ]
         out.append("</table>")
     out.append("<h3>Deployments and rollbacks</h3>")

@@ -74,6 +74,8 @@ def test_every_dag_has_tags_retries_docs_and_an_owner(bag) -> None:
         assert not dag.catchup, dag_id
         for t in dag.tasks:
             assert t.retries >= 1, f"{dag_id}.{t.task_id}"
+            # One error policy for every task: transient errors retried, deterministic ones not.
+            assert type(t.retry_policy).__name__ == "Cd4mlRetryPolicy", f"{dag_id}.{t.task_id}"
 
 
 def test_training_dag_structure_schedule_and_form(bag) -> None:
@@ -130,3 +132,15 @@ def test_monitor_dag_emits_the_drift_asset_the_training_dag_listens_to(bag) -> N
     assert outlet.name == "churn.drift_detected" and outlet.name in train_assets
     assert "0 * * * *" in repr(dag.timetable) or "@hourly" in repr(dag.timetable)
     assert set(dag.params) == {"window_hours"}
+
+
+def test_retract_dag_is_manual_with_a_file_and_reason_form_and_starts_training(bag) -> None:
+    dag = bag.dags["churn__retract"]
+    assert type(dag.timetable).__name__ == "NullTimetable"  # manual only
+    downstream = {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks}
+    assert downstream == {"retract_file": ["request_retrain"], "request_retrain": []}
+    assert set(dag.params) == {"file", "reason"}
+    (outlet,) = dag.get_task("request_retrain").outlets
+    train_assets = {a.name for a in bag.dags["churn__train"].timetable.asset_condition.objects}
+    assert outlet.name == "churn.new_data" and outlet.name in train_assets
+    assert "cd4ml data retract churn" in dag.doc_md

@@ -112,3 +112,36 @@ def test_html_escapes_what_comes_from_tags() -> None:
     page = render_html([overview([], [v1], None)], Settings(Path("/"), Path("/d"), Path("/s"), "x"), "m", [])
     assert "<script>" not in page and "&lt;script&gt;" in page
     assert "No champion yet" in page
+
+
+def test_retractions_are_listed_with_who_when_why_and_counted_apart(tmp_path: Path) -> None:
+    from cd4ml import landing
+    from cd4ml.overview import _file_counts, _retractions
+    from cd4ml.spec import load_spec
+    from tests.helpers import write_spec
+
+    settings = Settings(tmp_path, tmp_path / "data", tmp_path / "specs", "http://mlflow")
+    (tmp_path / "specs").mkdir()
+    spec = load_spec(write_spec(tmp_path / "specs", "churn"))
+    zone = landing.Zone(settings.model_dir("churn")).ensure()
+    for name, content in (("a.csv", b"x\n1\n"), ("b.csv", b"x\n2\n"), ("c.csv", b"x\n3\n")):
+        (zone.landing / name).write_bytes(content)
+    a, b, c = landing.list_landed(zone)
+    landing.accept(zone, a, rows=1, accepted_at="2026-01-01T00:00:00+00:00", run_id="r1")
+    landing.accept(zone, b, rows=1, accepted_at="2026-01-02T00:00:00+00:00", run_id="r2")
+    landing.quarantine(zone, c, reason="c.csv: bad", details={"kind": "validation"})
+    landing.retract(
+        zone, "b.csv", reason="<b>leaked labels</b>", who="ana via cli", when="2026-02-01T00:00:00"
+    )
+
+    assert _file_counts(spec, settings) == {"waiting": 0, "accepted": 1, "quarantined": 1, "retracted": 1}
+    (r,) = _retractions(spec, settings, 10)
+    assert (r["file"], r["who"], r["when"], r["reason"], r["rows"]) == (
+        "b.csv", "ana via cli", "2026-02-01T00:00:00", "<b>leaked labels</b>", 1
+    )  # fmt: skip
+    view = overview([], [], None)
+    view.retractions = [r]
+    page = render_html([view], settings, "m", [])
+    assert "Retracted files" in page and "ana via cli" in page and "b.csv" in page
+    assert "<b>leaked" not in page and "&lt;b&gt;leaked labels&lt;/b&gt;" in page
+    assert "__retract" in page  # the DAG that retracts is linked

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 def build_dags(settings: Settings | None = None) -> dict[str, DAG]:
     """Every valid spec's DAGs, by dag_id. Broken specs are skipped here (see `spec_errors`)."""
     from cd4ml.airflow.monitor_dag import build_monitor_dag
+    from cd4ml.airflow.retract_dag import build_retract_dag
     from cd4ml.airflow.rollback_dag import build_rollback_dag
     from cd4ml.airflow.train_dag import build_train_dag
 
@@ -29,6 +30,7 @@ def build_dags(settings: Settings | None = None) -> dict[str, DAG]:
             build_train_dag(spec, settings),
             build_monitor_dag(spec, settings),
             build_rollback_dag(spec, settings),
+            build_retract_dag(spec, settings),
         )
         for built in built_dags:
             dags[built.dag_id] = built
