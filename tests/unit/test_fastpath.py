@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from cd4ml.datagen import generate_churn
 from cd4ml.serving.fastpath import compile_pipeline, split_rows, verified
@@ -74,3 +75,140 @@ def test_regression_pipelines_compile_too() -> None:
     assert proba is None
     assert np.array_equal(values, model.predict(features(spec, frame)))
     assert isinstance(pd.Series(values).iloc[0], float)
+
+
+def _mix_spec(numerical: list[str], categorical: list[str], estimator: dict | None = None):  # type: ignore[no-untyped-def]
+    from pathlib import Path
+
+    import yaml
+
+    from cd4ml.spec import parse_spec
+    from tests.helpers import spec_dict
+
+    raw = spec_dict(**({"estimator": estimator} if estimator else {}))
+    raw["features"] = {"numerical": numerical, "categorical": categorical}
+    return parse_spec(yaml.safe_dump(raw), Path("churn.yaml"))
+
+
+MIXES = [
+    (["age", "tenure_months", "monthly_charges"], []),
+    ([], ["plan", "region", "contract"]),
+    (["monthly_charges"], []),
+    ([], ["region"]),
+]
+
+
+def _odd_rows(spec, frame: pd.DataFrame) -> list[list[object]]:  # type: ignore[no-untyped-def]
+    odd = features(spec, frame).copy()
+    for col in spec.numerical:
+        odd.loc[odd.index[:7], col] = np.nan
+    for col in spec.categorical:
+        odd.loc[odd.index[7:14], col] = "never-seen"
+        odd.loc[odd.index[14:20], col] = None
+    return odd.astype(object).where(odd.notna(), None).values.tolist()
+
+
+LOGREG = {"class": "sklearn.linear_model.LogisticRegression", "params": {"max_iter": 500}}
+
+
+@pytest.mark.parametrize("estimator", [None, LOGREG], ids=["hist_gradient_boosting", "logistic_regression"])
+@pytest.mark.parametrize(("numerical", "categorical"), MIXES)
+def test_every_feature_mix_compiles_and_equals_sklearn(
+    numerical: list[str], categorical: list[str], estimator: dict | None
+) -> None:
+    spec = _mix_spec(numerical, categorical, estimator)
+    model = train(spec, SPLIT.train)
+    fast = verified(model, features(spec, SPLIT.train.head(5)), spec.feature_names)
+    assert fast is not None
+    assert (fast.numerical, fast.categorical) == (numerical, categorical)
+    rows = _odd_rows(spec, SPLIT.holdout)
+    frame = pd.DataFrame(rows, columns=spec.feature_names)
+    for col in numerical:
+        frame[col] = frame[col].astype(float)
+    labels, proba = fast.predict(*split_rows(fast, spec.feature_names, rows))
+    assert np.array_equal(proba, model.predict_proba(frame))
+    assert np.array_equal(labels, model.predict(frame))
+
+
+def test_an_unfitted_empty_transformer_is_skipped_not_fatal() -> None:
+    """Pipelines registered before the fix carry an unfitted encoder for an empty column list."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    numerical = ["age", "tenure_months"]
+    old = Pipeline([
+        ("preprocess", ColumnTransformer([
+            ("num", Pipeline([("impute", SimpleImputer(strategy="median")),
+                              ("scale", StandardScaler())]), numerical),
+            ("cat", Pipeline([("impute", SimpleImputer(strategy="constant", fill_value="__missing__")),
+                              ("onehot", OneHotEncoder(handle_unknown="ignore", sparse_output=False))]), []),
+        ], remainder="drop", verbose_feature_names_out=False)),
+        ("model", LogisticRegression()),
+    ])  # fmt: skip
+    x = SPLIT.train[numerical].astype(float)
+    old.fit(x, SPLIT.train["churned"])
+    fast = verified(old, x.head(5), numerical)
+    assert fast is not None and fast.categorical == [] and fast.width == 2
+
+
+@pytest.mark.parametrize(("numerical", "categorical"), [MIXES[0], MIXES[1]])
+def test_a_classifier_without_probabilities_serves_labels(
+    numerical: list[str], categorical: list[str]
+) -> None:
+    """SVC (no probability=True) with f1: labels on the fast path, and the service's sanity check passes."""
+    from dataclasses import replace
+
+    from cd4ml.serving.models import Slot, sanity_check
+    from cd4ml.serving.payload import FeatureSchema
+
+    spec = _mix_spec(numerical, categorical, {"class": "sklearn.svm.SVC", "params": {}})
+    spec = spec.model_copy(update={"metric": spec.metric.model_copy(update={"name": "f1"})})
+    model = train(spec, SPLIT.train.head(600))
+    example = features(spec, SPLIT.train.head(5))
+    fast = verified(model, example, spec.feature_names)
+    assert fast is not None and fast.classes is None
+    slot = Slot(name="m", version="1", run_id="", champion_since="", data_fingerprint="", loaded_at=0.0,
+                model=model, schema=FeatureSchema(tuple(numerical), tuple(categorical)), classes=None,
+                classifier=True)  # fmt: skip
+    for candidate in (slot, replace(slot, fast=fast)):
+        sanity_check(candidate, example)
+        out = candidate.predict(_odd_rows(spec, SPLIT.holdout.head(40)))
+        assert set(out["predictions"]) <= {0, 1} and "probabilities" not in out
+
+
+def test_sanity_check_still_refuses_non_finite_regression_output() -> None:
+    from cd4ml.serving.models import SanityError, Slot, sanity_check
+    from cd4ml.serving.payload import FeatureSchema
+
+    class Broken:
+        def predict(self, frame: pd.DataFrame) -> np.ndarray:
+            return np.full(len(frame), np.nan)
+
+    slot = Slot(name="m", version="1", run_id="", champion_since="", data_fingerprint="", loaded_at=0.0,
+                model=Broken(), schema=FeatureSchema(("age",), ()), classes=None)  # fmt: skip
+    with pytest.raises(SanityError, match="non-finite"):
+        sanity_check(slot, pd.DataFrame({"age": [30.0, 40.0]}))
+
+
+def test_missing_categories_in_the_training_data_serve_as_sklearn_does() -> None:
+    """Parquet gives nulls back as None, which the encoder learns as a category; NaN is imputed."""
+    spec = _mix_spec(["age"], ["plan", "region"], LOGREG)
+    train_frame = SPLIT.train.copy()
+    train_frame.loc[train_frame.index[::9], "region"] = None
+    model = train(spec, train_frame)
+    fast = verified(model, features(spec, train_frame.head(5)), spec.feature_names)
+    assert fast is not None
+    rows = [
+        [40.0, "basic", None],
+        [40.0, "basic", float("nan")],
+        [40.0, "basic", "mars"],
+        [None, None, "north"],
+    ]
+    frame = pd.DataFrame(rows, columns=spec.feature_names).astype({"age": float})
+    labels, proba = fast.predict(*split_rows(fast, spec.feature_names, rows))
+    assert np.array_equal(proba, model.predict_proba(frame))
+    assert np.array_equal(labels, model.predict(frame))
+    assert not np.array_equal(proba[0], proba[1])  # None and NaN really are different inputs

@@ -16,9 +16,11 @@ import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
 from sklearn.compose import ColumnTransformer
+from sklearn.exceptions import NotFittedError
 from sklearn.impute import SimpleImputer
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
+from sklearn.utils.validation import check_is_fitted
 
 
 @dataclass(frozen=True)
@@ -46,13 +48,19 @@ class FastPipeline:
             block = np.zeros((n, len(lookup)))
             for i in range(n):
                 value = cat[i, j]
-                if value is None or (isinstance(value, float) and np.isnan(value)):
+                # As SimpleImputer on object columns: NaN is missing, None is a value of its own
+                # (parquet hands nulls back as None, so the encoder may have learned it).
+                if isinstance(value, float) and np.isnan(value):
                     value = self.cat_fill
                 k = lookup.get(value)
                 if k is not None:
                     block[i, k] = 1.0
             blocks.append(block)
-        return np.hstack(blocks) if len(blocks) > 1 else x
+        if len(blocks) > 1:
+            return np.hstack(blocks)
+        # sklearn hands a lone numeric block on as the scaler made it, column-major from a DataFrame;
+        # BLAS-backed estimators round differently on the other memory layout.
+        return np.asfortranarray(x)
 
     def predict(
         self, num: NDArray[np.float64], cat: NDArray[Any]
@@ -65,47 +73,88 @@ class FastPipeline:
 
 
 def compile_pipeline(model: Any) -> FastPipeline | None:
-    """The fast path for a fitted cd4ml pipeline, or None if the pipeline has another shape."""
+    """The fast path for a fitted cd4ml pipeline, or None if the pipeline has another shape.
+
+    Any feature mix compiles: numbers and categories, numbers only, categories only. A transformer
+    with no columns (left unfitted by sklearn, as older cd4ml pipelines had) adds nothing.
+    """
     if not (isinstance(model, Pipeline) and len(model.steps) == 2):
         return None
     pre, estimator = model.steps[0][1], model.steps[1][1]
     if not isinstance(pre, ColumnTransformer) or pre.remainder != "drop":
         return None
-    named = dict((name, (trans, cols)) for name, trans, cols in pre.transformers_ if name != "remainder")
-    if set(named) != {"num", "cat"} or [t[0] for t in pre.transformers_[:2]] != ["num", "cat"]:
+    try:
+        used = [
+            (name, trans, list(cols))
+            for name, trans, cols in pre.transformers_
+            if name != "remainder" and len(cols) > 0
+        ]
+    except AttributeError:  # not fitted
         return None
-    num_pipe, numerical = named["num"]
-    cat_pipe, categorical = named["cat"]
-    if not (isinstance(num_pipe, Pipeline) and isinstance(cat_pipe, Pipeline)):
+    names = [name for name, _, _ in used]
+    if names not in (["num", "cat"], ["num"], ["cat"]):
         return None
-    imputer, scaler = (s for _, s in num_pipe.steps)
-    cat_imputer, encoder = (s for _, s in cat_pipe.steps)
-    ok = (
-        isinstance(imputer, SimpleImputer)
-        and isinstance(scaler, StandardScaler)
-        and isinstance(cat_imputer, SimpleImputer)
-        and cat_imputer.strategy == "constant"
-        and isinstance(encoder, OneHotEncoder)
-        and encoder.drop is None
-        and encoder.handle_unknown == "ignore"
-        and getattr(encoder, "_infrequent_enabled", False) is False
-    )
-    if not ok:
-        return None
-    categories = [{v: k for k, v in enumerate(cats.tolist())} for cats in encoder.categories_]
+    named = {name: (trans, cols) for name, trans, cols in used}
+    numerical: list[str] = []
+    num_fill: NDArray[np.float64] = np.zeros(0)
+    mean: NDArray[np.float64] | None = None
+    scale: NDArray[np.float64] | None = None
+    if "num" in named:
+        num_pipe, numerical = named["num"]
+        parts = _steps(num_pipe, SimpleImputer, StandardScaler)
+        if parts is None:
+            return None
+        imputer, scaler = parts
+        num_fill = np.asarray(imputer.statistics_, dtype=float)
+        mean = np.asarray(scaler.mean_) if scaler.with_mean else None
+        scale = np.asarray(scaler.scale_) if scaler.with_std else None
+    categorical: list[str] = []
+    categories: list[dict[Any, int]] = []
+    cat_fill: Any = None
+    if "cat" in named:
+        cat_pipe, categorical = named["cat"]
+        parts = _steps(cat_pipe, SimpleImputer, OneHotEncoder)
+        if parts is None:
+            return None
+        cat_imputer, encoder = parts
+        ok = (
+            cat_imputer.strategy == "constant"
+            and encoder.drop is None
+            and encoder.handle_unknown == "ignore"
+            and getattr(encoder, "_infrequent_enabled", False) is False
+        )
+        if not ok:
+            return None
+        cat_fill = cat_imputer.fill_value
+        categories = [{v: k for k, v in enumerate(cats.tolist())} for cats in encoder.categories_]
     proba = hasattr(estimator, "predict_proba") and hasattr(estimator, "classes_")
     return FastPipeline(
-        numerical=list(numerical),
-        categorical=list(categorical),
-        num_fill=np.asarray(imputer.statistics_, dtype=float),
-        mean=np.asarray(scaler.mean_) if scaler.with_mean else None,
-        scale=np.asarray(scaler.scale_) if scaler.with_std else None,
-        cat_fill=cat_imputer.fill_value,
+        numerical=numerical,
+        categorical=categorical,
+        num_fill=num_fill,
+        mean=mean,
+        scale=scale,
+        cat_fill=cat_fill,
         categories=categories,
         width=len(numerical) + sum(len(c) for c in categories),
         estimator=estimator,
         classes=np.asarray(estimator.classes_) if proba else None,
     )
+
+
+def _steps(pipe: Any, first: type, second: type) -> tuple[Any, Any] | None:
+    """The two fitted steps of a (first, second) sub-pipeline, or None for any other shape."""
+    if not (isinstance(pipe, Pipeline) and len(pipe.steps) == 2):
+        return None
+    a, b = (step for _, step in pipe.steps)
+    if not (isinstance(a, first) and isinstance(b, second)):
+        return None
+    try:
+        check_is_fitted(a)
+        check_is_fitted(b)
+    except NotFittedError:
+        return None
+    return a, b
 
 
 def split_rows(
@@ -114,7 +163,7 @@ def split_rows(
     index = {c: i for i, c in enumerate(columns)}
     num_idx = [index[c] for c in fast.numerical]
     cat_idx = [index[c] for c in fast.categorical]
-    num = np.array([[r[i] for i in num_idx] for r in rows], dtype=float)
+    num = np.array([[r[i] for i in num_idx] for r in rows], dtype=float).reshape(len(rows), len(num_idx))
     cat = np.array([[r[i] for i in cat_idx] for r in rows], dtype=object).reshape(len(rows), len(cat_idx))
     return num, cat
 
@@ -125,9 +174,8 @@ def verified(model: Any, example: pd.DataFrame, columns: list[str]) -> FastPipel
     if fast is None or example is None or example.empty:
         return None
     # The example plus the edge cases it may lack: every value missing, and unseen categories.
-    frame = pd.concat(
-        [example[columns], pd.DataFrame([[None] * len(columns)], columns=columns)], ignore_index=True
-    )
+    frame = example[columns].reset_index(drop=True).astype(object)
+    frame.loc[len(frame)] = [None] * len(columns)  # None, as JSON null arrives
     unseen = example[columns].head(1).copy()
     for col in fast.categorical:
         unseen[col] = "__cd4ml_unseen__"

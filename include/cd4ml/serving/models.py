@@ -37,8 +37,9 @@ class Slot:
     loaded_at: float
     model: Any
     schema: FeatureSchema
-    classes: list[Any] | None
+    classes: list[Any] | None  # set when the model gives class probabilities (served with them)
     fast: FastPipeline | None = None
+    classifier: bool = False  # predictions are labels, with or without probabilities
 
     def frame(self, rows: list[list[Any]]) -> pd.DataFrame:
         frame = pd.DataFrame(rows, columns=list(self.schema.columns))
@@ -116,12 +117,22 @@ def sanity_check(slot: Slot, example: pd.DataFrame | None) -> None:
     preds = out["predictions"]
     if len(preds) != len(rows):
         raise SanityError(f"{slot.name} v{slot.version}: {len(preds)} predictions for {len(rows)} rows")
-    if slot.classes is None and not np.all(np.isfinite(np.asarray(preds, dtype=float))):
+    if not slot.classifier and not np.all(np.isfinite(np.asarray(preds, dtype=float))):
         raise SanityError(f"{slot.name} v{slot.version}: non-finite predictions {preds[:5]}")
     if slot.classes is not None:
         proba = np.asarray(out["probabilities"], dtype=float)
         if not np.allclose(proba.sum(axis=1), 1.0, atol=1e-6):
             raise SanityError(f"{slot.name} v{slot.version}: probabilities do not sum to 1")
+
+
+def _fast_path(slot: Slot, example: pd.DataFrame | None) -> FastPipeline | None:
+    """The fast path is an optimisation: if it cannot be built, the version serves through sklearn."""
+    try:
+        return verified(slot.model, example, list(slot.schema.columns))
+    except Exception as err:  # noqa: BLE001 - never refuse a version that sklearn serves correctly
+        log.warning("%s v%s: no fast path (%s: %s); serving through sklearn",
+                    slot.name, slot.version, type(err).__name__, err)  # fmt: skip
+        return None
 
 
 @dataclass
@@ -190,6 +201,12 @@ class ModelStore:
                 raise SanityError(f"{name} v{version}: the model has no input signature")
             tags = mv.tags or {}
             classes = getattr(bundle.model, "classes_", None)
+            # SVC without probability=True, say, predicts labels but has no predict_proba to serve.
+            served_classes = (
+                [c.item() if hasattr(c, "item") else c for c in classes]
+                if classes is not None and hasattr(bundle.model, "predict_proba")
+                else None
+            )
             slot = Slot(
                 name=name,
                 version=version,
@@ -199,12 +216,11 @@ class ModelStore:
                 loaded_at=time.time(),
                 model=bundle.model,
                 schema=FeatureSchema(tuple(bundle.numerical), tuple(bundle.categorical)),
-                classes=[c.item() if hasattr(c, "item") else c for c in classes]
-                if classes is not None
-                else None,
+                classes=served_classes,
+                classifier=classes is not None,
             )
             sanity_check(slot, bundle.example)
-            fast = verified(bundle.model, bundle.example, list(slot.schema.columns))
+            fast = _fast_path(slot, bundle.example)
             if fast is not None:
                 slot = replace(slot, fast=fast)
                 sanity_check(slot, bundle.example)
