@@ -1,0 +1,112 @@
+"""`<model>__retract` with dag.test(): a file is taken back, the training DAG is asked to rerun,
+and the retrain leaves the file's rows out (real Airflow, GX, sklearn, MLflow and service)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cd4ml import landing
+from cd4ml.datagen import generate_churn
+from tests.helpers import LOGREG, write_spec
+from tests.integration.dagtools import land, run, run_dag, versions
+
+pytestmark = pytest.mark.integration
+MODEL = "retracted"
+
+
+def new_data_events(model: str) -> list[Any]:
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        return list(
+            session.scalars(
+                select(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+                .where(AssetModel.name == f"{model}.new_data")
+            )
+        )  # fmt: skip
+
+
+def queued_training(model: str) -> int:
+    from airflow.models.asset import AssetDagRunQueue
+    from airflow.utils.session import create_session
+    from sqlalchemy import func, select
+
+    with create_session() as session:
+        return int(
+            session.scalar(
+                select(func.count()).select_from(AssetDagRunQueue)
+                .where(AssetDagRunQueue.target_dag_id == f"{model}__train")
+            )
+            or 0
+        )  # fmt: skip
+
+
+def test_retracting_a_file_retrains_without_its_rows_and_is_listed(env: dict[str, Any]) -> None:
+    from cd4ml.overview import model_overview
+    from cd4ml.settings import get_settings
+    from cd4ml.spec import load_spec
+
+    spec_path = write_spec(env["specs"], MODEL, estimator=LOGREG, promotion__floor=None)
+    zone = landing.Zone(env["data"] / MODEL)
+    land(env, MODEL, "week0.csv", generate_churn(1200, seed=41))
+    assert run(env, MODEL)["__run__"] == "success"
+    land(env, MODEL, "week1.csv", generate_churn(800, seed=42, batch=1))
+    assert run(env, MODEL)["__run__"] == "success"
+    (week0,) = [f for f in landing.list_accepted(zone) if f.name == "week0.csv"]
+    (week1,) = [f for f in landing.list_accepted(zone) if f.name == "week1.csv"]
+    v2 = versions(env, MODEL)[-1]
+    assert v2.tags["cd4ml.data_fingerprint"] == landing.data_fingerprint([week0, week1])
+    both_rows = int(v2.tags["cd4ml.rows_train"])
+
+    # A key that names nothing fails at once (no retry), lists the candidates and moves nothing.
+    states = run_dag(f"{MODEL}__retract", {"file": "week7.csv", "reason": "typo"})
+    assert states["__run__"] == "failed" and states["retract_file"] == "failed", states
+    assert states["request_retrain"] == "upstream_failed"
+    assert len(landing.list_accepted(zone)) == 2 and new_data_events(MODEL) == []
+
+    states = run_dag(
+        f"{MODEL}__retract", {"file": week1.sha256[:10], "reason": "labels of week 1 were shifted"}
+    )
+    assert states["__run__"] == "success", states
+    assert [f.name for f in landing.list_accepted(zone)] == ["week0.csv"]
+    (moved,) = [p for p in zone.quarantine.iterdir() if p.name == Path(week1.path).name]
+    assert landing.file_sha256(moved) == week1.sha256  # every byte kept
+    reason = json.loads(moved.with_name(moved.name + ".reason.json").read_text())
+    assert reason["kind"] == "retracted" and reason["reason"] == "labels of week 1 were shifted"
+    assert f"{MODEL}__retract run {states['__run_id__']}" in reason["who"]
+    # The retrain is asked for the way new data asks for it: a new_data event the DAG listens to.
+    (event,) = new_data_events(MODEL)
+    assert event.extra["retracted"]["file"] == "week1.csv"
+    assert event.extra["retracted"]["sha256"] == week1.sha256
+    assert event.extra["retracted"]["reason"] == "labels of week 1 were shifted"
+    assert queued_training(MODEL) == 1
+
+    # The retrain (dag.test() has no scheduler to start it) learns from week0 only.
+    states = run(env, MODEL)
+    assert states["__run__"] == "success" and states["train_challenger"] == "success", states
+    v3 = versions(env, MODEL)[-1]
+    assert v3.version == "3"
+    assert v3.tags["cd4ml.data_fingerprint"] == landing.data_fingerprint([week0])
+    params = env["mlflow"].get_run(v3.run_id).data.params
+    assert int(params["rows_train"]) + int(params["rows_holdout"]) == 1200  # week0's rows, no more
+    assert int(v3.tags["cd4ml.rows_train"]) < both_rows
+
+    # Retracting it again changes nothing and reports the recorded retraction.
+    again = run_dag(f"{MODEL}__retract", {"file": "week1.csv", "reason": "again"})
+    assert again["__run__"] == "success"
+    assert len(landing.list_retractions(zone)) == 1
+
+    overview = model_overview(load_spec(spec_path), get_settings())
+    (listed,) = overview.retractions
+    assert (listed["file"], listed["sha256"], listed["reason"]) == (
+        "week1.csv", week1.sha256, "labels of week 1 were shifted"
+    )  # fmt: skip
+    assert listed["who"] == reason["who"] and listed["when"] == reason["when"]
+    assert overview.files["accepted"] == 1 and overview.files["retracted"] == 1
+    assert overview.as_dict()["retractions"][0]["file"] == "week1.csv"
