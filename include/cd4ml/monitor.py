@@ -140,6 +140,9 @@ def check_drift(
             "rows": len(current),
         },
     }
+    summary["new_categories"] = _new_categories(
+        spec, [snapshot, tags.get("cd4ml.holdout_snapshot", "")], current
+    )
     report_dir = settings.model_dir(spec.name) / "reports" / "drift" / run_key(run_id)
     report_dir.mkdir(parents=True, exist_ok=True)
     performance_drop = None
@@ -171,11 +174,46 @@ def check_drift(
     summary["mlflow_run_id"] = _log_to_mlflow(spec, settings, summary, report_dir, run_id)
     state["last_window_end"] = end.isoformat()
     save_state(settings, spec.name, state)
-    keep = ("window", "share", "drifted_columns", "decision", "report_uri", "champion_version")
+    keep = (
+        "window",
+        "share",
+        "drifted_columns",
+        "new_categories",
+        "decision",
+        "report_uri",
+        "champion_version",
+    )
     with (monitor_dir(settings, spec.name) / "checks.jsonl").open("a") as fh:
         fh.write(json.dumps({k: summary[k] for k in keep}, default=str) + "\n")
     log.info("%s: %s", spec.name, decision.reason)
     return {k: v for k, v in summary.items() if k != "columns"}
+
+
+def _new_categories(spec: ModelSpec, snapshots: list[str], current: Any) -> dict[str, Any]:
+    """Categorical values in the window that the champion never saw in its data (train + holdout).
+
+    Validation lets a share of rows with new values through (validation.max_new_category_fraction),
+    and the service answers them; this is where they become visible before the next retrain.
+    """
+    import pandas as pd
+
+    from cd4ml.validation import Reference, new_category_values
+
+    if not spec.categorical or current.empty:
+        return {}
+    known: dict[str, set[str]] = {c: set() for c in spec.categorical}
+    for path in snapshots:
+        if not path or not Path(path).exists():
+            continue
+        frame = pd.read_parquet(path, columns=[c for c in spec.categorical])
+        for col in spec.categorical:
+            known[col].update(frame[col].dropna().astype(str).unique().tolist())
+    reference = Reference(categories={c: sorted(v) for c, v in known.items() if v})
+    found = new_category_values(spec, reference, current)
+    for col, info in found.items():
+        log.info("%s: %d row(s) with values of %r the champion never saw: %s",
+                 spec.name, info["rows"], col, list(info["values"])[:5])  # fmt: skip
+    return found
 
 
 def _measure(spec: ModelSpec, model: Any, reference: Any, current: Any, report_dir: Path) -> dict[str, Any]:
@@ -253,6 +291,7 @@ def _log_to_mlflow(
         "drift_share": float(summary["share"]),
         "window_rows": float(summary["window"]["rows"]),
         "drifted_columns": float(len(summary["drifted_columns"])),
+        "new_category_rows": float(sum(c["rows"] for c in summary.get("new_categories", {}).values())),
     }
     with mlflow.start_run(run_name=f"drift check {run_id}", tags=tags) as run:
         mlflow.log_metrics(metrics)

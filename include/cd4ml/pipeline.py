@@ -5,7 +5,6 @@ in one plain process (used by benchmarks and for debugging without Airflow).
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import asdict
@@ -13,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cd4ml import landing, lineage
-from cd4ml.errors import Cd4mlError, DataReadError
+from cd4ml.errors import DataError, DataReadError, QuarantinedError, TrainingError
 from cd4ml.landing import Zone
 from cd4ml.settings import Settings
 from cd4ml.spec import ModelSpec
@@ -34,7 +33,13 @@ def zone_for(spec: ModelSpec, settings: Settings) -> Zone:
 
 
 def collect_landed_files(spec: ModelSpec, settings: Settings) -> dict[str, Any]:
-    """Every complete file in landing/; byte-identical copies of accepted files go to quarantine."""
+    """Every complete file in landing/; byte-identical copies of accepted files go to quarantine.
+
+    A spec whose model cannot be trained or scored fails here, before any file moves.
+    """
+    from cd4ml.training import check_trainable_spec
+
+    check_trainable_spec(spec)
     zone = zone_for(spec, settings)
     known = landing.accepted_hashes(zone)
     new: list[dict[str, Any]] = []
@@ -63,16 +68,60 @@ def collect_landed_files(spec: ModelSpec, settings: Settings) -> dict[str, Any]:
 # -- validate --------------------------------------------------------------------------------------
 
 
-def _read_accepted(spec: ModelSpec, zone: Zone) -> Any:
-    import pandas as pd
-
+def _read_accepted_files(spec: ModelSpec, zone: Zone) -> list[tuple[str, Any]]:
+    """(file name, normalised frame) per accepted file, in acceptance order: rows keep provenance."""
     from cd4ml.tables import read_table
     from cd4ml.validation import normalise
 
-    frames = [normalise(spec, read_table(Path(f.path))) for f in landing.list_accepted(zone)]
+    return [(f.name, normalise(spec, read_table(Path(f.path)))) for f in landing.list_accepted(zone)]
+
+
+def _concat(spec: ModelSpec, frames: list[Any]) -> Any:
+    import pandas as pd
+
     if not frames:
         return pd.DataFrame(columns=spec.columns)
     return pd.concat(frames, ignore_index=True)
+
+
+def _read_accepted(spec: ModelSpec, zone: Zone) -> Any:
+    return _concat(spec, [frame for _, frame in _read_accepted_files(spec, zone)])
+
+
+def file_problems(spec: ModelSpec, frame: Any) -> list[str]:
+    """Why one accepted file cannot be trained on: non-finite numbers, what preprocessing refuses."""
+    from cd4ml.training import preprocessing_problems
+    from cd4ml.validation import non_finite_counts
+
+    problems = [
+        f"column {col!r}: {count} non-finite values (inf, -inf or overflow)"
+        for col, count in non_finite_counts(spec, frame).items()
+    ]
+    if spec.target in frame.columns:
+        missing = int(frame[spec.target].isna().sum())
+        if missing:
+            problems.append(f"target {spec.target!r}: missing in {missing} rows")
+    # Non-finite numbers are reported once, in the words above.
+    problems += [p for p in preprocessing_problems(spec, frame) if "infinite values" not in p]
+    return problems
+
+
+def diagnose_accepted(spec: ModelSpec, files: list[tuple[str, Any]]) -> dict[str, list[str]]:
+    """Accepted files that cannot be trained on, each with its problems (empty: none is to blame)."""
+    return {name: found for name, frame in files if (found := file_problems(spec, frame))}
+
+
+def _blame(spec: ModelSpec, zone: Zone, culprits: dict[str, list[str]], what: str) -> DataError:
+    lines = [f"{spec.name}: {what}; the accepted file(s) responsible:"]
+    for name, problems in culprits.items():
+        lines.append(f"- {name}: " + "; ".join(problems))
+    first = next(iter(culprits))
+    lines.append(
+        "They were accepted before these checks existed, or under a looser spec; retraining will not "
+        f"help. Retract each one (e.g. `cd4ml data retract {spec.name} {first} --reason ...`, or the "
+        f"{spec.name}__retract DAG): it moves to {zone.quarantine}, nothing is deleted, and training reruns."
+    )
+    return DataError("\n".join(lines))
 
 
 def validate_landed_files(
@@ -87,10 +136,17 @@ def validate_landed_files(
     import pandas as pd
 
     from cd4ml.tables import read_table
+    from cd4ml.training import preprocessing_problems
     from cd4ml.validation import learn_reference, normalise, validate_frame
 
     zone = zone_for(spec, settings)
-    accepted_frame = _read_accepted(spec, zone)
+    accepted_files = _read_accepted_files(spec, zone)
+    accepted_frame = _concat(spec, [frame for _, frame in accepted_files])
+    if not accepted_frame.empty and preprocessing_problems(spec, accepted_frame):
+        # Not the new batches' fault: no batch could be accepted on top of this data.
+        culprits = diagnose_accepted(spec, accepted_files)
+        if culprits:
+            raise _blame(spec, zone, culprits, "the accepted data cannot be trained on")
     accepted: list[dict[str, Any]] = []
     quarantined: list[dict[str, Any]] = []
     docs_url = None
@@ -117,23 +173,36 @@ def validate_landed_files(
             context_root=zone.gx,
         )
         docs_url = outcome.docs_url or docs_url
+        problems = list(outcome.problems)
         if outcome.success:
-            record = landing.accept(zone, landed, rows=len(frame), accepted_at=run_time, run_id=run_id)
-            accepted.append({**asdict(record), "validation": outcome.summary()})
-            accepted_frame = (
+            # Anything accepted must be trainable: the model's own preprocessing has the last word.
+            combined = (
                 frame if accepted_frame.empty else pd.concat([accepted_frame, frame], ignore_index=True)
             )
+            problems = [
+                f"the model's preprocessing refuses this batch with the accepted data: {p}"
+                for p in preprocessing_problems(spec, combined)
+            ]
+        if not problems:
+            record = landing.accept(zone, landed, rows=len(frame), accepted_at=run_time, run_id=run_id)
+            accepted.append({**asdict(record), "validation": outcome.summary()})
+            accepted_frame = combined
         else:
+            verdict = (
+                f"rejected by validation ({outcome.summary()})"
+                if not outcome.success
+                else f"rejected: it {outcome.summary()}, but no model could be trained on it"
+            )
             lines = [
-                f"{landed.name} was rejected by validation ({outcome.summary()}):",
-                *[f"- {p}" for p in outcome.problems],
+                f"{landed.name} was {verdict}:",
+                *[f"- {p}" for p in problems],
                 f"Data Docs: {outcome.docs_url}" if outcome.docs_url else "",
                 "Fix the file and land it again; nothing was trained on it.",
             ]
             reason = "\n".join(line for line in lines if line)
             target = landing.quarantine(
                 zone, landed, reason=reason,
-                details={"kind": "validation", "problems": outcome.problems, "run_id": run_id,
+                details={"kind": "validation", "problems": problems, "run_id": run_id,
                          "docs_url": outcome.docs_url},
             )  # fmt: skip
             quarantined.append({"name": landed.name, "path": str(target), "reason": reason})
@@ -145,14 +214,37 @@ def validate_landed_files(
 
 
 def prepare_datasets(spec: ModelSpec, settings: Settings, *, run_id: str) -> dict[str, Any]:
-    """Training set and holdout from every accepted file, saved under runs/<run key>/."""
-    from cd4ml.training import split_holdout
+    """Training set and holdout from every accepted file, saved under runs/<run key>/.
+
+    Refuses (DataError naming the files) accepted data no model can be fitted on, and (SpecError) a
+    target the spec's task or metric cannot be computed on, before anything is fitted.
+    """
+    from cd4ml.training import check_target, split_holdout
+    from cd4ml.validation import non_finite_counts
 
     zone = zone_for(spec, settings)
     files = landing.list_accepted(zone)
     if not files:
         return {"empty": True, "fingerprint": None}
-    split = split_holdout(spec, _read_accepted(spec, zone))
+    per_file = _read_accepted_files(spec, zone)
+    # Files accepted before non-finite numbers were refused (or under a looser spec) must not reach
+    # a fit: training would fail on every attempt without saying which file to take back.
+    culprits = {
+        name: [f"column {c!r}: {n} non-finite values (inf, -inf or overflow)" for c, n in found.items()]
+        for name, frame in per_file
+        if (found := non_finite_counts(spec, frame))
+    }
+    if culprits:
+        raise _blame(spec, zone, culprits, "accepted data holds non-finite numbers, which no model can fit")
+    accepted = _concat(spec, [frame for _, frame in per_file])
+    try:
+        check_target(spec, accepted[spec.target])
+    except DataError as err:
+        blamed = diagnose_accepted(spec, per_file)
+        if blamed:
+            raise _blame(spec, zone, blamed, str(err)) from None
+        raise
+    split = split_holdout(spec, accepted)
     out = zone.runs / run_key(run_id)
     out.mkdir(parents=True, exist_ok=True)
     split.train.to_parquet(out / "train.parquet", index=False)
@@ -231,7 +323,15 @@ def train_challenger(
 
     train_frame = pd.read_parquet(datasets["train_path"])
     holdout = pd.read_parquet(datasets["holdout_path"])
-    model = training.train(spec, train_frame)
+    try:
+        model = training.train(spec, train_frame)
+    except TrainingError as err:
+        # Deterministic either way; when the data is to blame, say which accepted file to take back.
+        zone = zone_for(spec, settings)
+        culprits = diagnose_accepted(spec, _read_accepted_files(spec, zone))
+        if culprits:
+            raise _blame(spec, zone, culprits, f"training failed ({err})") from None
+        raise
     holdout_score = score(spec.metric.name, holdout[spec.target].to_numpy(),
                           training.metric_inputs(spec, model, holdout))  # fmt: skip
     example = training.features(spec, train_frame.head(5))
@@ -393,7 +493,7 @@ def run_training(
     collected = collect_landed_files(spec, settings)
     validation = validate_landed_files(spec, settings, collected["new"], run_id=run_id, run_time=run_time)
     if validation["quarantined"] and not validation["accepted"]:
-        raise Cd4mlError(json.dumps(validation["quarantined"]))
+        raise QuarantinedError(validation["quarantined"])
     datasets = prepare_datasets(spec, settings, run_id=run_id)
     needed, why = training_needed(spec, settings, datasets, force=force)
     if not needed:

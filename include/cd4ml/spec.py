@@ -173,12 +173,52 @@ class Expectation(_Strict):
 
 
 class Validation(_Strict):
+    """How landed batches are judged. Declared bounds (`min`/`max`, `values`) are strict; what is
+    learned from accepted data allows the shares below. Defaults were chosen on the dataset zoo
+    (tests/zoo): no real dataset there is quarantined, every broken file in the reliability corpus is."""
+
     min_rows: int = Field(default=10, ge=1)
     max_rows: int | None = Field(default=None, ge=1)
-    max_null_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
-    max_duplicate_fraction: float = Field(default=0.01, ge=0.0, le=1.0)
+    max_null_fraction: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Optional fixed cap on the share of null values in any feature column of any batch, the "
+            "first included. Unset: batches are compared with accepted data (max_excess_null_fraction)."
+        ),
+    )
+    max_excess_null_fraction: float = Field(
+        default=0.1,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Share of a feature column that may be null beyond its null share in accepted data "
+            "(a survey question skipped by many is normal; a column that empties out is not)."
+        ),
+    )
+    max_duplicate_fraction: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Optional fixed cap on the share of duplicated rows in any batch, the first included. "
+            "Unset: batches are compared with accepted data (max_excess_duplicate_fraction)."
+        ),
+    )
+    max_excess_duplicate_fraction: float = Field(
+        default=0.1,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Share of rows that may be duplicated beyond what accepted data predicts for a batch of "
+            "that size (survey answers repeat legitimately; an export appended to itself does not)."
+        ),
+    )
     range_tolerance: float = Field(
-        default=0.5, ge=0.0, description="Learned ranges are widened by this fraction of their span."
+        default=1.0,
+        ge=0.0,
+        description="Learned ranges are widened by this multiple of their robust span on each side.",
     )
     max_outside_learned_range: float = Field(
         default=0.01,
@@ -186,7 +226,25 @@ class Validation(_Strict):
         le=1.0,
         description="Share of rows allowed outside a learned range (the spec's own min/max allow none).",
     )
+    max_new_category_fraction: float = Field(
+        default=0.05,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Share of rows that may carry a categorical value (or class) not seen in accepted data, "
+            "on top of the share the accepted data itself predicts; declared `values:` allow none. "
+            "New values join the learned domain once their batch is accepted."
+        ),
+    )
     learn_categories: bool = True
+    allow_new_classes: bool = Field(
+        default=False,
+        description=(
+            "Let a classification target gain classes (within max_new_category_fraction of rows). "
+            "Off: a label not seen in accepted data is refused, since a class first seen in the "
+            "newest rows would sit only in the holdout, where no model trained without it is scored."
+        ),
+    )
     allow_extra_columns: bool = False
     expectations: list[Expectation] = Field(default_factory=list)
 

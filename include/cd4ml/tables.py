@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
+import math
+import re
 import warnings
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pandas as pd
 from cd4ml.errors import DataReadError
 
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+_NUMBER = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$")
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -75,6 +78,23 @@ def _read_csv(path: Path) -> pd.DataFrame:
             f"{path.name}: found a single column {str(frame.columns[0])[:80]!r}; "
             "the file looks delimited by something other than commas"
         )
+    return _overflowed_numbers(frame)
+
+
+def _overflowed_numbers(frame: pd.DataFrame) -> pd.DataFrame:
+    """Columns pandas left as text only because a literal overflows float64 ('1e400') become numbers.
+
+    pandas' CSV parser gives up on a whole column at one such literal; the column is numeric, and its
+    overflowed values are infinite, which validation rejects by name and count rather than as a
+    column of "wrong type".
+    """
+    for col in frame.select_dtypes(include="object").columns:
+        values = frame[col].dropna()
+        if values.empty or not all(isinstance(v, str) and _NUMBER.match(v) for v in values):
+            continue
+        numbers = values.map(float)
+        if any(math.isinf(x) for x in numbers):
+            frame[col] = frame[col].map(lambda v: v if pd.isna(v) else float(v)).astype("float64")
     return frame
 
 

@@ -2,19 +2,35 @@
 
 `learn_reference` and `expectation_configs` are pure; `validate_frame` runs GX (ephemeral, or a
 file context under the model's zone so Data Docs are built) and turns its result into sentences a
-data owner can act on.
+data owner can act on: each names the spec field that sets the threshold it broke, and its value.
+
+What is learned from accepted data is learned robustly, so that no accepted batch can poison the
+reference for the next one:
+
+- numeric ranges come from quantiles of the finite values (the share trimmed is the share a batch
+  may put outside a range), widened by `range_tolerance` spans; the accepted extremes count too,
+  but never more than `EXTREME_SPANS` spans beyond the quantiles;
+- non-finite numbers (inf, -inf, overflow) are rejected whatever any tolerance says;
+- categorical domains and target classes admit a share of rows with new values
+  (`max_new_category_fraction`, plus the share of new values the accepted data itself predicts);
+- duplicated rows are compared with the share expected for a batch of the same size drawn from the
+  accepted data (legitimately repeated answers repeat there too), plus `max_excess_duplicate_fraction`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
+from cd4ml.errors import SpecError
 from cd4ml.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -25,14 +41,31 @@ NUMERIC_DTYPES = [
     "float16", "float32", "float64", "Float32", "Float64",
 ]  # fmt: skip
 
+FLOAT_MAX = float(np.finfo(np.float64).max)
+# The accepted data's own extremes widen a learned range, but by at most this many robust spans:
+# a rare legitimate value (a 0/1 flag that is 1 in 0.5% of rows) stays inside, while a batch that
+# slipped 0.9% of values x1e6 under the allowance cannot stretch the range by orders of magnitude.
+EXTREME_SPANS = 3.0
+# Quantiles of a learned range trim at least this share and at most this share of each side.
+MIN_TRIM, MAX_TRIM = 0.001, 0.25
+
 
 @dataclass(frozen=True)
 class Reference:
-    """What accepted data taught us: numeric ranges, categorical domains, target classes."""
+    """What accepted data taught us: numeric ranges, categorical domains, target classes.
+
+    `new_value_rates` is the share of rows expected to carry a value not seen before (Good-Turing:
+    values seen once / rows): high for an id-like column, zero for a handful of well-filled codes.
+    `duplicates` profiles how often identical rows recur: (multiplicity, distinct rows with it).
+    `null_rates` is each feature column's share of nulls.
+    """
 
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     categories: dict[str, list[Any]] = field(default_factory=dict)
     rows: int = 0
+    new_value_rates: dict[str, float] = field(default_factory=dict)
+    duplicates: tuple[tuple[int, int], ...] = ()
+    null_rates: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -58,27 +91,152 @@ def normalise(spec: ModelSpec, frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def numeric_columns(spec: ModelSpec) -> list[str]:
+    """Columns that must hold finite numbers: numeric features and a regression target."""
+    return list(spec.numerical) + ([spec.target] if spec.task == "regression" else [])
+
+
+# -- learning the reference ------------------------------------------------------------------------
+
+
+def _trim(spec: ModelSpec) -> float:
+    # Rows outside a learned range are admitted up to this share per batch, so a quantile that trims
+    # the same share cannot be moved by them.
+    return min(max(spec.validation.max_outside_learned_range, MIN_TRIM), MAX_TRIM)
+
+
+def robust_range(values: pd.Series, *, trim: float, tolerance: float) -> tuple[float, float] | None:
+    """The learned range of a numeric column: finite values only, quantiles, capped extremes."""
+    numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
+    finite = numbers[np.isfinite(numbers)]
+    if finite.size == 0:
+        return None
+    q_lo = float(np.quantile(finite, trim, method="higher"))
+    q_hi = float(np.quantile(finite, 1.0 - trim, method="lower"))
+    # |q| keeps a range useful for columns far from zero with a small spread (a year, a constant
+    # batch): a new year is inside; a unit change (x1000) is not.
+    span = max(q_hi - q_lo, abs(q_lo), abs(q_hi)) or 1.0
+    lo = min(q_lo, max(float(finite.min()), q_lo - EXTREME_SPANS * span)) - tolerance * span
+    hi = max(q_hi, min(float(finite.max()), q_hi + EXTREME_SPANS * span)) + tolerance * span
+    return lo, hi
+
+
+def new_value_rate(values: pd.Series) -> float:
+    """Good-Turing estimate of the share of future rows that carry a value not seen in `values`."""
+    present = values.dropna()
+    if present.empty:
+        return 0.0
+    counts = present.astype(str).value_counts()
+    return float((counts == 1).sum()) / len(present)
+
+
+def duplicate_profile(frame: pd.DataFrame) -> tuple[tuple[int, int], ...]:
+    """(multiplicity, number of distinct rows seen that many times), ascending."""
+    if frame.empty:
+        return ()
+    per_row = frame.astype(str).value_counts(dropna=False).to_numpy()
+    return tuple(sorted(Counter(int(c) for c in per_row).items()))
+
+
+def expected_duplicate_share(profile: tuple[tuple[int, int], ...], n: int) -> float:
+    """Share of rows duplicated within a batch of `n` rows drawn from the profiled data.
+
+    Counted as GX counts them: every row of a group of two or more identical rows. A batch no larger
+    than the accepted data is a draw without replacement (hypergeometric); a larger one is
+    extrapolated with replacement from the rows seen repeatedly (rows seen once are treated as
+    never repeating: a continuous table must not be expected to repeat itself).
+    """
+    total = sum(c * m for c, m in profile)
+    if n < 2 or total < 2:
+        return 0.0
+    from scipy import stats
+
+    duplicated = 0.0
+    for c, m in profile:
+        if c < 2:
+            continue
+        if n <= total:
+            once = float(stats.hypergeom.pmf(1, total, c, n))
+            mean = n * c / total
+        else:
+            p = c / total
+            once = n * p * math.exp((n - 1) * math.log1p(-p))
+            mean = n * p
+        duplicated += m * (mean - once)
+    return min(max(duplicated / n, 0.0), 1.0)
+
+
 def learn_reference(spec: ModelSpec, accepted: pd.DataFrame) -> Reference:
     if accepted.empty:
         return Reference()
     tol = spec.validation.range_tolerance
     ranges: dict[str, tuple[float, float]] = {}
-    numeric_cols = list(spec.numerical) + ([spec.target] if spec.task == "regression" else [])
-    for col in numeric_cols:
-        values = pd.to_numeric(accepted[col], errors="coerce").dropna()
-        if values.empty:
-            continue
-        lo, hi = float(values.min()), float(values.max())
-        span = max(hi - lo, abs(hi), 1.0)
-        ranges[col] = (lo - tol * span, hi + tol * span)
+    for col in numeric_columns(spec):
+        if col in accepted.columns:
+            learned = robust_range(accepted[col], trim=_trim(spec), tolerance=tol)
+            if learned is not None:
+                ranges[col] = learned
     categories: dict[str, list[Any]] = {}
+    rates: dict[str, float] = {}
     if spec.validation.learn_categories:
         for col in spec.categorical:
-            categories[col] = sorted(str(v) for v in accepted[col].dropna().unique())
-    if spec.task == "classification":
+            if col in accepted.columns:
+                categories[col] = sorted(str(v) for v in accepted[col].dropna().unique())
+                rates[col] = new_value_rate(accepted[col])
+    if spec.task == "classification" and spec.target in accepted.columns:
         # Classes keep their own type (0/1 stay ints), so a batch that labels them "yes"/"no" fails.
         categories[spec.target] = sorted(accepted[spec.target].dropna().unique().tolist(), key=str)
-    return Reference(ranges=ranges, categories=categories, rows=len(accepted))
+        rates[spec.target] = new_value_rate(accepted[spec.target])
+    present = [c for c in spec.columns if c in accepted.columns]
+    return Reference(
+        ranges=ranges,
+        categories=categories,
+        rows=len(accepted),
+        new_value_rates=rates,
+        duplicates=duplicate_profile(accepted[present]) if present == spec.columns else (),
+        null_rates={c: float(accepted[c].isna().mean()) for c in spec.feature_names if c in accepted.columns},
+    )
+
+
+def new_category_values(spec: ModelSpec, reference: Reference, frame: pd.DataFrame) -> dict[str, Any]:
+    """Per learned categorical column: values in `frame` the reference has not seen, with counts."""
+    out: dict[str, Any] = {}
+    for col in spec.categorical:
+        known = reference.categories.get(col)
+        if known is None or col not in frame.columns:
+            continue
+        present = frame[col].dropna().astype(str)
+        unseen = present[~present.isin(set(known))]
+        if not unseen.empty:
+            counts = unseen.value_counts()
+            out[col] = {
+                "rows": len(unseen),
+                "share": round(len(unseen) / max(len(present), 1), 6),
+                "values": {str(k): int(v) for k, v in counts.head(20).items()},
+                "distinct": len(counts),
+            }
+    return out
+
+
+def non_finite_counts(spec: ModelSpec, frame: pd.DataFrame) -> dict[str, int]:
+    """Columns that must be finite numbers and hold inf, -inf or an overflowed literal: counts."""
+    out: dict[str, int] = {}
+    for col in numeric_columns(spec):
+        if col not in frame.columns:
+            continue
+        numbers = pd.to_numeric(frame[col], errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
+        count = int(np.isinf(numbers).sum())
+        if count:
+            out[col] = count
+    return out
+
+
+# -- the suite -------------------------------------------------------------------------------------
+
+
+def _rule(rule: str, **details: Any) -> dict[str, Any]:
+    """GX `meta` of an expectation: which rule it enforces and which spec field sets it."""
+    return {"rule": rule, **details}
 
 
 def _bounds(
@@ -94,75 +252,196 @@ def _bounds(
     return (d_lo, d_hi), (l_lo, l_hi)
 
 
+def _allowance(fraction: float) -> float | None:
+    """GX `mostly` for a share of rows allowed to fail; None when everything is allowed."""
+    return None if fraction >= 1.0 else round(1.0 - fraction, 6)
+
+
+def _range_checks(spec: ModelSpec, reference: Reference, col: str) -> list[tuple[str, dict[str, Any]]]:
+    v = spec.validation
+    out: list[tuple[str, dict[str, Any]]] = [
+        (
+            "ExpectColumnValuesToBeBetween",
+            {"column": col, "min_value": -FLOAT_MAX, "max_value": FLOAT_MAX, "meta": _rule("finite")},
+        )
+    ]
+    (lo, hi), (learned_lo, learned_hi) = _bounds(spec, reference, col)
+    if lo is not None or hi is not None:  # the spec's bounds: every row
+        out.append((
+            "ExpectColumnValuesToBeBetween",
+            {"column": col, "min_value": lo, "max_value": hi, "meta": _rule("declared_range")},
+        ))  # fmt: skip
+    mostly = _allowance(v.max_outside_learned_range)
+    if (learned_lo is not None or learned_hi is not None) and mostly is not None:
+        # Learned from past data: a drifting world may step a little outside; a broken file won't.
+        out.append((
+            "ExpectColumnValuesToBeBetween",
+            {"column": col, "min_value": learned_lo, "max_value": learned_hi, "mostly": mostly,
+             "meta": _rule("learned_range", allowed=v.max_outside_learned_range,
+                           tolerance=v.range_tolerance)},
+        ))  # fmt: skip
+    return out
+
+
+def _domain_check(
+    spec: ModelSpec, reference: Reference, col: str, declared: list[str] | None
+) -> tuple[str, dict[str, Any]] | None:
+    if declared is not None:
+        return (
+            "ExpectColumnValuesToBeInSet",
+            {"column": col, "value_set": list(declared), "meta": _rule("declared_values")},
+        )
+    known = reference.categories.get(col)
+    if not known:
+        return None
+    fraction = spec.validation.max_new_category_fraction
+    expected = reference.new_value_rates.get(col, 0.0)
+    mostly = _allowance(expected + fraction)
+    if mostly is None:
+        return None
+    return (
+        "ExpectColumnValuesToBeInSet",
+        {"column": col, "value_set": list(known), "mostly": mostly,
+         "meta": _rule("learned_values", allowed=fraction, expected=round(expected, 6))},
+    )  # fmt: skip
+
+
 def expectation_configs(
-    spec: ModelSpec, reference: Reference, columns: list[str]
+    spec: ModelSpec, reference: Reference, columns: list[str], rows: int | None = None
 ) -> list[tuple[str, dict[str, Any]]]:
-    """The suite as (GX expectation class name, kwargs) pairs; only columns present get column checks."""
+    """The suite as (GX expectation class name, kwargs) pairs; only columns present get column checks.
+
+    `rows` is the batch's row count: the duplicate share expected from accepted data depends on it.
+    Each kwargs carries `meta`: the rule it enforces, for the quarantine reason and Data Docs.
+    """
     v = spec.validation
     present = set(columns)
-    mostly_non_null = round(1.0 - v.max_null_fraction, 6)
-    mostly_in_range = round(1.0 - v.max_outside_learned_range, 6)
     out: list[tuple[str, dict[str, Any]]] = [
         (
             "ExpectTableColumnsToMatchSet",
-            {"column_set": spec.columns, "exact_match": not v.allow_extra_columns},
+            {"column_set": spec.columns, "exact_match": not v.allow_extra_columns, "meta": _rule("columns")},
         ),
-        ("ExpectTableRowCountToBeBetween", {"min_value": v.min_rows, "max_value": v.max_rows}),
+        (
+            "ExpectTableRowCountToBeBetween",
+            {"min_value": v.min_rows, "max_value": v.max_rows, "meta": _rule("rows")},
+        ),
     ]
     for col in spec.numerical:
         if col not in present:
             continue
-        out.append(("ExpectColumnValuesToBeInTypeList", {"column": col, "type_list": NUMERIC_DTYPES}))
-        out.append(("ExpectColumnValuesToNotBeNull", {"column": col, "mostly": mostly_non_null}))
-        (lo, hi), (learned_lo, learned_hi) = _bounds(spec, reference, col)
-        if lo is not None or hi is not None:  # the spec's bounds: every row
-            out.append(("ExpectColumnValuesToBeBetween", {"column": col, "min_value": lo, "max_value": hi}))
-        if learned_lo is not None or learned_hi is not None:
-            # Learned from past data: a drifting world may step a little outside; a broken file won't.
-            out.append((
-                "ExpectColumnValuesToBeBetween",
-                {"column": col, "min_value": learned_lo, "max_value": learned_hi, "mostly": mostly_in_range},
-            ))  # fmt: skip
+        out.append((
+            "ExpectColumnValuesToBeInTypeList",
+            {"column": col, "type_list": NUMERIC_DTYPES, "meta": _rule("numeric")},
+        ))  # fmt: skip
+        out.extend(_null_checks(spec, reference, col, rows))
+        out.extend(_range_checks(spec, reference, col))
     for feat in spec.features.categorical:
         if feat.name not in present:
             continue
-        out.append(("ExpectColumnValuesToNotBeNull", {"column": feat.name, "mostly": mostly_non_null}))
-        domain = feat.values if feat.values is not None else reference.categories.get(feat.name)
-        if domain:
-            out.append(("ExpectColumnValuesToBeInSet", {"column": feat.name, "value_set": list(domain)}))
+        out.extend(_null_checks(spec, reference, feat.name, rows))
+        domain = _domain_check(spec, reference, feat.name, feat.values)
+        if domain is not None:
+            out.append(domain)
     if spec.target in present:
-        out.append(("ExpectColumnValuesToNotBeNull", {"column": spec.target}))
+        out.append(("ExpectColumnValuesToNotBeNull", {"column": spec.target, "meta": _rule("target_nulls")}))
         if spec.task == "classification":
-            out.append(("ExpectColumnUniqueValueCountToBeBetween", {"column": spec.target, "min_value": 2}))
+            out.append((
+                "ExpectColumnUniqueValueCountToBeBetween",
+                {"column": spec.target, "min_value": 2, "meta": _rule("target_classes")},
+            ))  # fmt: skip
             classes = reference.categories.get(spec.target)
-            if classes:
-                out.append(("ExpectColumnValuesToBeInSet", {"column": spec.target, "value_set": classes}))
+            if classes and not v.allow_new_classes:
+                # A class first seen in the newest rows lands in the holdout, where a model that never
+                # saw it cannot be scored: a new class is a decision, not drift.
+                out.append((
+                    "ExpectColumnValuesToBeInSet",
+                    {"column": spec.target, "value_set": classes, "meta": _rule("target_values")},
+                ))  # fmt: skip
+            elif (gaining := _domain_check(spec, reference, spec.target, None)) is not None:
+                out.append(gaining)
         else:
-            out.append(
-                ("ExpectColumnValuesToBeInTypeList", {"column": spec.target, "type_list": NUMERIC_DTYPES})
-            )
-            out.append(("ExpectColumnStdevToBeBetween", {"column": spec.target, "min_value": 1e-12}))
-            if spec.target in reference.ranges:
-                lo, hi = reference.ranges[spec.target]
-                out.append(
-                    (
-                        "ExpectColumnValuesToBeBetween",
-                        {"column": spec.target, "min_value": lo, "max_value": hi},
-                    )
-                )
+            out.append((
+                "ExpectColumnValuesToBeInTypeList",
+                {"column": spec.target, "type_list": NUMERIC_DTYPES, "meta": _rule("numeric")},
+            ))  # fmt: skip
+            out.append((
+                "ExpectColumnStdevToBeBetween",
+                {"column": spec.target, "min_value": 1e-12, "meta": _rule("target_constant")},
+            ))  # fmt: skip
+            out.extend(_range_checks(spec, reference, spec.target))
     if spec.timestamp and spec.timestamp in present:
-        out.append(("ExpectColumnValuesToNotBeNull", {"column": spec.timestamp}))
-        out.append(("ExpectColumnValuesToBeDateutilParseable", {"column": spec.timestamp}))
-    if set(spec.columns) <= present:
+        out.append(("ExpectColumnValuesToNotBeNull", {"column": spec.timestamp, "meta": _rule("timestamp")}))
         out.append(
             (
-                "ExpectCompoundColumnsToBeUnique",
-                {"column_list": spec.columns, "mostly": round(1.0 - v.max_duplicate_fraction, 6)},
+                "ExpectColumnValuesToBeDateutilParseable",
+                {"column": spec.timestamp, "meta": _rule("timestamp")},
             )
         )
+    if set(spec.columns) <= present:
+        out.extend(_duplicate_checks(spec, reference, rows))
     for extra in v.expectations:
-        out.append((extra.expectation, dict(extra.kwargs)))
+        out.append((extra.expectation, {**extra.kwargs, "meta": _rule("extra")}))
     return out
+
+
+def _null_checks(
+    spec: ModelSpec, reference: Reference, col: str, rows: int | None
+) -> list[tuple[str, dict[str, Any]]]:
+    v = spec.validation
+    out: list[tuple[str, dict[str, Any]]] = []
+    if v.max_null_fraction is not None:
+        out.append((
+            "ExpectColumnValuesToNotBeNull",
+            {"column": col, "mostly": round(1.0 - v.max_null_fraction, 6),
+             "meta": _rule("nulls_cap", allowed=v.max_null_fraction)},
+        ))  # fmt: skip
+    learned = reference.null_rates.get(col)
+    if learned is not None:
+        mostly = _allowance(learned + v.max_excess_null_fraction)
+        if mostly is not None:
+            out.append((
+                "ExpectColumnValuesToNotBeNull",
+                {"column": col, "mostly": mostly,
+                 "meta": _rule("nulls_learned", allowed=v.max_excess_null_fraction,
+                               expected=round(learned, 6))},
+            ))  # fmt: skip
+    elif v.max_null_fraction is None and rows:
+        # The first batch has nothing to be compared with; only a column with no value at all is
+        # certainly broken.
+        out.append((
+            "ExpectColumnValuesToNotBeNull",
+            {"column": col, "mostly": round(1.0 / (rows + 1), 9), "meta": _rule("nulls_all")},
+        ))  # fmt: skip
+    return out
+
+
+def _duplicate_checks(
+    spec: ModelSpec, reference: Reference, rows: int | None
+) -> list[tuple[str, dict[str, Any]]]:
+    v = spec.validation
+    out: list[tuple[str, dict[str, Any]]] = []
+    if v.max_duplicate_fraction is not None and (mostly := _allowance(v.max_duplicate_fraction)) is not None:
+        out.append((
+            "ExpectCompoundColumnsToBeUnique",
+            {"column_list": spec.columns, "mostly": mostly,
+             "meta": _rule("duplicates_cap", allowed=v.max_duplicate_fraction)},
+        ))  # fmt: skip
+    if reference.duplicates and rows:
+        # Compared with accepted data, not with a fixed share: survey answers repeat legitimately,
+        # a categorical-only table is mostly repeats, while an export appended to itself is not.
+        expected = expected_duplicate_share(reference.duplicates, rows)
+        mostly = _allowance(expected + v.max_excess_duplicate_fraction)
+        if mostly is not None:
+            out.append((
+                "ExpectCompoundColumnsToBeUnique",
+                {"column_list": spec.columns, "mostly": mostly,
+                 "meta": _rule("duplicates_learned", allowed=v.max_excess_duplicate_fraction,
+                               expected=round(expected, 6), rows=rows)},
+            ))  # fmt: skip
+    return out
+
+
+# -- describing failures ---------------------------------------------------------------------------
 
 
 def _num(value: Any, unbounded: str = "None") -> str:
@@ -171,56 +450,164 @@ def _num(value: Any, unbounded: str = "None") -> str:
     return f"{value:.6g}" if isinstance(value, float | int) else str(value)
 
 
-def _describe(kind: str, kwargs: dict[str, Any], result: dict[str, Any], exception: str | None) -> str:
+def _pct(fraction: float) -> str:
+    return f"{fraction:.1%}" if fraction >= 0.001 or fraction == 0 else f"{fraction:.3%}"
+
+
+def _setting(spec: ModelSpec, *assignments: str) -> str:
+    """'(validation.x = 0.01; change it in include/specs/<model>.yaml)'."""
+    return f"({'; '.join(assignments)}; change it in {spec_location(spec)})"
+
+
+def spec_location(spec: ModelSpec) -> str:
+    """Where the model's spec lives, relative to the project when it is inside it."""
+    from cd4ml.settings import PROJECT_ROOT, get_settings
+
+    path = get_settings().specs_dir / f"{spec.name}.yaml"
+    try:
+        return str(path.relative_to(PROJECT_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def _declared_bounds(spec: ModelSpec, col: str) -> str:
+    feat = next((f for f in spec.features.numerical if f.name == col), None)
+    parts = []
+    if feat is not None and feat.min is not None:
+        parts.append(f"features.numerical[{col}].min = {_num(feat.min)}")
+    if feat is not None and feat.max is not None:
+        parts.append(f"features.numerical[{col}].max = {_num(feat.max)}")
+    return ", ".join(parts)
+
+
+def _describe(
+    spec: ModelSpec,
+    kind: str,
+    kwargs: dict[str, Any],
+    meta: dict[str, Any],
+    result: dict[str, Any],
+    exception: str | None,
+) -> str:
     col = kwargs.get("column")
     where = f"column '{col}'" if col else "table"
     if exception:
         return f"{where}: {kind} could not be evaluated: {exception}"
+    rule = meta.get("rule", "")
+    v = spec.validation
     unexpected = result.get("unexpected_count")
     total = result.get("element_count")
     examples = result.get("partial_unexpected_list") or []
     sample = ", ".join(repr(x) for x in list(dict.fromkeys(map(str, examples)))[:5])
     counted = f"{unexpected} of {total} rows" if unexpected is not None and total is not None else ""
     observed = result.get("observed_value")
+    allowed = 1 - (kwargs.get("mostly") or 1.0)
     if kind == "ExpectTableColumnsToMatchSet":
         details = result.get("details", {}).get("mismatched", {})
         parts = []
         if details.get("unexpected"):
-            parts.append(f"unexpected columns {sorted(details['unexpected'])}")
+            parts.append(
+                f"unexpected columns {sorted(details['unexpected'])} "
+                f"(validation.allow_extra_columns = {v.allow_extra_columns})"
+            )
         if details.get("missing"):
-            parts.append(f"missing columns {sorted(details['missing'])}")
+            parts.append(
+                f"missing columns {sorted(details['missing'])} "
+                "(required by the spec's features, target and timestamp)"
+            )
         return "table: " + ("; ".join(parts) or f"columns {observed} do not match {kwargs.get('column_set')}")
     if kind == "ExpectTableRowCountToBeBetween":
-        return f"table: has {observed} rows; at least {kwargs.get('min_value')} required" + (
-            f" and at most {kwargs['max_value']}" if kwargs.get("max_value") else ""
+        bounds = [f"validation.min_rows = {v.min_rows}"] + (
+            [f"validation.max_rows = {v.max_rows}"] if v.max_rows else []
+        )
+        return (
+            f"table: has {observed} rows; at least {kwargs.get('min_value')} required"
+            + (f" and at most {kwargs['max_value']}" if kwargs.get("max_value") else "")
+            + f" {_setting(spec, *bounds)}"
         )
     if kind == "ExpectColumnValuesToNotBeNull":
-        allowed = 1 - kwargs.get("mostly", 1.0)
-        return f"{where}: {counted} are null; at most {allowed:.1%} allowed"
-    if kind == "ExpectColumnValuesToBeInTypeList":
-        return f"{where}: has type {observed or sample}; expected a numeric type"
-    if kind == "ExpectColumnValuesToBeBetween":
-        allowed = 1 - kwargs.get("mostly", 1.0)
-        return (
-            f"{where}: {counted} outside [{_num(kwargs.get('min_value'), '-inf')}, "
-            f"{_num(kwargs.get('max_value'), 'inf')}]"
-            + (f" (e.g. {sample})" if sample else "")
-            + (
-                f"; at most {allowed:.1%} allowed outside the range learned from accepted data"
-                if allowed
-                else ""
+        if rule == "nulls_cap":
+            return (
+                f"{where}: {counted} are null; at most {_pct(allowed)} allowed "
+                f"{_setting(spec, f'validation.max_null_fraction = {v.max_null_fraction}')}"
             )
+        if rule == "nulls_learned":
+            expected = float(meta.get("expected", 0.0))
+            return (
+                f"{where}: {counted} are null; at most {_pct(allowed)} allowed: {_pct(expected)} as in "
+                f"accepted data plus validation.max_excess_null_fraction = {v.max_excess_null_fraction} "
+                f"(change it in {spec_location(spec)})"
+            )
+        if rule == "nulls_all":
+            return f"{where}: {counted} are null: the column holds no value at all"
+        what = "the target" if rule == "target_nulls" else "the timestamp"
+        return f"{where}: {counted} are null; {what} may not be null in any row"
+    if kind == "ExpectColumnValuesToBeInTypeList":
+        return (
+            f"{where}: has type {observed or sample}; expected a numeric type (a numerical feature or target)"
         )
+    if kind == "ExpectColumnValuesToBeBetween":
+        if rule == "finite":
+            return (
+                f"{where}: {counted} are not finite numbers"
+                + (f" (e.g. {sample})" if sample else "")
+                + "; inf, -inf and numbers too large for float64 (like 1e400) are never accepted, "
+                "whatever the tolerances"
+            )
+        text = (
+            f"{where}: {counted} outside [{_num(kwargs.get('min_value'), '-inf')}, "
+            f"{_num(kwargs.get('max_value'), 'inf')}]" + (f" (e.g. {sample})" if sample else "")
+        )
+        if rule == "declared_range":
+            return f"{text}; the spec's bounds allow no row outside ({_declared_bounds(spec, str(col))})"
+        if rule == "learned_range":
+            return (
+                f"{text}; at most {_pct(allowed)} allowed outside the range learned from accepted data "
+                + _setting(
+                    spec,
+                    f"validation.max_outside_learned_range = {v.max_outside_learned_range}",
+                    f"validation.range_tolerance = {v.range_tolerance} widens the range",
+                )
+            )
+        return text + (f"; at most {_pct(allowed)} allowed" if allowed else "")
     if kind == "ExpectColumnValuesToBeInSet":
-        return f"{where}: {counted} not in the known values {kwargs.get('value_set')}" + (
+        text = f"{where}: {counted} not in the known values {kwargs.get('value_set')}" + (
             f" (found {sample})" if sample else ""
         )
+        if rule == "declared_values":
+            return f"{text}; features.categorical[{col}].values allows no other value"
+        if rule == "target_values":
+            return (
+                f"{text}; a new class of the target is refused "
+                f"{_setting(spec, f'validation.allow_new_classes = {v.allow_new_classes}')}"
+            )
+        if rule == "learned_values":
+            expected = float(meta.get("expected", 0.0))
+            base = (
+                f"{_pct(expected)} expected from values seen only once in accepted data plus "
+                if expected
+                else ""
+            )
+            return (
+                f"{text}; at most {_pct(allowed)} of rows may carry values not seen in accepted data "
+                f"({base}validation.max_new_category_fraction = {v.max_new_category_fraction}; "
+                f"change it in {spec_location(spec)})"
+            )
+        return text
     if kind == "ExpectColumnUniqueValueCountToBeBetween":
         return f"{where}: has {observed} distinct value(s); a target needs at least {kwargs.get('min_value')}"
     if kind == "ExpectColumnStdevToBeBetween":
-        return f"{where}: is constant (standard deviation {observed})"
+        return f"{where}: is constant (standard deviation {observed}); a regression target must vary"
     if kind == "ExpectCompoundColumnsToBeUnique":
-        return f"table: {counted} are duplicated rows; at most {1 - kwargs.get('mostly', 1.0):.1%} allowed"
+        head = f"table: {counted} are duplicated rows; at most {_pct(allowed)} allowed"
+        if rule == "duplicates_learned":
+            excess = v.max_excess_duplicate_fraction
+            expected = float(meta.get("expected", 0.0))
+            return (
+                f"{head}: {_pct(expected)} expected from the duplicates in accepted data for a batch of "
+                f"{meta.get('rows')} rows plus validation.max_excess_duplicate_fraction = {excess} "
+                f"(change it in {spec_location(spec)})"
+            )
+        return f"{head} {_setting(spec, f'validation.max_duplicate_fraction = {v.max_duplicate_fraction}')}"
     if kind == "ExpectColumnValuesToBeDateutilParseable":
         return f"{where}: {counted} are not timestamps" + (f" (e.g. {sample})" if sample else "")
     detail = counted or (f"observed {observed}" if observed is not None else "")
@@ -228,6 +615,7 @@ def _describe(kind: str, kwargs: dict[str, Any], result: dict[str, Any], excepti
         f"{where}: {kind} failed"
         + (f": {detail}" if detail else "")
         + (f" (e.g. {sample})" if sample else "")
+        + (" (validation.expectations)" if rule == "extra" else "")
     )
 
 
@@ -245,7 +633,7 @@ def validate_frame(
     from great_expectations.checkpoint import UpdateDataDocsAction
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    configs = expectation_configs(spec, reference, [str(c) for c in frame.columns])
+    configs = expectation_configs(spec, reference, [str(c) for c in frame.columns], rows=len(frame))
     ctx: Any
     if context_root is not None:
         context_root.mkdir(parents=True, exist_ok=True)
@@ -265,8 +653,9 @@ def validate_frame(
     for kind, kwargs in configs:
         cls = getattr(gx.expectations, kind, None)
         if cls is None:
-            raise ValueError(
-                f"spec {spec.name}: validation.expectations: unknown Great Expectations class {kind!r}"
+            raise SpecError(
+                f"{spec_location(spec)}: field 'validation.expectations': unknown Great Expectations "
+                f"class {kind!r}; see great_expectations.expectations for the names"
             )
         expectations.append(cls(**{k: v for k, v in kwargs.items() if v is not None or k == "max_value"}))
     # Built whole, not with add_expectation: once a suite of this name is stored (file context),
@@ -304,7 +693,14 @@ def validate_frame(
             raised = info.get("raised_exception") if isinstance(info, dict) else False
             message = info.get("exception_message") if raised else None
             problems.append(
-                _describe(_class_name(cfg.type), dict(cfg.kwargs), dict(res.result or {}), message)
+                _describe(
+                    spec,
+                    _class_name(cfg.type),
+                    dict(cfg.kwargs),
+                    dict(cfg.meta or {}),
+                    dict(res.result or {}),
+                    message,
+                )
             )
     docs_url = None
     if context_root is not None:

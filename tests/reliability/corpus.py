@@ -131,27 +131,72 @@ def _cases() -> dict[str, Builder]:
     def nulls_above_tolerance(f: pd.DataFrame) -> Built:
         g = f.assign(support_calls=f["support_calls"].where(~_every(f, 10)))
         return _v(
-            "csv", csv_bytes(g), "column 'support_calls': 30 of 300 rows are null", "at most 2.0% allowed"
+            "csv",
+            csv_bytes(g),
+            "column 'support_calls': 30 of 300 rows are null",
+            "at most 2.0% allowed",
+            "validation.max_null_fraction = 0.02",
         )
 
     def out_of_range(f: pd.DataFrame) -> Built:
         g = f.assign(tenure_months=f["tenure_months"].where(~_every(f, 10), -7))
-        return _v("csv", csv_bytes(g), "column 'tenure_months': 30 of 300 rows outside [0, 120]", "'-7'")
+        return _v(
+            "csv",
+            csv_bytes(g),
+            "column 'tenure_months': 30 of 300 rows outside [0, 120]",
+            "'-7'",
+            "features.numerical[tenure_months].min = 0",
+        )
 
     def infinite_values(f: pd.DataFrame) -> Built:
         g = f.assign(monthly_charges=f["monthly_charges"].where(~_every(f, 50), np.inf))
-        return _v("csv", csv_bytes(g), "column 'monthly_charges': 6 of 300 rows outside", "inf")
+        return _v("csv", csv_bytes(g), "column 'monthly_charges': 6 of 300 rows are not finite", "inf")
+
+    def few_infinite_values(f: pd.DataFrame) -> Built:
+        # 2 of 300 rows: under the 1% that may fall outside a learned range, and still refused.
+        g = f.assign(support_calls=f["support_calls"].astype(float).where(~_every(f, 150), -np.inf))
+        return _v("parquet", parquet_bytes(g), "column 'support_calls': 2 of 300 rows are not finite", "-inf")
+
+    def overflowing_literal(f: pd.DataFrame) -> Built:
+        # '1e400' does not fit a float64: pandas leaves the column as text, cd4ml reads it as inf.
+        data = csv_bytes(f)
+        lines = data.split(b"\n")
+        header = lines[0].split(b",")
+        col = header.index(b"monthly_charges")
+        for i in (10, 20, 30):
+            fields = lines[i].split(b",")
+            fields[col] = b"1e400"
+            lines[i] = b",".join(fields)
+        return _v("csv", b"\n".join(lines), "column 'monthly_charges': 3 of 300 rows are not finite", "inf")
+
+    def column_scaled_by_a_million(f: pd.DataFrame) -> Built:
+        g = f.assign(support_calls=f["support_calls"] * 1_000_000)
+        return _v(
+            "csv",
+            csv_bytes(g),
+            "column 'support_calls':",
+            "rows outside [",
+            "validation.max_outside_learned_range = 0.01",
+        )
 
     def unseen_category(f: pd.DataFrame) -> Built:
         g = f.assign(contract=f["contract"].where(~_every(f, 10), "lifetime"))
         return _v(
-            "csv", csv_bytes(g), "column 'contract': 30 of 300 rows not in the known values", "'lifetime'"
+            "csv",
+            csv_bytes(g),
+            "column 'contract': 30 of 300 rows not in the known values",
+            "'lifetime'",
+            "features.categorical[contract].values",
         )
 
     def unseen_learned_category(f: pd.DataFrame) -> Built:
         g = f.assign(region=f["region"].where(~_every(f, 10), "atlantis"))
         return _v(
-            "csv", csv_bytes(g), "column 'region': 30 of 300 rows not in the known values", "'atlantis'"
+            "csv",
+            csv_bytes(g),
+            "column 'region': 30 of 300 rows not in the known values",
+            "'atlantis'",
+            "validation.max_new_category_fraction = 0.05",
         )
 
     def relabelled_target(f: pd.DataFrame) -> Built:
@@ -167,10 +212,24 @@ def _cases() -> dict[str, Builder]:
 
     def duplicate_rows(f: pd.DataFrame) -> Built:
         g = pd.concat([f.iloc[:240], f.iloc[:60]], ignore_index=True)
-        return _v("csv", csv_bytes(g), "duplicated rows; at most 1.0% allowed")
+        return _v(
+            "csv",
+            csv_bytes(g),
+            "table: 120 of 300 rows are duplicated rows",
+            "validation.max_excess_duplicate_fraction",
+        )
+
+    def export_appended_to_itself(f: pd.DataFrame) -> Built:
+        g = pd.concat([f.iloc[:150], f.iloc[:150]], ignore_index=True)
+        return _v("csv", csv_bytes(g), "table: 300 of 300 rows are duplicated rows")
 
     def too_few_rows(f: pd.DataFrame) -> Built:
-        return _v("csv", csv_bytes(f.iloc[:10]), "table: has 10 rows; at least 50 required")
+        return _v(
+            "csv",
+            csv_bytes(f.iloc[:10]),
+            "table: has 10 rows; at least 50 required",
+            "validation.min_rows = 50",
+        )
 
     def header_only(f: pd.DataFrame) -> Built:
         return _v("csv", csv_bytes(f.iloc[:0]), "table: has 0 rows; at least 50 required")

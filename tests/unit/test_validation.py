@@ -9,8 +9,21 @@ import pandas as pd
 import pytest
 
 from cd4ml.datagen import generate_churn
-from cd4ml.spec import load_spec
-from cd4ml.validation import expectation_configs, learn_reference, normalise, validate_frame
+from cd4ml.spec import ModelSpec, load_spec
+from cd4ml.validation import (
+    EXTREME_SPANS,
+    FLOAT_MAX,
+    duplicate_profile,
+    expectation_configs,
+    expected_duplicate_share,
+    learn_reference,
+    new_category_values,
+    new_value_rate,
+    non_finite_counts,
+    normalise,
+    robust_range,
+    validate_frame,
+)
 from tests.helpers import DEMO_SPEC
 
 SPEC = load_spec(DEMO_SPEC)
@@ -34,12 +47,18 @@ def test_reference_learns_ranges_domains_and_classes() -> None:
 
 
 def test_suite_is_built_from_the_spec() -> None:
-    kinds = [k for k, _ in expectation_configs(SPEC, REFERENCE, SPEC.columns)]
+    configs = expectation_configs(SPEC, REFERENCE, SPEC.columns, rows=400)
+    kinds = [k for k, _ in configs]
     assert kinds.count("ExpectColumnValuesToBeInTypeList") == len(SPEC.numerical)
     assert "ExpectTableColumnsToMatchSet" in kinds and "ExpectCompoundColumnsToBeUnique" in kinds
-    tenure = [kw for k, kw in expectation_configs(SPEC, REFERENCE, SPEC.columns)
+    tenure = [(kw["meta"]["rule"], kw["min_value"], kw["max_value"]) for k, kw in configs
               if k == "ExpectColumnValuesToBeBetween" and kw["column"] == "tenure_months"]  # fmt: skip
-    assert tenure == [{"column": "tenure_months", "min_value": 0, "max_value": 120}]  # the spec's bounds win
+    # Finite in every row, and the spec's bounds win over anything learned.
+    assert tenure == [("finite", -FLOAT_MAX, FLOAT_MAX), ("declared_range", 0, 120)]
+    # Without the batch size there is no expected duplicate share to compare with.
+    assert "ExpectCompoundColumnsToBeUnique" not in [
+        k for k, _ in expectation_configs(SPEC, REFERENCE, SPEC.columns)
+    ]
 
 
 def test_clean_batch_passes(tmp_path: Path) -> None:
@@ -65,7 +84,7 @@ def test_clean_batch_passes(tmp_path: Path) -> None:
             lambda f: f.assign(age=np.where(f.index < 40, np.nan, f["age"])),
             "column 'age': 40 of 400 rows are null",
         ),
-        (lambda f: f.assign(region=np.where(f.index < 5, "mars", f["region"])), "(found 'mars')"),
+        (lambda f: f.assign(region=np.where(f.index < 40, "mars", f["region"])), "(found 'mars')"),
         (lambda f: f.assign(churned=0), "column 'churned': has 1 distinct value"),
         (
             lambda f: f.assign(churned=np.where(f.index < 3, 7, f["churned"])),
@@ -114,8 +133,144 @@ def test_learned_ranges_let_a_drifting_world_step_a_little_outside_but_not_far()
     assert any(
         p.startswith("column 'support_calls': 30 of 1000 rows outside [-inf, ")
         and "at most 1.0% allowed outside the range learned" in p
+        and "validation.max_outside_learned_range = 0.01" in p
+        and "validation.range_tolerance = 1.0" in p
         for p in outcome.problems
     ), outcome.problems
     # The spec's own bounds allow no row outside.
     one = frame.assign(tenure_months=np.where(frame.index < 1, -1, frame["tenure_months"]))
     assert not validate_frame(SPEC, one, REFERENCE, batch_name="one").success
+
+
+# -- learned references: pure functions ------------------------------------------------------------
+
+
+def test_robust_range_ignores_non_finite_values_and_cannot_be_stretched_by_a_few_rows() -> None:
+    rng = np.random.default_rng(0)
+    clean = pd.Series(rng.uniform(10, 20, 10_000))
+    lo, hi = robust_range(clean, trim=0.01, tolerance=1.0)
+    assert lo < 10 and 20 < hi < 60
+    poisoned = clean.copy()
+    poisoned.iloc[:20] = np.inf
+    poisoned.iloc[20:90] = 1e9  # 0.7% of rows, under a 1% allowance
+    p_lo, p_hi = robust_range(poisoned, trim=0.01, tolerance=1.0)
+    assert np.isfinite(p_lo) and np.isfinite(p_hi)
+    assert p_hi <= 20 + (1 + EXTREME_SPANS) * 20  # the quantiles and their span are the clean data's
+    assert robust_range(pd.Series([np.inf, -np.inf, np.nan]), trim=0.01, tolerance=1.0) is None
+
+
+def test_robust_range_keeps_rare_legitimate_values_of_a_flag_inside() -> None:
+    flag = pd.Series([0] * 995 + [1] * 5)  # 0.5% ones: below the trimmed quantile
+    lo, hi = robust_range(flag, trim=0.01, tolerance=1.0)
+    assert lo <= 0 and hi >= 1
+
+
+def test_a_steadily_growing_column_stays_inside_what_earlier_batches_taught() -> None:
+    """Equal batches of a counter or a calendar feature, and a market growing 20% a year."""
+    counter = np.arange(1, 4001, dtype=float)
+    for k in range(1, 4):
+        lo, hi = robust_range(pd.Series(counter[: k * 1000]), trim=0.01, tolerance=1.0)
+        nxt = counter[k * 1000 : (k + 1) * 1000]
+        assert ((nxt < lo) | (nxt > hi)).mean() <= 0.01
+    rng = np.random.default_rng(1)
+    years = [pd.Series(rng.lognormal(10, 1.0, 2000) * 1.2**y) for y in range(6)]
+    for y in range(1, 6):
+        _, hi = robust_range(pd.concat(years[:y]), trim=0.01, tolerance=1.0)
+        assert (years[y] > hi).mean() < 0.01
+
+
+def test_new_value_rate_is_the_share_of_values_seen_once() -> None:
+    assert new_value_rate(pd.Series(["a", "b", "a", "c", None])) == 0.5  # b and c of 4 present
+    assert new_value_rate(pd.Series(["a"] * 10)) == 0.0
+    assert new_value_rate(pd.Series([], dtype=object)) == 0.0
+
+
+def test_expected_duplicate_share_matches_sampling_from_the_accepted_rows() -> None:
+    rng = np.random.default_rng(2)
+    answers = pd.DataFrame({"q1": rng.integers(0, 4, 3000), "q2": rng.integers(0, 3, 3000),
+                            "q3": rng.integers(0, 10, 3000)})  # fmt: skip
+    profile = duplicate_profile(answers)
+    for n in (50, 300, 1000):
+        empirical = np.mean([
+            answers.sample(n, random_state=s).duplicated(keep=False).mean() for s in range(40)
+        ])  # fmt: skip
+        assert abs(expected_duplicate_share(profile, n) - empirical) < 0.02, n
+    continuous = duplicate_profile(pd.DataFrame({"x": rng.normal(size=500)}))
+    assert expected_duplicate_share(continuous, 300) == 0.0
+    assert expected_duplicate_share(continuous, 5000) == 0.0  # larger than the accepted data
+    assert expected_duplicate_share(duplicate_profile(pd.DataFrame({"x": [1] * 50})), 10) == 1.0
+    assert expected_duplicate_share((), 100) == 0.0
+
+
+def test_new_category_values_counts_what_the_reference_has_not_seen() -> None:
+    frame = batch(200).assign(region=["east"] * 150 + ["mars"] * 30 + [None] * 20)
+    found = new_category_values(SPEC, REFERENCE, frame)
+    assert found == {"region": {"rows": 30, "share": 0.166667, "values": {"mars": 30}, "distinct": 1}}
+
+
+def test_non_finite_counts_cover_numeric_features_and_a_regression_target() -> None:
+    frame = batch(10).assign(age=[np.inf] * 2 + [1.0] * 8, monthly_charges=[-np.inf] + [1.0] * 9)
+    assert non_finite_counts(SPEC, frame) == {"age": 2, "monthly_charges": 1}
+
+
+# -- every rule names the spec field that sets it --------------------------------------------------
+
+
+def _spec(**validation: object) -> ModelSpec:
+    import yaml
+
+    from cd4ml.spec import parse_spec
+    from tests.helpers import spec_dict
+
+    raw = spec_dict(**{f"validation__{k}": v for k, v in validation.items()})
+    return parse_spec(yaml.safe_dump(raw), Path("churn.yaml"))
+
+
+@pytest.mark.parametrize(
+    ("validation", "corrupt", "expected"),
+    [
+        ({}, lambda f: f.assign(age=np.where(f.index < 80, np.nan, f["age"])),
+         ["column 'age': 80 of 400 rows are null", "at most 10.0% allowed: 0.0% as in accepted data",
+          "validation.max_excess_null_fraction = 0.1", "include/specs/churn.yaml"]),
+        ({"max_null_fraction": None}, lambda f: f.assign(region=np.where(f.index < 30, "mars", f["region"])),
+         ["30 of 400 rows not in the known values", "validation.max_new_category_fraction = 0.05"]),
+        ({"max_duplicate_fraction": 0.0}, lambda f: pd.concat([f.iloc[:390], f.iloc[:10]], ignore_index=True),
+         ["20 of 400 rows are duplicated rows; at most 0.0% allowed",
+          "validation.max_duplicate_fraction = 0.0"]),
+        ({}, lambda f: f.assign(churned=np.where(f.index < 3, 7, f["churned"])),
+         ["a new class of the target is refused", "validation.allow_new_classes = False"]),
+        ({}, lambda f: f.iloc[:20], ["at least 50 required", "validation.min_rows = 50"]),
+        ({}, lambda f: f.assign(age=np.where(f.index < 1, 200, f["age"])),
+         ["column 'age': 1 of 400 rows outside [16, 110]", "features.numerical[age].min = 16",
+          "features.numerical[age].max = 110"]),
+        ({}, lambda f: f.assign(plan=np.where(f.index < 1, "gold", f["plan"])),
+         ["features.categorical[plan].values allows no other value"]),
+        ({}, lambda f: f.assign(coupon=1), ["validation.allow_extra_columns = False"]),
+    ],
+)  # fmt: skip
+def test_each_quarantine_reason_names_its_setting_and_value(validation, corrupt, expected) -> None:
+    spec = _spec(**validation)
+    outcome = validate_frame(spec, corrupt(batch()), learn_reference(spec, ACCEPTED), batch_name="why")
+    assert not outcome.success
+    text = "\n".join(outcome.problems)
+    for words in expected:
+        assert words in text, (words, outcome.problems)
+
+
+def test_nulls_are_compared_with_the_columns_own_null_share_in_accepted_data() -> None:
+    holey = ACCEPTED.assign(age=ACCEPTED["age"].where(ACCEPTED.index % 5 != 0))  # 20% null, like a survey
+    spec = _spec(max_null_fraction=None)
+    reference = learn_reference(spec, holey)
+    same = batch().assign(age=lambda f: f["age"].where(f.index % 4 != 0))  # 25%: within 20% + 10%
+    assert validate_frame(spec, same, reference, batch_name="same").success
+    emptied = batch().assign(age=lambda f: f["age"].where(f.index % 2 != 0))  # 50%
+    outcome = validate_frame(spec, emptied, reference, batch_name="emptied")
+    assert any("at most 30.0% allowed: 20.0% as in accepted data" in p for p in outcome.problems)
+    # The first batch has nothing to compare with: only a column with no value at all is refused.
+    first = validate_frame(spec, same, learn_reference(spec, ACCEPTED.iloc[0:0]), batch_name="first")
+    assert first.success, first.problems
+    blank = validate_frame(spec, batch().assign(age=np.nan), learn_reference(spec, ACCEPTED.iloc[0:0]),
+                           batch_name="blank")  # fmt: skip
+    assert any(
+        "column 'age': 400 of 400 rows are null: the column holds no value" in p for p in blank.problems
+    )
