@@ -8,6 +8,7 @@ a dead server shows up here.
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import httpx
 import pytest
@@ -155,3 +156,25 @@ def test_quarantined_error_carries_the_files_and_survives_pickling() -> None:
     assert "a.csv was rejected" in str(err) and "b.csv: rejected" in str(err)
     back = pickle.loads(pickle.dumps(err))
     assert isinstance(back, QuarantinedError) and back.quarantined == files and str(back) == str(err)
+
+
+def test_spec_check_refuses_what_training_would_refuse_naming_file_and_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Spec errors are deterministic; `cd4ml spec check` finds them before anything is trained."""
+    from cd4ml import cli
+    from tests.helpers import write_spec
+
+    good = write_spec(tmp_path, "good")
+    ridge = {"class": "sklearn.linear_model.Ridge", "params": {}}
+    regressor = write_spec(tmp_path, "wrongkind", estimator=ridge)
+    svc = {"class": "sklearn.svm.LinearSVC", "params": {}}
+    no_proba = write_spec(tmp_path, "noproba", estimator=svc, metric__name="roc_auc")
+    assert cli.main(["spec", "check", str(good)]) == 0
+    assert "ok      good" in capsys.readouterr().out
+
+    assert cli.main(["spec", "check", str(good), str(regressor), str(no_proba)]) == 1
+    out = capsys.readouterr()
+    assert "ok      good" in out.out
+    assert f"error   {regressor}: estimator.class: sklearn.linear_model.Ridge is a regressor" in out.err
+    assert f"error   {no_proba}: metric.name: roc_auc scores class probabilities" in out.err

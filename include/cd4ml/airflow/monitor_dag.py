@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from airflow.sdk import DAG, Metadata, Param, dag, get_current_context, task
+from airflow.sdk import DAG, Metadata, Param, dag, task
 
 from cd4ml.airflow import assets
-from cd4ml.airflow.common import START, default_args, run_time
+from cd4ml.airflow.common import START, context, default_args, params, run_time
 from cd4ml.airflow.notifiers import Cd4mlNotifier
 from cd4ml.settings import Settings
 from cd4ml.spec import ModelSpec
@@ -69,9 +69,8 @@ def build_monitor_dag(spec: ModelSpec, settings: Settings) -> DAG:
         def check_drift() -> dict[str, Any]:
             from cd4ml.monitor import check_drift as step
 
-            ctx: dict[str, Any] = dict(get_current_context())
-            params: dict[str, Any] = dict(ctx.get("params") or {})
-            hours = params.get("window_hours")
+            ctx = context()
+            hours = params(ctx).get("window_hours")
             return step(spec, settings, run_id=ctx["run_id"], window_end=run_time(ctx),
                         window_hours=float(hours) if hours else None)  # fmt: skip
 

@@ -45,6 +45,14 @@ model version with the decision and its evidence, and the `challenger` / `champi
 After a promotion, `deploy_champion` waits until the prediction service serves the new version,
 smoke-tests it on golden holdout rows, and rolls `champion` back by itself if anything fails.
 
+**When a task fails.** Only transient errors (MLflow or the prediction service unreachable) are
+retried. A spec, data or training error fails its task at once with a message that names the
+file, column or spec field. Retrying would fail the same way. A quarantine fails
+`validate_batches` with the reasons and mails them (nothing is trained). If the service refuses
+the new version, `deploy_champion` records "the service refused version N: <its reason>" and rolls
+back at once. If the service is unreachable, the deploy is retried with the new champion left in
+place, and only the last try rolls back.
+
 **Where to look.** A task's *Details* tab has extra links: *Data Docs* (validate_batches), *MLflow
 run* (train_challenger), *Model version* (register, promote, deploy). The *Model* tab of this DAG
 (and *Models* in the nav bar) shows the champion, its lineage, every decision and why, and drift.
