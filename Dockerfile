@@ -1,24 +1,52 @@
 # One image for every cd4ml service in docker-compose.yaml: the Airflow components, the Celery
 # workers, MLflow and the prediction service. Same pins as the local venv (constraints.txt).
-FROM apache/airflow:3.3.2-python3.11
+#
+# BASE_IMAGE is any Debian bookworm image with Python 3.11 and `python3 -m venv`: the official
+# python:3.11-slim-bookworm by default; scripts/compose/build-images.sh passes a locally built one
+# where no registry is reachable. If .cd4ml/compose/wheels/ holds a wheelhouse (`make wheelhouse`),
+# pip installs from it offline; otherwise from the package index.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
 
-USER root
-# Mount points of the named volumes: a new volume takes the owner and mode of the directory it
-# covers, so the containers' user (AIRFLOW_UID, group 0) can write data, artifacts, logs and the login.
-RUN mkdir -p /data /mlflow-artifacts /opt/airflow/auth /opt/airflow/logs /opt/cd4ml \
-    && chown -R airflow:0 /data /mlflow-artifacts /opt/airflow/auth /opt/airflow/logs /opt/cd4ml \
-    && chmod -R g+rwX /data /mlflow-artifacts /opt/airflow/auth /opt/airflow/logs
-USER airflow
+FROM ${BASE_IMAGE} AS deps
+RUN python3 -m venv /opt/venv
+COPY requirements.txt constraints.txt /opt/cd4ml/
+# The glob matches nothing when there is no wheelhouse; constraints.txt keeps the COPY valid.
+COPY constraints.txt .cd4ml/compose/wheel[s] /opt/wheelhouse/
+ARG FAB_PROVIDER=apache-airflow-providers-fab
+RUN set -eu; \
+    if ls /opt/wheelhouse/*.whl >/dev/null 2>&1; then src="--no-index --find-links /opt/wheelhouse"; \
+    else src="--no-cache-dir"; fi; \
+    /opt/venv/bin/pip install --quiet $src -c /opt/cd4ml/constraints.txt \
+        -r /opt/cd4ml/requirements.txt "$FAB_PROVIDER" "setuptools>=68"
 
-COPY --chown=airflow:0 requirements.txt constraints.txt /opt/cd4ml/
-RUN pip install --no-cache-dir -c /opt/cd4ml/constraints.txt -r /opt/cd4ml/requirements.txt
+FROM ${BASE_IMAGE}
+# curl: the health checks; dumb-init: PID 1 that forwards signals (Celery's warm shutdown).
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends curl dumb-init \
+    && rm -rf /var/lib/apt/lists/*
+# uid 50000, group 0 as in Airflow's image. Named volumes take the owner and mode of the directory
+# they cover on first use, so these mount points decide who can write data, artifacts and logs.
+RUN useradd --uid 50000 --gid 0 --home-dir /opt/airflow --no-create-home --shell /bin/bash airflow \
+    && mkdir -p /data /mlflow-artifacts /opt/airflow/logs /opt/airflow/dags /opt/airflow/plugins \
+       /opt/airflow/config /opt/cd4ml \
+    && chown -R airflow:0 /data /mlflow-artifacts /opt/airflow /opt/cd4ml \
+    && chmod -R g+rwX /data /mlflow-artifacts /opt/airflow /opt/cd4ml
+COPY --from=deps /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    AIRFLOW_HOME=/opt/airflow \
+    PYTHONUNBUFFERED=1
+WORKDIR /opt/airflow
 COPY --chown=airflow:0 pyproject.toml /opt/cd4ml/
 COPY --chown=airflow:0 include /opt/cd4ml/include
-COPY --chown=airflow:0 dags /opt/airflow/dags
-COPY --chown=airflow:0 plugins /opt/airflow/plugins
 # Editable: compose mounts ./include over /opt/cd4ml/include, so code edits need no rebuild.
-RUN pip install --no-cache-dir --no-deps -e /opt/cd4ml
+RUN pip install --quiet --no-deps --no-index --no-build-isolation -e /opt/cd4ml \
+    && rm -rf /opt/cd4ml/build
+USER airflow
 # Schedulers and Celery workers pre-import the ML stack once, so forked tasks start warm
 # (the same airflow_local_settings.py the embedded stack writes; see cd4ml/airflow/preload.py).
-RUN mkdir -p /opt/airflow/config && python -c "import pathlib, cd4ml.stack as s; \
+RUN python -c "import pathlib, cd4ml.stack as s; \
 pathlib.Path('/opt/airflow/config/airflow_local_settings.py').write_text(s.LOCAL_SETTINGS)"
+COPY --chown=airflow:0 dags /opt/airflow/dags
+COPY --chown=airflow:0 plugins /opt/airflow/plugins
+ENTRYPOINT ["/usr/bin/dumb-init", "--"]
+CMD ["airflow", "version"]
