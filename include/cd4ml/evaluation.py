@@ -194,9 +194,7 @@ def _evaluator(name: str, y: Array, part: ScoresLike, universe: list[Any], avera
         return _auc_evaluator(y_idx == k - 1, proba[:, k - 1])
     truth = _one_hot(y_idx, k)
     if average == "micro":
-        flat_truth, flat_score = truth.ravel(), proba.ravel()
-        micro = _auc_evaluator(flat_truth.astype(bool), flat_score)
-        return lambda w: micro(np.repeat(w, k, axis=1))
+        return _auc_evaluator(truth.ravel().astype(bool), proba.ravel(), np.repeat(np.arange(len(y_idx)), k))
     present = [c for c in range(k) if truth[:, c].any()]
     per_class = [_auc_evaluator(y_idx == c, proba[:, c]) for c in present]
     truth = truth[:, present]
@@ -241,20 +239,28 @@ def _f1(tp: Array, predicted: Array, truth: Array, average: str | None) -> Array
     return _nanmean_rows(np.where(denom > 0, per_class, np.nan))
 
 
-def _auc_evaluator(positive: Array, score: Array) -> Evaluator:
-    """AUC = P(score_pos > score_neg) + 0.5 P(tie), for every weight row at once."""
-    order = np.argsort(score, kind="mergesort")
-    sorted_scores = score[order]
-    is_pos = positive[order].astype(float)
-    group_starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+def _auc_evaluator(positive: Array, score: Array, rows: Array | None = None) -> Evaluator:
+    """AUC = P(score_pos > score_neg) + 0.5 P(tie), for every weight row at once.
+
+    Each positive counts the (weighted) negatives scored below it plus half of those tied with it:
+    half the sum of the negatives' cumulative weight just before and just after its score.
+    `rows[i]` is the weight column of item i (micro-averaging scores n x k items with n weights).
+    """
+    positive = np.asarray(positive, dtype=bool)
+    pos = np.flatnonzero(positive)
+    neg = np.flatnonzero(~positive)
+    neg = neg[np.argsort(score[neg], kind="mergesort")]
+    neg_scores = score[neg]
+    below = np.searchsorted(neg_scores, score[pos], side="left")
+    up_to = np.searchsorted(neg_scores, score[pos], side="right")
+    neg_cols, pos_cols = (neg, pos) if rows is None else (rows[neg], rows[pos])
 
     def auc(w: Array) -> Array:
-        ws = w[:, order]
-        pos_g = np.add.reduceat(ws * is_pos, group_starts, axis=1)
-        neg_g = np.add.reduceat(ws * (1 - is_pos), group_starts, axis=1)
-        neg_before = np.cumsum(neg_g, axis=1) - neg_g
-        numerator = (pos_g * (neg_before + 0.5 * neg_g)).sum(axis=1)
-        denom = pos_g.sum(axis=1) * neg_g.sum(axis=1)
+        cum = np.zeros((len(w), len(neg) + 1))
+        np.cumsum(w[:, neg_cols], axis=1, out=cum[:, 1:])
+        w_pos = w[:, pos_cols]
+        numerator = 0.5 * (w_pos * (cum[:, below] + cum[:, up_to])).sum(axis=1)
+        denom = w_pos.sum(axis=1) * cum[:, -1]
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.asarray(np.where(denom > 0, numerator / np.where(denom > 0, denom, 1.0), np.nan))
 
