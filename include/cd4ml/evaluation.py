@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
 
+from cd4ml.errors import SpecError
 from cd4ml.spec import METRICS, Metric, Promotion
 
 Array = NDArray[Any]
@@ -117,8 +118,8 @@ def _resolve_average(name: str, average: str | None, n_classes: int) -> str | No
     if average is None:
         return "binary" if n_classes <= 2 else "macro"
     if average == "binary" and n_classes > 2:
-        raise ValueError(
-            f"{name} with metric.average 'binary' needs two classes, found {n_classes}; "
+        raise SpecError(
+            f"metric.average: {name} with average 'binary' needs two classes, found {n_classes}; "
             "set metric.average to 'macro', 'weighted' or 'micro'"
         )
     return average

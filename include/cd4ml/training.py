@@ -24,6 +24,7 @@ from cd4ml.validation import normalise
 MISSING_CATEGORY = "__missing__"
 # Above this a dense one-hot matrix of the training data is refused before it exhausts memory.
 MAX_DENSE_BYTES = 4 * 2**30
+CONTINUOUS_CLASSES = 20
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,11 @@ def check_target(spec: ModelSpec, y: pd.Series) -> None:
             f"{spec.target!r} has {n} classes; set metric.average to 'macro' ('weighted' or 'micro') "
             "or remove it (unset means 'binary' for two classes, 'macro' for more)"
         )
-    if pd.api.types.is_float_dtype(present) and not np.all(np.mod(present.to_numpy(dtype=float), 1) == 0):
+    fractional = pd.api.types.is_float_dtype(present) and not np.all(
+        np.mod(present.to_numpy(dtype=float), 1) == 0
+    )
+    # Many distinct fractional values are a quantity, not classes; a few (grades 1.5, 2.5) may be labels.
+    if fractional and n > max(CONTINUOUS_CLASSES, 0.05 * len(present)):
         raise SpecError(
             f"task: classification, but target {spec.target!r} holds {n} distinct non-integer numbers; "
             "set task: regression (with rmse, mae or r2) if it is a quantity"
@@ -267,9 +272,11 @@ def train(spec: ModelSpec, train_frame: pd.DataFrame) -> Pipeline:
     y = train_frame[spec.target]
     if spec.task == "classification" and y.nunique() < 2:
         raise TrainingError(f"{spec.name}: target {spec.target!r} has a single class in the training data")
+    check_target(spec, y)  # the pipeline checks all accepted data first; this guards any other caller
     try:
         pipeline.fit(features(spec, train_frame), y)
-    except ValueError as err:
+    except (ValueError, TypeError, ArithmeticError, np.linalg.LinAlgError) as err:
+        # Deterministic: the same data and spec fail the same way, so this is not retried.
         raise TrainingError(f"{spec.name}: fitting {spec.estimator.class_path} failed: {err}") from None
     return pipeline
 

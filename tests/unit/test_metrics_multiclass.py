@@ -18,6 +18,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from cd4ml.errors import SpecError
 from cd4ml.evaluation import Scores, decide, paired_bootstrap, score, weighted_metric
 from cd4ml.spec import Metric, Promotion, parse_spec
 from tests.helpers import spec_dict
@@ -153,7 +154,9 @@ def test_binary_string_labels_and_both_probability_forms() -> None:
 
 def test_explicit_binary_average_on_many_classes_is_refused_naming_the_field() -> None:
     y, _, labels = _case(3)
-    with pytest.raises(ValueError, match=r"metric\.average 'binary' needs two classes, found 3"):
+    with pytest.raises(
+        SpecError, match=r"^metric\.average: f1 with average 'binary' needs two classes, found 3"
+    ):
         score("f1", y, labels, average="binary")
 
 
