@@ -43,3 +43,13 @@ def champion(env: dict[str, Any], model: str) -> str | None:
 
 def versions(env: dict[str, Any], model: str) -> list:
     return sorted(env["mlflow"].search_model_versions(f"name = '{model}'"), key=lambda v: int(v.version))
+
+
+def task_tries(run_id: str, dag_id: str) -> dict[str, int]:
+    """How many times each task of a run was tried (1 = never retried)."""
+    from airflow.models import TaskInstance
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        tis = session.query(TaskInstance).filter_by(dag_id=dag_id, run_id=run_id).all()
+        return {ti.task_id: ti.try_number for ti in tis}

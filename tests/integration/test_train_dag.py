@@ -11,7 +11,7 @@ import pytest
 
 from cd4ml.datagen import generate_churn
 from tests.helpers import LOGREG, WEAK, write_spec
-from tests.integration.dagtools import champion, land, run, run_dag, served, versions
+from tests.integration.dagtools import champion, land, run, run_dag, served, task_tries, versions
 
 pytestmark = pytest.mark.integration
 ROWS = 1500
@@ -205,3 +205,67 @@ def test_rollback_dag_moves_the_champion_to_the_chosen_version(env: dict[str, An
     outsider = mlflow.register_model(info.model_uri, "rollme").version
     assert run_dag("rollme__rollback", {"version": str(outsider), "reason": "x"})["__run__"] == "failed"
     assert champion(env, "rollme") == served(env, "rollme") == "2"
+
+
+def test_a_version_the_service_refuses_is_recorded_as_refused_not_unreachable(env: dict[str, Any]) -> None:
+    """The issue's "still serves version None 60s after ... (service unreachable)" for a version the
+    service had refused: the deploy now says at once what the service said."""
+    import time
+
+    import httpx
+    import mlflow
+    from sklearn.dummy import DummyClassifier
+
+    from cd4ml.deploy import ServiceRefusedError, deploy_champion
+    from cd4ml.settings import get_settings
+    from cd4ml.spec import load_spec
+
+    model = "refusedv"
+    spec_path = write_spec(env["specs"], model, estimator=LOGREG)
+    land(env, model, "week0.csv", generate_churn(ROWS, seed=9))
+    assert run(env, model)["__run__"] == "success"
+    assert served(env, model) == "1"
+    # A version the service cannot serve: logged without an input signature (nor an example).
+    mlflow.set_experiment(model)
+    with mlflow.start_run():
+        info = mlflow.sklearn.log_model(DummyClassifier().fit([[0], [1]], [0, 1]), name="model")
+    bad = str(mlflow.register_model(info.model_uri, model).version)
+    env["mlflow"].set_registered_model_alias(model, "champion", bad)  # as promote_champion does
+
+    started = time.monotonic()
+    with pytest.raises(ServiceRefusedError) as caught:
+        promoted = {"promoted": True, "version": bad, "previous": "1"}
+        deploy_champion(load_spec(spec_path), get_settings(), promoted=promoted, holdout_path="unused",
+                        who="test", when="2026-05-01T00:00:00")  # fmt: skip
+    assert time.monotonic() - started < 25  # at once, not after the whole wait (30 s here)
+    said = httpx.get(f"{env['service']}/v1/models/{model}", timeout=10).json()["refused_versions"][bad]
+    assert "no input signature" in said  # the service's own reason, whatever the words
+    message = str(caught.value)
+    assert f"refused version {bad}: {said}" in message and "unreachable" not in message
+    deployment = json.loads(env["mlflow"].get_model_version(model, bad).tags["cd4ml.deployment"])
+    assert deployment["outcome"] == "failed"
+    assert f"the prediction service at {env['service']} refused version {bad}: {said}" in deployment["error"]
+    assert deployment["rollback"] == "champion rolled back to 1, which the service serves again"
+    assert champion(env, model) == served(env, model) == "1"
+
+
+def test_deterministic_spec_and_training_failures_fail_after_one_try(env: dict[str, Any]) -> None:
+    """The issue's failures were retried 3 times each; a spec or training error now fails once."""
+    model = "unfittable"
+    land(env, model, "week0.csv", generate_churn(ROWS, seed=10))
+    # sklearn refuses C=-1: a spec error, found before any data is read.
+    write_spec(env["specs"], model, estimator={"class": "sklearn.linear_model.LogisticRegression",
+                                               "params": {"C": -1.0}})  # fmt: skip
+    states = run(env, model)
+    assert states["__run__"] == "failed", states
+    (failed,) = [task for task, state in states.items() if state == "failed" and task != "__run__"]
+    assert task_tries(states["__run_id__"], f"{model}__train")[failed] == 1, failed
+
+    # MultinomialNB cannot fit the standardised (negative) features: a training error, at fit time.
+    write_spec(env["specs"], model, estimator={"class": "sklearn.naive_bayes.MultinomialNB", "params": {}})
+    states = run(env, model)
+    assert states["__run__"] == "failed", states
+    failed_tasks = [task for task, state in states.items() if state == "failed" and task != "__run__"]
+    assert failed_tasks == ["train_challenger"], states
+    assert task_tries(states["__run_id__"], f"{model}__train")["train_challenger"] == 1
+    assert versions(env, model) == []
