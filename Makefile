@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WAIT ?= 300
 
-.PHONY: up down status logs test test-fast test-scale lint typecheck bench bench-scale soak clean install chromium
+.PHONY: up down status logs test test-fast test-scale test-compose lint typecheck bench bench-scale soak clean install chromium
 
 install: $(STAMP)
 
@@ -52,6 +52,12 @@ test: $(STAMP) chromium lint typecheck test-scale
 # Redis, two workers, MLflow on PostgreSQL, the prediction service (README "Scaling out").
 test-scale: $(STAMP)
 	$(BIN)/pytest -m scale tests/scale
+
+# docker-compose.yaml under a real Docker engine: installs and starts one if missing (stopping only
+# what it started), builds the images without a registry, then health, Celery training, serving,
+# --scale, secrets, scheduler restart and down/up on real containers (scripts/compose/test.sh).
+test-compose: $(STAMP)
+	scripts/compose/test.sh
 
 test-fast: $(STAMP)
 	$(BIN)/pytest tests/dags tests/unit
