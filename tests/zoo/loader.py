@@ -91,7 +91,10 @@ def _vega(source: dict[str, Any]) -> pd.DataFrame:
 def _palmerpenguins(source: dict[str, Any]) -> pd.DataFrame:
     import palmerpenguins
 
-    loaders = {"penguins": palmerpenguins.load_penguins, "penguins_raw": palmerpenguins.load_penguins_raw}
+    loaders: dict[str, Callable[[], pd.DataFrame]] = {
+        "penguins": palmerpenguins.load_penguins,
+        "penguins_raw": palmerpenguins.load_penguins_raw,
+    }
     if source["name"] not in loaders:
         raise ZooError(f"palmerpenguins has no {source['name']!r}; choose one of {sorted(loaders)}")
     frame: pd.DataFrame = loaders[source["name"]]()

@@ -96,6 +96,7 @@ def test_metrics_vary_across_tasks() -> None:
 
 def test_a_row_cap_keeps_order_and_span_and_batches_cover_every_row() -> None:
     case = next(c for c in CASES if c.rows is not None and c.order_by)
+    assert case.rows is not None
     capped, stats = load_table(case, full=False)
     whole, _ = load_table(case, full=True)
     assert stats["rows"] == len(capped) <= case.rows < len(whole)
