@@ -145,3 +145,29 @@ def test_feature_mix_trains_deploys_and_serves(
     if spec.metric.name in {"f1", "roc_auc"}:
         classes = frame[spec.target].nunique()
         assert evidence["average"] == ("binary" if classes == 2 else "macro")
+
+
+def test_multiclass_challenger_is_judged_against_the_champion(
+    deploy_env: dict[str, str], shared_specs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second run scores both models' probability matrices on the same holdout with the
+    paired bootstrap (one-vs-rest AUC, classes as strings), where the first run had no champion."""
+    monkeypatch.setenv("CD4ML_HOME", str(tmp_path / "home"))
+    name = "mix_multiclass_decide"
+    case = (["temp", "humidity"], ["season"], "weather", "classification", {"name": "roc_auc"}, LOGREG, True)
+    spec = load_spec(_write_spec(shared_specs, name, case))
+    settings = get_settings()
+    landing = settings.model_dir(name) / "landing"
+    write_batch(_frame(seed=101)[spec.columns], landing, "batch0.csv")
+    first = run_training(spec, settings, run_id=f"{name}_1", run_time="2026-02-01T00:00:00+00:00")
+    assert first["promoted"] and first["deployment"]["deployed"], first
+    write_batch(_frame(seed=102)[spec.columns], landing, "batch1.csv")
+    second = run_training(spec, settings, run_id=f"{name}_2", run_time="2026-02-02T00:00:00+00:00")
+    version = second["version"]
+    evidence = json.loads(
+        registry.client(settings.mlflow_tracking_uri).get_model_version(name, version).tags["cd4ml.evidence"]
+    )
+    assert evidence["champion_version"] == first["version"]
+    assert evidence["average"] == "macro" and evidence["classes"] == 5
+    assert evidence["resamples"] >= 500 and evidence["ci_low"] is not None
+    assert 0.5 < evidence["challenger_score"] <= 1 and 0.5 < evidence["champion_score"] <= 1
