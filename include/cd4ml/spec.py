@@ -189,7 +189,7 @@ class Validation(_Strict):
         ),
     )
     max_excess_null_fraction: float = Field(
-        default=0.1,
+        default=0.2,
         ge=0.0,
         le=1.0,
         description=(
@@ -207,7 +207,7 @@ class Validation(_Strict):
         ),
     )
     max_excess_duplicate_fraction: float = Field(
-        default=0.1,
+        default=0.3,
         ge=0.0,
         le=1.0,
         description=(
