@@ -25,6 +25,7 @@ MISSING_CATEGORY = "__missing__"
 # Above this a dense one-hot matrix of the training data is refused before it exhausts memory.
 MAX_DENSE_BYTES = 4 * 2**30
 CONTINUOUS_CLASSES = 20
+MAX_NUMERIC_CLASSES = 100
 
 
 @dataclass(frozen=True)
@@ -194,14 +195,16 @@ def check_target(spec: ModelSpec, y: pd.Series) -> None:
             f"{spec.target!r} has {n} classes; set metric.average to 'macro' ('weighted' or 'micro') "
             "or remove it (unset means 'binary' for two classes, 'macro' for more)"
         )
-    fractional = pd.api.types.is_float_dtype(present) and not np.all(
-        np.mod(present.to_numpy(dtype=float), 1) == 0
-    )
-    # Many distinct fractional values are a quantity, not classes; a few (grades 1.5, 2.5) may be labels.
-    if fractional and n > max(CONTINUOUS_CLASSES, 0.05 * len(present)):
+    numeric = pd.api.types.is_numeric_dtype(present) and not pd.api.types.is_bool_dtype(present)
+    fractional = numeric and not np.all(np.mod(present.to_numpy(dtype=float), 1) == 0)
+    # Many distinct numbers are a quantity, not classes (every class would also cost a one-vs-rest
+    # pass in the bootstrap); a few fractional codes (grades 1.5, 2.5) may well be labels.
+    limit = max(CONTINUOUS_CLASSES, 0.05 * len(present)) if fractional else MAX_NUMERIC_CLASSES
+    if numeric and n > limit:
+        kind = "non-integer numbers" if fractional else "integer values"
         raise SpecError(
-            f"task: classification, but target {spec.target!r} holds {n} distinct non-integer numbers; "
-            "set task: regression (with rmse, mae or r2) if it is a quantity"
+            f"task: classification, but target {spec.target!r} holds {n} distinct {kind} (more than "
+            f"{limit:.0f} numeric classes); set task: regression (with rmse, mae or r2) if it is a quantity"
         )
 
 

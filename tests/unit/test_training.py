@@ -137,6 +137,7 @@ def test_explicit_binary_average_on_a_multiclass_target_is_refused_before_fittin
         ({}, pd.Series(["a"] * 10), DataError, "single class"),
         ({}, pd.Series(["a", "b", None, "a"]), DataError, "missing in 1 of 4"),
         ({}, pd.Series(np.linspace(0, 1, 50)), SpecError, "^task: classification.*task: regression"),
+        ({}, pd.Series(np.arange(1000) * 7), SpecError, "^task: classification.*1000 distinct integer"),
         (
             {"task": "regression", "metric": {"name": "rmse"},
              "estimator": {"class": "sklearn.linear_model.Ridge"}},
@@ -159,6 +160,9 @@ def test_targets_that_cannot_be_trained_on_are_refused(
 def test_integer_coded_float_classes_are_accepted() -> None:
     check_target(SPEC, pd.Series([0.0, 1.0, 1.0, 0.0]))
     check_target(SPEC, pd.Series([1.5, 2.5, 3.0] * 30))  # a few fractional labels are still classes
+    check_target(SPEC, pd.Series(np.arange(100).repeat(3)))  # digit-like integer codes
+    check_target(SPEC, pd.Series([f"id{i}" for i in range(1000)]))  # many string classes: the user's call
+    check_target(SPEC, pd.Series([True, False] * 20))
 
 
 def _mix_spec(numerical: list[str], categorical: list[str], **overrides: object) -> ModelSpec:
