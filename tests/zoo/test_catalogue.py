@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from cd4ml.spec import ModelSpec, Validation, parse_spec
-from tests.zoo.loader import ZooCase, ZooError, all_cases, load_case, load_table, split_batches
+from tests.zoo.loader import PROVIDERS, ZooCase, ZooError, all_cases, load_case, load_table, split_batches
 
 CASES = all_cases()
 
@@ -87,6 +87,10 @@ def test_the_zoo_covers_every_shape_of_table_the_issue_names(
         "legitimately repeated rows", "time-ordered, categories evolve", "skewed target", "tiny", "large",
     ]  # fmt: skip
     assert [r for r in required if r not in found] == [], found
+
+
+def test_every_provider_serves_at_least_one_dataset() -> None:
+    assert {c.source["provider"] for c in CASES} == set(PROVIDERS)
 
 
 def test_metrics_vary_across_tasks() -> None:
