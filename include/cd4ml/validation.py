@@ -40,6 +40,9 @@ NUMERIC_DTYPES = [
     "Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64",
     "float16", "float32", "float64", "Float32", "Float64",
 ]  # fmt: skip
+# Boolean-coded features (True/False, as pandas reads them from CSV or Parquet) are 0/1 numbers to
+# every sklearn transformer; a regression target must be a real number.
+FEATURE_DTYPES = [*NUMERIC_DTYPES, "bool", "boolean"]
 
 FLOAT_MAX = float(np.finfo(np.float64).max)
 # The accepted data's own extremes widen a learned range, but by at most this many robust spans:
@@ -321,11 +324,16 @@ def _domain_check(
 
 
 def expectation_configs(
-    spec: ModelSpec, reference: Reference, columns: list[str], rows: int | None = None
+    spec: ModelSpec,
+    reference: Reference,
+    columns: list[str],
+    rows: int | None = None,
+    datetime_columns: frozenset[str] = frozenset(),
 ) -> list[tuple[str, dict[str, Any]]]:
     """The suite as (GX expectation class name, kwargs) pairs; only columns present get column checks.
 
     `rows` is the batch's row count: the duplicate share expected from accepted data depends on it.
+    `datetime_columns` already hold datetimes (Parquet) or numbers, so there is no text to parse.
     Each kwargs carries `meta`: the rule it enforces, for the quarantine reason and Data Docs.
     """
     v = spec.validation
@@ -345,7 +353,7 @@ def expectation_configs(
             continue
         out.append((
             "ExpectColumnValuesToBeInTypeList",
-            {"column": col, "type_list": NUMERIC_DTYPES, "meta": _rule("numeric")},
+            {"column": col, "type_list": FEATURE_DTYPES, "meta": _rule("numeric")},
         ))  # fmt: skip
         out.extend(_null_checks(spec, reference, col, rows))
         out.extend(_range_checks(spec, reference, col, rows))
@@ -385,12 +393,11 @@ def expectation_configs(
             out.extend(_range_checks(spec, reference, spec.target, rows))
     if spec.timestamp and spec.timestamp in present:
         out.append(("ExpectColumnValuesToNotBeNull", {"column": spec.timestamp, "meta": _rule("timestamp")}))
-        out.append(
-            (
+        if spec.timestamp not in datetime_columns:
+            out.append((
                 "ExpectColumnValuesToBeDateutilParseable",
                 {"column": spec.timestamp, "meta": _rule("timestamp")},
-            )
-        )
+            ))  # fmt: skip
     if set(spec.columns) <= present:
         out.extend(_duplicate_checks(spec, reference, rows))
     for extra in v.expectations:
@@ -657,7 +664,11 @@ def validate_frame(
     from great_expectations.checkpoint import UpdateDataDocsAction
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    configs = expectation_configs(spec, reference, [str(c) for c in frame.columns], rows=len(frame))
+    # A timestamp read as datetimes (Parquet) or as numbers (a year, epoch seconds) orders rows as it is.
+    datetimes = frozenset(str(c) for c in frame.columns if _ordered_type(frame[c]))
+    configs = expectation_configs(
+        spec, reference, [str(c) for c in frame.columns], rows=len(frame), datetime_columns=datetimes
+    )
     ctx: Any
     if context_root is not None:
         context_root.mkdir(parents=True, exist_ok=True)
@@ -733,6 +744,13 @@ def validate_frame(
         urls = ctx.get_docs_sites_urls(resource_identifier=key) if key else ctx.get_docs_sites_urls()
         docs_url = urls[0]["site_url"] if urls else None
     return ValidationOutcome(bool(result.success), evaluated, failed, problems, docs_url)
+
+
+def _ordered_type(column: pd.Series) -> bool:
+    kind = column.dtype
+    return bool(pd.api.types.is_datetime64_any_dtype(kind)) or (
+        pd.api.types.is_numeric_dtype(kind) and not pd.api.types.is_bool_dtype(kind)
+    )
 
 
 def _class_name(snake: str) -> str:

@@ -285,3 +285,31 @@ def test_sampling_margin_widens_allowances_for_small_batches_only() -> None:
     assert with_sampling_margin(0.0, 100) == 0.0  # strict stays strict
     assert with_sampling_margin(0.05, None) == 0.05
     assert with_sampling_margin(0.9, 3) == 1.0
+
+
+def test_boolean_coded_features_and_parsed_timestamps_are_accepted_as_they_are() -> None:
+    """A Parquet file keeps True/False columns and datetime timestamps; both are fine as they are."""
+    import yaml
+
+    from cd4ml.spec import parse_spec
+
+    spec = parse_spec(
+        yaml.safe_dump({
+            "task": "classification", "target": "y", "timestamp": "when",
+            "features": {"numerical": ["married", "income"]},
+            "estimator": {"class": "sklearn.linear_model.LogisticRegression"}, "metric": {"name": "accuracy"},
+        }),
+        Path("flags.yaml"),
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({
+        "married": rng.random(200) < 0.4, "income": rng.gamma(2, 1000, 200), "y": rng.integers(0, 2, 200),
+        "when": pd.date_range("2020-01-01", periods=200, freq="D", tz="UTC"),
+    })  # fmt: skip
+    first = validate_frame(spec, frame, learn_reference(spec, frame.iloc[0:0]), batch_name="first")
+    assert first.success, first.problems
+    later = validate_frame(spec, frame, learn_reference(spec, frame), batch_name="later")
+    assert later.success, later.problems
+    text = frame.assign(married=frame["married"].map({True: "yes", False: "no"}))
+    outcome = validate_frame(spec, text, learn_reference(spec, frame), batch_name="text")
+    assert any(p.startswith("column 'married': has type") for p in outcome.problems), outcome.problems
