@@ -12,12 +12,11 @@ RUN python3 -m venv /opt/venv
 COPY requirements.txt constraints.txt /opt/cd4ml/
 # The glob matches nothing when there is no wheelhouse; constraints.txt keeps the COPY valid.
 COPY constraints.txt .cd4ml/compose/wheel[s] /opt/wheelhouse/
-ARG FAB_PROVIDER=apache-airflow-providers-fab
 RUN set -eu; \
     if ls /opt/wheelhouse/*.whl >/dev/null 2>&1; then src="--no-index --find-links /opt/wheelhouse"; \
     else src="--no-cache-dir"; fi; \
     /opt/venv/bin/pip install --quiet $src -c /opt/cd4ml/constraints.txt \
-        -r /opt/cd4ml/requirements.txt "$FAB_PROVIDER" "setuptools>=68"
+        -r /opt/cd4ml/requirements.txt "setuptools>=68"
 
 FROM ${BASE_IMAGE}
 # curl: the health checks; dumb-init: PID 1 that forwards signals (Celery's warm shutdown).

@@ -16,8 +16,6 @@ CD4ML_IMAGE=${CD4ML_IMAGE:-cd4ml:local}
 STATE=${CD4ML_COMPOSE_STATE:-$ROOT/.cd4ml/compose}
 WHEELS=$ROOT/.cd4ml/compose/wheels
 PIP=${PIP:-$ROOT/.venv/bin/pip}
-FAB_PROVIDER=$(grep -E '^apache-airflow-providers-fab==' constraints.txt | head -1)
-[ -n "$FAB_PROVIDER" ] || { echo "build-images.sh: constraints.txt pins no apache-airflow-providers-fab" >&2; exit 1; }
 
 t0=$(date +%s)
 have_image() { docker image inspect "$1" >/dev/null 2>&1; }
@@ -41,7 +39,7 @@ if [ "$(cat "$WHEELS/.key" 2>/dev/null)" != "$key" ]; then
   echo "build-images.sh: wheelhouse from constraints.txt -> $WHEELS" >&2
   rm -rf "$WHEELS" && mkdir -p "$WHEELS"
   "$PIP" wheel --quiet --disable-pip-version-check -w "$WHEELS" -c constraints.txt \
-    -r requirements.txt "$FAB_PROVIDER" "setuptools>=68" async-timeout 2>&1 | grep -v "is ignored" >&2 || true
+    -r requirements.txt "setuptools>=68" async-timeout 2>&1 | grep -v "is ignored" >&2 || true
   ls "$WHEELS"/apache_airflow-*.whl >/dev/null 2>&1 \
     || { echo "build-images.sh: the wheelhouse build failed (no apache_airflow wheel in $WHEELS)" >&2; exit 1; }
   echo "$key" >"$WHEELS/.key"
@@ -56,5 +54,5 @@ build() {  # build TAG CONTEXT [ARGS...]: the network only for apt inside the bu
 build cd4ml-local/python:3.11 "$IMAGES/python"
 build cd4ml-local/postgres:15 "$IMAGES/postgres"
 build cd4ml-local/redis:7 "$IMAGES/redis"
-build "$CD4ML_IMAGE" . --build-arg BASE_IMAGE=cd4ml-local/python:3.11 --build-arg FAB_PROVIDER="$FAB_PROVIDER"
+build "$CD4ML_IMAGE" . --build-arg BASE_IMAGE=cd4ml-local/python:3.11
 echo "build-images.sh: images ready in $(($(date +%s) - t0)) s" >&2

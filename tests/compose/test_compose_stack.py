@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import tempfile
 import time
 import urllib.error
@@ -168,7 +169,11 @@ def test_a_missing_secret_stops_start_up_and_names_it(project: ComposeProject, t
         done = broken.run("up", "-d", "--no-build", check=False, timeout=120)
         assert done.returncode != 0, f"up started without {missing}"
         assert f"{missing} must be set in .env" in done.stderr, done.stderr
-        assert broken.run("ps", "-a", "-q").stdout.strip() == "", "containers were created"
+        created = subprocess.run(
+            ["docker", "ps", "-a", "-q", "--filter", f"label=com.docker.compose.project={broken.name}"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        assert created.strip() == "", f"containers were created without {missing}"
 
 
 def test_a_batch_in_the_data_volume_trains_on_celery_and_is_served(project: ComposeProject) -> None:

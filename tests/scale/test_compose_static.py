@@ -131,7 +131,9 @@ def test_tuning_matches_the_embedded_stack(services: dict[str, compose.Service])
         "AIRFLOW__CORE__PLUGINS_FOLDER", "AIRFLOW__CORE__PARALLELISM", "AIRFLOW__API__HOST",
         "AIRFLOW__API__PORT", "AIRFLOW__API__BASE_URL", "AIRFLOW__API__WORKERS", "AIRFLOW__API__SECRET_KEY",
         "AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__CORE__EXECUTION_API_SERVER_URL",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE",
+        # Compose logs in with FAB (users in the metadata DB); the embedded stack with SimpleAuthManager.
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS",
+        "AIRFLOW__CORE__AUTH_MANAGER",
     }  # fmt: skip
     env = services["airflow-scheduler"].environment
     for key, value in embedded.items():
@@ -155,7 +157,8 @@ def test_volumes_share_code_data_and_artifacts(services: dict[str, compose.Servi
         assert env["CD4ML_SPECS_DIR"].startswith(
             next(t for t, m in targets.items() if m.source == "./include")
         )
-        assert Path(env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"]).parent.as_posix() in targets
+        # Logins live in the metadata DB (FAB), not in a passwords file on a volume.
+        assert env["AIRFLOW__CORE__AUTH_MANAGER"].endswith(".FabAuthManager"), svc.name
     # One data volume for every process that reads or writes the data root (the triggerer watches
     # landing/, workers move files, the service writes its prediction log).
     data_users = [*airflow_services(services), services["prediction-service"]]
@@ -251,15 +254,20 @@ def test_interpolation_follows_compose_rules() -> None:
 
 def test_image_and_makefile_agree_with_the_pins_and_the_test_entry_point() -> None:
     dockerfile = (REPO / "Dockerfile").read_text()
-    airflow_pin = re.search(r"apache-airflow\[[^\]]*\]==([\d.]+)", (REPO / "requirements.txt").read_text())
-    assert airflow_pin and f"FROM apache/airflow:{airflow_pin.group(1)}-python3.11" in dockerfile
-    assert "-c /opt/cd4ml/constraints.txt -r /opt/cd4ml/requirements.txt" in dockerfile
+    # The venv's Python (pyproject's requires-python) on the official Debian image of that Python.
+    assert "ARG BASE_IMAGE=python:3.11-slim-bookworm" in dockerfile
+    assert ">=3.11,<3.12" in (REPO / "pyproject.toml").read_text()
+    assert "-c /opt/cd4ml/constraints.txt" in dockerfile and "-r /opt/cd4ml/requirements.txt" in dockerfile
+    requirements = (REPO / "requirements.txt").read_text()
+    assert re.search(r"^apache-airflow-providers-fab==", requirements, re.M), "FAB login needs its provider"
     assert "LOCAL_SETTINGS" in dockerfile and "/opt/airflow/config/airflow_local_settings.py" in dockerfile
     makefile = (REPO / "Makefile").read_text()
     test_rule = re.search(r"^test:(.*)$", makefile, re.M)
     assert test_rule and "test-scale" in test_rule.group(1), "make test must run make test-scale"
     scale_rule = re.search(r"^test-scale:.*\n((?:\t.*\n)+)", makefile, re.M)
     assert scale_rule and "-m scale" in scale_rule.group(1)
+    compose_rule = re.search(r"^test-compose:.*\n((?:\t.*\n)+)", makefile, re.M)
+    assert compose_rule and "scripts/compose/test.sh" in compose_rule.group(1)
 
 
 def test_airflow_metrics_reach_the_statsd_exporter_when_switched_on() -> None:
