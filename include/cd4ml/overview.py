@@ -191,7 +191,7 @@ _HELP = {
     "cd4ml_model_versions": ("gauge", "Registered versions by the evaluation gate's decision."),
     "cd4ml_promotions_total": ("counter", "Versions promoted to champion."),
     "cd4ml_deployments_total": ("counter", "Deployments by outcome (deployed, failed, rolled back...)."),
-    "cd4ml_files": ("gauge", "Data files by state: waiting in landing, accepted, quarantined."),
+    "cd4ml_files": ("gauge", "Data files by state: waiting in landing, accepted, quarantined, retracted."),
     "cd4ml_drift_share": ("gauge", "Share of drifted features in the last drift check."),
     "cd4ml_drift_checks_total": ("counter", "Drift checks by outcome (retrain triggered or not)."),
     "cd4ml_last_drift_check_timestamp_seconds": ("gauge", "End of the last drift check's window."),

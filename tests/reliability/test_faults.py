@@ -27,7 +27,7 @@ from cd4ml.datagen import generate_churn
 from cd4ml.netutil import free_port, wait_http
 from tests.conftest import SERVICE_TOKEN, start_service
 from tests.helpers import LOGREG, WEAK, write_spec
-from tests.integration.dagtools import champion, land, run, served, versions
+from tests.integration.dagtools import champion, land, run, served, task_tries, versions
 
 pytestmark = pytest.mark.integration
 ROWS = 1500
@@ -172,15 +172,6 @@ def aliases(env: dict[str, Any], model: str) -> dict[str, str | None]:
     return out
 
 
-def task_tries(run_id: str, dag_id: str) -> dict[str, int]:
-    from airflow.models import TaskInstance
-    from airflow.utils.session import create_session
-
-    with create_session() as session:
-        tis = session.query(TaskInstance).filter_by(dag_id=dag_id, run_id=run_id).all()
-        return {ti.task_id: ti.try_number for ti in tis}
-
-
 def run_through(proxy: CutProxy, env: dict[str, Any], model: str, monkeypatch: pytest.MonkeyPatch) -> dict:
     """One dag.test() run whose every MLflow call goes through `proxy` (the DAG is parsed with it)."""
     real_uri = os.environ["MLFLOW_TRACKING_URI"]
@@ -292,7 +283,7 @@ def own_service(
             state["proc"].wait(timeout=60)
 
 
-def test_service_down_during_deploy_rolls_champion_back_and_records_it(
+def test_service_down_during_deploy_is_retried_then_rolls_champion_back_and_records_it(
     env: dict[str, Any],
     own_service: dict[str, Any],
 ) -> None:
@@ -309,15 +300,16 @@ def test_service_down_during_deploy_rolls_champion_back_and_records_it(
 
     assert states["promote_champion"] == "success", states
     assert states["deploy_champion"] == "failed" and states["__run__"] == "failed", states
-    # Not retried: the champion was already rolled back, a retry would deploy a non-champion.
-    assert task_tries(states["__run_id__"], f"{model}__train")["deploy_champion"] == 1
+    # Unreachable is transient: retried (1 + 2 retries), and only the last try rolls back.
+    assert task_tries(states["__run_id__"], f"{model}__train")["deploy_champion"] == 3
     assert champion(env, model) == "1"
     v2 = env["mlflow"].get_model_version(model, "2")
     assert v2.tags["cd4ml.decision"] == "promote"
     assert v2.tags["cd4ml.rolled_back"] == "to 1"
     deployment = json.loads(v2.tags["cd4ml.deployment"])
     assert deployment["outcome"] == "failed"
-    assert "unreachable" in deployment["error"]
+    assert f"the prediction service at {own_service['url']} is unreachable" in deployment["error"]
+    assert "refused version" not in deployment["error"]  # not a refusal by the service
     assert "champion moved back to 1" in deployment["rollback"]
 
     # Back up, the service serves the restored champion, never the failed one.
@@ -327,3 +319,50 @@ def test_service_down_during_deploy_rolls_champion_back_and_records_it(
 
     body = httpx.get(f"{own_service['url']}/v1/models/{model}", timeout=10).json()
     assert str(body["version"]) == "1"
+
+
+def test_service_back_before_the_retry_deploys_the_new_champion(
+    env: dict[str, Any],
+    own_service: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A transient failure is retried: the first deploy try finds the service down and leaves the
+    champion in place; the service comes back; the retry deploys and smoke-tests it."""
+    model = "fault_service_back"
+    write_spec(env["specs"], model, estimator=WEAK, promotion__floor=None)
+    land(env, model, "week0.csv", generate_churn(ROWS, seed=34))
+    assert run(env, model)["__run__"] == "success"
+    wait_http(f"{own_service['url']}/v1/models/{model}", 30)
+
+    own_service["kill"]()
+    monkeypatch.setenv("CD4ML_DEPLOY_WAIT_SECONDS", "15")
+    write_spec(env["specs"], model, estimator=LOGREG, promotion__floor=None)
+    restarted: list[float] = []
+
+    def restart_when_the_first_try_gave_up() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            try:
+                tags = env["mlflow"].get_model_version(model, "2").tags
+            except Exception:  # noqa: BLE001 -- not registered yet
+                tags = {}
+            if json.loads(tags.get("cd4ml.deployment", "{}")).get("outcome") == "retrying":
+                own_service["start"]()
+                restarted.append(time.monotonic())
+                return
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=restart_when_the_first_try_gave_up, daemon=True)
+    watcher.start()
+    states = run(env, model)
+    watcher.join(timeout=60)
+
+    assert restarted, "the first deploy try never recorded 'retrying'"
+    assert states["__run__"] == "success" and states["deploy_champion"] == "success", states
+    assert task_tries(states["__run_id__"], f"{model}__train")["deploy_champion"] == 2
+    deployment = json.loads(env["mlflow"].get_model_version(model, "2").tags["cd4ml.deployment"])
+    assert deployment["outcome"] == "deployed" and deployment["golden_rows"] == 20
+    assert champion(env, model) == "2"
+    import httpx
+
+    assert str(httpx.get(f"{own_service['url']}/v1/models/{model}", timeout=10).json()["version"]) == "2"
