@@ -212,3 +212,25 @@ def test_missing_categories_in_the_training_data_serve_as_sklearn_does() -> None
     assert np.array_equal(proba, model.predict_proba(frame))
     assert np.array_equal(labels, model.predict(frame))
     assert not np.array_equal(proba[0], proba[1])  # None and NaN really are different inputs
+
+
+def test_an_example_with_nan_categories_is_checked_as_the_service_receives_it() -> None:
+    """In memory a missing category may be NaN; over HTTP it is null. The check uses the latter."""
+    from cd4ml.serving.models import Slot
+    from cd4ml.serving.payload import FeatureSchema
+
+    spec = _mix_spec(["age"], ["plan", "region"], LOGREG)
+    train_frame = SPLIT.train.copy()
+    train_frame.loc[train_frame.index[::7], "region"] = np.nan
+    model = train(spec, train_frame)
+    example = features(spec, train_frame.head(8))
+    assert example["region"].isna().any()
+    fast = verified(model, example, spec.feature_names)
+    assert fast is not None
+    slot = Slot(name="m", version="1", run_id="", champion_since="", data_fingerprint="", loaded_at=0.0,
+                model=model, schema=FeatureSchema(("age",), ("plan", "region")), classes=[0, 1],
+                classifier=True)  # fmt: skip
+    rows = [[40.0, "basic", None], [None, None, "north"], [33.0, "premium", "mars"]]
+    from dataclasses import replace
+
+    assert replace(slot, fast=fast).predict(rows) == slot.predict_with_sklearn(rows)

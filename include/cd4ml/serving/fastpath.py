@@ -175,14 +175,17 @@ def verified(model: Any, example: pd.DataFrame, columns: list[str]) -> FastPipel
         return None
     # The example plus the edge cases it may lack: every value missing, and unseen categories.
     frame = example[columns].reset_index(drop=True).astype(object)
-    frame.loc[len(frame)] = [None] * len(columns)  # None, as JSON null arrives
-    unseen = example[columns].head(1).copy()
+    frame.loc[len(frame)] = [None] * len(columns)
+    unseen = example[columns].head(1).astype(object)
     for col in fast.categorical:
         unseen[col] = "__cd4ml_unseen__"
     frame = pd.concat([frame, unseen], ignore_index=True)
+    # Both paths get the rows as a request delivers them (a missing value is JSON null, i.e. None)
+    # and sklearn gets the frame the service builds from them, so the check is of what is served.
+    rows = frame.where(frame.notna(), None).values.tolist()
+    frame = pd.DataFrame(rows, columns=columns)
     for col in fast.numerical:
         frame[col] = frame[col].astype(float)
-    rows = frame.astype(object).where(frame.notna(), None).values.tolist()
     num, cat = split_rows(fast, columns, rows)
     reference = model.steps[0][1].transform(frame)
     if not np.array_equal(np.asarray(reference, dtype=float), fast.transform(num, cat)):
