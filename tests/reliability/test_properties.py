@@ -20,7 +20,14 @@ from hypothesis import strategies as st
 from cd4ml.errors import DataReadError
 from cd4ml.spec import parse_spec
 from cd4ml.tables import read_table
-from cd4ml.validation import Reference, normalise, validate_frame
+from cd4ml.validation import (
+    EXTREME_SPANS,
+    Reference,
+    learn_reference,
+    normalise,
+    robust_range,
+    validate_frame,
+)
 
 EXAMPLES = {"bytes": 300, "text": 400, "parquet": 150, "validation": 14, "validation_any": 5}
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -174,3 +181,59 @@ def test_every_violation_kind_is_reachable(violation: str) -> None:
     frame = pd.DataFrame({"x": [1.0] * 6, "y": [0] * 6, "c": ["red"] * 6, "label": [0, 1] * 3})
     broken = VIOLATIONS[violation][0](frame, 1.0)
     assert not broken.equals(frame)
+
+
+# -- no batch can poison a learned reference ----------------------------------------------------------
+
+TOLERANT = parse_spec(
+    """
+task: regression
+target: y
+features:
+  numerical: [x]
+estimator: {class: sklearn.linear_model.Ridge}
+metric: {name: rmse}
+validation: {min_rows: 1, max_outside_learned_range: 1.0, max_excess_null_fraction: 1.0,
+             max_excess_duplicate_fraction: 1.0}
+""",
+    Path("tolerant.yaml"),
+)
+
+
+@settings(FAST, max_examples=200)
+@given(
+    st.lists(st.floats(-1e6, 1e6), min_size=20, max_size=400),
+    st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=40),
+    st.sampled_from([0.0, 0.5, 1.0, 3.0]),
+)
+def test_poison_under_the_trimmed_share_cannot_stretch_a_learned_range(
+    clean: list[float], poison: list[float], tolerance: float
+) -> None:
+    trim = 0.1
+    poison = poison[: int(len(clean) * trim * 0.9)]  # strictly less than the trimmed share
+    learned = robust_range(pd.Series(clean + poison), trim=trim, tolerance=tolerance)
+    assert learned is not None
+    lo, hi = learned
+    m = max(abs(v) for v in clean)
+    bound = m + (EXTREME_SPANS + tolerance) * max(2 * m, 1.0)
+    assert np.isfinite(lo) and np.isfinite(hi) and -bound <= lo <= hi <= bound
+
+
+@settings(deadline=None, max_examples=8, suppress_health_check=list(HealthCheck))
+@given(
+    st.integers(20, 200),
+    st.lists(st.sampled_from([np.inf, -np.inf]), min_size=1, max_size=3),
+    st.sampled_from(["x", "y"]),
+)
+def test_non_finite_numbers_are_refused_whatever_the_tolerances(
+    n: int, bad: list[float], column: str
+) -> None:
+    rng = np.random.default_rng(n)
+    frame = pd.DataFrame({"x": rng.normal(size=n), "y": rng.normal(size=n)})
+    frame.loc[: len(bad) - 1, column] = bad
+    reference = learn_reference(TOLERANT, pd.DataFrame({"x": rng.normal(size=50), "y": rng.normal(size=50)}))
+    outcome = validate_frame(TOLERANT, frame, reference, batch_name="inf")
+    assert any(
+        p.startswith(f"column '{column}': {len(bad)} of {n} rows are not finite numbers")
+        for p in outcome.problems
+    ), outcome.problems

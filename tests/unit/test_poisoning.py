@@ -284,3 +284,21 @@ def test_a_training_failure_caused_by_an_accepted_file_names_it(zone_spec: Model
     assert "training failed" in str(err.value) and "huge.csv: column 'temp'" in str(err.value)
     assert "good.csv:" not in str(err.value)
     assert isinstance(err.value.__context__, TrainingError) or err.value.__cause__ is None
+
+
+# -- the monitor shows what validation let through -------------------------------------------------
+
+
+def test_the_monitor_reports_categorical_values_the_champion_never_saw(tmp_path: Path) -> None:
+    from cd4ml.monitor import _new_categories
+
+    spec = market_spec()
+    train = market_year(2000, CITIES)
+    train.to_parquet(tmp_path / "train.parquet")
+    train.iloc[:10].assign(city="Midland").to_parquet(tmp_path / "holdout.parquet")
+    traffic = market_year(2001, [*CITIES[:3], "Midland", "Odessa"])  # 12 rows each
+    found = _new_categories(
+        spec, [str(tmp_path / "train.parquet"), str(tmp_path / "holdout.parquet")], traffic
+    )
+    assert found == {"city": {"rows": 12, "share": 0.2, "values": {"Odessa": 12}, "distinct": 1}}
+    assert _new_categories(spec, [str(tmp_path / "train.parquet"), ""], train) == {}
