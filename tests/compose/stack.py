@@ -119,13 +119,16 @@ class ComposeProject:
         return f"http://127.0.0.1:{self.values[port_var]}"
 
 
-def http_json(url: str, token: str | None = None, body: dict[str, Any] | None = None) -> Any:
+def http_json(
+    url: str, token: str | None = None, body: dict[str, Any] | None = None, timeout: float = 60
+) -> Any:
+    # 60 s: the api-server's first FAB login after start-up took over 15 s on two busy cores.
     req = urllib.request.Request(url, method="POST" if body is not None else "GET")
     req.add_header("Content-Type", "application/json")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     data = json.dumps(body).encode() if body is not None else None
-    with urllib.request.urlopen(req, data=data, timeout=15) as resp:
+    with urllib.request.urlopen(req, data=data, timeout=timeout) as resp:
         return json.loads(resp.read())
 
 
