@@ -50,6 +50,23 @@ def test_spec_hash_is_stable_and_sensitive() -> None:
         ({"target": "age"}, "(top level)", "also listed as a feature"),
         ({"validation__max_null_fraction": 2}, "validation.max_null_fraction", "less than or equal to 1"),
         (
+            {"validation__max_new_category_fraction": 1.5},
+            "validation.max_new_category_fraction",
+            "less than or equal to 1",
+        ),
+        (
+            {"validation__max_excess_null_fraction": -0.1},
+            "validation.max_excess_null_fraction",
+            "greater than",
+        ),
+        (
+            {"validation__max_excess_duplicate_fraction": "many"},
+            "validation.max_excess_duplicate_fraction",
+            "valid number",
+        ),
+        ({"validation__range_tolerance": -1}, "validation.range_tolerance", "greater than or equal to 0"),
+        ({"validation__allow_new_classes": "sometimes"}, "validation.allow_new_classes", "valid boolean"),
+        (
             {"validation__expectations": [{"expectation": "not_a_class"}]},
             "validation.expectations.0.expectation",
             "Great Expectations class",
@@ -89,3 +106,16 @@ def test_broken_spec_does_not_hide_others(tmp_path: Path) -> None:
     assert [s.name for s in specs] == ["good"]
     assert list(errors) == [bad]
     assert "field 'metric.name'" in str(errors[bad])
+
+
+def test_validation_defaults_learn_from_accepted_data_and_fixed_caps_are_opt_in() -> None:
+    """The defaults chosen on the dataset zoo and ~400 real tables (see the Validation docstring)."""
+    from cd4ml.spec import Validation
+
+    v = Validation()
+    assert v.max_null_fraction is None and v.max_duplicate_fraction is None  # no fixed caps
+    assert (v.max_excess_null_fraction, v.max_excess_duplicate_fraction) == (0.2, 0.3)
+    assert (v.range_tolerance, v.max_outside_learned_range, v.max_new_category_fraction) == (1.0, 0.01, 0.05)
+    assert v.allow_new_classes is False
+    capped = parse(spec_dict(validation__max_null_fraction=0.02, validation__max_duplicate_fraction=0.0))
+    assert (capped.validation.max_null_fraction, capped.validation.max_duplicate_fraction) == (0.02, 0.0)
