@@ -146,13 +146,12 @@ def wait_until_serving(endpoint: ServiceEndpoint, model: str, version: str) -> N
             f"{where} does not know model {model!r} {waited}: it serves the specs in its own "
             f"CD4ML_SPECS_DIR; give it {model}.yaml"
         )
+    serves = f"still serves version {state.version}" if state.version else "serves no version of it"
     poll_error = _poll_error(endpoint)
     if poll_error:
-        raise ServiceUnreachableError(
-            f"{where} still serves version {state.version} {waited}: it cannot read MLflow ({poll_error})"
-        )
+        raise ServiceUnreachableError(f"{where} {serves} {waited}: it cannot read MLflow ({poll_error})")
     raise DeployError(
-        f"{where} still serves version {state.version} {waited}; it neither loaded nor refused it "
+        f"{where} {serves} {waited}; it neither loaded nor refused version {version} "
         "(see the service log; CD4ML_DEPLOY_WAIT_SECONDS sets the wait)"
     )
 
@@ -237,6 +236,15 @@ def deploy_champion(
         return {"deployed": False, "why": "champion unchanged; nothing to deploy"}
     endpoint = endpoint or ServiceEndpoint.from_env()
     version, previous = str(promoted["version"]), promoted.get("previous")
+    current = registry.version_by_alias(
+        registry.client(settings.mlflow_tracking_uri), spec.name, registry.CHAMPION
+    )
+    if current is None or str(current.version) != version:
+        # A re-run after an earlier try rolled back, or the alias was moved by hand since.
+        raise DeployError(
+            f"{spec.name}: champion is {'unset' if current is None else f'version {current.version}'}, "
+            f"no longer version {version}; nothing to deploy (promote it again to roll it out)"
+        )
     record: dict[str, Any] = {"who": who, "when": when}
     try:
         wait_until_serving(endpoint, spec.name, version)

@@ -247,6 +247,13 @@ def test_a_version_the_service_refuses_is_recorded_as_refused_not_unreachable(en
     assert f"the prediction service at {env['service']} refused version {bad}: {said}" in deployment["error"]
     assert deployment["rollback"] == "champion rolled back to 1, which the service serves again"
     assert champion(env, model) == served(env, model) == "1"
+    # Deploying it again (a cleared task, say) finds champion back at 1 and deploys nothing.
+    from cd4ml.deploy import DeployError
+
+    with pytest.raises(DeployError, match=f"champion is version 1, no longer version {bad}"):
+        deploy_champion(load_spec(spec_path), get_settings(), promoted=promoted, holdout_path="unused",
+                        who="test", when="2026-05-01T00:00:01")  # fmt: skip
+    assert champion(env, model) == served(env, model) == "1"
 
 
 def test_deterministic_spec_and_training_failures_fail_after_one_try(env: dict[str, Any]) -> None:
