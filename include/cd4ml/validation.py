@@ -568,12 +568,19 @@ def _describe(
             )
         if rule == "nulls_all":
             return f"{where}: {counted} are null: the column holds no value at all"
-        what = "the target" if rule == "target_nulls" else "the timestamp"
+        what = (
+            f"the target (target: {spec.target})"
+            if rule == "target_nulls"
+            else (f"the timestamp (timestamp: {spec.timestamp})")
+        )
         return f"{where}: {counted} are null; {what} may not be null in any row"
     if kind == "ExpectColumnValuesToBeInTypeList":
-        return (
-            f"{where}: has type {observed or sample}; expected a numeric type (a numerical feature or target)"
+        role = (
+            "task: regression needs a numeric target"
+            if col == spec.target
+            else "listed in features.numerical"
         )
+        return f"{where}: has type {observed or sample}; expected a numeric type ({role})"
     if kind == "ExpectColumnValuesToBeBetween":
         if rule == "finite":
             return (
@@ -625,9 +632,14 @@ def _describe(
             )
         return text
     if kind == "ExpectColumnUniqueValueCountToBeBetween":
-        return f"{where}: has {observed} distinct value(s); a target needs at least {kwargs.get('min_value')}"
+        return (
+            f"{where}: has {observed} distinct value(s); a target needs at least {kwargs.get('min_value')} "
+            "(task: classification)"
+        )
     if kind == "ExpectColumnStdevToBeBetween":
-        return f"{where}: is constant (standard deviation {observed}); a regression target must vary"
+        return (
+            f"{where}: is constant (standard deviation {observed}); task: regression needs a varying target"
+        )
     if kind == "ExpectCompoundColumnsToBeUnique":
         head = f"table: {counted} are duplicated rows; at most {_pct(allowed)} allowed"
         if rule == "duplicates_learned":
@@ -640,7 +652,11 @@ def _describe(
             )
         return f"{head} {_setting(spec, f'validation.max_duplicate_fraction = {v.max_duplicate_fraction}')}"
     if kind == "ExpectColumnValuesToBeDateutilParseable":
-        return f"{where}: {counted} are not timestamps" + (f" (e.g. {sample})" if sample else "")
+        return (
+            f"{where}: {counted} are not timestamps"
+            + (f" (e.g. {sample})" if sample else "")
+            + f" (timestamp: {spec.timestamp})"
+        )
     detail = counted or (f"observed {observed}" if observed is not None else "")
     return (
         f"{where}: {kind} failed"
