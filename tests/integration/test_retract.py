@@ -4,6 +4,9 @@ and the retrain leaves the file's rows out (real Airflow, GX, sklearn, MLflow an
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +14,8 @@ import pytest
 
 from cd4ml import landing
 from cd4ml.datagen import generate_churn
+from cd4ml.netutil import free_port, wait_http
+from tests.conftest import BIN
 from tests.helpers import LOGREG, write_spec
 from tests.integration.dagtools import land, run, run_dag, versions
 
@@ -110,3 +115,61 @@ def test_retracting_a_file_retrains_without_its_rows_and_is_listed(env: dict[str
     assert listed["who"] == reason["who"] and listed["when"] == reason["when"]
     assert overview.files["accepted"] == 1 and overview.files["retracted"] == 1
     assert overview.as_dict()["retractions"][0]["file"] == "week1.csv"
+
+
+@pytest.fixture
+def airflow_api(env: dict[str, Any], tmp_path: Path) -> Iterator[dict[str, str]]:
+    """Airflow's real API server on the tests' metadata DB, with a known login."""
+    port = free_port()
+    passwords = tmp_path / "passwords.json"
+    passwords.write_text(json.dumps({"admin": "retract-test-password"}))
+    api_env = {
+        **os.environ,
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+        "AIRFLOW__API__WORKERS": "1",
+        "AIRFLOW__API__SECRET_KEY": "retract-test-secret-key",
+        "AIRFLOW__API_AUTH__JWT_SECRET": "retract-test-jwt-secret-of-some-length",
+    }
+    log = (tmp_path / "api-server.log").open("wb")
+    proc = subprocess.Popen(
+        [str(BIN / "airflow"), "api-server", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, env=api_env, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/api/v2/monitor/health", 180)
+        yield {"url": url, "password": "retract-test-password", "log": str(tmp_path / "api-server.log")}
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=60)
+
+
+def test_cli_retraction_starts_training_through_the_airflow_api(
+    env: dict[str, Any],
+    airflow_api: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from airflow.models import DagRun
+    from airflow.utils.session import create_session
+
+    from cd4ml import cli
+
+    model = "cli_retracted"
+    write_spec(env["specs"], model, estimator=LOGREG)
+    land(env, model, "week0.csv", generate_churn(600, seed=43))
+    land(env, model, "week1.csv", generate_churn(600, seed=44, batch=1))
+    assert run(env, model)["__run__"] == "success"  # also puts the DAG where the API finds it
+    monkeypatch.setenv("CD4ML_AIRFLOW_URL", airflow_api["url"])
+    monkeypatch.setenv("CD4ML_AIRFLOW_PASSWORD", airflow_api["password"])
+
+    code = cli.main(["data", "retract", model, "week0.csv", "--reason", "sensor was miscalibrated"])
+    out = capsys.readouterr()
+    assert code == 0, (out.err, Path(airflow_api["log"]).read_text()[-3000:])
+    assert f"started {model}__train run " in out.out, out.out
+    run_id = out.out.split(f"started {model}__train run ", 1)[1].split()[0]
+    with create_session() as session:
+        dag_run = session.query(DagRun).filter_by(dag_id=f"{model}__train", run_id=run_id).one()
+        assert dag_run.conf["reason"] == "retraction of week0.csv: sensor was miscalibrated"
+    assert [f.name for f in landing.list_accepted(landing.Zone(env["data"] / model))] == ["week1.csv"]
