@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from cd4ml.airflow.triggers import LandingZoneTrigger
 
 
@@ -20,7 +22,21 @@ class Events:
             await self.queue.put(event)
 
     async def next(self, timeout: float = 2.0):
-        return await asyncio.wait_for(self.queue.get(), timeout)
+        """The next event; a trigger that crashed or stopped is a failure, never a quiet timeout."""
+        getter = asyncio.ensure_future(self.queue.get())
+        done, _ = await asyncio.wait(
+            {getter, self.task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if getter in done:
+            return getter.result()
+        getter.cancel()
+        self.assert_running()
+        raise TimeoutError(f"no event within {timeout} s")
+
+    def assert_running(self) -> None:
+        if self.task.done():
+            error = self.task.exception()
+            raise AssertionError(f"the trigger stopped watching: {error!r}") from error
 
     def stop(self) -> None:
         self.task.cancel()
@@ -63,16 +79,22 @@ def test_a_relanded_file_fires_again_after_it_left(tmp_path: Path) -> None:
     assert asyncio.run(scenario()) == 1
 
 
-def test_missing_directory_is_not_an_error(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        gen = Events(LandingZoneTrigger(directory=str(tmp_path / "nope"), poke_interval=0.05))
-        try:
-            await gen.next(timeout=0.3)
-        except TimeoutError:
-            pass
-        gen.stop()
+def test_missing_directory_is_watched_until_it_appears(tmp_path: Path) -> None:
+    """A model whose landing/ is not made yet: no event, no crash, and the first file still fires."""
+    zone = tmp_path / "nope"
 
-    asyncio.run(scenario())
+    async def scenario() -> list[str]:
+        gen = Events(LandingZoneTrigger(directory=str(zone), poke_interval=0.05))
+        with pytest.raises(TimeoutError):
+            await gen.next(timeout=0.3)
+        gen.assert_running()
+        zone.mkdir()
+        (zone / "a.csv").write_text("x\n1\n")
+        event = await gen.next()
+        gen.stop()
+        return list(event.payload["files"])
+
+    assert asyncio.run(scenario()) == ["a.csv"]
 
 
 def test_serializes_to_its_import_path() -> None:
