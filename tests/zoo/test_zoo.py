@@ -109,7 +109,8 @@ def sklearn_score(spec: ModelSpec, model: Pipeline, holdout: pd.DataFrame) -> fl
         return float(metrics.balanced_accuracy_score(y, model.predict(x)))
     if name == "f1":
         average = spec.metric.average or ("binary" if binary else "macro")
-        return float(metrics.f1_score(y, model.predict(x), average=average, pos_label=classes[-1]))
+        positive = {"pos_label": classes[-1]} if average == "binary" else {}
+        return float(metrics.f1_score(y, model.predict(x), average=average, **positive))
     proba = model.predict_proba(x)
     if name == "log_loss":
         return float(metrics.log_loss(y, proba, labels=classes))
