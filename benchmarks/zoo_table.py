@@ -52,6 +52,14 @@ def _task(rec: dict[str, Any]) -> str:
     return str(rec.get("task", "—"))
 
 
+def _metric(rec: dict[str, Any]) -> str:
+    """The metric as the spec names it, with the averaging a multiclass target gets by default."""
+    name = str(rec.get("metric", ""))
+    if name in {"f1", "roc_auc"} and (rec.get("classes") or 0) > 2:
+        return f"{name} (macro{', one-vs-rest' if name == 'roc_auc' else ''})"
+    return name
+
+
 def _seconds(value: Any) -> str:
     return "—" if value is None else f"{float(value):.0f}"
 
@@ -67,7 +75,7 @@ def _row(name: str, rec: dict[str, Any], label: str) -> str:
     outcome = "ok" if rec.get("outcome") == "passed" else "**FAIL**"
     return (
         f"| {name}{label} | `{rec.get('source', '')}` | {rec.get('rows', 0):,} | {_task(rec)} "
-        f"| {batches} | {rec.get('metric', '')} | {_score(rec.get('cd4ml_score'))} "
+        f"| {batches} | {_metric(rec)} | {_score(rec.get('cd4ml_score'))} "
         f"| {_score(rec.get('sklearn_score'))} | {_delta(rec)} "
         f"| {_seconds(rec.get('seconds_to_first_champion'))} | {_seconds(rec.get('seconds_total'))} "
         f"| {outcome} |"
