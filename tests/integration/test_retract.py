@@ -17,7 +17,7 @@ from cd4ml.datagen import generate_churn
 from cd4ml.netutil import free_port, wait_http
 from tests.conftest import BIN
 from tests.helpers import LOGREG, write_spec
-from tests.integration.dagtools import land, run, run_dag, versions
+from tests.integration.dagtools import land, run, run_dag, task_tries, versions
 
 pytestmark = pytest.mark.integration
 MODEL = "retracted"
@@ -73,6 +73,7 @@ def test_retracting_a_file_retrains_without_its_rows_and_is_listed(env: dict[str
     states = run_dag(f"{MODEL}__retract", {"file": "week7.csv", "reason": "typo"})
     assert states["__run__"] == "failed" and states["retract_file"] == "failed", states
     assert states["request_retrain"] == "upstream_failed"
+    assert task_tries(states["__run_id__"], f"{MODEL}__retract")["retract_file"] == 1  # not retried
     assert len(landing.list_accepted(zone)) == 2 and new_data_events(MODEL) == []
 
     states = run_dag(
