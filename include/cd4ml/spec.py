@@ -238,11 +238,12 @@ class Validation(_Strict):
     )
     learn_categories: bool = True
     allow_new_classes: bool = Field(
-        default=False,
+        default=True,
         description=(
-            "Let a classification target gain classes (within max_new_category_fraction of rows). "
-            "Off: a label not seen in accepted data is refused, since a class first seen in the "
-            "newest rows would sit only in the holdout, where no model trained without it is scored."
+            "A classification target may gain classes like a learned categorical feature (within "
+            "max_new_category_fraction of a batch's rows): a rare class first seen in a later batch "
+            "(fog in a half-year of Seattle weather) must not starve the model. Off: any label not "
+            "seen in accepted data is refused."
         ),
     )
     allow_extra_columns: bool = False

@@ -60,7 +60,8 @@ class Reference:
     `new_value_rates` is the share of rows expected to carry a value not seen before (Good-Turing:
     values seen once / rows): high for an id-like column, zero for a handful of well-filled codes.
     `duplicates` profiles how often identical rows recur: (multiplicity, distinct rows with it).
-    `null_rates` is each feature column's share of nulls.
+    `null_rates` is each feature column's share of nulls; `largest_class_share` that of the most
+    frequent class of a classification target.
     """
 
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
@@ -69,6 +70,7 @@ class Reference:
     new_value_rates: dict[str, float] = field(default_factory=dict)
     duplicates: tuple[tuple[int, int], ...] = ()
     null_rates: dict[str, float] = field(default_factory=dict)
+    largest_class_share: float | None = None
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,7 @@ def learn_reference(spec: ModelSpec, accepted: pd.DataFrame) -> Reference:
                 ranges[col] = learned
     categories: dict[str, list[Any]] = {}
     rates: dict[str, float] = {}
+    largest: float | None = None
     if spec.validation.learn_categories:
         for col in spec.categorical:
             if col in accepted.columns:
@@ -190,6 +193,8 @@ def learn_reference(spec: ModelSpec, accepted: pd.DataFrame) -> Reference:
         # Classes keep their own type (0/1 stay ints), so a batch that labels them "yes"/"no" fails.
         categories[spec.target] = sorted(accepted[spec.target].dropna().unique().tolist(), key=str)
         rates[spec.target] = new_value_rate(accepted[spec.target])
+        shares = accepted[spec.target].value_counts(normalize=True)
+        largest = float(shares.iloc[0]) if len(shares) else None
     present = [c for c in spec.columns if c in accepted.columns]
     return Reference(
         ranges=ranges,
@@ -198,6 +203,7 @@ def learn_reference(spec: ModelSpec, accepted: pd.DataFrame) -> Reference:
         new_value_rates=rates,
         duplicates=duplicate_profile(accepted[present]) if present == spec.columns else (),
         null_rates={c: float(accepted[c].isna().mean()) for c in spec.feature_names if c in accepted.columns},
+        largest_class_share=largest,
     )
 
 
@@ -367,14 +373,13 @@ def expectation_configs(
     if spec.target in present:
         out.append(("ExpectColumnValuesToNotBeNull", {"column": spec.target, "meta": _rule("target_nulls")}))
         if spec.task == "classification":
-            out.append((
-                "ExpectColumnUniqueValueCountToBeBetween",
-                {"column": spec.target, "min_value": 2, "meta": _rule("target_classes")},
-            ))  # fmt: skip
+            if _single_class_implausible(reference, rows):
+                out.append((
+                    "ExpectColumnUniqueValueCountToBeBetween",
+                    {"column": spec.target, "min_value": 2, "meta": _rule("target_classes")},
+                ))  # fmt: skip
             classes = reference.categories.get(spec.target)
             if classes and not v.allow_new_classes:
-                # A class first seen in the newest rows lands in the holdout, where a model that never
-                # saw it cannot be scored: a new class is a decision, not drift.
                 out.append((
                     "ExpectColumnValuesToBeInSet",
                     {"column": spec.target, "value_set": classes, "meta": _rule("target_values")},
@@ -403,6 +408,18 @@ def expectation_configs(
     for extra in v.expectations:
         out.append((extra.expectation, {**extra.kwargs, "meta": _rule("extra")}))
     return out
+
+
+def _single_class_implausible(reference: Reference, rows: int | None) -> bool:
+    """Is a batch whose target holds one class a broken file, rather than a small batch of a rare event?
+
+    Without accepted data there is nothing to judge by, and a single class cannot be trained on.
+    With it, a batch of 20 rows that are all 'no churn' is expected when 95% of rows are; 300 rows of
+    a 70/30 target all alike (a target overwritten by a constant) happen once in 1e46 batches.
+    """
+    if reference.largest_class_share is None or not rows:
+        return True
+    return bool(reference.largest_class_share**rows < 1e-6)
 
 
 def _null_checks(

@@ -116,6 +116,6 @@ def test_validation_defaults_learn_from_accepted_data_and_fixed_caps_are_opt_in(
     assert v.max_null_fraction is None and v.max_duplicate_fraction is None  # no fixed caps
     assert (v.max_excess_null_fraction, v.max_excess_duplicate_fraction) == (0.2, 0.3)
     assert (v.range_tolerance, v.max_outside_learned_range, v.max_new_category_fraction) == (1.0, 0.01, 0.05)
-    assert v.allow_new_classes is False
+    assert v.allow_new_classes is True
     capped = parse(spec_dict(validation__max_null_fraction=0.02, validation__max_duplicate_fraction=0.0))
     assert (capped.validation.max_null_fraction, capped.validation.max_duplicate_fraction) == (0.02, 0.0)

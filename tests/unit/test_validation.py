@@ -88,8 +88,8 @@ def test_clean_batch_passes(tmp_path: Path) -> None:
         (lambda f: f.assign(region=np.where(f.index < 40, "mars", f["region"])), "(found 'mars')"),
         (lambda f: f.assign(churned=0), "column 'churned': has 1 distinct value"),
         (
-            lambda f: f.assign(churned=np.where(f.index < 3, 7, f["churned"])),
-            "column 'churned': 3 of 400 rows not in",
+            lambda f: f.assign(churned=np.where(f.index < 40, 7, f["churned"])),
+            "column 'churned': 40 of 400 rows not in",
         ),
         (lambda f: f.assign(event_time="yesterday-ish"), "column 'event_time'"),
         (lambda f: pd.concat([f, f.iloc[:200]], ignore_index=True), "400 of 600 rows are duplicated rows"),
@@ -240,7 +240,7 @@ def _spec(**validation: object) -> ModelSpec:
         ({"max_duplicate_fraction": 0.0}, lambda f: pd.concat([f.iloc[:390], f.iloc[:10]], ignore_index=True),
          ["20 of 400 rows are duplicated rows; at most 0.0% allowed",
           "validation.max_duplicate_fraction = 0.0"]),
-        ({}, lambda f: f.assign(churned=np.where(f.index < 3, 7, f["churned"])),
+        ({"allow_new_classes": False}, lambda f: f.assign(churned=np.where(f.index < 3, 7, f["churned"])),
          ["a new class of the target is refused", "validation.allow_new_classes = False"]),
         ({}, lambda f: f.iloc[:20], ["at least 50 required", "validation.min_rows = 50"]),
         ({}, lambda f: f.assign(age=np.where(f.index < 1, 200, f["age"])),
@@ -313,3 +313,19 @@ def test_boolean_coded_features_and_parsed_timestamps_are_accepted_as_they_are()
     text = frame.assign(married=frame["married"].map({True: "yes", False: "no"}))
     outcome = validate_frame(spec, text, learn_reference(spec, frame), batch_name="text")
     assert any(p.startswith("column 'married': has type") for p in outcome.problems), outcome.problems
+
+
+def test_a_rare_class_first_seen_later_is_accepted_and_a_small_batch_may_hold_one_class() -> None:
+    """Fog first appears in the second half-year of Seattle's weather; a day of 60 rows may be all 0."""
+    rare = batch().assign(churned=lambda f: np.where(f.index < 8, 2, f["churned"]))  # 2% a new class
+    assert run(rare).success, run(rare).problems
+    quiet_day = batch(60).assign(churned=0)
+    skewed = ACCEPTED.assign(churned=np.where(ACCEPTED.index % 50 == 0, 1, 0))  # a 2% event
+    outcome = validate_frame(SPEC, quiet_day, learn_reference(SPEC, skewed), batch_name="day")
+    assert outcome.success, outcome.problems
+    # The first batch cannot be judged by accepted data, and a single class cannot be trained on.
+    first = validate_frame(SPEC, quiet_day.iloc[:10].pipe(lambda f: pd.concat([f] * 6, ignore_index=True))
+                           .assign(event_time=lambda f: pd.date_range("2026-01-01", periods=len(f), freq="h")
+                                   .strftime("%Y-%m-%dT%H:%M:%SZ")),
+                           learn_reference(SPEC, ACCEPTED.iloc[0:0]), batch_name="first")  # fmt: skip
+    assert any("has 1 distinct value(s); a target needs at least 2" in p for p in first.problems)
