@@ -14,7 +14,12 @@ reference for the next one:
 - categorical domains and target classes admit a share of rows with new values
   (`max_new_category_fraction`, plus the share of new values the accepted data itself predicts);
 - duplicated rows are compared with the share expected for a batch of the same size drawn from the
-  accepted data (legitimately repeated answers repeat there too), plus `max_excess_duplicate_fraction`.
+  accepted data (legitimately repeated answers repeat there too), plus `max_excess_duplicate_fraction`;
+- nulls are compared with each column's null share in accepted data, plus `max_excess_null_fraction`;
+- shares allowed outside what was learned get a binomial sampling margin for small batches.
+
+Declared bounds (`min`/`max`, `values`) and the opt-in fixed caps (`max_null_fraction`,
+`max_duplicate_fraction`) are strict. The first batch has nothing learned to be compared with.
 """
 
 from __future__ import annotations
