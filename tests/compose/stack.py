@@ -39,6 +39,8 @@ def generated_env() -> dict[str, str]:
     """Random secrets, the locally built images and free host ports: nothing shared with a real .env."""
     values = {name: secrets.token_urlsafe(24) for name in SECRETS}
     values["AIRFLOW_FERNET_KEY"] = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+    # token_urlsafe may start with "-"; one such password broke `airflow users create -p VALUE`.
+    values["AIRFLOW_ADMIN_PASSWORD"] = "-" + values["AIRFLOW_ADMIN_PASSWORD"]
     values.update(
         POSTGRES_IMAGE="cd4ml-local/postgres:15",
         REDIS_IMAGE="cd4ml-local/redis:7",
