@@ -113,6 +113,7 @@ def prediction_service(mlflow_server: str, shared_specs: Path) -> Iterator[dict[
             "url": f"http://127.0.0.1:{port}",
             "token": SERVICE_TOKEN,
             "log": str(_SESSION_DIR / "service.log"),
+            "pid": str(proc.pid),
         }
     finally:
         os.killpg(proc.pid, 15)
@@ -159,5 +160,23 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+_STOPPING: list[tuple[subprocess.Popen[bytes], Path | None]] = []
+
+
+def stop_in_background(command: list[str], env: dict[str, str], remove: Path | None = None) -> None:
+    """Run a slow shutdown (a stack's `down` waits up to 20 s per process) while later tests run;
+    the session waits for it, then removes `remove`, before it ends."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _STOPPING.append((proc, remove))
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    for proc, remove in _STOPPING:
+        try:
+            proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            print(f"\nconftest: `{' '.join(map(str, proc.args))}` still running after 180 s; killed")
+        if remove is not None:
+            shutil.rmtree(remove, ignore_errors=True)
     shutil.rmtree(_SESSION_DIR, ignore_errors=True)

@@ -1,7 +1,7 @@
 """The prediction service under concurrent load while `champion` moves: the short version of
 `benchmarks/bench_load.py` (which runs 60 s with 3 swaps under `make soak`).
 
-Real processes: the session's MLflow server and a `cd4ml serve` uvicorn subprocess of this test's own.
+Real processes: the session's MLflow server and its `cd4ml serve` uvicorn subprocess.
 Asserts behaviour only: no failed request, the swap took effect, no request answered by the old
 version once the new one answered, and memory stays bounded.
 """
@@ -9,18 +9,15 @@ version once the new one answered, and memory stays bounded.
 from __future__ import annotations
 
 import importlib.util
-import os
-import signal
 import sys
-from collections.abc import Iterator
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import httpx
 import pytest
 
-from cd4ml.netutil import free_port, wait_http
-from tests.conftest import start_service
 from tests.helpers import LOGREG
 
 pytestmark = pytest.mark.integration
@@ -43,33 +40,27 @@ def bench_module() -> ModuleType:
 
 
 @pytest.fixture
-def served_model(mlflow_server: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
+def served_model(
+    prediction_service: dict[str, str], mlflow_server: str, shared_specs: Path
+) -> dict[str, Any]:
+    """Two versions of the bench's model behind the session's service (one fewer service start-up;
+    the RSS bound below is on growth, so the other models it already serves do not count)."""
     bench = bench_module()
-    specs = tmp_path / "specs"
-    specs.mkdir()
     from cd4ml.spec import load_spec
 
-    spec = load_spec(bench.write_spec(specs, estimator=LOGREG))
+    spec = load_spec(bench.write_spec(shared_specs, estimator=LOGREG))
     versions = [
         bench.register(mlflow_server, spec, fitted, f"model {i}")
         for i, fitted in enumerate(bench.fit_models(spec, 2, 3000))
     ]
     bench.promote(mlflow_server, spec, versions[0])
-    port = free_port()
-    env = {
-        **os.environ,
-        "CD4ML_HOME": str(tmp_path / "home"),
-        "CD4ML_SPECS_DIR": str(specs),
-        "MLFLOW_TRACKING_URI": mlflow_server,
-    }
-    proc = start_service(env, port, tmp_path / "service.log")
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/health/ready", 60)
-        yield {"bench": bench, "spec": spec, "url": url, "pid": proc.pid, "versions": versions}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
+    url = prediction_service["url"]
+    deadline = time.monotonic() + 90
+    while httpx.get(f"{url}/v1/models/{spec.name}", timeout=10).json().get("version") != versions[0]:
+        assert time.monotonic() < deadline, f"the service did not serve {spec.name} v{versions[0]} in 90 s"
+        time.sleep(0.5)
+    return {"bench": bench, "spec": spec, "url": url, "pid": int(prediction_service["pid"]),
+            "versions": versions}  # fmt: skip
 
 
 def test_no_request_fails_while_the_champion_is_swapped_under_load(
