@@ -97,12 +97,9 @@ class SanityError(Exception):
 
 def _transient(err: Exception) -> bool:
     """MLflow briefly unreachable is not the version's fault: retry it on the next poll."""
-    import requests
+    from cd4ml.errors import is_transient
 
-    if isinstance(err, requests.RequestException | ConnectionError | TimeoutError):
-        return True
-    text = str(err)
-    return "Connection refused" in text or "Max retries exceeded" in text or "timed out" in text
+    return is_transient(err)
 
 
 def sanity_check(slot: Slot, example: pd.DataFrame | None) -> None:
