@@ -2,17 +2,27 @@
 
 One place computes the state of every model (champion and lineage, decisions with their evidence,
 deployments and rollbacks, drift checks); the Airflow plugin renders it as a page inside the
-Airflow UI, as JSON, and as Prometheus text. Nothing here writes anything.
+Airflow UI (Jinja2 templates in cd4ml/templates, autoescaped), as JSON, and as Prometheus text
+(a prometheus_client collector). Nothing here writes anything.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from html import escape
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlparse
+
+from jinja2 import Environment, PackageLoader
+from markupsafe import Markup
+from prometheus_client import generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.registry import Collector
 
 from cd4ml import landing, monitor, registry
 from cd4ml.settings import Settings
@@ -45,6 +55,50 @@ class Event:
     detail: str
 
 
+# A deployment record says "retrying" until the same attempt settles as deployed or failed: counting
+# it would make a counter go down when the record is overwritten.
+_TRANSIENT_OUTCOMES = frozenset({"retrying"})
+
+
+@dataclass
+class Totals:
+    """Counts over complete sources (every version, drift check and run record), not the view's
+    truncated lists: the metrics' counters are built from these."""
+
+    decisions: dict[str, int]
+    promotions: int
+    deployments: dict[str, int]
+    drift_checks: dict[str, int]  # by "true"/"false": the check asked for retraining or not
+    training_runs: dict[str, int]  # by "true"/"false": the run trained a model or not
+    files_received: dict[str, int]  # accepted (including later retracted) or quarantined on arrival
+
+
+def totals_of(
+    versions: list[VersionInfo],
+    drift: list[dict[str, Any]],
+    runs: list[dict[str, Any]],
+    files: dict[str, int],
+) -> Totals:
+    deployments: Counter[str] = Counter()
+    for v in versions:
+        outcome = _json_tag(v.tags, "cd4ml.deployment").get("outcome")
+        if outcome and outcome not in _TRANSIENT_OUTCOMES:
+            deployments[str(outcome)] += 1
+    triggered = sum(bool((c.get("decision") or {}).get("trigger")) for c in drift)
+    trained = sum(bool(r.get("trained")) for r in runs)
+    return Totals(
+        decisions=dict(Counter(v.decision or "none" for v in versions)),
+        promotions=sum(bool(v.tags.get("cd4ml.promoted_at")) for v in versions),
+        deployments=dict(deployments),
+        drift_checks={"true": triggered, "false": len(drift) - triggered},
+        training_runs={"true": trained, "false": len(runs) - trained},
+        files_received={
+            "accepted": files.get("accepted", 0) + files.get("retracted", 0),
+            "quarantined": files.get("quarantined", 0),
+        },
+    )
+
+
 @dataclass
 class ModelOverview:
     name: str
@@ -58,6 +112,7 @@ class ModelOverview:
     files: dict[str, int]
     runs: list[dict[str, Any]] = field(default_factory=list)
     retractions: list[dict[str, Any]] = field(default_factory=list)
+    totals: Totals | None = None  # None: count the lists given (tests build overviews by hand)
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -139,12 +194,12 @@ def _retractions(spec: ModelSpec, settings: Settings, limit: int) -> list[dict[s
     return [{k: r.get(k) for k in keys} for r in landing.list_retractions(zone)[:limit]]
 
 
-def _run_outcomes(spec: ModelSpec, settings: Settings, limit: int) -> list[dict[str, Any]]:
-    """Why the latest training runs trained or not (runs/<run key>/outcome.json), newest first."""
+def _run_outcomes(spec: ModelSpec, settings: Settings) -> list[dict[str, Any]]:
+    """Why every recorded training run trained or not (runs/<run key>/outcome.json), newest first."""
     runs = landing.Zone(settings.model_dir(spec.name)).runs
     paths = sorted(runs.glob("*/outcome.json"), key=lambda p: p.stat().st_mtime, reverse=True)
     out = []
-    for path in paths[:limit]:
+    for path in paths:
         try:
             out.append({**json.loads(path.read_text()), "mtime": path.stat().st_mtime})
         except (OSError, json.JSONDecodeError):
@@ -169,6 +224,9 @@ def model_overview(spec: ModelSpec, settings: Settings, *, limit: int = 25) -> M
             if mv is not None and v.version == str(mv.version) and alias not in v.aliases:
                 v.aliases.append(alias)
     champion = next((v for v in versions if registry.CHAMPION in v.aliases), None)
+    drift = monitor.history(settings, spec.name)
+    runs = _run_outcomes(spec, settings)
+    files = _file_counts(spec, settings)
     return ModelOverview(
         name=spec.name,
         owner=spec.owner,
@@ -176,30 +234,16 @@ def model_overview(spec: ModelSpec, settings: Settings, *, limit: int = 25) -> M
         champion=champion,
         versions=versions[:limit],
         events=_events(versions)[:limit],
-        drift=monitor.history(settings, spec.name)[-200:],
+        drift=drift[-200:],
         drift_threshold=spec.drift.threshold,
-        files=_file_counts(spec, settings),
-        runs=_run_outcomes(spec, settings, limit),
+        files=files,
+        runs=runs[:limit],
         retractions=_retractions(spec, settings, limit),
+        totals=totals_of(versions, drift, runs, files),
     )
 
 
 # -- Prometheus ------------------------------------------------------------------------------------
-
-_HELP = {
-    "cd4ml_champion_version": ("gauge", "Registered version the champion alias points at (0: none)."),
-    "cd4ml_model_versions": ("gauge", "Registered versions by the evaluation gate's decision."),
-    "cd4ml_promotions_total": ("counter", "Versions promoted to champion."),
-    "cd4ml_deployments_total": ("counter", "Deployments by outcome (deployed, failed, rolled back...)."),
-    "cd4ml_files": ("gauge", "Data files by state: waiting in landing, accepted, quarantined, retracted."),
-    "cd4ml_drift_share": ("gauge", "Share of drifted features in the last drift check."),
-    "cd4ml_drift_checks_total": ("counter", "Drift checks by outcome (retrain triggered or not)."),
-    "cd4ml_last_drift_check_timestamp_seconds": ("gauge", "End of the last drift check's window."),
-}
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
 
 
 def _number(value: float) -> str:
@@ -208,48 +252,132 @@ def _number(value: float) -> str:
     return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
 
 
-def prometheus_text(overviews: list[ModelOverview]) -> str:
-    """Pipeline figures in the Prometheus text exposition format (version 0.0.4)."""
-    from datetime import datetime
+class PipelineCollector(Collector):
+    """The pipeline's figures for one scrape, read from the overviews' complete totals.
 
-    samples: dict[str, list[tuple[dict[str, str], float]]] = {name: [] for name in _HELP}
-    for o in overviews:
-        m = {"model": o.name}
-        samples["cd4ml_champion_version"].append((m, float(o.champion.version) if o.champion else 0.0))
-        decisions: dict[str, int] = {}
-        for v in o.versions:
-            decisions[v.decision or "none"] = decisions.get(v.decision or "none", 0) + 1
-        for decision in ("promote", "reject", "none"):
-            samples["cd4ml_model_versions"].append(({**m, "decision": decision}, decisions.get(decision, 0)))
-        samples["cd4ml_promotions_total"].append((m, sum(e.what == "promoted" for e in o.events)))
-        outcomes: dict[str, int] = {}
-        for e in o.events:
-            if e.what not in ("promoted", "rollback requested"):
-                outcomes[e.what] = outcomes.get(e.what, 0) + 1
-        for outcome, n in sorted(outcomes.items()):
-            samples["cd4ml_deployments_total"].append(({**m, "outcome": outcome}, n))
-        for state, n in o.files.items():
-            samples["cd4ml_files"].append(({**m, "state": state}, n))
-        triggered = sum(bool((c.get("decision") or {}).get("trigger")) for c in o.drift)
-        samples["cd4ml_drift_checks_total"].append(({**m, "retrain": "true"}, triggered))
-        samples["cd4ml_drift_checks_total"].append(({**m, "retrain": "false"}, len(o.drift) - triggered))
-        if o.drift:
-            last = o.drift[-1]
-            samples["cd4ml_drift_share"].append((m, float(last.get("share") or 0.0)))
-            end = (last.get("window") or {}).get("end")
-            if end:
-                ts = datetime.fromisoformat(str(end).replace("Z", "+00:00")).timestamp()
-                samples["cd4ml_last_drift_check_timestamp_seconds"].append((m, ts))
-    lines: list[str] = []
-    for name, (kind, text) in _HELP.items():
-        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
-        for labels, value in samples[name]:
-            rendered = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
-            lines.append(f"{name}{{{rendered}}} {_number(value)}")
-    return "\n".join(lines) + "\n"
+    Counters come from `ModelOverview.totals`, which model_overview counts over every version, every
+    drift check and every run record before the view's lists are cut, so they do not stall or drop
+    when history grows past what the page shows.
+    """
+
+    def __init__(self, overviews: list[ModelOverview]) -> None:
+        self.overviews = overviews
+
+    def collect(self) -> Iterator[Metric]:
+        from datetime import datetime
+
+        champion = GaugeMetricFamily(
+            "cd4ml_champion_version",
+            "Registered version the champion alias points at (0: none).",
+            labels=["model"],
+        )
+        versions = GaugeMetricFamily(
+            "cd4ml_model_versions",
+            "Registered versions by the evaluation gate's decision.",
+            labels=["model", "decision"],
+        )
+        promotions = CounterMetricFamily(
+            "cd4ml_promotions", "Versions promoted to champion.", labels=["model"]
+        )
+        deployments = CounterMetricFamily(
+            "cd4ml_deployments",
+            "Versions by settled deployment outcome (deployed, failed, rolled back, rollback failed).",
+            labels=["model", "outcome"],
+        )
+        files = GaugeMetricFamily(
+            "cd4ml_files", "Data files by state: waiting in landing, accepted, quarantined, retracted.",
+            labels=["model", "state"],
+        )  # fmt: skip
+        received = CounterMetricFamily(
+            "cd4ml_files_received",
+            "Landed files by what validation did with them (accepted counts files retracted later too).",
+            labels=["model", "outcome"],
+        )
+        runs = CounterMetricFamily(
+            "cd4ml_training_runs",
+            "Recorded training runs by whether they trained.",
+            labels=["model", "trained"],
+        )
+        share = GaugeMetricFamily("cd4ml_drift_share", "Share of drifted features in the last drift check.",
+                                  labels=["model"])  # fmt: skip
+        checks = CounterMetricFamily(
+            "cd4ml_drift_checks",
+            "Drift checks by outcome (retrain triggered or not).",
+            labels=["model", "retrain"],
+        )
+        last_check = GaugeMetricFamily(
+            "cd4ml_last_drift_check_timestamp_seconds",
+            "End of the last drift check's window.",
+            labels=["model"],
+        )
+        for o in self.overviews:
+            t = o.totals or totals_of(o.versions, o.drift, o.runs, o.files)
+            champion.add_metric([o.name], float(o.champion.version) if o.champion else 0.0)
+            for decision in ("promote", "reject", "none"):
+                versions.add_metric([o.name, decision], t.decisions.get(decision, 0))
+            promotions.add_metric([o.name], t.promotions)
+            for outcome, n in sorted(t.deployments.items()):
+                deployments.add_metric([o.name, outcome], n)
+            for state, n in o.files.items():
+                files.add_metric([o.name, state], n)
+            for outcome, n in sorted(t.files_received.items()):
+                received.add_metric([o.name, outcome], n)
+            for trained in ("true", "false"):
+                runs.add_metric([o.name, trained], t.training_runs.get(trained, 0))
+                checks.add_metric([o.name, trained], t.drift_checks.get(trained, 0))
+            if o.drift:
+                last = o.drift[-1]
+                share.add_metric([o.name], float(last.get("share") or 0.0))
+                end = (last.get("window") or {}).get("end")
+                if end:
+                    ts = datetime.fromisoformat(str(end).replace("Z", "+00:00")).timestamp()
+                    last_check.add_metric([o.name], ts)
+        yield from (
+            champion,
+            versions,
+            promotions,
+            deployments,
+            files,
+            received,
+            runs,
+            share,
+            checks,
+            last_check,
+        )
+
+
+def prometheus_text(overviews: list[ModelOverview]) -> str:
+    """Pipeline figures in the Prometheus text exposition format (see METRICS_CONTENT_TYPE)."""
+    return generate_latest(PipelineCollector(overviews)).decode()
+
+
+# generate_latest's default output (underscore escaping) is the 0.0.4 text format every Prometheus reads.
+METRICS_CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
 
 # -- HTML ------------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return "" if value is None else str(value)
+
+
+def _when(ms: int) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if ms else ""
+
+
+@lru_cache(maxsize=1)
+def _templates() -> Environment:
+    # autoescape on for every template: tags, specs, file names and reasons are user-controlled text.
+    env = Environment(
+        loader=PackageLoader("cd4ml", "templates"), autoescape=True, keep_trailing_newline=False
+    )
+    env.filters.update(fmt=_fmt, when=_when, quote=lambda v: quote(str(v), safe=""))
+    return env
 
 
 def report_href(settings: Settings, model: str, uri: str | None) -> str | None:
@@ -265,189 +393,71 @@ def report_href(settings: Settings, model: str, uri: str | None) -> str | None:
 
 def drift_chart_svg(
     checks: list[dict[str, Any]], threshold: float, width: int = 560, height: int = 160
-) -> str:
+) -> Markup:
     """Drift share per check as an inline SVG line chart with the retrain threshold."""
-    pad, points = 30, [float(c.get("share") or 0.0) for c in checks]
-    if not points:
-        return "<p class='muted'>No drift checks yet.</p>"
-    top = max(1.0, *points)
-    x = lambda i: pad + (width - 2 * pad) * (i / max(1, len(points) - 1))  # noqa: E731
+    pad, shares = 30, [float(c.get("share") or 0.0) for c in checks]
+    top = max(1.0, *shares) if shares else 1.0
+    x = lambda i: pad + (width - 2 * pad) * (i / max(1, len(shares) - 1))  # noqa: E731
     y = lambda s: height - pad - (height - 2 * pad) * (s / top)  # noqa: E731
-    line = " ".join(f"{x(i):.1f},{y(s):.1f}" for i, s in enumerate(points))
-    dots = "".join(
-        f"<circle cx='{x(i):.1f}' cy='{y(s):.1f}' r='3' class='{'hot' if s >= threshold else 'ok'}'>"
-        f"<title>{escape(str((c.get('window') or {}).get('end', '')))}: share {s:.2f}</title></circle>"
-        for i, (s, c) in enumerate(zip(points, checks, strict=True))
-    )
-    return (
-        f"<svg role='img' aria-label='drift share over time' width='{width}' height='{height}'>"
-        f"<line x1='{pad}' x2='{width - pad}' y1='{y(threshold):.1f}' y2='{y(threshold):.1f}' class='thr'/>"
-        f"<text x='{width - pad}' y='{y(threshold) - 4:.1f}' text-anchor='end' class='muted'>"
-        f"retrain threshold {threshold:g}</text>"
-        + "".join(
-            f"<text x='{pad - 4}' y='{y(t) + 4:.1f}' text-anchor='end' class='muted'>{t:g}</text>"
-            f"<line x1='{pad}' x2='{width - pad}' y1='{y(t):.1f}' y2='{y(t):.1f}' class='grid'/>"
-            for t in (0.0, top / 2, top)
+    points = [
+        {"x": f"{x(i):.1f}", "y": f"{y(s):.1f}", "cls": "hot" if s >= threshold else "ok",
+         "title": f"{(c.get('window') or {}).get('end', '')}: share {s:.2f}"}
+        for i, (s, c) in enumerate(zip(shares, checks, strict=True))
+    ]  # fmt: skip
+    return Markup(
+        _templates().get_template("drift_chart.svg.j2").render(
+            points=points, width=width, height=height, pad=pad, threshold=f"{threshold:g}",
+            thr_y=f"{y(threshold):.1f}", thr_label_y=f"{y(threshold) - 4:.1f}",
+            line=" ".join(f"{x(i):.1f},{y(s):.1f}" for i, s in enumerate(shares)),
+            ticks=[
+                {"value": f"{t:g}", "y": f"{y(t):.1f}", "label_y": f"{y(t) + 4:.1f}"}
+                for t in (0.0, top / 2, top)
+            ],
         )
-        + f"<polyline points='{line}' class='share'/>{dots}"
-        f"<text x='{pad}' y='{height - 8}' class='muted'>{len(points)} checks, oldest left</text></svg>"
-    )
+    )  # fmt: skip
 
 
-_CSS = """
-body{font-family:system-ui,sans-serif;margin:16px;color:#1a202c}h1{font-size:20px}
-h2{font-size:17px;margin:24px 0 4px}h3{font-size:14px;margin:14px 0 4px}
-table{border-collapse:collapse;font-size:13px;margin:4px 0}td,th{border:1px solid #d9dee5;padding:3px 8px;
-text-align:left;vertical-align:top}th{background:#f3f5f8}.muted{color:#6b7280;font-size:12px}
-.promote,.deployed,.passed{color:#15803d;font-weight:600}.reject,.failed{color:#b91c1c;font-weight:600}
-.card{border:1px solid #d9dee5;border-radius:6px;padding:8px 14px;margin:10px 0}
-svg .share{fill:none;stroke:#2563eb;stroke-width:2}svg .thr{stroke:#b91c1c;stroke-dasharray:4 3}
-svg .grid{stroke:#e5e7eb}svg .hot{fill:#b91c1c}svg .ok{fill:#2563eb}code{font-size:12px}
-"""
+def status(o: ModelOverview) -> tuple[str, str]:
+    """(words, css class) for the summary table: the first thing that needs a person, or ok."""
+    last_event = o.events[0] if o.events else None
+    if last_event is not None and last_event.what in ("failed", "rollback failed"):
+        return f"last deployment {last_event.what} (v{last_event.version})", "failed"
+    if o.drift and float(o.drift[-1].get("share") or 0.0) >= o.drift_threshold:
+        return "drifted: retraining requested", "drifted"
+    if o.champion is None:
+        return "no champion yet", "new"
+    if o.files.get("waiting"):
+        return f"{o.files['waiting']} file(s) waiting to be validated", "waiting"
+    return "ok", "ok"
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return "" if value is None else escape(str(value))
-
-
-def _when(ms: int) -> str:
-    from datetime import UTC, datetime
-
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if ms else ""
+def _view_model(o: ModelOverview, settings: Settings) -> dict[str, Any]:
+    recent = [
+        {**check, "href": report_href(settings, o.name, check.get("report_uri"))}
+        for check in reversed(o.drift[-8:])
+    ]
+    words, css = status(o)
+    return {
+        "o": o,
+        "champion_score": o.champion.evidence.get("challenger_score") if o.champion else None,
+        "last": o.versions[0] if o.versions else None,
+        "drift_share": float(o.drift[-1].get("share") or 0.0) if o.drift else None,
+        "status": words,
+        "status_class": css,
+        "chart": drift_chart_svg(o.drift, o.drift_threshold),
+        "recent_drift": recent,
+    }
 
 
 def render_html(overviews: list[ModelOverview], settings: Settings, mlflow_ui: str, errors: list[str]) -> str:
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>cd4ml models</title>"
-             f"<style>{_CSS}</style></head><body><h1>Models</h1>"]  # fmt: skip
-    parts += [f"<p class='failed'>{escape(e)}</p>" for e in errors]
-    if not overviews and not errors:
-        parts.append(f"<p>No model specs in <code>{escape(str(settings.specs_dir))}</code>.</p>")
-    for o in overviews:
-        parts.append(_render_model(o, settings, mlflow_ui))
-    parts.append("</body></html>")
-    return "".join(parts)
-
-
-def _render_model(o: ModelOverview, settings: Settings, mlflow_ui: str) -> str:
-    name = escape(o.name)
-    version_url = lambda v: f"{mlflow_ui}/#/models/{quote(o.name)}/versions/{quote(v)}"  # noqa: E731
-    out = [f"<section class='card' id='model-{name}'><h2>{name}</h2>"]
-    out.append(
-        f"<p class='muted'>owner: {_fmt(o.owner) or '—'} · metric: {escape(o.metric)} · files: "
-        + ", ".join(f"{n} {k}" for k, n in o.files.items())
-        + f" · <a href='/dags/{quote(o.name)}__train' target='_top'>training DAG</a>"
-        + f" · <a href='/dags/{quote(o.name)}__monitor' target='_top'>monitor DAG</a>"
-        + f" · <a href='/dags/{quote(o.name)}__rollback' target='_top'>rollback DAG</a>"
-        + f" · <a href='/dags/{quote(o.name)}__retract' target='_top'>retract DAG</a></p>"
+    """The Models view: a one-row-per-model summary, then each model's details."""
+    return (
+        _templates()
+        .get_template("models.html.j2")
+        .render(
+            models=[_view_model(o, settings) for o in overviews],
+            errors=errors,
+            specs_dir=str(settings.specs_dir),
+            mlflow_ui=mlflow_ui,
+        )
     )
-    c = o.champion
-    if c is None:
-        out.append("<p class='champion'>No champion yet: land a file to train the first model.</p>")
-    else:
-        ev = c.evidence
-        out.append(
-            f"<p class='champion'>Champion: <a href='{version_url(c.version)}' target='_blank'>"
-            f"<b>version {escape(c.version)}</b></a> · {escape(o.metric)} "
-            f"{_fmt(ev.get('challenger_score'))} on its holdout (n={_fmt(ev.get('n'))}) · "
-            f"registered {_when(c.created_ms)}</p>"
-        )
-        run_link = c.lineage.get("airflow_run_id")
-        rows = "".join(
-            f"<tr><th>{escape(k)}</th><td><code>{escape(v)}</code></td></tr>" for k, v in c.lineage.items()
-        )
-        if run_link:
-            rows += (
-                f"<tr><th>training run</th><td><a target='_top' href='/dags/{quote(o.name)}__train/runs/"
-                f"{quote(run_link)}'>open in Airflow</a></td></tr>"
-            )
-        out.append(f"<h3>Lineage</h3><table>{rows}</table>")
-    out.append("<h3>Decisions</h3>")
-    if not o.versions:
-        out.append("<p class='muted'>No versions registered.</p>")
-    else:
-        out.append(
-            "<table class='decisions'><tr><th>version</th><th>registered</th><th>decision</th>"
-            f"<th>{escape(o.metric)}</th><th>champion</th><th>difference [CI]</th><th>why</th>"
-            "<th>trigger</th><th>aliases</th></tr>"
-        )
-        for v in o.versions:
-            ev = v.evidence
-            ci = (
-                f" [{_fmt(ev.get('ci_low'))}, {_fmt(ev.get('ci_high'))}]"
-                if ev.get("ci_low") is not None
-                else ""
-            )
-            champ = f"{_fmt(ev.get('champion_score'))} (v{_fmt(ev.get('champion_version'))})"
-            out.append(
-                f"<tr data-version='{escape(v.version)}'><td><a href='{version_url(v.version)}' "
-                f"target='_blank'>{escape(v.version)}</a></td><td>{_when(v.created_ms)}</td>"
-                f"<td class='{escape(v.decision or '')}'>{_fmt(v.decision)}</td>"
-                f"<td>{_fmt(ev.get('challenger_score'))}</td>"
-                f"<td>{champ if ev.get('champion_score') is not None else '—'}</td>"
-                f"<td>{_fmt(ev.get('difference'))}{ci}</td><td>{_fmt(ev.get('reason'))}</td>"
-                f"<td>{_fmt((v.lineage.get('trigger_reason') or '')[:160])}</td>"
-                f"<td>{escape(', '.join(v.aliases))}</td></tr>"
-            )
-        out.append("</table>")
-    out.append("<h3>Training runs</h3>")
-    if not o.runs:
-        out.append("<p class='muted'>None yet.</p>")
-    else:
-        out.append("<table class='runs'><tr><th>run</th><th>trigger</th><th>trained</th><th>why</th></tr>")
-        out += [
-            f"<tr><td><a target='_top' href='/dags/{quote(o.name)}__train/runs/{quote(str(r['run_id']))}'>"
-            f"{_fmt(r.get('run_id'))}</a></td><td>{_fmt(str(r.get('trigger', ''))[:160])}</td>"
-            f"<td>{'yes' if r.get('trained') else 'no'}</td><td>{_fmt(r.get('why'))}</td></tr>"
-            for r in o.runs[:10]
-        ]
-        out.append("</table>")
-    out.append("<h3>Retracted files</h3>")
-    if not o.retractions:
-        out.append("<p class='muted'>None: every accepted file is used for training.</p>")
-    else:
-        out.append(
-            "<table class='retractions'><tr><th>when</th><th>who</th><th>file</th><th>sha256</th>"
-            "<th>rows</th><th>why</th></tr>"
-        )
-        out += [
-            f"<tr><td>{_fmt(r.get('when'))}</td><td>{_fmt(r.get('who'))}</td><td>{_fmt(r.get('file'))}</td>"
-            f"<td><code>{_fmt(str(r.get('sha256') or '')[:12])}</code></td><td>{_fmt(r.get('rows'))}</td>"
-            f"<td>{_fmt(r.get('reason'))}</td></tr>"
-            for r in o.retractions
-        ]
-        out.append("</table>")
-    out.append("<h3>Deployments and rollbacks</h3>")
-    if not o.events:
-        out.append("<p class='muted'>None yet.</p>")
-    else:
-        out.append("<table class='events'><tr><th>when</th><th>version</th><th>what</th><th>detail</th></tr>")
-        out += [
-            f"<tr><td>{_fmt(e.when)}</td><td>{_fmt(e.version)}</td>"
-            f"<td class='{escape(e.what.split()[0])}'>{_fmt(e.what)}</td><td>{_fmt(e.detail)}</td></tr>"
-            for e in o.events
-        ]
-        out.append("</table>")
-    out.append("<h3>Drift share over time</h3>")
-    out.append(drift_chart_svg(o.drift, o.drift_threshold))
-    recent = list(reversed(o.drift[-8:]))
-    if recent:
-        out.append(
-            "<table class='drift'><tr><th>window end</th><th>share</th><th>drifted</th>"
-            "<th>decision</th><th>report</th></tr>"
-        )
-        for check in recent:
-            href = report_href(settings, o.name, check.get("report_uri"))
-            link = f"<a href='{href}' target='_blank'>Evidently report</a>" if href else ""
-            decision = check.get("decision") or {}
-            out.append(
-                f"<tr><td>{_fmt((check.get('window') or {}).get('end'))}</td>"
-                f"<td>{_fmt(float(check.get('share') or 0.0), 2)}</td>"
-                f"<td>{escape(', '.join(check.get('drifted_columns') or []))}</td>"
-                f"<td>{_fmt(decision.get('reason'))}</td>"
-                f"<td>{link}</td></tr>"
-            )
-        out.append("</table>")
-    out.append("</section>")
-    return "".join(out)

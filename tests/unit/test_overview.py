@@ -145,3 +145,54 @@ def test_retractions_are_listed_with_who_when_why_and_counted_apart(tmp_path: Pa
     assert "Retracted files" in page and "ana via cli" in page and "b.csv" in page
     assert "<b>leaked" not in page and "&lt;b&gt;leaked labels&lt;/b&gt;" in page
     assert "__retract" in page  # the DAG that retracts is linked
+
+
+def test_summary_table_has_one_row_per_model_and_escapes_hostile_names() -> None:
+    hostile = "<img src=x onerror=alert(1)>"
+    lineage = {"trigger_reason": f"manual: {hostile}"}
+    champion = VersionInfo("3", 1_795_600_000_000, "r3", ["champion"], "promote",
+                           {"challenger_score": 0.8123}, {}, lineage, {})  # fmt: skip
+    good = overview([{"share": 0.1, "window": {"end": "e"}}], [champion], champion)
+    good.name, good.files = "churn", {"waiting": 0, "accepted": 4, "quarantined": 2}
+    bad = overview([{"share": 0.9, "window": {"end": hostile}}], [], None)
+    bad.name = f"m'{hostile}"
+    page = render_html([good, bad], Settings(Path("/"), Path("/d"), Path("/s"), "x"), "m", [])
+    assert "<img" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert "m'<" not in page and "m&#39;&lt;img" in page  # a quote cannot close an attribute
+    summary = page[page.index("<table class='summary'>") : page.index("</table>")]
+    assert summary.count("<tr data-model=") == 2
+    assert summary.index("churn") < page.index("<section")  # the summary opens the page
+    churn_row = summary[summary.index("data-model='churn'") :].split("</tr>")[0]
+    assert "version 3" in churn_row and "0.8123" in churn_row and "promote" in churn_row
+    assert "0.10" in churn_row and ">ok<" in churn_row
+    bad_row = summary.split("</tr>")[-2]
+    assert "drifted" in bad_row and "0.90" in bad_row
+
+
+def test_trigger_reasons_read_as_text_not_dict_reprs() -> None:
+    from types import SimpleNamespace
+
+    from airflow.sdk import Asset
+
+    from cd4ml.airflow.train_dag import _trigger_reason
+
+    asset = Asset(name="cd4ml://churn/drift", uri="cd4ml://churn/drift")
+    extra = {"reason": "share 0.42 >= threshold 0.3", "share": 0.421875,
+             "drifted_columns": ["age", "plan"], "performance_drop": None,
+             "report_uri": "file:///data/r.html", "champion_version": "3"}  # fmt: skip
+    ctx = {"dag_run": SimpleNamespace(run_type="asset_triggered"), "params": {},
+           "triggering_asset_events": {asset: [SimpleNamespace(extra=extra)]}}  # fmt: skip
+    reason = _trigger_reason(ctx)
+    assert reason == (
+        "asset cd4ml://churn/drift: share 0.42 >= threshold 0.3; share: 0.422; "
+        "drifted columns: age, plan; champion version: 3"
+    )
+    assert "{" not in reason and "file://" not in reason
+    landed = {"directory": "/data/churn/landing", "files": ["a.csv", "b.csv"]}
+    ctx["triggering_asset_events"] = {
+        Asset(name="new", uri="cd4ml://churn/new"): [SimpleNamespace(extra=landed)]
+    }
+    assert _trigger_reason(ctx) == "asset new: files: a.csv, b.csv"
+    ctx["dag_run"] = SimpleNamespace(run_type="manual")
+    ctx["params"] = {"reason": "backfill"}
+    assert _trigger_reason(ctx) == "manual: backfill"

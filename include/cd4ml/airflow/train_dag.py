@@ -59,6 +59,34 @@ run* (train_challenger), *Model version* (register, promote, deploy). The *Model
 """
 
 
+def _readable(value: Any) -> str:
+    """An asset event's extra value as words: lists joined, floats short, nested dicts flattened."""
+    if isinstance(value, dict):
+        return ", ".join(
+            f"{k.replace('_', ' ')} {_readable(v)}" for k, v in value.items() if v not in (None, "", [])
+        )
+    if isinstance(value, list | tuple):
+        return ", ".join(_readable(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def describe_asset_event(name: str, extra: dict[str, Any]) -> str:
+    """`drift of churn: share 0.42 over 0.3; drifted columns age, income`, not a dict repr.
+
+    The extra's `reason` (if any) leads; paths and URIs are left out (the Models view links them).
+    """
+    reason = extra.get("reason")
+    rest = {
+        k: v for k, v in extra.items()
+        if k != "reason" and not k.endswith(("_uri", "_path", "directory")) and v not in (None, "", [])
+    }  # fmt: skip
+    parts = [str(reason)] if reason else []
+    parts += [f"{k.replace('_', ' ')}: {_readable(v)}" for k, v in rest.items()]
+    return f"{name}: {'; '.join(parts)}" if parts else name
+
+
 def _trigger_reason(ctx: dict[str, Any]) -> str:
     dag_run = ctx["dag_run"]
     params = ctx.get("params") or {}
@@ -72,9 +100,9 @@ def _trigger_reason(ctx: dict[str, Any]) -> str:
         name = getattr(asset, "name", str(asset))
         for ev in asset_events:
             extra = getattr(ev, "extra", None) or {}
-            sources.append(f"{name} {extra}" if extra else name)
+            sources.append(describe_asset_event(name, dict(extra)) if isinstance(extra, dict) else name)
     if sources:
-        return "asset: " + "; ".join(sources)[:400]
+        return "asset " + " | ".join(sources)[:400]
     return f"{run_type}: nightly schedule"
 
 

@@ -84,10 +84,10 @@ def create_app() -> FastAPI:
 
     @app.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(metrics_reader)])
     async def metrics() -> PlainTextResponse:
-        from cd4ml.overview import prometheus_text
+        from cd4ml.overview import METRICS_CONTENT_TYPE, prometheus_text
 
         overviews, _, _ = await asyncio.to_thread(_overviews)
-        return PlainTextResponse(prometheus_text(overviews), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(prometheus_text(overviews), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/files/{model}/{path:path}", dependencies=user)
     async def report_file(model: str, path: str) -> FileResponse:
