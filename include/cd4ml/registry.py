@@ -14,14 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from cd4ml.errors import Cd4mlError, TransientError, is_transient
 
 if TYPE_CHECKING:
     import pandas as pd
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
+    from mlflow.models import ModelSignature
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +117,21 @@ class ModelBundle:
     example: pd.DataFrame | None
 
 
+def _input_columns(signature: ModelSignature | None) -> tuple[list[str], list[str]]:
+    """(numerical, categorical) input column names from the model's signature (MLflow's schema
+    types, not the MLmodel YAML); columns of any other type are not served."""
+    from mlflow.types import ColSpec, DataType
+
+    if signature is None or signature.inputs is None:
+        return [], []
+    numeric = {DataType.double, DataType.float, DataType.long, DataType.integer}
+    cols = [c for c in signature.inputs.inputs if isinstance(c, ColSpec) and c.name is not None]
+    return (
+        [str(c.name) for c in cols if c.type in numeric],
+        [str(c.name) for c in cols if c.type == DataType.string],
+    )
+
+
 def load_bundle(tracking_uri: str, model_uri: str) -> ModelBundle:
     """Load an sklearn model without executing pickles: skops only, types checked against our list.
 
@@ -127,12 +141,13 @@ def load_bundle(tracking_uri: str, model_uri: str) -> ModelBundle:
     import mlflow
     import pandas as pd
     import skops.io
+    from mlflow.models import Model
 
     mlflow.set_tracking_uri(tracking_uri)
     with tempfile.TemporaryDirectory(prefix="cd4ml-model-") as tmp:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
-        mlmodel = yaml.safe_load((local / "MLmodel").read_text())
-        flavor = (mlmodel.get("flavors") or {}).get("sklearn")
+        mlmodel = Model.load(str(local))
+        flavor = mlmodel.flavors.get("sklearn")
         if not flavor:
             raise UnsafeModelError(f"{model_uri}: no sklearn flavor in MLmodel")
         if flavor.get("serialization_format") != "skops":
@@ -153,9 +168,7 @@ def load_bundle(tracking_uri: str, model_uri: str) -> ModelBundle:
             ) from None
         check_trusted(found, model_uri)
         model = skops.io.load(path, trusted=found)
-        inputs = json.loads((mlmodel.get("signature") or {}).get("inputs") or "[]")
-        numerical = [c["name"] for c in inputs if c.get("type") in {"double", "float", "long", "integer"}]
-        categorical = [c["name"] for c in inputs if c.get("type") == "string"]
+        numerical, categorical = _input_columns(mlmodel.signature)
         example = None
         example_file = local / "input_example.json"
         if example_file.exists():
