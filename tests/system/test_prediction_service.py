@@ -106,7 +106,7 @@ def test_metadata_health_and_metrics(served_model: dict[str, Any]) -> None:
         ([{"tenure_months": "3", "monthly_charges": 1.0, "support_calls": 0, "age": 30,
            "contract": "one-year", "plan": "basic", "region": "north"}], 422, "tenure_months"),
         ([{"tenure_months": 3, "monthly_charges": 1.0, "support_calls": 0, "age": 30,
-           "contract": 2, "plan": "basic", "region": "north"}], 422, "contract"),
+           "contract": ["one-year"], "plan": "basic", "region": "north"}], 422, "contract"),
         ({"dataframe_split": {"columns": ["age"], "data": [[1, 2]]}}, 422, "dataframe_split.data"),
         ({"inputs": [[1.0]]}, 422, "inputs"),
         ([], 422, "data"),
