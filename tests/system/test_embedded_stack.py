@@ -7,7 +7,7 @@
    form, watch the run succeed, follow the "MLflow run" extra link, open the Models view.
 4. A drifted stream of requests -> the (every-minute) monitor emits drift -> a retrain runs by itself and
    records its decision; the service keeps serving the champion.
-5. Soak only (`make soak`, CD4ML_SOAK=1; ~3 min more on 2 cores): labelled data from the drifted world
+5. Soak only (`make soak`, CD4ML_SOAK=1; ~1 min more on 2 cores): labelled data from the drifted world
    lands -> a new challenger is judged and the service serves whatever is champion. `make test` proves
    the same judgement with dag.test() (tests/integration/test_train_dag.py: promote, reject, equal).
 
