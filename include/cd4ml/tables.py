@@ -8,7 +8,9 @@ import math
 import re
 import warnings
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from cd4ml.errors import DataReadError
@@ -152,3 +154,28 @@ def _check_header(name: str, header: list[str]) -> None:
     duplicated = sorted({h for h in names if h and names.count(h) > 1})
     if duplicated:
         raise DataReadError(f"{name}: duplicate column names in the header: {duplicated}")
+
+
+def category_text(value: Any) -> Any:
+    """How a categorical value is compared everywhere (validation, training, serving): as text.
+
+    Integral numbers render as integers: a CSV batch whose integer-coded column (a month 1-12) has
+    one null is read as floats, and "5.0" must stay the category "5" that earlier batches taught the
+    model, as must a request's 5 or 5.0. Nulls stay null; booleans and text keep str().
+    """
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool | np.bool_):
+        return str(bool(value))
+    if isinstance(value, int | np.integer):
+        return str(int(value))
+    if isinstance(value, float | np.floating):
+        number = float(value)
+        if math.isnan(number):
+            return value
+        if number.is_integer() and abs(number) < 2**53:  # beyond 2**53 a float is no exact integer code
+            return str(int(number))
+        return str(number)
+    if value is pd.NA or value is pd.NaT:
+        return value
+    return str(value)

@@ -1,6 +1,8 @@
 """Request payloads: MLflow scoring formats and plain JSON records, checked against the model's
 feature schema. Pure functions; every problem names the field (and the row) so a client can fix it.
-Nothing is cast silently: "12" is not a number and 3 is not a category.
+Nothing is cast silently: "12" is not a number. A number sent for a categorical feature is the
+category training knew it as (`tables.category_text`: 5 and 5.0 are the category "5"), because an
+integer-coded column (a month, a grade) is text to the model but a number to most clients.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ import math
 import sys
 from dataclasses import dataclass
 from typing import Any
+
+from cd4ml.tables import category_text
 
 MAX_PROBLEMS = 20
 _FLOAT_MAX = sys.float_info.max
@@ -107,8 +111,10 @@ def _type_problem(value: Any, numeric: bool) -> str | None:
         if isinstance(value, int) and abs(value) > _FLOAT_MAX:  # would overflow the float conversion
             return "expected a finite number (too large for a float)"
         return None
-    if not isinstance(value, str):
-        return f"expected a string category, got {type(value).__name__} {value!r}"[:200]
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"expected a category (text or an integer code), got {value!r}"
+    if not isinstance(value, str | int | float):
+        return f"expected a category (text or an integer code), got {type(value).__name__} {value!r}"[:200]
     return None
 
 
@@ -127,12 +133,14 @@ def check(schema: FeatureSchema, columns: list[str], data: list[list[Any]], max_
     out: list[list[Any]] = []
     for r, row in enumerate(data):
         picked = [row[p] for p in positions]
-        for c, value, is_num in zip(schema.columns, picked, numeric, strict=True):
+        for j, (c, value, is_num) in enumerate(zip(schema.columns, picked, numeric, strict=True)):
             msg = _type_problem(value, is_num)
             if msg:
                 problems.append(Problem(c, msg, r))
                 if len(problems) >= MAX_PROBLEMS:
                     raise PayloadError(problems)
+            elif not is_num and value is not None:
+                picked[j] = category_text(value)
         out.append(picked)
     if problems:
         raise PayloadError(problems)
