@@ -88,21 +88,26 @@ def _read_accepted(spec: ModelSpec, zone: Zone) -> Any:
     return _concat(spec, [frame for _, frame in _read_accepted_files(spec, zone)])
 
 
-def file_problems(spec: ModelSpec, frame: Any) -> list[str]:
-    """Why one accepted file cannot be trained on: non-finite numbers, what preprocessing refuses."""
-    from cd4ml.training import preprocessing_problems
+def _non_finite_problems(spec: ModelSpec, frame: Any) -> list[str]:
     from cd4ml.validation import non_finite_counts
 
-    problems = [
+    return [
         f"column {col!r}: {count} non-finite values (inf, -inf or overflow)"
         for col, count in non_finite_counts(spec, frame).items()
     ]
+
+
+def file_problems(spec: ModelSpec, frame: Any) -> list[str]:
+    """Why one accepted file cannot be trained on: non-finite numbers, what preprocessing refuses."""
+    from cd4ml.training import preprocessing_findings
+
+    problems = _non_finite_problems(spec, frame)
     if spec.target in frame.columns:
         missing = int(frame[spec.target].isna().sum())
         if missing:
             problems.append(f"target {spec.target!r}: missing in {missing} rows")
-    # Non-finite numbers are reported once, in the words above.
-    problems += [p for p in preprocessing_problems(spec, frame) if "infinite values" not in p]
+    # Non-finite numbers (target included) are reported once, in the words above.
+    problems += [f.message for f in preprocessing_findings(spec, frame) if f.kind != "non_finite"]
     return problems
 
 
@@ -136,7 +141,7 @@ def validate_landed_files(
     import pandas as pd
 
     from cd4ml.tables import read_table
-    from cd4ml.training import preprocessing_problems
+    from cd4ml.training import acceptance_problems, preprocessing_problems
     from cd4ml.validation import learn_reference, normalise, validate_frame
 
     zone = zone_for(spec, settings)
@@ -180,12 +185,14 @@ def validate_landed_files(
                 frame if accepted_frame.empty else pd.concat([accepted_frame, frame], ignore_index=True)
             )
             problems = [
-                f"the model's preprocessing refuses this batch with the accepted data: {p}"
-                for p in preprocessing_problems(spec, combined)
+                f"no model could be trained on the accepted data with this batch: {p}"
+                for p in acceptance_problems(spec, combined)
             ]
         if not problems:
             record = landing.accept(zone, landed, rows=len(frame), accepted_at=run_time, run_id=run_id)
-            accepted.append({**asdict(record), "validation": outcome.summary()})
+            accepted.append({**asdict(record), "validation": outcome.summary(), "drift": outcome.drift})
+            if outcome.drift:
+                log.warning("%s accepted with drift: %s", landed.name, outcome.summary())
             accepted_frame = combined
         else:
             verdict = (
@@ -220,7 +227,6 @@ def prepare_datasets(spec: ModelSpec, settings: Settings, *, run_id: str) -> dic
     target the spec's task or metric cannot be computed on, before anything is fitted.
     """
     from cd4ml.training import check_target, split_holdout
-    from cd4ml.validation import non_finite_counts
 
     zone = zone_for(spec, settings)
     files = landing.list_accepted(zone)
@@ -229,11 +235,7 @@ def prepare_datasets(spec: ModelSpec, settings: Settings, *, run_id: str) -> dic
     per_file = _read_accepted_files(spec, zone)
     # Files accepted before non-finite numbers were refused (or under a looser spec) must not reach
     # a fit: training would fail on every attempt without saying which file to take back.
-    culprits = {
-        name: [f"column {c!r}: {n} non-finite values (inf, -inf or overflow)" for c, n in found.items()]
-        for name, frame in per_file
-        if (found := non_finite_counts(spec, frame))
-    }
+    culprits = {name: found for name, frame in per_file if (found := _non_finite_problems(spec, frame))}
     if culprits:
         raise _blame(spec, zone, culprits, "accepted data holds non-finite numbers, which no model can fit")
     accepted = _concat(spec, [frame for _, frame in per_file])

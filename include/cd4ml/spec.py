@@ -36,6 +36,8 @@ METRICS: dict[str, tuple[Literal["classification", "regression"], Literal["maxim
 AVERAGED_METRICS = {"f1", "roc_auc"}
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+# Prefix of a cross-field error message that names its field: "field=metric.name: ...".
+_FIELD = "field="
 _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 _EXPECTATION = re.compile(r"^Expect[A-Za-z0-9]+$")
 
@@ -224,7 +226,21 @@ class Validation(_Strict):
         default=0.01,
         ge=0.0,
         le=1.0,
-        description="Share of rows allowed outside a learned range (the spec's own min/max allow none).",
+        description=(
+            "Share of a batch's rows allowed FAR outside a learned range (further than "
+            "far_range_multiple widths of it: a unit error x100/x1000, junk like 1e300). Rows only "
+            "moderately outside are drift: the batch is accepted, the rows are reported, and the "
+            "range follows. The spec's own min/max allow no row outside."
+        ),
+    )
+    far_range_multiple: float = Field(
+        default=10.0,
+        gt=0.0,
+        description=(
+            "How far outside a learned range [lo, hi] a value is 'far': beyond lo - m*(hi - lo) or "
+            "hi + m*(hi - lo). Growth (prices, populations in time order) moves a range by a few "
+            "widths per batch; a column scaled x100 or more lands beyond 10 widths."
+        ),
     )
     max_new_category_fraction: float = Field(
         default=0.05,
@@ -237,13 +253,15 @@ class Validation(_Strict):
         ),
     )
     learn_categories: bool = True
-    allow_new_classes: bool = Field(
-        default=True,
+    allow_new_classes: bool | None = Field(
+        default=None,
         description=(
-            "A classification target may gain classes like a learned categorical feature (within "
-            "max_new_category_fraction of a batch's rows): a rare class first seen in a later batch "
-            "(fog in a half-year of Seattle weather) must not starve the model. Off: any label not "
-            "seen in accepted data is refused."
+            "Whether a classification target may gain classes like a learned categorical feature "
+            "(within max_new_category_fraction of a batch's rows). Unset: a target with three or more "
+            "classes may (a rare class first seen in a later batch, fog in a half-year of Seattle "
+            "weather, must not starve the model) and a two-class target stays binary; true: any "
+            "target may; false: none may. A new label equal to a known one after case and whitespace "
+            "folding ('Malignant ' vs 'Malignant') is always refused."
         ),
     )
     allow_extra_columns: bool = False
@@ -327,12 +345,16 @@ class ModelSpec(_Strict):
     def _consistent(self) -> ModelSpec:
         features = set(self.feature_names)
         if self.target in features:
-            raise ValueError(f"target {self.target!r} is also listed as a feature")
+            raise ValueError(f"{_FIELD}target: {self.target!r} is also listed as a feature")
         if self.timestamp is not None and self.timestamp in features | {self.target}:
-            raise ValueError(f"timestamp {self.timestamp!r} is also a feature or the target")
+            raise ValueError(f"{_FIELD}timestamp: {self.timestamp!r} is also a feature or the target")
         metric_task = METRICS[self.metric.name][0]
         if metric_task != self.task:
-            raise ValueError(f"metric {self.metric.name!r} is for {metric_task}, but task is {self.task!r}")
+            raise ValueError(
+                f"{_FIELD}metric.name: metric {self.metric.name!r} is for {metric_task}, but task is "
+                f"{self.task!r}; choose a {self.task} metric ({', '.join(_metrics_for(self.task))}) or "
+                f"set task: {metric_task}"
+            )
         return self
 
     @property
@@ -357,11 +379,18 @@ class ModelSpec(_Strict):
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def _metrics_for(task: str) -> list[str]:
+    return sorted(name for name, (kind, _) in METRICS.items() if kind == task)
+
+
 def _format_error(path: Path, error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         field = ".".join(str(part) for part in item["loc"]) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
+        # A check across fields names the field a user should change (pydantic has no location for it).
+        if message.startswith(_FIELD):
+            field, _, message = message.removeprefix(_FIELD).partition(": ")
         lines.append(f"{path}: field '{field}': {message}")
     return "\n".join(lines)
 

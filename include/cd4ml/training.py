@@ -208,16 +208,30 @@ def check_target(spec: ModelSpec, y: pd.Series) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Finding:
+    """One reason preprocessing refuses data. `kind` lets a caller that already reported a cause in
+    its own words (non-finite numbers) leave it out without matching on the message."""
+
+    kind: str  # "missing_columns", "non_finite", "all_missing", "numeric", "encoding", "too_wide"
+    message: str
+
+
 def preprocessing_problems(spec: ModelSpec, frame: pd.DataFrame) -> list[str]:
     """What the model's own preprocessing cannot take in `frame`'s features, naming the columns.
 
-    [] means a model can be fitted on these features. Categorical columns are checked on their
-    distinct values only (what the encoder learns), so this stays cheap on large frames.
+    [] means a model can be fitted on these features.
     """
-    problems: list[str] = []
+    return [f.message for f in preprocessing_findings(spec, frame)]
+
+
+def preprocessing_findings(spec: ModelSpec, frame: pd.DataFrame) -> list[Finding]:
+    """`preprocessing_problems` with the kind of each. Categorical columns are checked on their
+    distinct values only (what the encoder learns), so this stays cheap on large frames."""
+    problems: list[Finding] = []
     missing = [c for c in spec.feature_names if c not in frame.columns]
     if missing:
-        return [f"feature columns missing: {missing}"]
+        return [Finding("missing_columns", f"feature columns missing: {missing}")]
     x = features(spec, frame)
     if spec.numerical:
         num = x[spec.numerical].to_numpy(dtype=float)
@@ -225,21 +239,28 @@ def preprocessing_problems(spec: ModelSpec, frame: pd.DataFrame) -> list[str]:
         for j, col in enumerate(spec.numerical):
             infinite = int((np.isinf(num[:, j])).sum())
             if infinite:
-                problems.append(f"column {col!r}: {infinite} infinite values")
+                problems.append(Finding("non_finite", f"column {col!r}: {infinite} infinite values"))
             elif not finite[:, j].any():
-                problems.append(f"column {col!r}: no numeric value in any row (all missing)")
+                problems.append(
+                    Finding("all_missing", f"column {col!r}: no numeric value in any row (all missing)")
+                )
         if not problems:
             try:
                 with np.errstate(over="ignore", invalid="ignore"):
                     out = build_preprocessor(spec.model_copy(update={"features": _only_numerical(spec)}))
                     transformed = np.asarray(out.fit_transform(x[spec.numerical]), dtype=float)
             except ValueError as err:
-                problems.append(f"numerical features {spec.numerical}: preprocessing failed: {err}")
+                problems.append(
+                    Finding("numeric", f"numerical features {spec.numerical}: preprocessing failed: {err}")
+                )
             else:
                 for j in np.flatnonzero(~np.isfinite(transformed).all(axis=0)).tolist():
                     problems.append(
-                        f"column {spec.numerical[j]!r}: standardising gives non-finite values "
-                        "(magnitudes too large for float64 arithmetic)"
+                        Finding(
+                            "numeric",
+                            f"column {spec.numerical[j]!r}: standardising gives non-finite values "
+                            "(magnitudes too large for float64 arithmetic)",
+                        )
                     )
     if spec.categorical:
         distinct = x[spec.categorical].drop_duplicates()
@@ -249,16 +270,37 @@ def preprocessing_problems(spec: ModelSpec, frame: pd.DataFrame) -> list[str]:
             pre.fit(distinct)
             width = len(pre.get_feature_names_out())
         except (ValueError, TypeError) as err:
-            problems.append(f"categorical features {spec.categorical}: encoding failed: {err}")
+            problems.append(
+                Finding("encoding", f"categorical features {spec.categorical}: encoding failed: {err}")
+            )
         dense_bytes = len(x) * (len(spec.numerical) + width) * 8
         if dense_bytes > MAX_DENSE_BYTES:
             counts = {c: int(x[c].nunique()) for c in spec.categorical}
             widest = max(counts, key=lambda c: counts[c])
             problems.append(
-                f"column {widest!r} has {counts[widest]:,} distinct values: one-hot encoding {len(x):,} "
-                f"rows needs {dense_bytes / 2**30:.1f} GiB (limit {MAX_DENSE_BYTES / 2**30:.0f} GiB); "
-                "drop it from features.categorical or bucket it upstream"
+                Finding(
+                    "too_wide",
+                    f"column {widest!r} has {counts[widest]:,} distinct values: one-hot encoding "
+                    f"{len(x):,} rows needs {dense_bytes / 2**30:.1f} GiB (limit "
+                    f"{MAX_DENSE_BYTES / 2**30:.0f} GiB); drop it from features.categorical or bucket "
+                    "it upstream",
+                )
             )
+    return problems
+
+
+def acceptance_problems(spec: ModelSpec, combined: pd.DataFrame) -> list[str]:
+    """Why accepted data plus a new batch (`combined`) could not be trained on; [] when it could.
+
+    The target as `check_target` sees it before every fit, and the features as the model's
+    preprocessing takes them: a batch that passes here cannot make a later training fail.
+    """
+    problems = preprocessing_problems(spec, combined)
+    if spec.target in combined.columns:
+        try:
+            check_target(spec, combined[spec.target])
+        except (SpecError, DataError) as err:
+            problems.append(f"target {spec.target!r}: {err}")
     return problems
 
 

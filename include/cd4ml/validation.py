@@ -10,9 +10,20 @@ reference for the next one:
 - numeric ranges come from quantiles of the finite values (the share trimmed is the share a batch
   may put outside a range), widened by `range_tolerance` spans; the accepted extremes count too,
   but never more than `EXTREME_SPANS` spans beyond the quantiles;
+- a learned range [lo, hi] has two tiers. Values outside it but within `far_range_multiple` widths
+  (hi - lo) of it are drift: time-ordered data with growth (ggplot2 economics, vega stocks) steps
+  there every batch, so the batch is accepted, the rows are reported (`ValidationOutcome.drift`,
+  the acceptance record) and the range follows once the batch is accepted. Only values beyond
+  lo - m*(hi - lo) or hi + m*(hi - lo) count against `max_outside_learned_range`: a column scaled
+  x100, x1000 or x1e6 or junk like 1e300 lands there. Refusing moderate steps would starve such
+  data: once one batch is refused the reference never moves, so every later batch is refused too;
 - non-finite numbers (inf, -inf, overflow) are rejected whatever any tolerance says;
 - categorical domains and target classes admit a share of rows with new values
   (`max_new_category_fraction`, plus the share of new values the accepted data itself predicts);
+  a two-class target stays binary unless `allow_new_classes` says otherwise, and a new label equal
+  to another after case and whitespace folding ('Malignant ' beside 'Malignant') is always refused;
+- categorical values compare as text (`tables.category_text`): 5, 5.0 and "5" are one category,
+  as in training and serving, so an integer-coded column read as floats is no new value;
 - duplicated rows are compared with the share expected for a batch of the same size drawn from the
   accepted data (legitimately repeated answers repeat there too), plus `max_excess_duplicate_fraction`;
 - nulls are compared with each column's null share in accepted data, plus `max_excess_null_fraction`;
@@ -20,6 +31,8 @@ reference for the next one:
 
 Declared bounds (`min`/`max`, `values`) and the opt-in fixed caps (`max_null_fraction`,
 `max_duplicate_fraction`) are strict. The first batch has nothing learned to be compared with.
+A batch that passes is accepted only if accepted data plus the batch can still be trained on
+(`training.acceptance_problems`: the target check before every fit, and the model's preprocessing).
 """
 
 from __future__ import annotations
@@ -37,6 +50,7 @@ import pandas as pd
 
 from cd4ml.errors import SpecError
 from cd4ml.spec import ModelSpec
+from cd4ml.tables import category_text
 
 log = logging.getLogger(__name__)
 
@@ -85,19 +99,28 @@ class ValidationOutcome:
     failed: int
     problems: list[str]
     docs_url: str | None = None
+    # Numeric columns with rows moderately outside their learned range (see `range_drift`): the
+    # world moved, the batch is not refused for it, and whoever reads the record should know.
+    drift: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
-        if self.success:
-            return f"passed {self.evaluated} expectations"
-        return f"failed {self.failed} of {self.evaluated} expectations"
+        head = (
+            f"passed {self.evaluated} expectations"
+            if self.success
+            else f"failed {self.failed} of {self.evaluated} expectations"
+        )
+        return head + (f"; {describe_drift(self.drift)}" if self.drift else "")
 
 
 def normalise(spec: ModelSpec, frame: pd.DataFrame) -> pd.DataFrame:
-    """Categoricals compare as strings everywhere (validation, training, serving); nulls stay null."""
+    """Categoricals compare as text everywhere (validation, training, serving); nulls stay null.
+
+    The text of a value is `tables.category_text`'s: 5, 5.0 and "5" are one category.
+    """
     out = frame.copy()
     for col in spec.categorical:
         if col in out.columns:
-            out[col] = out[col].map(lambda v: v if pd.isna(v) else str(v)).astype(object)
+            out[col] = out[col].map(category_text).astype(object)
     return out
 
 
@@ -232,6 +255,54 @@ def new_category_values(spec: ModelSpec, reference: Reference, frame: pd.DataFra
     return out
 
 
+def far_bounds(
+    lo: float | None, hi: float | None, width: float, multiple: float
+) -> tuple[float | None, float | None]:
+    """The far band of a learned range of `width`: `multiple` widths beyond each open side."""
+    width = width or 1.0
+    return (
+        None if lo is None else lo - multiple * width,
+        None if hi is None else hi + multiple * width,
+    )
+
+
+def range_drift(spec: ModelSpec, reference: Reference, frame: pd.DataFrame) -> dict[str, Any]:
+    """Per numeric column: finite rows of `frame` outside the learned range (not the far band).
+
+    These rows do not fail a batch; they are drift to report (acceptance record, monitor).
+    """
+    out: dict[str, Any] = {}
+    for col in numeric_columns(spec):
+        if col not in frame.columns:
+            continue
+        _, (lo, hi) = _bounds(spec, reference, col)
+        if lo is None and hi is None:
+            continue
+        numbers = pd.to_numeric(frame[col], errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
+        finite = numbers[np.isfinite(numbers)]
+        below = int((finite < lo).sum()) if lo is not None else 0
+        above = int((finite > hi).sum()) if hi is not None else 0
+        if below or above:
+            out[col] = {
+                "rows": below + above,
+                "below": below,
+                "above": above,
+                "share": round((below + above) / max(len(finite), 1), 6),
+                "learned": [lo, hi],
+                "observed": [float(finite.min()), float(finite.max())],
+            }
+    return out
+
+
+def describe_drift(drift: dict[str, Any]) -> str:
+    parts = [
+        f"{col} {d['rows']} rows outside the learned range [{_num(d['learned'][0], '-inf')}, "
+        f"{_num(d['learned'][1], 'inf')}] (seen {_num(d['observed'][0])} to {_num(d['observed'][1])})"
+        for col, d in drift.items()
+    ]
+    return "drift accepted: " + "; ".join(parts)
+
+
 def non_finite_counts(spec: ModelSpec, frame: pd.DataFrame) -> dict[str, int]:
     """Columns that must be finite numbers and hold inf, -inf or an overflowed literal: counts."""
     out: dict[str, int] = {}
@@ -301,12 +372,15 @@ def _range_checks(
         ))  # fmt: skip
     mostly = _allowance(with_sampling_margin(v.max_outside_learned_range, rows))
     if (learned_lo is not None or learned_hi is not None) and mostly is not None:
-        # Learned from past data: a drifting world may step a little outside; a broken file won't.
+        # Learned from past data: a growing world steps outside by a few widths a batch (drift, reported
+        # by `range_drift`); a unit error or junk lands orders of magnitude away, and only that counts.
+        whole = reference.ranges[col]
+        far_lo, far_hi = far_bounds(learned_lo, learned_hi, whole[1] - whole[0], v.far_range_multiple)
         out.append((
             "ExpectColumnValuesToBeBetween",
-            {"column": col, "min_value": learned_lo, "max_value": learned_hi, "mostly": mostly,
+            {"column": col, "min_value": far_lo, "max_value": far_hi, "mostly": mostly,
              "meta": _rule("learned_range", allowed=v.max_outside_learned_range,
-                           tolerance=v.range_tolerance)},
+                           tolerance=v.range_tolerance, learned=[learned_lo, learned_hi])},
         ))  # fmt: skip
     return out
 
@@ -384,7 +458,7 @@ def expectation_configs(
                     {"column": spec.target, "min_value": 2, "meta": _rule("target_classes")},
                 ))  # fmt: skip
             classes = reference.categories.get(spec.target)
-            if classes and not v.allow_new_classes:
+            if classes and not gains_classes(spec, classes):
                 out.append((
                     "ExpectColumnValuesToBeInSet",
                     {"column": spec.target, "value_set": classes, "meta": _rule("target_values")},
@@ -413,6 +487,47 @@ def expectation_configs(
     for extra in v.expectations:
         out.append((extra.expectation, {**extra.kwargs, "meta": _rule("extra")}))
     return out
+
+
+def gains_classes(spec: ModelSpec, classes: list[Any]) -> bool:
+    """May the target gain a class? Unset `allow_new_classes`: a binary target stays binary."""
+    allowed = spec.validation.allow_new_classes
+    return len(classes) > 2 if allowed is None else allowed
+
+
+def fold_label(value: Any) -> str:
+    """A label as a typo would hide it: case, surrounding and repeated whitespace ignored."""
+    return " ".join(str(value).split()).casefold()
+
+
+def label_collisions(spec: ModelSpec, reference: Reference, frame: pd.DataFrame) -> list[str]:
+    """New target labels in `frame` equal to another label after folding: typos, never new classes.
+
+    'Malignant ' beside 'Malignant' would silently turn a binary target into three classes.
+    """
+    if spec.task != "classification" or spec.target not in frame.columns:
+        return []
+    known = list(reference.categories.get(spec.target, []))
+    batch = frame[spec.target].dropna().unique().tolist()
+    seen = {str(k) for k in known}
+    problems = []
+    by_fold: dict[str, list[Any]] = {}
+    for label in known + [b for b in batch if str(b) not in seen]:
+        by_fold.setdefault(fold_label(label), []).append(label)
+    for labels in by_fold.values():
+        fresh = [x for x in labels if str(x) not in seen]
+        if len(labels) > 1 and fresh:
+            counts = frame[spec.target].astype(str).value_counts()
+            described = ", ".join(
+                f"{x!r} ({'known' if str(x) in seen else f'{int(counts.get(str(x), 0))} rows'})"
+                for x in labels
+            )
+            problems.append(
+                f"column '{spec.target}': labels {described} differ only in case or whitespace; a typo is "
+                f"never a new class of the target (target: {spec.target}). Fix the labels and land the "
+                "file again"
+            )
+    return problems
 
 
 def _single_class_implausible(reference: Reference, rows: int | None) -> bool:
@@ -618,13 +733,18 @@ def _describe(
         if rule == "declared_range":
             return f"{text}; the spec's bounds allow no row outside ({_declared_bounds(spec, str(col))})"
         if rule == "learned_range":
+            learned = meta.get("learned") or [None, None]
             return (
-                f"{text}; at most {_pct(allowed)} allowed outside the range learned from accepted data"
+                f"{text}: far outside the range learned from accepted data "
+                f"[{_num(learned[0], '-inf')}, {_num(learned[1], 'inf')}], more than "
+                f"{_num(v.far_range_multiple)} times its width beyond it (a unit error or junk, not "
+                f"growth); at most {_pct(allowed)} of rows may be that far"
                 f"{_margin(v.max_outside_learned_range, allowed, total)} "
                 + _setting(
                     spec,
                     f"validation.max_outside_learned_range = {v.max_outside_learned_range}",
-                    f"validation.range_tolerance = {v.range_tolerance} widens the range",
+                    f"validation.far_range_multiple = {_num(v.far_range_multiple)} sets 'far'",
+                    f"validation.range_tolerance = {v.range_tolerance} widens the learned range",
                 )
             )
         return text + (f"; at most {_pct(allowed)} allowed" if allowed else "")
@@ -635,9 +755,14 @@ def _describe(
         if rule == "declared_values":
             return f"{text}; features.categorical[{col}].values allows no other value"
         if rule == "target_values":
-            return (
-                f"{text}; a new class of the target is refused "
-                f"{_setting(spec, f'validation.allow_new_classes = {v.allow_new_classes}')}"
+            return f"{text}; a new class of the target is refused " + _setting(
+                spec,
+                f"validation.allow_new_classes = {v.allow_new_classes}"
+                + (
+                    ": unset, a two-class target stays binary; set it to true to admit new classes"
+                    if v.allow_new_classes is None
+                    else ""
+                ),
             )
         if rule == "learned_values":
             expected = float(meta.get("expected", 0.0))
@@ -753,6 +878,7 @@ def validate_frame(
     )
     problems: list[str] = []
     evaluated = failed = 0
+    failures = []
     for run_result in result.run_results.values():
         for res in run_result.results:
             evaluated += 1
@@ -762,26 +888,42 @@ def validate_frame(
             cfg = res.expectation_config
             if cfg is None:
                 raise ValueError("GX returned a result without its expectation configuration")
-            info = res.exception_info or {}
-            raised = info.get("raised_exception") if isinstance(info, dict) else False
-            message = info.get("exception_message") if raised else None
-            problems.append(
-                _describe(
-                    spec,
-                    _class_name(cfg.type),
-                    dict(cfg.kwargs),
-                    dict(cfg.meta or {}),
-                    dict(res.result or {}),
-                    message,
-                )
+            failures.append((res, cfg))
+    # A column with inf in it has no standard deviation either; one reason per cause.
+    not_finite = {cfg.kwargs.get("column") for _, cfg in failures if (cfg.meta or {}).get("rule") == "finite"}
+    for res, cfg in failures:
+        meta = dict(cfg.meta or {})
+        if meta.get("rule") == "target_constant" and cfg.kwargs.get("column") in not_finite:
+            continue
+        info = res.exception_info or {}
+        raised = info.get("raised_exception") if isinstance(info, dict) else False
+        message = info.get("exception_message") if raised else None
+        problems.append(
+            _describe(
+                spec,
+                _class_name(cfg.type),
+                dict(cfg.kwargs),
+                meta,
+                dict(res.result or {}),
+                message,
             )
+        )
+    collisions = label_collisions(spec, reference, frame)
+    problems += collisions
     docs_url = None
     if context_root is not None:
         # The page of this very validation result, not the site's index.
         key = next(iter(result.run_results), None)
         urls = ctx.get_docs_sites_urls(resource_identifier=key) if key else ctx.get_docs_sites_urls()
         docs_url = urls[0]["site_url"] if urls else None
-    return ValidationOutcome(bool(result.success), evaluated, failed, problems, docs_url)
+    return ValidationOutcome(
+        bool(result.success) and not collisions,
+        evaluated + 1,
+        failed + bool(collisions),
+        problems,
+        docs_url,
+        drift=range_drift(spec, reference, frame),
+    )
 
 
 def _ordered_type(column: pd.Series) -> bool:

@@ -242,7 +242,7 @@ def test_a_batch_the_models_preprocessing_refuses_is_quarantined(zone_spec: Mode
     result = validate(zone_spec, "r1")
     (bad,) = result["quarantined"]
     assert "no model could be trained on it" in bad["reason"]
-    assert "the model's preprocessing refuses this batch with the accepted data" in bad["reason"]
+    assert "no model could be trained on the accepted data with this batch" in bad["reason"]
     assert "column 'temp'" in bad["reason"]
 
 

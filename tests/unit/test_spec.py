@@ -37,7 +37,7 @@ def test_spec_hash_is_stable_and_sensitive() -> None:
         ({"target": None}, "target", "Field required"),
         ({"metric__name": "auc_pr"}, "metric.name", "unknown metric"),
         ({"metric__direction": "minimize"}, "metric", "maximized"),
-        ({"metric__name": "rmse", "metric__direction": None}, "(top level)", "for regression"),
+        ({"metric__name": "rmse", "metric__direction": None}, "metric.name", "for regression"),
         ({"estimator__class": "RandomForest"}, "estimator.class", "import path"),
         ({"promotion__confidence": 1.5}, "promotion.confidence", "less than 1"),
         ({"promotion__bootstrap_resamples": 100}, "promotion.bootstrap_resamples", "1000"),
@@ -47,7 +47,7 @@ def test_spec_hash_is_stable_and_sensitive() -> None:
             "greater than max",
         ),
         ({"features__categorical": ["age"]}, "features", "unique"),
-        ({"target": "age"}, "(top level)", "also listed as a feature"),
+        ({"target": "age"}, "target", "also listed as a feature"),
         ({"validation__max_null_fraction": 2}, "validation.max_null_fraction", "less than or equal to 1"),
         (
             {"validation__max_new_category_fraction": 1.5},
@@ -116,6 +116,7 @@ def test_validation_defaults_learn_from_accepted_data_and_fixed_caps_are_opt_in(
     assert v.max_null_fraction is None and v.max_duplicate_fraction is None  # no fixed caps
     assert (v.max_excess_null_fraction, v.max_excess_duplicate_fraction) == (0.2, 0.3)
     assert (v.range_tolerance, v.max_outside_learned_range, v.max_new_category_fraction) == (1.0, 0.01, 0.05)
-    assert v.allow_new_classes is True
+    assert v.allow_new_classes is None  # unset: multiclass may gain classes, binary stays binary
+    assert v.far_range_multiple == 10.0
     capped = parse(spec_dict(validation__max_null_fraction=0.02, validation__max_duplicate_fraction=0.0))
     assert (capped.validation.max_null_fraction, capped.validation.max_duplicate_fraction) == (0.02, 0.0)

@@ -227,3 +227,47 @@ def test_every_feature_mix_builds_a_fully_fitted_pipeline(
     assert {n for n, _, _ in pre.transformers_} - {"remainder"} == (
         ({"num"} if numerical else set()) | ({"cat"} if categorical else set())
     )
+
+
+def test_an_integer_code_means_one_category_in_training_and_in_both_serving_paths() -> None:
+    """A CSV batch with a null reads a month code as 5.0; a client sends 5 or 5.0: all are "5"."""
+    from cd4ml.serving.fastpath import split_rows, verified
+    from cd4ml.serving.payload import FeatureSchema, check
+
+    raw = spec_dict()
+    raw["features"] = {"numerical": [{"name": "x"}], "categorical": [{"name": "month"}]}
+    raw["target"], raw["timestamp"] = "y", None
+    raw["task"], raw["metric"] = "regression", {"name": "mae"}
+    raw["estimator"] = {"class": "sklearn.linear_model.Ridge"}
+    import yaml
+
+    spec = parse_spec(yaml.safe_dump(raw), __import__("pathlib").Path("months.yaml"))
+    rng = np.random.default_rng(0)
+    months = rng.choice([5, 6, 7], 200)
+    ints = pd.DataFrame({"x": rng.normal(size=200), "month": months, "y": months * 10.0})
+    floats = ints.assign(month=ints["month"].astype(float))
+    floats.loc[0, "month"] = np.nan  # as pandas reads the CSV of a batch with one null
+    model = train(spec, pd.concat([ints, floats], ignore_index=True))
+    encoder = model.steps[0][1].named_transformers_["cat"].steps[-1][1]
+    assert encoder.categories_[0].tolist() == ["5", "6", "7", "__missing__"]
+
+    schema = FeatureSchema(("x",), ("month",))
+    sent = [[0.0, 5], [0.0, 5.0], [0.0, "5"], [0.0, "5.0"]]
+    rows = check(schema, ["x", "month"], sent, max_rows=10)
+    frame = pd.DataFrame(rows, columns=["x", "month"]).astype({"x": float})
+    slow = model.predict(frame)
+    assert slow[0] == slow[1] == slow[2] != slow[3]  # "5.0" as text is a category of its own: unseen
+    fast = verified(model, ints[["x", "month"]].pipe(lambda f: f.assign(month=f["month"].astype(str))),
+                    ["x", "month"])  # fmt: skip
+    assert fast is not None
+    labels, _ = fast.predict(*split_rows(fast, ["x", "month"], rows))
+    assert np.array_equal(labels, slow)
+
+
+def test_acceptance_problems_include_the_target_check() -> None:
+    from cd4ml.training import acceptance_problems
+
+    frame = generate_churn(300, seed=1)
+    assert acceptance_problems(SPEC, frame) == []
+    one_class = frame.assign(churned=0)
+    assert any("single class" in p for p in acceptance_problems(SPEC, one_class))
