@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from email import message_from_bytes
+from email.message import Message
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +151,37 @@ def env(deploy_env: dict[str, str], shared_specs: Path, airflow_db: Path) -> dic
         "mlflow": MlflowClient(os.environ["MLFLOW_TRACKING_URI"]),
         "service": deploy_env["url"],
     }
+
+
+class Inbox:
+    """What a real local SMTP server (aiosmtpd) received."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.messages.append(message_from_bytes(envelope.content))
+        return "250 OK"
+
+
+@pytest.fixture
+def inbox(monkeypatch: pytest.MonkeyPatch) -> Iterator[Inbox]:
+    """A real SMTP server on a free port, configured as the Airflow connection `cd4ml_smtp`."""
+    from aiosmtpd.controller import Controller
+
+    handler = Inbox()
+    port = free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_CD4ML_SMTP",
+        json.dumps({"conn_type": "smtp", "host": "127.0.0.1", "port": port,
+                    "extra": {"from_email": "cd4ml@test.local"}}),
+    )  # fmt: skip
+    try:
+        yield handler
+    finally:
+        controller.stop()
 
 
 @pytest.fixture

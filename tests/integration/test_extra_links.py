@@ -1,4 +1,5 @@
-"""The plugin's extra links resolve, for a real run, to the MLflow run and model version it made."""
+"""The plugin's extra links resolve, for a real run, to the MLflow run and model version it made; and
+with a real SMTP server listening, a spec without recipients sends no mail for either run."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ from typing import Any
 import pytest
 
 from cd4ml.datagen import generate_churn
+from tests.conftest import Inbox
 from tests.helpers import LOGREG, write_spec
 from tests.integration.dagtools import land, run
 
 pytestmark = pytest.mark.integration
 
 
-def test_extra_links_point_at_what_each_task_made(env: dict[str, Any]) -> None:
+def test_extra_links_point_at_what_each_task_made(env: dict[str, Any], inbox: Inbox) -> None:
     from airflow import plugins_manager
     from airflow.models.taskinstancekey import TaskInstanceKey
 
@@ -56,3 +58,6 @@ def test_extra_links_point_at_what_each_task_made(env: dict[str, Any]) -> None:
     docs = str(links["Data Docs"].get_link(None, ti_key=key))
     page = env["data"] / "linked" / docs.removeprefix("/cd4ml/files/linked/")
     assert page.is_file() and "week1-broken" in page.read_text() and "monthly_charges" in page.read_text()
+
+    # The spec names no recipients: neither the promotion nor the quarantine sent mail (nor failed).
+    assert inbox.messages == []
