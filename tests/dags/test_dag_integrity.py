@@ -64,7 +64,22 @@ def bag():
     return DagBag(dag_folder=str(REPO / "dags"))
 
 
-def test_every_dag_has_tags_retries_docs_and_an_owner(bag) -> None:
+def test_the_specs_owner_owns_every_dag_and_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow.dag_processing.dagbag import DagBag
+
+    # Neither Airflow's default owner nor the spec's default: the spec's own owner reaches every task.
+    (tmp_path / "owned.yaml").write_text(yaml.safe_dump(spec_dict(owner="fraud-team")))
+    monkeypatch.setenv("CD4ML_SPECS_DIR", str(tmp_path))
+    owned = DagBag(dag_folder=str(REPO / "dags"))
+    assert owned.dags and not owned.import_errors, owned.import_errors
+    for dag_id, dag in owned.dags.items():
+        assert dag.default_args.get("owner") == "fraud-team", dag_id
+        assert dag.owner == "fraud-team", dag_id
+        for t in dag.tasks:
+            assert t.owner == "fraud-team", f"{dag_id}.{t.task_id}"
+
+
+def test_every_dag_has_tags_retries_docs_and_the_error_policy(bag) -> None:
     assert bag.dags
     for dag_id, dag in bag.dags.items():
         model = dag_id.split("__")[0]
