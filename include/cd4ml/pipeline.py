@@ -424,6 +424,9 @@ def register_challenger(
         "cd4ml.validation": registry.tag_json(
             {"accepted": [a["name"] for a in validation.get("accepted", [])],
              "quarantined": [q["name"] for q in validation.get("quarantined", [])],
+             # Accepted files with rows outside a learned range (drift, not refused): which columns.
+             "drift": {a["name"]: sorted(a["drift"])
+                       for a in validation.get("accepted", []) if a.get("drift")},
              "status": "passed"}
         ),
         "cd4ml.decision": "promote" if evidence["promote"] else "reject",

@@ -1,10 +1,10 @@
 """Validation through `pipeline.run_training` against the session's real MLflow server.
 
 One time-ordered market (the shape of ggplot2's txhousing): a later year brings a new city and
-20% growth and is trained on; a poisoned file landed beside it (20 infinite values) is quarantined
-while the good year trains; a file scaled x1e6 trains nothing and fails without a retry; a file
-with infinities accepted by an older cd4ml stops every run before anything is fitted, naming the
-file, until it is retracted.
+doubles the market (drift, accepted and recorded on the version) and is trained on; a poisoned
+file landed beside it (20 infinite values) is quarantined while the good year trains; a file
+scaled x1e6 trains nothing and fails without a retry; a file with infinities accepted by an older
+cd4ml stops every run before anything is fitted, naming the file, until it is retracted.
 """
 
 from __future__ import annotations
@@ -54,8 +54,9 @@ def test_validation_through_run_training(market: tuple[ModelSpec, Settings]) -> 
     land(settings, "2000.csv", market_year(2000, CITIES, growth=0.2))
     assert train(spec, settings, 1)["promoted"] is True
 
-    # A later year: a new city and 20% growth, landed with a poisoned file.
-    land(settings, "2001.csv", market_year(2001, [*CITIES, "Odessa"], growth=0.2))
+    # A later year: a new city and the market doubled (3.5% of volumes above the learned range: drift,
+    # which the old 1% rule refused), landed with a poisoned file.
+    land(settings, "2001.csv", market_year(2001, [*CITIES, "Odessa"], growth=1.0))
     poisoned = market_year(2001, CITIES, growth=0.2, seed=9)
     poisoned.loc[poisoned.index[:20], "volume"] = np.inf
     land(settings, "2001_export.csv", poisoned)
@@ -63,6 +64,7 @@ def test_validation_through_run_training(market: tuple[ModelSpec, Settings]) -> 
     (mv,) = [v for v in client.search_model_versions(f"name='{MODEL}'") if v.version == "2"]
     assert '"accepted": ["2001.csv"]' in mv.tags["cd4ml.validation"]
     assert '"quarantined": ["2001_export.csv"]' in mv.tags["cd4ml.validation"]
+    assert '"drift": {"2001.csv": ["median", "sales", "volume"]}' in mv.tags["cd4ml.validation"]
     reason = next(zone.quarantine.glob("*2001_export.csv.reason.txt")).read_text()
     assert "column 'volume': 20 of 480 rows are not finite numbers" in reason, reason
     snapshot = pd.read_parquet(mv.tags["cd4ml.train_snapshot"])
