@@ -50,3 +50,22 @@ def test_a_model_without_a_signature_has_no_served_columns() -> None:
         inputs=Schema([ColSpec(DataType.boolean, "flag"), ColSpec(DataType.float, "x")])
     )
     assert registry._input_columns(signature) == (["x"], [])
+
+
+def test_pip_requirements_pin_this_environment_and_the_estimators_package() -> None:
+    import importlib.metadata as md
+
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.pipeline import Pipeline
+
+    from cd4ml.registry import pip_requirements
+
+    pins = pip_requirements(Pipeline([("model", HistGradientBoostingClassifier())]))
+    for dist in ("mlflow", "scikit-learn", "skops", "pandas", "numpy", "scipy"):
+        assert f"{dist}=={md.version(dist)}" in pins, pins
+
+    class LocalEstimator:  # a module that is no installed distribution: nothing to pin, no error
+        pass
+
+    LocalEstimator.__module__ = "cd4ml_no_such_distribution"
+    assert pip_requirements(LocalEstimator()) == pins
