@@ -179,6 +179,28 @@ def _cases() -> dict[str, Builder]:
             "validation.max_outside_learned_range = 0.01",
         )
 
+    def column_in_cents(f: pd.DataFrame) -> Built:
+        # A unit change (dollars -> cents, x100) is far outside the learned range, not growth.
+        g = f.assign(monthly_charges=f["monthly_charges"] * 100)
+        return _v(
+            "csv",
+            csv_bytes(g),
+            "column 'monthly_charges':",
+            "far outside the range learned from accepted data",
+            "validation.max_outside_learned_range = 0.01",
+            "validation.far_range_multiple = 10",
+        )
+
+    def column_scaled_by_a_thousand(f: pd.DataFrame) -> Built:
+        g = f.assign(support_calls=f["support_calls"] * 1000)
+        return _v(
+            "parquet",
+            parquet_bytes(g),
+            "column 'support_calls':",
+            "far outside the range learned from accepted data",
+            "validation.max_outside_learned_range = 0.01",
+        )
+
     def unseen_category(f: pd.DataFrame) -> Built:
         g = f.assign(contract=f["contract"].where(~_every(f, 10), "lifetime"))
         return _v(
