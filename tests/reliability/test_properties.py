@@ -237,3 +237,27 @@ def test_non_finite_numbers_are_refused_whatever_the_tolerances(
         p.startswith(f"column '{column}': {len(bad)} of {n} rows are not finite numbers")
         for p in outcome.problems
     ), outcome.problems
+
+
+@FAST
+@given(st.integers(min_value=-(2**53) + 1, max_value=2**53 - 1))
+def test_an_integer_code_is_one_category_as_int_float_text_and_after_a_csv_round_trip(code: int) -> None:
+    from cd4ml.tables import category_text
+
+    assert category_text(code) == category_text(float(code)) == category_text(np.int64(code)) == str(code)
+    # A column with a null is read back from CSV as floats; its codes must come back as the same text.
+    frame = pd.DataFrame({"c": [code, None]})
+    with tempfile.TemporaryDirectory() as tmp:
+        frame.to_csv(Path(tmp) / "b.csv", index=False)
+        back = read_table(Path(tmp) / "b.csv")["c"]
+    if abs(code) < 10**15:  # pandas writes floats with 15 significant digits to CSV
+        assert category_text(back.iloc[0]) == str(code)
+    assert pd.isna(category_text(back.iloc[1]))
+
+
+@FAST
+@given(st.floats(allow_nan=False, allow_infinity=False).filter(lambda x: not float(x).is_integer()))
+def test_a_fractional_value_keeps_its_own_text(value: float) -> None:
+    from cd4ml.tables import category_text
+
+    assert category_text(value) == str(value)
