@@ -65,10 +65,14 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
 
-# The slow reliability runs (minutes): faults on a real embedded stack (SIGKILL mid-training, 5 files
-# with the schedule, whole-stack restart mid-run) and the service under 60 s of load with 3 swaps.
+# The slow runs (tens of minutes): faults on a real embedded stack (SIGKILL mid-training, 5 files
+# with the schedule, whole-stack restart mid-run), the system test's labelled-week phase, the dataset
+# zoo with its large tables whole (refreshes DATASETS.md), and the service under 60 s of load with 3 swaps.
 soak: $(STAMP)
 	CD4ML_SOAK=1 $(BIN)/pytest tests/reliability/test_faults_stack.py
+	CD4ML_SOAK=1 $(BIN)/pytest tests/system/test_embedded_stack.py
+	CD4ML_SOAK=1 CD4ML_ZOO_RESULTS=tests/zoo/results/full.json $(BIN)/pytest tests/zoo/test_zoo.py
+	$(BIN)/python benchmarks/zoo_table.py
 	$(BIN)/python benchmarks/bench_load.py --duration 60 --swaps 3 --concurrency 12
 
 # 4 models x 4 batches on LocalExecutor vs CeleryExecutor with 1 and 2 workers (BENCHMARKS.md).
