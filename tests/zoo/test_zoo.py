@@ -82,13 +82,23 @@ def plain_pipeline(spec: ModelSpec) -> Pipeline:
     return Pipeline([("preprocess", ColumnTransformer(transformers)), ("model", cls(**params))])
 
 
+def plain_category(value: Any) -> Any:
+    """The documented rule for categories, written here on its own: text, and integral numbers as
+    integer codes (a column coded 1/2 that a CSV reader returns as 1.0/2.0 is still "1"/"2")."""
+    if pd.isna(value):
+        return value
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def plain_features(spec: ModelSpec, frame: pd.DataFrame) -> pd.DataFrame:
-    """Numbers as floats (booleans become 0/1), categories as strings, missing stays missing."""
+    """Numbers as floats (booleans become 0/1), categories as text, missing stays missing."""
     out = pd.DataFrame(index=frame.index)
     for col in spec.numerical:
         out[col] = pd.to_numeric(frame[col], errors="coerce").astype(float)
     for col in spec.categorical:
-        out[col] = frame[col].map(lambda v: v if pd.isna(v) else str(v)).astype(object)
+        out[col] = frame[col].map(plain_category).astype(object)
     return out
 
 
