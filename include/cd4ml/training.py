@@ -315,9 +315,8 @@ def _only_categorical(spec: ModelSpec) -> Any:
 def train(spec: ModelSpec, train_frame: pd.DataFrame) -> Pipeline:
     pipeline = build_pipeline(spec)
     y = train_frame[spec.target]
-    if spec.task == "classification" and y.nunique() < 2:
-        raise TrainingError(f"{spec.name}: target {spec.target!r} has a single class in the training data")
-    check_target(spec, y)  # the pipeline checks all accepted data first; this guards any other caller
+    # The pipeline checks all accepted data first; this guards any other caller (single class included).
+    check_target(spec, y)
     try:
         pipeline.fit(features(spec, train_frame), y)
     except (ValueError, TypeError, ArithmeticError, np.linalg.LinAlgError) as err:

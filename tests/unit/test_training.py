@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from cd4ml.datagen import generate_churn
-from cd4ml.errors import DataError, SpecError, TrainingError
+from cd4ml.errors import DataError, SpecError
 from cd4ml.evaluation import score
 from cd4ml.spec import ModelSpec, load_spec, parse_spec
 from cd4ml.training import (
@@ -65,7 +65,7 @@ def test_bad_estimator_is_a_spec_error() -> None:
 
 def test_single_class_training_data_is_refused() -> None:
     frame = generate_churn(200, seed=1).assign(churned=0)
-    with pytest.raises(TrainingError, match="single class"):
+    with pytest.raises(DataError, match="single class"):
         train(SPEC, frame)
 
 
