@@ -42,9 +42,8 @@ RUN pip install --quiet --no-deps --no-index --no-build-isolation -e /opt/cd4ml 
     && rm -rf /opt/cd4ml/build
 USER airflow
 # Schedulers and Celery workers pre-import the ML stack once, so forked tasks start warm
-# (the same airflow_local_settings.py the embedded stack writes; see cd4ml/airflow/preload.py).
-RUN python -c "import pathlib, cd4ml.stack as s; \
-pathlib.Path('/opt/airflow/config/airflow_local_settings.py').write_text(s.LOCAL_SETTINGS)"
+# (the same committed file the embedded stack copies; see cd4ml/airflow/preload.py).
+COPY --chown=airflow:0 config/airflow_local_settings.py /opt/airflow/config/airflow_local_settings.py
 COPY --chown=airflow:0 dags /opt/airflow/dags
 COPY --chown=airflow:0 plugins /opt/airflow/plugins
 ENTRYPOINT ["/usr/bin/dumb-init", "--"]

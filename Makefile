@@ -11,21 +11,21 @@ WAIT ?= 300
 install: $(STAMP)
 
 # Re-install only when the pins change; the editable install makes `import cd4ml` work everywhere.
-$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml dev/pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -r requirements.txt -r requirements-dev.txt
-	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -m pip install --quiet --no-deps -e . -e dev
 	@touch $(STAMP)
 
 up: $(STAMP)
-	$(BIN)/cd4ml stack up --wait $(WAIT)
+	$(BIN)/cd4ml-dev stack up --wait $(WAIT)
 
 down: $(STAMP)
-	$(BIN)/cd4ml stack down
+	$(BIN)/cd4ml-dev stack down
 
 status: $(STAMP)
-	$(BIN)/cd4ml stack status
+	$(BIN)/cd4ml-dev stack status
 
 logs:
 	tail -n 50 .cd4ml/logs/*.log
@@ -80,4 +80,4 @@ bench-scale: $(STAMP)
 	$(BIN)/python benchmarks/bench_scale.py
 
 clean: $(STAMP)
-	$(BIN)/cd4ml stack clean
+	$(BIN)/cd4ml-dev stack clean

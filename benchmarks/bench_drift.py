@@ -95,7 +95,7 @@ def child(scenario: str, method: str, rows: int) -> None:
     cur = make(rows, scenario, current=True, seed=7)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
-    from cd4ml.drift import dataset_drift, evidently_drift
+    from cd4ml.ml.drift import dataset_drift, evidently_drift
 
     if method == "cd4ml":
         summary = dataset_drift(ref, cur, NUMERICAL, CATEGORICAL)

@@ -36,7 +36,7 @@ from typing import Any
 
 import psutil
 
-from cd4ml.netutil import free_port, local_mlflow_server, wait_http
+from cd4ml_dev.netutil import free_port, local_mlflow_server, wait_http
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -79,8 +79,8 @@ class LoadResult:
 
 def fit_models(spec: Any, count: int, rows: int) -> list[tuple[Any, Any]]:
     """`count` different fitted pipelines (different data), each with its input example."""
-    from cd4ml.datagen import generate_churn
-    from cd4ml.training import features, train
+    from cd4ml.ml.training import features, train
+    from cd4ml_dev.datagen import generate_churn
 
     out = []
     for i in range(count):
@@ -117,8 +117,8 @@ def promote(tracking_uri: str, spec: Any, version: str) -> None:
 
 
 def request_bodies(spec: Any) -> dict[int, bytes]:
-    from cd4ml.datagen import generate_churn
-    from cd4ml.training import features
+    from cd4ml.ml.training import features
+    from cd4ml_dev.datagen import generate_churn
 
     rows = features(spec, generate_churn(BATCH_ROWS, seed=7, batch=9))
 
@@ -379,7 +379,7 @@ def main() -> None:
     # slowed one fit 20x here. The service limits its own thread pools to 1 regardless.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-    from cd4ml.spec import load_spec
+    from cd4ml.core.spec import load_spec
 
     home = Path(tempfile.mkdtemp(prefix="cd4ml-bench-load-"))
     specs = home / "specs"

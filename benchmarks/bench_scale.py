@@ -11,7 +11,7 @@ Where the time goes comes from each task instance's queued/start/end times (Airf
   dispatch  = queued -> start (executor hand-off: LocalExecutor fork / Celery broker, worker, fork)
 
 Stacks: `cd4ml stack up` (the embedded stack: LocalExecutor, SQLite), and docker-compose.yaml's
-topology run by cd4ml.scale (CeleryExecutor, PostgreSQL, Redis) with 1 and with 2 workers. All
+topology run by cd4ml_dev.scale (CeleryExecutor, PostgreSQL, Redis) with 1 and with 2 workers. All
 three get 4 task slots per executor (parallelism 4 / worker_concurrency 4) on this machine.
 
 Usage: .venv/bin/python benchmarks/bench_scale.py [--models 4] [--batches 4] [--rows 2000]
@@ -40,9 +40,9 @@ from typing import Any
 
 import yaml
 
-from cd4ml.datagen import generate_churn, write_batch
-from cd4ml.netutil import free_port
-from cd4ml.scale import LocalTopology
+from cd4ml_dev.datagen import generate_churn, write_batch
+from cd4ml_dev.netutil import free_port
+from cd4ml_dev.scale import LocalTopology
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -104,7 +104,7 @@ def embedded(specs: Path) -> Iterator[Stack]:
         "CD4ML_START_TIMEOUT": "600",
     }
     try:
-        subprocess.run([str(BIN / "cd4ml"), "stack", "up", "--no-demo"], env=env, check=True, timeout=600,
+        subprocess.run([str(BIN / "cd4ml-dev"), "stack", "up", "--no-demo"], env=env, check=True, timeout=600,
                        stdout=subprocess.DEVNULL)  # fmt: skip
         url = f"http://127.0.0.1:{env['CD4ML_AIRFLOW_PORT']}"
         password = json.loads((home / "secrets.json").read_text())["admin_password"]
@@ -113,7 +113,9 @@ def embedded(specs: Path) -> Iterator[Stack]:
         ]
         yield Stack("embedded LocalExecutor", url, token, home / "data")
     finally:
-        subprocess.run([str(BIN / "cd4ml"), "stack", "down"], env=env, timeout=180, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [str(BIN / "cd4ml-dev"), "stack", "down"], env=env, timeout=180, stdout=subprocess.DEVNULL
+        )
         shutil.rmtree(home, ignore_errors=True)
 
 

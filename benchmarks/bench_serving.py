@@ -26,7 +26,7 @@ from typing import Any
 
 import psutil
 
-from cd4ml.netutil import free_port, local_mlflow_server, wait_http
+from cd4ml_dev.netutil import free_port, local_mlflow_server, wait_http
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,11 +99,11 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
 
-    from cd4ml.datagen import generate_churn, write_batch
-    from cd4ml.pipeline import run_training
-    from cd4ml.settings import get_settings
-    from cd4ml.spec import load_spec
-    from cd4ml.training import features
+    from cd4ml.core.settings import get_settings
+    from cd4ml.core.spec import load_spec
+    from cd4ml.ml.training import features
+    from cd4ml.steps.pipeline import run_training
+    from cd4ml_dev.datagen import generate_churn, write_batch
 
     home = Path(tempfile.mkdtemp(prefix="cd4ml-bench-serving-"))
     specs = home / "specs"

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from cd4ml.netutil import free_port
+from cd4ml_dev.netutil import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,7 +103,10 @@ class Stack:
 
     def up(self) -> None:
         subprocess.run(
-            [BIN / "cd4ml", "stack", "up", "--no-demo"], env=self.env, check=True, stdout=subprocess.DEVNULL
+            [BIN / "cd4ml-dev", "stack", "up", "--no-demo"],
+            env=self.env,
+            check=True,
+            stdout=subprocess.DEVNULL,
         )
         password = json.loads((self.home / "secrets.json").read_text())["admin_password"]
         self.token = http_json(f"{self.base}/auth/token", body={"username": "admin", "password": password})[
@@ -111,7 +114,9 @@ class Stack:
         ]
 
     def down(self) -> None:
-        subprocess.run([BIN / "cd4ml", "stack", "down"], env=self.env, check=False, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [BIN / "cd4ml-dev", "stack", "down"], env=self.env, check=False, stdout=subprocess.DEVNULL
+        )
 
     def runs(self, dag_id: str) -> list[dict]:
         try:
@@ -140,7 +145,7 @@ class Stack:
 
 
 def through_dag(stack: Stack, model: str, frame, name: str) -> dict:
-    from cd4ml.datagen import write_batch
+    from cd4ml_dev.datagen import write_batch
 
     before = {r["dag_run_id"] for r in stack.runs(f"{model}__train")}
     landed = time.time()
@@ -162,12 +167,12 @@ def through_dag(stack: Stack, model: str, frame, name: str) -> dict:
 
 
 def plain_process(stack: Stack, model: str, frame, name: str) -> dict:
-    from cd4ml.datagen import write_batch
+    from cd4ml_dev.datagen import write_batch
 
     write_batch(frame, stack.home / "plain_data" / model / "landing", name)
     code = (
-        "from cd4ml.pipeline import run_training; from cd4ml.settings import get_settings; "
-        "from cd4ml.spec import load_spec; s = get_settings(); "
+        "from cd4ml.steps.pipeline import run_training; from cd4ml.core.settings import get_settings; "
+        "from cd4ml.core.spec import load_spec; s = get_settings(); "
         f"print(run_training(load_spec(s.specs_dir / '{model}.yaml'), s, run_id='plain', "
         "run_time='2026-01-01T00:00:00+00:00'))"
     )
@@ -189,7 +194,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--reps", type=int, default=2)
     args = parser.parse_args()
-    from cd4ml.datagen import generate_churn
+    from cd4ml_dev.datagen import generate_churn
 
     out_dir = REPO / "benchmarks" / "out"
     out_dir.mkdir(parents=True, exist_ok=True)

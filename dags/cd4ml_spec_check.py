@@ -8,7 +8,7 @@ load from `cd4ml_models.py`.
 from __future__ import annotations
 
 from cd4ml.airflow.factory import spec_errors
-from cd4ml.errors import SpecError
+from cd4ml.core.errors import SpecError
 
 _errors = spec_errors()
 if _errors:

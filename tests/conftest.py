@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from cd4ml.netutil import free_port, local_mlflow_server, wait_http
+from cd4ml_dev.netutil import free_port, local_mlflow_server, wait_http
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

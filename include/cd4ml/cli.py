@@ -1,4 +1,7 @@
-"""`cd4ml` command line: run the embedded stack, check specs, land demo data, train without Airflow."""
+"""`cd4ml` command line: check specs, retract data, train without Airflow, run the prediction service.
+
+The embedded stack and the demo data are development tooling: `cd4ml-dev` (dev/cd4ml_dev).
+"""
 
 from __future__ import annotations
 
@@ -6,98 +9,17 @@ import argparse
 import json
 import os
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from cd4ml.errors import Cd4mlError, SpecError
-from cd4ml.settings import get_settings
-
-
-def champion_version(mlflow_url: str, model: str) -> str | None:
-    query = urllib.parse.urlencode({"name": model, "alias": "champion"})
-    url = f"{mlflow_url}/api/2.0/mlflow/registered-models/alias?{query}"
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return str(json.loads(resp.read())["model_version"]["version"])
-    except urllib.error.HTTPError as err:
-        # 404: no such model yet; 400: the model exists (registration under way) but has no champion.
-        if err.code in {400, 404}:
-            return None
-        raise
-
-
-def _demo_land(model: str, batch: int, rows: int, drift: float, seed: int) -> Path:
-    from cd4ml.datagen import generate_churn, write_batch
-
-    landing = get_settings().model_dir(model) / "landing"
-    frame = generate_churn(rows, seed=seed, batch=batch, drift=drift)
-    suffix = f"_drift{drift:g}" if drift else ""
-    return write_batch(frame, landing, f"{model}_batch{batch:03d}{suffix}.csv")
-
-
-def _seed_demo_if_new(model: str) -> Path | None:
-    """First `make up` lands the demo's first batch; later ones leave the data alone."""
-    root = get_settings().model_dir(model)
-    if any((root / "accepted").glob("*")) or any((root / "landing").glob("*")):
-        return None
-    return _demo_land(model, batch=0, rows=5000, drift=0.0, seed=7)
-
-
-def cmd_stack(args: argparse.Namespace) -> int:
-    from cd4ml import stack
-
-    cfg = stack.config_from_env()
-    if args.action == "up":
-        print(f"cd4ml: starting the embedded stack (state in {cfg.home}) ...", flush=True)
-        stack.up(cfg)
-        user, password = stack.login(cfg)
-        seeded = None if args.no_demo else _seed_demo_if_new("churn")
-        print(
-            f"\n  Airflow UI   {cfg.airflow_url}   (login: {user} / {password})\n"
-            f"  MLflow UI    {cfg.mlflow_url}\n"
-            f"  Predictions  {cfg.service_url}/v1/models/<model>/predict   (docs: {cfg.service_url}/docs)\n"
-            f"  Data root    {get_settings().data_dir}   (drop files into <model>/landing/)\n"
-            f"  Logs         {cfg.logs_dir}\n",
-            flush=True,
-        )
-        if seeded:
-            print(f"cd4ml: landed the demo's first batch: {seeded}", flush=True)
-        if args.wait > 0 and not args.no_demo:
-            return _wait_champion(cfg.mlflow_url, "churn", args.wait)
-        return 0
-    if args.action == "down":
-        stack.down(cfg)
-    elif args.action == "status":
-        print(stack.status(cfg))
-    elif args.action == "env":
-        for key, value in stack.environment(cfg).items():
-            if "SECRET" not in key and "TOKEN" not in key:
-                print(f"export {key}='{value}'")
-    elif args.action == "clean":
-        stack.clean(cfg)
-    elif args.action == "init-auth":
-        print(f"cd4ml: wrote the Airflow login file {stack.write_auth_file(os.environ)}")
-    return 0
-
-
-def _wait_champion(mlflow_url: str, model: str, timeout: float) -> int:
-    print(f"cd4ml: waiting up to {timeout:.0f}s for the '{model}' champion (Ctrl-C is safe) ...", flush=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        version = champion_version(mlflow_url, model)
-        if version:
-            print(f"cd4ml: {model} champion is version {version}: {mlflow_url}/#/models/{model}", flush=True)
-            return 0
-        time.sleep(3)
-    print(f"cd4ml: no champion yet after {timeout:.0f}s; check the {model}__train runs in the Airflow UI")
-    return 1
+from cd4ml.core.errors import Cd4mlError, SpecError
+from cd4ml.core.settings import get_settings
 
 
 def cmd_spec_check(args: argparse.Namespace) -> int:
-    from cd4ml.spec import load_specs, spec_files
+    from cd4ml.core.spec import load_specs, spec_files
 
     paths = [Path(p) for p in args.paths] or spec_files(get_settings().specs_dir)
     specs, errors = load_specs(paths)
@@ -105,7 +27,7 @@ def cmd_spec_check(args: argparse.Namespace) -> int:
     for spec in specs:
         where = by_name.get(spec.name, Path(spec.name))
         try:
-            from cd4ml.training import build_pipeline, check_trainable_spec
+            from cd4ml.ml.training import build_pipeline, check_trainable_spec
 
             # What training would refuse after reading the data (a metric it cannot compute, an
             # estimator it cannot build or of the wrong kind) is refused here, before anything runs.
@@ -127,15 +49,12 @@ def cmd_spec_check(args: argparse.Namespace) -> int:
 
 def _airflow_api() -> tuple[str, str, str | None]:
     """Base URL, user and password of the Airflow REST API (the embedded stack's by default)."""
-    from cd4ml import stack
-
-    cfg = stack.config_from_env()
-    url = (os.environ.get("CD4ML_AIRFLOW_URL") or cfg.airflow_url).rstrip("/")
+    settings = get_settings()
     password = os.environ.get("CD4ML_AIRFLOW_PASSWORD") or os.environ.get("CD4ML_ADMIN_PASSWORD")
-    secrets = cfg.home / "secrets.json"
-    if not password and secrets.is_file():  # written by `cd4ml stack up`; never generated here
+    secrets = settings.home / "secrets.json"
+    if not password and secrets.is_file():  # written by `make up`; never generated here
         password = json.loads(secrets.read_text()).get("admin_password")
-    return url, os.environ.get("CD4ML_AIRFLOW_USER", "admin"), password
+    return settings.airflow_url, os.environ.get("CD4ML_AIRFLOW_USER", "admin"), password
 
 
 def _http_json(url: str, body: dict[str, object], token: str | None = None) -> dict[str, object]:
@@ -165,7 +84,7 @@ def cmd_data_retract(args: argparse.Namespace) -> int:
     import getpass
     from datetime import UTC, datetime
 
-    from cd4ml import landing
+    from cd4ml.data import landing
 
     root = get_settings().model_dir(args.model)
     if not (root / "accepted").is_dir():
@@ -198,16 +117,11 @@ def cmd_data_retract(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo_land(args: argparse.Namespace) -> int:
-    print(_demo_land(args.model, args.batch, args.rows, args.drift, args.seed))
-    return 0
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from cd4ml.pipeline import run_training
-    from cd4ml.spec import load_spec
+    from cd4ml.core.spec import load_spec
+    from cd4ml.steps.pipeline import run_training
 
     settings = get_settings()
     spec = load_spec(settings.specs_dir / f"{args.model}.yaml")
@@ -230,12 +144,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cd4ml", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("stack", help="run the embedded Airflow + MLflow stack")
-    p.add_argument("action", choices=["up", "down", "status", "env", "clean", "init-auth"])
-    p.add_argument("--no-demo", action="store_true", help="do not land demo data")
-    p.add_argument("--wait", type=float, default=0, help="seconds to wait for the demo champion")
-    p.set_defaults(func=cmd_stack)
-
     p = sub.add_parser("spec", help="check model specs (parse, estimator import, expectations)")
     p.add_argument("action", choices=["check"])
     p.add_argument("paths", nargs="*")
@@ -250,15 +158,6 @@ def main(argv: list[str] | None = None) -> int:
         "--no-retrain", action="store_true", help="do not start <model>__train through the Airflow API"
     )
     p.set_defaults(func=cmd_data_retract)
-
-    p = sub.add_parser("demo", help="land a synthetic demo batch")
-    p.add_argument("action", choices=["land"])
-    p.add_argument("--model", default="churn")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--rows", type=int, default=5000)
-    p.add_argument("--drift", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=7)
-    p.set_defaults(func=cmd_demo_land)
 
     p = sub.add_parser("train", help="run the training pipeline once in this process, without Airflow")
     p.add_argument("model")

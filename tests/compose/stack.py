@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cd4ml.netutil import free_port
+from cd4ml_dev.netutil import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SECRETS = (

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from cd4ml.datagen import generate_churn
+from cd4ml_dev.datagen import generate_churn
 from tests.compose.stack import (
     SECRETS,
     ComposeProject,

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 
 from cd4ml import registry
-from cd4ml.datagen import write_batch
+from cd4ml_dev.datagen import write_batch
 
 
 def land(env: dict[str, Any], model: str, name: str, frame) -> Path:

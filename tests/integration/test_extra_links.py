@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from cd4ml.datagen import generate_churn
+from cd4ml_dev.datagen import generate_churn
 from tests.conftest import Inbox
 from tests.helpers import LOGREG, write_spec
 from tests.integration.dagtools import land, run

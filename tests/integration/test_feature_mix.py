@@ -3,7 +3,7 @@ single-column specs, multiclass string targets, on the service's fast path and o
 
 Regression tests for issue 11: a multiclass target with `f1` failed after fitting ("this metric needs
 a binary target"), and a numeric-only model was refused by the service ("'OneHotEncoder' object has
-no attribute 'categories_'"). Each case goes through `cd4ml.pipeline.run_training` (validation,
+no attribute 'categories_'"). Each case goes through `cd4ml.steps.pipeline.run_training` (validation,
 training, champion/challenger, registry, deploy with smoke test) against the session's real MLflow
 server and prediction service, then asks the service for predictions.
 """
@@ -21,11 +21,11 @@ import pytest
 import yaml
 
 from cd4ml import registry
-from cd4ml.datagen import write_batch
-from cd4ml.pipeline import run_training
-from cd4ml.settings import get_settings
-from cd4ml.spec import load_spec
-from cd4ml.training import features
+from cd4ml.core.settings import get_settings
+from cd4ml.core.spec import load_spec
+from cd4ml.ml.training import features
+from cd4ml.steps.pipeline import run_training
+from cd4ml_dev.datagen import write_batch
 
 pytestmark = pytest.mark.integration
 ROWS = 400

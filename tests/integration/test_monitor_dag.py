@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
-from cd4ml.datagen import generate_churn
-from cd4ml.training import features
+from cd4ml.ml.training import features
+from cd4ml_dev.datagen import generate_churn
 from tests.helpers import LOGREG, write_spec
 from tests.integration.dagtools import land, run, run_dag, served, versions
 
@@ -36,7 +36,7 @@ def send_traffic(env: dict[str, Any], frame) -> int:
 
 
 def features_frame(frame):
-    from cd4ml.spec import load_spec
+    from cd4ml.core.spec import load_spec
 
     spec = load_spec(Path(_specs_dir()) / f"{MODEL}.yaml")
     return features(spec, frame)
@@ -79,8 +79,8 @@ def queued_training_runs() -> int:
 
 def monitor() -> tuple[dict[str, str], dict[str, Any]]:
     states = run_dag(f"{MODEL}__monitor", {"window_hours": None})
-    from cd4ml.monitor import history
-    from cd4ml.settings import get_settings
+    from cd4ml.core.settings import get_settings
+    from cd4ml.steps.monitor import history
 
     return states, history(get_settings(), MODEL)[-1]
 
@@ -146,10 +146,10 @@ def assert_models_view_and_metrics(env: dict[str, Any], drift_run_id: str, v2: A
     from airflow import plugins_manager
     from airflow.models.taskinstancekey import TaskInstanceKey
 
-    from cd4ml.monitor import history
-    from cd4ml.overview import _number, model_overview, prometheus_text, render_html
-    from cd4ml.settings import get_settings
-    from cd4ml.spec import load_spec
+    from cd4ml.core.settings import get_settings
+    from cd4ml.core.spec import load_spec
+    from cd4ml.steps.monitor import history
+    from cd4ml.ui.overview import _number, model_overview, prometheus_text, render_html
 
     links = {link.name: link for link in plugins_manager.get_global_operator_extra_links()}
     key = TaskInstanceKey(

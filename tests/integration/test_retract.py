@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from cd4ml import landing
-from cd4ml.datagen import generate_churn
-from cd4ml.netutil import free_port, wait_http
+from cd4ml.data import landing
+from cd4ml_dev.datagen import generate_churn
+from cd4ml_dev.netutil import free_port, wait_http
 from tests.conftest import BIN
 from tests.helpers import LOGREG, write_spec
 from tests.integration.dagtools import land, run, run_dag, task_tries, versions
@@ -53,9 +53,9 @@ def queued_training(model: str) -> int:
 
 
 def test_retracting_a_file_retrains_without_its_rows_and_is_listed(env: dict[str, Any]) -> None:
-    from cd4ml.overview import model_overview
-    from cd4ml.settings import get_settings
-    from cd4ml.spec import load_spec
+    from cd4ml.core.settings import get_settings
+    from cd4ml.core.spec import load_spec
+    from cd4ml.ui.overview import model_overview
 
     spec_path = write_spec(env["specs"], MODEL, estimator=LOGREG, promotion__floor=None)
     zone = landing.Zone(env["data"] / MODEL)

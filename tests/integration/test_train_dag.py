@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from cd4ml.datagen import generate_churn
+from cd4ml_dev.datagen import generate_churn
 from tests.helpers import LOGREG, WEAK, write_spec
 from tests.integration.dagtools import champion, land, run, run_dag, served, task_tries, versions
 
@@ -40,7 +40,7 @@ def test_first_model_is_promoted_with_full_lineage(env: dict[str, Any]) -> None:
     assert evidence["promote"] and evidence["champion_version"] is None and evidence["n"] == 300
     assert "first model" in evidence["reason"]
     assert tags["cd4ml.decision"] == "promote" and tags["cd4ml.trigger_reason"] == "manual: integration test"
-    assert json.loads(tags["cd4ml.validation"])["accepted"] == ["week0.csv"]
+    assert json.loads(tags["cd4ml.data.validation"])["accepted"] == ["week0.csv"]
     (accepted,) = (env["data"] / "first" / "accepted").glob("*.csv")
     assert accepted.name.endswith("__week0.csv")
     assert not any((env["data"] / "first" / "landing").iterdir())
@@ -216,9 +216,9 @@ def test_a_version_the_service_refuses_is_recorded_as_refused_not_unreachable(en
     import mlflow
     from sklearn.dummy import DummyClassifier
 
-    from cd4ml.deploy import ServiceRefusedError, deploy_champion
-    from cd4ml.settings import get_settings
-    from cd4ml.spec import load_spec
+    from cd4ml.core.settings import get_settings
+    from cd4ml.core.spec import load_spec
+    from cd4ml.steps.deploy import ServiceRefusedError, deploy_champion
 
     model = "refusedv"
     spec_path = write_spec(env["specs"], model, estimator=LOGREG)
@@ -248,7 +248,7 @@ def test_a_version_the_service_refuses_is_recorded_as_refused_not_unreachable(en
     assert deployment["rollback"] == "champion rolled back to 1, which the service serves again"
     assert champion(env, model) == served(env, model) == "1"
     # Deploying it again (a cleared task, say) finds champion back at 1 and deploys nothing.
-    from cd4ml.deploy import DeployError
+    from cd4ml.steps.deploy import DeployError
 
     with pytest.raises(DeployError, match=f"champion is version 1, no longer version {bad}"):
         deploy_champion(load_spec(spec_path), get_settings(), promoted=promoted, holdout_path="unused",

@@ -18,10 +18,11 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from cd4ml import landing, pipeline
-from cd4ml.errors import DataError, QuarantinedError
-from cd4ml.settings import Settings, get_settings
-from cd4ml.spec import ModelSpec, load_spec
+from cd4ml.core.errors import DataError, QuarantinedError
+from cd4ml.core.settings import Settings, get_settings
+from cd4ml.core.spec import ModelSpec, load_spec
+from cd4ml.data import landing
+from cd4ml.steps import pipeline
 from tests.unit.test_poisoning import CITIES, MARKET, market_year
 
 pytestmark = pytest.mark.integration
@@ -62,9 +63,9 @@ def test_validation_through_run_training(market: tuple[ModelSpec, Settings]) -> 
     land(settings, "2001_export.csv", poisoned)
     train(spec, settings, 2)
     (mv,) = [v for v in client.search_model_versions(f"name='{MODEL}'") if v.version == "2"]
-    assert '"accepted": ["2001.csv"]' in mv.tags["cd4ml.validation"]
-    assert '"quarantined": ["2001_export.csv"]' in mv.tags["cd4ml.validation"]
-    assert '"drift": {"2001.csv": ["median", "sales", "volume"]}' in mv.tags["cd4ml.validation"]
+    assert '"accepted": ["2001.csv"]' in mv.tags["cd4ml.data.validation"]
+    assert '"quarantined": ["2001_export.csv"]' in mv.tags["cd4ml.data.validation"]
+    assert '"drift": {"2001.csv": ["median", "sales", "volume"]}' in mv.tags["cd4ml.data.validation"]
     reason = next(zone.quarantine.glob("*2001_export.csv.reason.txt")).read_text()
     assert "column 'volume': 20 of 480 rows are not finite numbers" in reason, reason
     snapshot = pd.read_parquet(mv.tags["cd4ml.train_snapshot"])

@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from cd4ml.datagen import generate_churn
+from cd4ml_dev.datagen import generate_churn
 
 ROWS = 300  # well above the demo spec's validation.min_rows (50)
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import httpx
 
-from cd4ml import registry, training
-from cd4ml.datagen import generate_churn
-from cd4ml.spec import load_spec
+from cd4ml import registry
+from cd4ml.core.spec import load_spec
+from cd4ml.ml import training
+from cd4ml_dev.datagen import generate_churn
 from tests.helpers import LOGREG, write_spec
 
 

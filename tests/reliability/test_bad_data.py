@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 from mlflow import MlflowClient
 
-from cd4ml import landing
-from cd4ml.datagen import generate_churn
-from cd4ml.errors import DataReadError
-from cd4ml.spec import load_spec
-from cd4ml.tables import read_table
-from cd4ml.validation import learn_reference, normalise, validate_frame
+from cd4ml.core.errors import DataReadError
+from cd4ml.core.spec import load_spec
+from cd4ml.data import landing
+from cd4ml.data.tables import read_table
+from cd4ml.data.validation import learn_reference, normalise, validate_frame
+from cd4ml_dev.datagen import generate_churn
 from tests.helpers import DEMO_SPEC, LOGREG, write_spec
 from tests.integration.dagtools import champion, land, run, served, versions
 from tests.reliability.corpus import build_corpus, clean_variants

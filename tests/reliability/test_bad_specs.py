@@ -1,6 +1,6 @@
 """A bad spec is a clear error naming the file and the field, and breaks no other model's DAGs.
 
-The cases are generated from the pydantic models in cd4ml.spec: every required field removed in
+The cases are generated from the pydantic models in cd4ml.core.spec: every required field removed in
 turn, and every field given a value of the wrong type (and, where the field is constrained or has
 a validator, a value of the right type that breaks the rule). A field added to the spec later is
 covered without touching this file.
@@ -24,8 +24,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from cd4ml.errors import SpecError
-from cd4ml.spec import ModelSpec, load_spec
+from cd4ml.core.errors import SpecError
+from cd4ml.core.spec import ModelSpec, load_spec
 from tests.helpers import REPO, spec_dict
 
 BASE = spec_dict(

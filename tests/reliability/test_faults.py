@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 
 from cd4ml import registry
-from cd4ml.datagen import generate_churn
-from cd4ml.netutil import free_port, wait_http
+from cd4ml_dev.datagen import generate_churn
+from cd4ml_dev.netutil import free_port, wait_http
 from tests.conftest import SERVICE_TOKEN, start_service
 from tests.helpers import LOGREG, WEAK, write_spec
 from tests.integration.dagtools import champion, land, run, served, task_tries, versions

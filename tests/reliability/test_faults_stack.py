@@ -32,9 +32,9 @@ from typing import Any
 import psutil
 import pytest
 
-from cd4ml import landing
-from cd4ml.datagen import generate_churn, write_batch
-from cd4ml.netutil import free_port
+from cd4ml.data import landing
+from cd4ml_dev.datagen import generate_churn, write_batch
+from cd4ml_dev.netutil import free_port
 from tests.helpers import write_spec
 from tests.system.test_embedded_stack import airflow_token, http_json
 
@@ -42,7 +42,7 @@ pytestmark = [
     pytest.mark.system,
     pytest.mark.skipif(os.environ.get("CD4ML_SOAK") != "1", reason="soak test: make soak"),
 ]
-CLI = str(Path(sys.executable).parent / "cd4ml")
+CLI = str(Path(sys.executable).parent / "cd4ml-dev")
 MODEL = "faults"
 DAG = f"{MODEL}__train"
 # Slow enough to be caught mid-training, single-threaded (no OpenMP storms on 2 shared cores).
@@ -216,7 +216,7 @@ def test_five_files_and_the_schedule_at_once_one_run_at_a_time_each_file_once(st
         assert meta["run_id"] == owners[name][0]
     champion = stack.alias("champion")
     assert champion is not None
-    trained = json.loads({t["key"]: t["value"] for t in champion["tags"]}["cd4ml.validation"])
+    trained = json.loads({t["key"]: t["value"] for t in champion["tags"]}["cd4ml.data.validation"])
     assert trained["status"] == "passed"
     print(f"runs: {[(r['run_type'], r['dag_run_id']) for r in new]}; owners: {owners}")
 
@@ -290,7 +290,7 @@ def test_whole_stack_restart_mid_run_loses_no_file_and_no_alias_then_recovers(st
     if champion is not None:  # no half-moved alias: it points at a complete, validated version
         assert champion["status"] == "READY"
         tags = {t["key"]: t["value"] for t in champion["tags"]}
-        assert json.loads(tags["cd4ml.validation"])["status"] == "passed"
+        assert json.loads(tags["cd4ml.data.validation"])["status"] == "passed"
         assert tags["cd4ml.decision"] == "promote"
     interrupted = next(r for r in runs if r["dag_run_id"] == run_id)
 

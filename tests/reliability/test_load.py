@@ -46,7 +46,7 @@ def served_model(
     """Two versions of the bench's model behind the session's service (one fewer service start-up;
     the RSS bound below is on growth, so the other models it already serves do not count)."""
     bench = bench_module()
-    from cd4ml.spec import load_spec
+    from cd4ml.core.spec import load_spec
 
     spec = load_spec(bench.write_spec(shared_specs, estimator=LOGREG))
     versions = [

@@ -17,10 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cd4ml.errors import DataReadError
-from cd4ml.spec import parse_spec
-from cd4ml.tables import read_table
-from cd4ml.validation import (
+from cd4ml.core.errors import DataReadError
+from cd4ml.core.spec import parse_spec
+from cd4ml.data.tables import read_table
+from cd4ml.data.validation import (
     EXTREME_SPANS,
     Reference,
     learn_reference,
@@ -242,7 +242,7 @@ def test_non_finite_numbers_are_refused_whatever_the_tolerances(
 @FAST
 @given(st.integers(min_value=-(2**53) + 1, max_value=2**53 - 1))
 def test_an_integer_code_is_one_category_as_int_float_text_and_after_a_csv_round_trip(code: int) -> None:
-    from cd4ml.tables import category_text
+    from cd4ml.data.tables import category_text
 
     assert category_text(code) == category_text(float(code)) == category_text(np.int64(code)) == str(code)
     # A column with a null is read back from CSV as floats; its codes must come back as the same text.
@@ -258,6 +258,6 @@ def test_an_integer_code_is_one_category_as_int_float_text_and_after_a_csv_round
 @FAST
 @given(st.floats(allow_nan=False, allow_infinity=False).filter(lambda x: not float(x).is_integer()))
 def test_a_fractional_value_keeps_its_own_text(value: float) -> None:
-    from cd4ml.tables import category_text
+    from cd4ml.data.tables import category_text
 
     assert category_text(value) == str(value)

@@ -23,10 +23,11 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from cd4ml import registry, stack
-from cd4ml.netutil import free_port
+from cd4ml import registry
+from cd4ml.core.settings import get_settings
 from cd4ml.serving.app import ServiceConfig, create_app
-from cd4ml.settings import get_settings
+from cd4ml_dev import stack
+from cd4ml_dev.netutil import free_port
 from tests.conftest import start_service
 from tests.helpers import REPO
 from tests.reliability.serving import serve_champion
@@ -210,7 +211,7 @@ def test_the_secret_scanner_finds_what_it_looks_for() -> None:
 def stack_service(
     mlflow_server: str, shared_specs: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Any]]:
-    """The prediction service with the environment `cd4ml stack up` gives it: generated secrets."""
+    """The prediction service with the environment `cd4ml-dev stack up` gives it: generated secrets."""
     home = tmp_path_factory.mktemp("stackhome")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CD4ML_HOME", str(home))
@@ -284,7 +285,7 @@ def test_the_session_logs_hold_no_admin_token(prediction_service: dict[str, str]
 
 
 def _record() -> dict[str, Any]:
-    from cd4ml.datagen import generate_churn
+    from cd4ml_dev.datagen import generate_churn
 
     row = generate_churn(1, seed=5).iloc[0]
     return {

@@ -2,7 +2,7 @@
 
 Airflow on CeleryExecutor with the machine's PostgreSQL (metadata DB, Celery results) and Redis
 (broker), two `airflow celery worker` processes, MLflow on PostgreSQL and the prediction service,
-each started with the command and environment docker-compose.yaml gives it (cd4ml.scale). A demo
+each started with the command and environment docker-compose.yaml gives it (cd4ml_dev.scale). A demo
 batch lands; the landing watcher starts `churn__train`; its tasks run on both workers; the outcome
 is the one the same pipeline reaches in a plain process on the same file (the embedded stack runs
 that pipeline too): same decision, `champion` on version 1, and the service serving it.
@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
-from cd4ml.datagen import generate_churn, write_batch
-from cd4ml.scale import LocalTopology
+from cd4ml_dev.datagen import generate_churn, write_batch
+from cd4ml_dev.scale import LocalTopology
 
 pytestmark = pytest.mark.scale
 BIN = Path(sys.executable).parent

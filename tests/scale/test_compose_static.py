@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from cd4ml import compose, stack
+from cd4ml_dev import compose, stack
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yaml"
@@ -68,7 +68,9 @@ def test_commands_are_exec_form_and_non_airflow_ones_bypass_the_airflow_entrypoi
     for name, svc in raw.items():
         if name in PROVIDED:
             continue
-        assert isinstance(svc.get("command"), list), f"{name}: use exec form so cd4ml.scale runs it verbatim"
+        assert isinstance(svc.get("command"), list), (
+            f"{name}: use exec form so cd4ml_dev.scale runs it verbatim"
+        )
         # The Airflow image's entrypoint runs `airflow <command>` unless it starts with airflow/bash/python.
         if svc["command"][0] not in {"airflow", "bash", "python"}:
             assert svc.get("entrypoint"), (
@@ -260,14 +262,21 @@ def test_image_and_makefile_agree_with_the_pins_and_the_test_entry_point() -> No
     assert "-c /opt/cd4ml/constraints.txt" in dockerfile and "-r /opt/cd4ml/requirements.txt" in dockerfile
     requirements = (REPO / "requirements.txt").read_text()
     assert re.search(r"^apache-airflow-providers-fab==", requirements, re.M), "FAB login needs its provider"
-    assert "LOCAL_SETTINGS" in dockerfile and "/opt/airflow/config/airflow_local_settings.py" in dockerfile
-    makefile = (REPO / "Makefile").read_text()
-    test_rule = re.search(r"^test:(.*)$", makefile, re.M)
-    assert test_rule and "test-scale" in test_rule.group(1), "make test must run make test-scale"
-    scale_rule = re.search(r"^test-scale:.*\n((?:\t.*\n)+)", makefile, re.M)
-    assert scale_rule and "-m scale" in scale_rule.group(1)
-    compose_rule = re.search(r"^test-compose:.*\n((?:\t.*\n)+)", makefile, re.M)
-    assert compose_rule and "scripts/compose/test.sh" in compose_rule.group(1)
+    # The image copies the committed local settings; it never imports the dev tooling to write them.
+    assert "COPY --chown=airflow:0 config/airflow_local_settings.py /opt/airflow/config/" in dockerfile
+    assert "cd4ml_dev" not in dockerfile and not re.search(r"^COPY.* dev/", dockerfile, re.M)
+
+
+def test_the_runtime_image_holds_no_dev_or_test_tooling() -> None:
+    """The build context is only what .dockerignore lets in; the runtime package never imports tooling."""
+    lines = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()]
+    assert "*" in lines, "everything is left out of the build context unless listed"
+    allowed = [line[1:] for line in lines if line.startswith("!")]
+    assert allowed and not [p for p in allowed if p.startswith(("dev", "tests", "benchmarks", "scripts"))]
+    for module in (REPO / "include" / "cd4ml").rglob("*.py"):
+        imports = re.findall(r"^\s*(?:from|import) ([\w.]+)", module.read_text(), re.M)
+        tooling = [m for m in imports if m.split(".")[0] in {"cd4ml_dev", "tests", "pytest", "playwright"}]
+        assert not tooling, f"{module.relative_to(REPO)} imports {tooling}"
 
 
 def test_airflow_metrics_reach_the_statsd_exporter_when_switched_on() -> None:

@@ -33,13 +33,13 @@ import httpx
 import pytest
 import yaml
 
-from cd4ml.datagen import generate_churn, write_batch
-from cd4ml.settings import PROJECT_ROOT
+from cd4ml.core.settings import PROJECT_ROOT
+from cd4ml_dev.datagen import generate_churn, write_batch
 from tests.conftest import free_port, stop_in_background
 
 pytestmark = pytest.mark.system
 SOAK = os.environ.get("CD4ML_SOAK") == "1"
-CLI = str(Path(sys.executable).parent / "cd4ml")
+CLI = str(Path(sys.executable).parent / "cd4ml-dev")
 CHROMIUM = "/usr/bin/chromium"
 FEATURES = ["tenure_months", "monthly_charges", "support_calls", "age", "contract", "plan", "region"]
 

@@ -20,11 +20,11 @@ import pytest
 from mlflow import MlflowClient
 
 from cd4ml import registry
-from cd4ml.datagen import generate_churn, write_batch
-from cd4ml.pipeline import run_training
-from cd4ml.settings import get_settings
-from cd4ml.spec import load_spec
-from cd4ml.training import features
+from cd4ml.core.settings import get_settings
+from cd4ml.core.spec import load_spec
+from cd4ml.ml.training import features
+from cd4ml.steps.pipeline import run_training
+from cd4ml_dev.datagen import generate_churn, write_batch
 from tests.conftest import SERVICE_MAX_ROWS, free_port, start_service
 from tests.helpers import LOGREG, write_spec
 

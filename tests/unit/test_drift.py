@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cd4ml.drift import (
+from cd4ml.core.spec import Drift
+from cd4ml.ml.drift import (
     column_drift,
     dataset_drift,
     decide_drift,
@@ -16,7 +17,6 @@ from cd4ml.drift import (
     sample_size,
     stratified_sample,
 )
-from cd4ml.spec import Drift
 
 RNG = np.random.default_rng(0)
 NUM = ["x", "y", "few"]
@@ -124,7 +124,7 @@ def test_decision_branches() -> None:
 def test_wasserstein_matches_scipy(n: int, m: int) -> None:
     from scipy.stats import wasserstein_distance
 
-    from cd4ml.drift import wasserstein_1d
+    from cd4ml.ml.drift import wasserstein_1d
 
     rng = np.random.default_rng(n + m)
     u, v = rng.normal(0, 1, n), rng.gamma(2, 1, m)

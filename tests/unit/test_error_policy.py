@@ -16,8 +16,7 @@ from airflow.sdk.definitions.retry_policy import RetryAction
 
 from cd4ml import registry
 from cd4ml.airflow.common import Cd4mlRetryPolicy, retry_decision
-from cd4ml.deploy import DeployError, ServiceRefusedError, ServiceUnreachableError
-from cd4ml.errors import (
+from cd4ml.core.errors import (
     Cd4mlError,
     DataError,
     DataReadError,
@@ -28,7 +27,8 @@ from cd4ml.errors import (
     TransientError,
     is_transient,
 )
-from cd4ml.netutil import free_port
+from cd4ml.steps.deploy import DeployError, ServiceRefusedError, ServiceUnreachableError
+from cd4ml_dev.netutil import free_port
 
 
 def raised(fn) -> BaseException:  # type: ignore[no-untyped-def]

@@ -12,8 +12,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from cd4ml.evaluation import decide, paired_bootstrap, score
-from cd4ml.spec import Promotion
+from cd4ml.core.spec import Promotion
+from cd4ml.ml.evaluation import decide, paired_bootstrap, score
 
 RNG = np.random.default_rng(0)
 N = 2000

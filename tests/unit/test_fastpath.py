@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cd4ml.datagen import generate_churn
+from cd4ml.core.spec import load_spec
+from cd4ml.ml.training import features, split_holdout, train
 from cd4ml.serving.fastpath import compile_pipeline, split_rows, verified
-from cd4ml.spec import load_spec
-from cd4ml.training import features, split_holdout, train
+from cd4ml_dev.datagen import generate_churn
 from tests.helpers import DEMO_SPEC
 
 SPEC = load_spec(DEMO_SPEC)
@@ -56,7 +56,7 @@ def test_regression_pipelines_compile_too() -> None:
 
     import yaml
 
-    from cd4ml.spec import parse_spec
+    from cd4ml.core.spec import parse_spec
     from tests.helpers import spec_dict
 
     raw = spec_dict(task="regression", target="monthly_charges", metric={"name": "rmse"},
@@ -82,7 +82,7 @@ def _mix_spec(numerical: list[str], categorical: list[str], estimator: dict | No
 
     import yaml
 
-    from cd4ml.spec import parse_spec
+    from cd4ml.core.spec import parse_spec
     from tests.helpers import spec_dict
 
     raw = spec_dict(**({"estimator": estimator} if estimator else {}))

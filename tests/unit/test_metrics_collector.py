@@ -8,11 +8,11 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from cd4ml import landing
-from cd4ml.monitor import monitor_dir
-from cd4ml.overview import VersionInfo, model_overview, prometheus_text
-from cd4ml.settings import Settings
-from cd4ml.spec import load_spec
+from cd4ml.core.settings import Settings
+from cd4ml.core.spec import load_spec
+from cd4ml.data import landing
+from cd4ml.steps.monitor import monitor_dir
+from cd4ml.ui.overview import VersionInfo, model_overview, prometheus_text
 from tests.helpers import write_spec
 
 
@@ -69,7 +69,7 @@ def version(v: str, **tags: str) -> VersionInfo:
 
 
 def test_deployment_counter_skips_the_transient_retrying_record() -> None:
-    from cd4ml.overview import ModelOverview, totals_of
+    from cd4ml.ui.overview import ModelOverview, totals_of
 
     def scrape(outcome: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         deployed = json.dumps({"when": "2026-11-02", "outcome": "deployed"})
@@ -95,7 +95,7 @@ def test_deployment_counter_skips_the_transient_retrying_record() -> None:
 
 
 def test_a_scrape_has_help_and_type_for_every_family_and_escapes_label_values() -> None:
-    from cd4ml.overview import ModelOverview
+    from cd4ml.ui.overview import ModelOverview
 
     view = ModelOverview('a"b\\c\nd', None, "rmse", None, [], [], [], 0.3, {"waiting": 2})
     text = prometheus_text([view])

@@ -18,9 +18,9 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from cd4ml.errors import SpecError
-from cd4ml.evaluation import Scores, decide, paired_bootstrap, score, weighted_metric
-from cd4ml.spec import Metric, Promotion, parse_spec
+from cd4ml.core.errors import SpecError
+from cd4ml.core.spec import Metric, Promotion, parse_spec
+from cd4ml.ml.evaluation import Scores, decide, paired_bootstrap, score, weighted_metric
 from tests.helpers import spec_dict
 
 
@@ -201,7 +201,7 @@ def test_metric_inputs_of_a_real_multiclass_model_score_like_sklearn() -> None:
     """Iris with string species and a numeric-only spec, end to end through training."""
     from sklearn.datasets import load_iris
 
-    from cd4ml.training import check_target, metric_inputs, split_holdout, train
+    from cd4ml.ml.training import check_target, metric_inputs, split_holdout, train
 
     iris = load_iris(as_frame=True)
     frame = iris.frame.rename(columns=lambda c: c.replace(" (cm)", "").replace(" ", "_"))

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from cd4ml.overview import (
+from cd4ml.core.settings import Settings
+from cd4ml.ui.overview import (
     ModelOverview,
     VersionInfo,
     _events,
@@ -18,7 +19,6 @@ from cd4ml.overview import (
     render_html,
     report_href,
 )
-from cd4ml.settings import Settings
 
 
 def version(v: str, decision: str | None, **tags: str) -> VersionInfo:
@@ -115,9 +115,9 @@ def test_html_escapes_what_comes_from_tags() -> None:
 
 
 def test_retractions_are_listed_with_who_when_why_and_counted_apart(tmp_path: Path) -> None:
-    from cd4ml import landing
-    from cd4ml.overview import _file_counts, _retractions
-    from cd4ml.spec import load_spec
+    from cd4ml.core.spec import load_spec
+    from cd4ml.data import landing
+    from cd4ml.ui.overview import _file_counts, _retractions
     from tests.helpers import write_spec
 
     settings = Settings(tmp_path, tmp_path / "data", tmp_path / "specs", "http://mlflow")

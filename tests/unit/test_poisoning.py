@@ -21,11 +21,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from cd4ml import landing, pipeline
-from cd4ml.errors import DataError, TrainingError
-from cd4ml.settings import get_settings
-from cd4ml.spec import ModelSpec, parse_spec
-from cd4ml.validation import Reference, learn_reference, normalise, validate_frame
+from cd4ml.core.errors import DataError, TrainingError
+from cd4ml.core.settings import get_settings
+from cd4ml.core.spec import ModelSpec, parse_spec
+from cd4ml.data import landing
+from cd4ml.data.validation import Reference, learn_reference, normalise, validate_frame
+from cd4ml.steps import pipeline
 
 MARKET = """
 task: regression
@@ -290,7 +291,7 @@ def test_a_training_failure_caused_by_an_accepted_file_names_it(zone_spec: Model
 
 
 def test_the_monitor_reports_categorical_values_the_champion_never_saw(tmp_path: Path) -> None:
-    from cd4ml.monitor import _new_categories
+    from cd4ml.steps.monitor import _new_categories
 
     spec = market_spec()
     train = market_year(2000, CITIES)

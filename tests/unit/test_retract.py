@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from cd4ml import cli, landing
-from cd4ml.errors import RetractionError
-from cd4ml.netutil import free_port
+from cd4ml import cli
+from cd4ml.core.errors import RetractionError
+from cd4ml.data import landing
+from cd4ml_dev.netutil import free_port
 
 WHEN = "2026-03-01T10:00:00+00:00"
 

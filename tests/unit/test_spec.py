@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cd4ml.errors import SpecError
-from cd4ml.spec import load_spec, load_specs, parse_spec
+from cd4ml.core.errors import SpecError
+from cd4ml.core.spec import load_spec, load_specs, parse_spec
 from tests.helpers import DEMO_SPEC, spec_dict
 
 
@@ -110,7 +110,7 @@ def test_broken_spec_does_not_hide_others(tmp_path: Path) -> None:
 
 def test_validation_defaults_learn_from_accepted_data_and_fixed_caps_are_opt_in() -> None:
     """The defaults chosen on the dataset zoo and ~400 real tables (see the Validation docstring)."""
-    from cd4ml.spec import Validation
+    from cd4ml.core.spec import Validation
 
     v = Validation()
     assert v.max_null_fraction is None and v.max_duplicate_fraction is None  # no fixed caps

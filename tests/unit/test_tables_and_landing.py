@@ -5,9 +5,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cd4ml import landing
-from cd4ml.errors import DataReadError
-from cd4ml.tables import read_table
+from cd4ml.core.errors import DataReadError
+from cd4ml.data import landing
+from cd4ml.data.tables import read_table
 
 
 @pytest.mark.parametrize(

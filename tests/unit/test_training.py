@@ -4,11 +4,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cd4ml.datagen import generate_churn
-from cd4ml.errors import DataError, SpecError
-from cd4ml.evaluation import score
-from cd4ml.spec import ModelSpec, load_spec, parse_spec
-from cd4ml.training import (
+from cd4ml.core.errors import DataError, SpecError
+from cd4ml.core.spec import ModelSpec, load_spec, parse_spec
+from cd4ml.ml.evaluation import score
+from cd4ml.ml.training import (
     build_pipeline,
     check_target,
     check_trainable_spec,
@@ -17,6 +16,7 @@ from cd4ml.training import (
     split_holdout,
     train,
 )
+from cd4ml_dev.datagen import generate_churn
 from tests.helpers import DEMO_SPEC, spec_dict
 
 SPEC = load_spec(DEMO_SPEC)
@@ -200,7 +200,7 @@ def test_preprocessing_problems_name_the_column() -> None:
 def test_preprocessing_refuses_a_one_hot_matrix_that_cannot_fit_in_memory(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from cd4ml import training
+    from cd4ml.ml import training
 
     frame = generate_churn(400, seed=3).assign(region=[f"id{i}" for i in range(400)])
     monkeypatch.setattr(training, "MAX_DENSE_BYTES", 400 * 100 * 8)
@@ -265,7 +265,7 @@ def test_an_integer_code_means_one_category_in_training_and_in_both_serving_path
 
 
 def test_acceptance_problems_include_the_target_check() -> None:
-    from cd4ml.training import acceptance_problems
+    from cd4ml.ml.training import acceptance_problems
 
     frame = generate_churn(300, seed=1)
     assert acceptance_problems(SPEC, frame) == []

@@ -8,9 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cd4ml.datagen import generate_churn
-from cd4ml.spec import ModelSpec, load_spec
-from cd4ml.validation import (
+from cd4ml.core.spec import ModelSpec, load_spec
+from cd4ml.data.validation import (
     EXTREME_SPANS,
     FLOAT_MAX,
     duplicate_profile,
@@ -25,6 +24,7 @@ from cd4ml.validation import (
     validate_frame,
     with_sampling_margin,
 )
+from cd4ml_dev.datagen import generate_churn
 from tests.helpers import DEMO_SPEC
 
 SPEC = load_spec(DEMO_SPEC)
@@ -105,7 +105,7 @@ def test_corrupted_batch_fails_with_a_reason(corrupt, expected: str) -> None:
 def test_spec_extra_expectations_are_applied() -> None:
     import yaml
 
-    from cd4ml.spec import parse_spec
+    from cd4ml.core.spec import parse_spec
     from tests.helpers import spec_dict
 
     mean_check = {"column": "age", "min_value": 80, "max_value": 90}
@@ -230,7 +230,7 @@ def test_non_finite_counts_cover_numeric_features_and_a_regression_target() -> N
 def _spec(**validation: object) -> ModelSpec:
     import yaml
 
-    from cd4ml.spec import parse_spec
+    from cd4ml.core.spec import parse_spec
     from tests.helpers import spec_dict
 
     raw = spec_dict(**{f"validation__{k}": v for k, v in validation.items()})
@@ -299,7 +299,7 @@ def test_boolean_coded_features_and_parsed_timestamps_are_accepted_as_they_are()
     """A Parquet file keeps True/False columns and datetime timestamps; both are fine as they are."""
     import yaml
 
-    from cd4ml.spec import parse_spec
+    from cd4ml.core.spec import parse_spec
 
     spec = parse_spec(
         yaml.safe_dump({
@@ -353,15 +353,15 @@ def test_a_rare_class_first_seen_later_is_accepted_and_a_small_batch_may_hold_on
 def _yaml_spec(name: str, **raw: object) -> ModelSpec:
     import yaml
 
-    from cd4ml.spec import parse_spec
+    from cd4ml.core.spec import parse_spec
 
     return parse_spec(yaml.safe_dump(raw), Path(f"{name}.yaml"))
 
 
 def _land_in_order(spec: ModelSpec, batches: list[pd.DataFrame], tmp: Path) -> list[bool]:
     """Each batch through a CSV file, validation and the acceptance check, as the pipeline does."""
-    from cd4ml.tables import read_table
-    from cd4ml.training import acceptance_problems
+    from cd4ml.data.tables import read_table
+    from cd4ml.ml.training import acceptance_problems
 
     accepted = pd.DataFrame()
     verdicts = []
@@ -409,7 +409,7 @@ def test_a_typo_label_is_refused_naming_both_labels() -> None:
 
 
 def test_a_batch_that_makes_the_target_untrainable_for_the_metric_is_refused_naming_the_field() -> None:
-    from cd4ml.training import acceptance_problems
+    from cd4ml.ml.training import acceptance_problems
 
     spec = _yaml_spec("bc", task="classification", target="y", features={"numerical": ["a"]},
                       estimator={"class": "sklearn.linear_model.LogisticRegression"},

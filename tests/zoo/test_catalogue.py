@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from cd4ml.spec import ModelSpec, Validation, parse_spec
+from cd4ml.core.spec import ModelSpec, Validation, parse_spec
 from tests.zoo.loader import PROVIDERS, ZooCase, ZooError, all_cases, load_case, load_table, split_batches
 
 CASES = all_cases()

@@ -30,14 +30,15 @@ from sklearn.impute import SimpleImputer
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from cd4ml import landing, registry
-from cd4ml.datagen import write_batch
-from cd4ml.errors import Cd4mlError
-from cd4ml.pipeline import run_training
-from cd4ml.settings import Settings, get_settings
-from cd4ml.spec import ModelSpec, load_spec
-from cd4ml.tables import read_table
-from cd4ml.training import features, load_estimator_class
+from cd4ml import registry
+from cd4ml.core.errors import Cd4mlError
+from cd4ml.core.settings import Settings, get_settings
+from cd4ml.core.spec import ModelSpec, load_spec
+from cd4ml.data import landing
+from cd4ml.data.tables import read_table
+from cd4ml.ml.training import features, load_estimator_class
+from cd4ml.steps.pipeline import run_training
+from cd4ml_dev.datagen import write_batch
 from tests.conftest import SERVICE_MAX_ROWS
 from tests.zoo.conftest import machine
 from tests.zoo.loader import ZooCase, all_cases, load_table, soak, split_batches

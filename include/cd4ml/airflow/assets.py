@@ -5,9 +5,9 @@ from __future__ import annotations
 from airflow.sdk import Asset, AssetWatcher
 
 from cd4ml.airflow.triggers import LandingZoneTrigger
-from cd4ml.landing import Zone
-from cd4ml.settings import Settings
-from cd4ml.spec import ModelSpec
+from cd4ml.core.settings import Settings
+from cd4ml.core.spec import ModelSpec
+from cd4ml.data.landing import Zone
 
 
 def new_data(spec: ModelSpec, settings: Settings) -> Asset:

@@ -10,8 +10,8 @@ from airflow.sdk import get_current_context
 from airflow.sdk.definitions.retry_policy import RetryDecision, RetryPolicy
 
 from cd4ml.airflow.notifiers import Cd4mlNotifier
-from cd4ml.errors import is_transient
-from cd4ml.spec import ModelSpec
+from cd4ml.core.errors import is_transient
+from cd4ml.core.spec import ModelSpec
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from airflow.sdk import DAG
 
-from cd4ml.settings import Settings, get_settings
-from cd4ml.spec import load_specs, spec_files
+from cd4ml.core.settings import Settings, get_settings
+from cd4ml.core.spec import load_specs, spec_files
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from airflow.sdk import DAG, Metadata, Param, dag, task
 from cd4ml.airflow import assets
 from cd4ml.airflow.common import START, context, default_args, params, run_time
 from cd4ml.airflow.notifiers import Cd4mlNotifier
-from cd4ml.settings import Settings
-from cd4ml.spec import ModelSpec
+from cd4ml.core.settings import Settings
+from cd4ml.core.spec import ModelSpec
 
 DOC = """\
 ### {name}: drift monitor
@@ -67,7 +67,7 @@ def build_monitor_dag(spec: ModelSpec, settings: Settings) -> DAG:
     def monitor_pipeline() -> None:
         @task
         def check_drift() -> dict[str, Any]:
-            from cd4ml.monitor import check_drift as step
+            from cd4ml.steps.monitor import check_drift as step
 
             ctx = context()
             hours = params(ctx).get("window_hours")
@@ -81,7 +81,7 @@ def build_monitor_dag(spec: ModelSpec, settings: Settings) -> DAG:
 
         @task(outlets=[drift_detected], on_success_callback=[Cd4mlNotifier("drift", spec)])
         def emit_drift_detected(summary: dict[str, Any]) -> Iterator[Metadata]:
-            from cd4ml.monitor import record_trigger
+            from cd4ml.steps.monitor import record_trigger
 
             record_trigger(settings, spec.name, summary["window"]["end"])
             yield Metadata(

@@ -12,8 +12,8 @@ from typing import Any
 
 from airflow.sdk import BaseNotifier
 
-from cd4ml.errors import QuarantinedError
-from cd4ml.spec import ModelSpec
+from cd4ml.core.errors import QuarantinedError
+from cd4ml.core.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class Cd4mlNotifier(BaseNotifier):
         self.settings = spec.notifications
 
     def notify(self, context: Any) -> None:
-        from cd4ml import notify
+        from cd4ml.ui import notify
 
         if not self.recipients:
             return
@@ -70,7 +70,7 @@ def smtp_settings() -> Any:
     from airflow.sdk import BaseHook
     from airflow.sdk.exceptions import AirflowNotFoundException
 
-    from cd4ml import notify
+    from cd4ml.ui import notify
 
     try:
         conn = BaseHook.get_connection(notify.SMTP_CONN_ID)

@@ -5,7 +5,7 @@ module imported once in the scheduler is already loaded in every task: no task p
 takes to import pandas, scikit-learn, MLflow and Great Expectations on these cores. DAG parsing
 (the dag-processor) and the API server are left alone and stay light.
 
-Wired in by the `airflow_local_settings.py` that `cd4ml stack up` writes into AIRFLOW_HOME/config.
+Wired in by the `airflow_local_settings.py` that `cd4ml-dev stack up` writes into AIRFLOW_HOME/config.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ MODULES = (
     "mlflow.sklearn",
     "great_expectations",
     "httpx",
-    "cd4ml.pipeline",
-    "cd4ml.training",
-    "cd4ml.validation",
-    "cd4ml.deploy",
+    "cd4ml.steps.pipeline",
+    "cd4ml.ml.training",
+    "cd4ml.data.validation",
+    "cd4ml.steps.deploy",
 )
 
 

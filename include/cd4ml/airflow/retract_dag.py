@@ -9,9 +9,9 @@ from airflow.sdk import DAG, Metadata, Param, dag, task
 
 from cd4ml.airflow import assets
 from cd4ml.airflow.common import START, context, default_args, params, run_time, who
-from cd4ml.landing import MIN_SHA_PREFIX
-from cd4ml.settings import Settings
-from cd4ml.spec import ModelSpec
+from cd4ml.core.settings import Settings
+from cd4ml.core.spec import ModelSpec
+from cd4ml.data.landing import MIN_SHA_PREFIX
 
 DOC = """\
 ### {name}: retract an accepted file
@@ -72,7 +72,7 @@ def build_retract_dag(spec: ModelSpec, settings: Settings) -> DAG:
         def retract_file() -> dict[str, Any]:
             from dataclasses import asdict
 
-            from cd4ml.landing import Zone, retract
+            from cd4ml.data.landing import Zone, retract
 
             ctx = context()
             form = params(ctx)

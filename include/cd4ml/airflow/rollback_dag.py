@@ -8,8 +8,8 @@ from airflow.sdk import DAG, Param, dag, task
 
 from cd4ml.airflow.common import START, context, default_args, params, run_time, who
 from cd4ml.airflow.notifiers import Cd4mlNotifier
-from cd4ml.settings import Settings
-from cd4ml.spec import ModelSpec
+from cd4ml.core.settings import Settings
+from cd4ml.core.spec import ModelSpec
 
 DOC = """\
 ### {name}: roll back the champion
@@ -58,7 +58,7 @@ def build_rollback_dag(spec: ModelSpec, settings: Settings) -> DAG:
     def rollback_pipeline() -> None:
         @task(on_success_callback=[Cd4mlNotifier("rollback", spec)])
         def roll_back() -> dict[str, Any]:
-            from cd4ml.deploy import rollback
+            from cd4ml.steps.deploy import rollback
 
             ctx = context()
             form = params(ctx)

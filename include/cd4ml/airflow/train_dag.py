@@ -1,6 +1,6 @@
 """`<model>__train`: validate new data, train a challenger, judge it, register it, maybe promote it.
 
-Each task is a thin adapter: import inside, call one `cd4ml.pipeline` step, return a small dict.
+Each task is a thin adapter: import inside, call one `cd4ml.steps.pipeline` step, return a small dict.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from airflow.sdk import (
 from cd4ml.airflow import assets
 from cd4ml.airflow.common import START, context, default_args, last_attempt, run_time, who
 from cd4ml.airflow.notifiers import Cd4mlNotifier
-from cd4ml.settings import Settings
-from cd4ml.spec import ModelSpec
+from cd4ml.core.settings import Settings
+from cd4ml.core.spec import ModelSpec
 
 DOC = """\
 ### {name}: training pipeline
@@ -163,14 +163,14 @@ def build_train_dag(spec: ModelSpec, settings: Settings) -> DAG:
     def train_pipeline() -> None:
         @task
         def collect_landed_files() -> dict[str, Any]:
-            from cd4ml.pipeline import collect_landed_files as step
+            from cd4ml.steps.pipeline import collect_landed_files as step
 
             return step(spec, settings)
 
         @task(on_failure_callback=[Cd4mlNotifier("quarantine", spec), Cd4mlNotifier("failure", spec)])
         def validate_batches(collected: dict[str, Any]) -> dict[str, Any]:
-            from cd4ml.errors import QuarantinedError
-            from cd4ml.pipeline import validate_landed_files
+            from cd4ml.core.errors import QuarantinedError
+            from cd4ml.steps.pipeline import validate_landed_files
 
             ctx = context()
             result = validate_landed_files(
@@ -184,13 +184,13 @@ def build_train_dag(spec: ModelSpec, settings: Settings) -> DAG:
 
         @task
         def build_datasets(validated: dict[str, Any]) -> dict[str, Any]:
-            from cd4ml.pipeline import prepare_datasets
+            from cd4ml.steps.pipeline import prepare_datasets
 
             return prepare_datasets(spec, settings, run_id=context()["run_id"])
 
         @task.short_circuit
         def needs_training(datasets: dict[str, Any]) -> bool:
-            from cd4ml.pipeline import record_run_outcome, training_needed
+            from cd4ml.steps.pipeline import record_run_outcome, training_needed
 
             ctx = context()
             params = ctx.get("params") or {}
@@ -202,13 +202,13 @@ def build_train_dag(spec: ModelSpec, settings: Settings) -> DAG:
 
         @task
         def train_challenger(datasets: dict[str, Any]) -> dict[str, Any]:
-            from cd4ml.pipeline import train_challenger as step
+            from cd4ml.steps.pipeline import train_challenger as step
 
             return step(spec, settings, datasets, run_id=context()["run_id"])
 
         @task
         def evaluate_against_champion(datasets: dict[str, Any], challenger: dict[str, Any]) -> dict[str, Any]:
-            from cd4ml.pipeline import evaluate_against_champion as step
+            from cd4ml.steps.pipeline import evaluate_against_champion as step
 
             return step(spec, settings, datasets, challenger)
 
@@ -219,7 +219,7 @@ def build_train_dag(spec: ModelSpec, settings: Settings) -> DAG:
             datasets: dict[str, Any],
             validated: dict[str, Any],
         ) -> dict[str, Any]:
-            from cd4ml.pipeline import register_challenger as step
+            from cd4ml.steps.pipeline import register_challenger as step
 
             ctx = context()
             return step(
@@ -229,7 +229,7 @@ def build_train_dag(spec: ModelSpec, settings: Settings) -> DAG:
 
         @task(on_success_callback=[Cd4mlNotifier("decision", spec)])
         def promote_champion(registered: dict[str, Any], evidence: dict[str, Any]) -> dict[str, Any]:
-            from cd4ml.pipeline import promote_champion as step
+            from cd4ml.steps.pipeline import promote_champion as step
 
             ctx = context()
             params = ctx.get("params") or {}
@@ -240,7 +240,7 @@ def build_train_dag(spec: ModelSpec, settings: Settings) -> DAG:
 
         @task
         def deploy_champion(promoted: dict[str, Any], datasets: dict[str, Any]) -> dict[str, Any]:
-            from cd4ml.deploy import deploy_champion as step
+            from cd4ml.steps.deploy import deploy_champion as step
 
             ctx = context()
             return step(spec, settings, promoted=promoted, holdout_path=datasets["holdout_path"],

@@ -46,9 +46,9 @@ async def metrics_reader(request: Request, credentials: Credentials) -> None:
 
 
 def _overviews(only: str | None = None) -> tuple[list[Any], list[str], Any]:
-    from cd4ml.overview import model_overview
-    from cd4ml.settings import get_settings
-    from cd4ml.spec import load_specs, spec_files
+    from cd4ml.core.settings import get_settings
+    from cd4ml.core.spec import load_specs, spec_files
+    from cd4ml.ui.overview import model_overview
 
     settings = get_settings()
     specs, broken = load_specs(spec_files(settings.specs_dir))
@@ -71,7 +71,7 @@ def create_app() -> FastAPI:
     @app.get("/models", response_class=HTMLResponse, dependencies=user)
     async def models_page(dag_id: str | None = None) -> HTMLResponse:
         """Every model; with `dag_id` (the per-DAG tab), only that DAG's model."""
-        from cd4ml.overview import render_html
+        from cd4ml.ui.overview import render_html
 
         only = dag_id.split("__")[0] if dag_id and "__" in dag_id else None
         overviews, errors, settings = await asyncio.to_thread(_overviews, only)
@@ -84,14 +84,14 @@ def create_app() -> FastAPI:
 
     @app.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(metrics_reader)])
     async def metrics() -> PlainTextResponse:
-        from cd4ml.overview import METRICS_CONTENT_TYPE, prometheus_text
+        from cd4ml.ui.overview import METRICS_CONTENT_TYPE, prometheus_text
 
         overviews, _, _ = await asyncio.to_thread(_overviews)
         return PlainTextResponse(prometheus_text(overviews), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/files/{model}/{path:path}", dependencies=user)
     async def report_file(model: str, path: str) -> FileResponse:
-        from cd4ml.settings import get_settings
+        from cd4ml.core.settings import get_settings
 
         settings = get_settings()
         root = settings.model_dir(model).resolve()
@@ -106,8 +106,8 @@ def create_app() -> FastAPI:
 
 def report_link(model: str, uri: str | None) -> str | None:
     """A report file (file:// URI or path) of `model` as a link into this app, or None."""
-    from cd4ml.overview import report_href
-    from cd4ml.settings import get_settings
+    from cd4ml.core.settings import get_settings
+    from cd4ml.ui.overview import report_href
 
     href = report_href(get_settings(), model, uri)
     if href is None:

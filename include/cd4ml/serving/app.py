@@ -32,10 +32,10 @@ from prometheus_client import (
 )
 from starlette.concurrency import run_in_threadpool
 
+from cd4ml.core.settings import Settings, get_settings
 from cd4ml.serving.models import ModelStore
 from cd4ml.serving.payload import PayloadError, Problem, check, to_columns
 from cd4ml.serving.predlog import Entry, PredictionLog
-from cd4ml.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 INLINE_ROWS = 16  # small requests predict on the event loop; larger ones in the thread pool

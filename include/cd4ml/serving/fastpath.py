@@ -2,7 +2,7 @@
 
 scikit-learn's ColumnTransformer spends ~3 ms per call on pandas bookkeeping, ten times what the
 model itself needs for one row. `compile_pipeline` reads the *fitted* imputers, scaler and encoder
-of a pipeline built by `cd4ml.training.build_pipeline` and applies the same arithmetic with numpy.
+of a pipeline built by `cd4ml.ml.training.build_pipeline` and applies the same arithmetic with numpy.
 It is only used if, on the version's own input example, it reproduces the pipeline's transform and
 predictions bit for bit; anything else (another pipeline shape, a mismatch) serves through sklearn.
 """

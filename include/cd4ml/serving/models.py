@@ -19,10 +19,10 @@ import numpy as np
 import pandas as pd
 
 from cd4ml import registry
+from cd4ml.core.settings import Settings
+from cd4ml.core.spec import load_specs, spec_files
 from cd4ml.serving.fastpath import FastPipeline, split_rows, verified
 from cd4ml.serving.payload import FeatureSchema
-from cd4ml.settings import Settings
-from cd4ml.spec import load_specs, spec_files
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class SanityError(Exception):
 
 def _transient(err: Exception) -> bool:
     """MLflow briefly unreachable is not the version's fault: retry it on the next poll."""
-    from cd4ml.errors import is_transient
+    from cd4ml.core.errors import is_transient
 
     return is_transient(err)
 

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from cd4ml.tables import category_text
+from cd4ml.data.tables import category_text
 
 MAX_PROBLEMS = 20
 _FLOAT_MAX = sys.float_info.max

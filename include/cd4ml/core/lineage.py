@@ -7,7 +7,7 @@ import subprocess
 from functools import cache
 
 import cd4ml
-from cd4ml.settings import PROJECT_ROOT
+from cd4ml.core.settings import PROJECT_ROOT
 
 LOCK_FILE = PROJECT_ROOT / "constraints.txt"
 

@@ -1,6 +1,6 @@
 """Read docker-compose.yaml the way `docker compose` does, and map its services onto this machine.
 
-Docker cannot run here, but the topology it describes can: `cd4ml.scale` runs every service's own
+Docker cannot run here, but the topology it describes can: `cd4ml_dev.scale` runs every service's own
 command with its own environment, taken from the compose file through this module, so the file
 and the test that proves it cannot drift apart. The mapping replaces only what Docker provides:
 
@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from cd4ml.errors import Cd4mlError
+from cd4ml.core.errors import Cd4mlError
 
 _VAR = re.compile(r"\$(?:\$|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[?\-])(?P<arg>[^}]*))?\})")
 _URL = re.compile(

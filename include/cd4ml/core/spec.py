@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cd4ml.errors import SpecError
+from cd4ml.core.errors import SpecError
 
 # Natural direction of every metric we know how to compute; a spec that declares the opposite is
 # almost certainly a mistake that would promote worse models, so it is refused.

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cd4ml.errors import RetractionError
+from cd4ml.core.errors import RetractionError
 
 DATA_SUFFIXES = {".csv", ".parquet", ".pq"}
 HASH_PREFIX = 16

@@ -2,7 +2,7 @@
 
 One place computes the state of every model (champion and lineage, decisions with their evidence,
 deployments and rollbacks, drift checks); the Airflow plugin renders it as a page inside the
-Airflow UI (Jinja2 templates in cd4ml/templates, autoescaped), as JSON, and as Prometheus text
+Airflow UI (Jinja2 templates in cd4ml/ui/templates, autoescaped), as JSON, and as Prometheus text
 (a prometheus_client collector). Nothing here writes anything.
 """
 
@@ -24,9 +24,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
-from cd4ml import landing, monitor, registry
-from cd4ml.settings import Settings
-from cd4ml.spec import ModelSpec
+from cd4ml import registry
+from cd4ml.core.settings import Settings
+from cd4ml.core.spec import ModelSpec
+from cd4ml.data import landing
+from cd4ml.steps import monitor
 
 LINEAGE_TAGS = (
     "cd4ml.data_fingerprint", "cd4ml.spec_hash", "cd4ml.code_version", "cd4ml.lock_hash",
@@ -139,7 +141,7 @@ def _version_info(mv: Any) -> VersionInfo:
         aliases=sorted(getattr(mv, "aliases", None) or []),
         decision=tags.get("cd4ml.decision"),
         evidence=_json_tag(tags, "cd4ml.evidence"),
-        validation=_json_tag(tags, "cd4ml.validation"),
+        validation=_json_tag(tags, "cd4ml.data.validation"),
         lineage={k.removeprefix("cd4ml."): tags[k] for k in LINEAGE_TAGS if k in tags},
         tags=tags,
     )
@@ -374,7 +376,7 @@ def _when(ms: int) -> str:
 def _templates() -> Environment:
     # autoescape on for every template: tags, specs, file names and reasons are user-controlled text.
     env = Environment(
-        loader=PackageLoader("cd4ml", "templates"), autoescape=True, keep_trailing_newline=False
+        loader=PackageLoader("cd4ml.ui", "templates"), autoescape=True, keep_trailing_newline=False
     )
     env.filters.update(fmt=_fmt, when=_when, quote=lambda v: quote(str(v), safe=""))
     return env

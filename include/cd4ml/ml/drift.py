@@ -22,7 +22,7 @@ from numpy.typing import NDArray
 from scipy import stats
 from scipy.spatial import distance
 
-from cd4ml.spec import Drift
+from cd4ml.core.spec import Drift
 
 DISTANCE_THRESHOLD = 0.1  # Evidently's default for both distances
 EVIDENTLY_SMALL_REFERENCE = 1000  # at or below this Evidently switches to p-value tests

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cd4ml.errors import DataReadError
+from cd4ml.core.errors import DataReadError
 
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 _NUMBER = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$")

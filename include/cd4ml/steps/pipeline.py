@@ -11,11 +11,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from cd4ml import landing, lineage
-from cd4ml.errors import DataError, DataReadError, QuarantinedError, TrainingError
-from cd4ml.landing import Zone
-from cd4ml.settings import Settings
-from cd4ml.spec import ModelSpec
+from cd4ml.core import lineage
+from cd4ml.core.errors import DataError, DataReadError, QuarantinedError, TrainingError
+from cd4ml.core.settings import Settings
+from cd4ml.core.spec import ModelSpec
+from cd4ml.data import landing
+from cd4ml.data.landing import Zone
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def collect_landed_files(spec: ModelSpec, settings: Settings) -> dict[str, Any]:
 
     A spec whose model cannot be trained or scored fails here, before any file moves.
     """
-    from cd4ml.training import check_trainable_spec
+    from cd4ml.ml.training import check_trainable_spec
 
     check_trainable_spec(spec)
     zone = zone_for(spec, settings)
@@ -70,8 +71,8 @@ def collect_landed_files(spec: ModelSpec, settings: Settings) -> dict[str, Any]:
 
 def _read_accepted_files(spec: ModelSpec, zone: Zone) -> list[tuple[str, Any]]:
     """(file name, normalised frame) per accepted file, in acceptance order: rows keep provenance."""
-    from cd4ml.tables import read_table
-    from cd4ml.validation import normalise
+    from cd4ml.data.tables import read_table
+    from cd4ml.data.validation import normalise
 
     return [(f.name, normalise(spec, read_table(Path(f.path)))) for f in landing.list_accepted(zone)]
 
@@ -89,7 +90,7 @@ def _read_accepted(spec: ModelSpec, zone: Zone) -> Any:
 
 
 def _non_finite_problems(spec: ModelSpec, frame: Any) -> list[str]:
-    from cd4ml.validation import non_finite_counts
+    from cd4ml.data.validation import non_finite_counts
 
     return [
         f"column {col!r}: {count} non-finite values (inf, -inf or overflow)"
@@ -99,7 +100,7 @@ def _non_finite_problems(spec: ModelSpec, frame: Any) -> list[str]:
 
 def file_problems(spec: ModelSpec, frame: Any) -> list[str]:
     """Why one accepted file cannot be trained on: non-finite numbers, what preprocessing refuses."""
-    from cd4ml.training import preprocessing_findings
+    from cd4ml.ml.training import preprocessing_findings
 
     problems = _non_finite_problems(spec, frame)
     if spec.target in frame.columns:
@@ -140,9 +141,9 @@ def validate_landed_files(
     """Validate each new file; move it to accepted/ or to quarantine/ with the reasons."""
     import pandas as pd
 
-    from cd4ml.tables import read_table
-    from cd4ml.training import acceptance_problems, preprocessing_problems
-    from cd4ml.validation import learn_reference, normalise, validate_frame
+    from cd4ml.data.tables import read_table
+    from cd4ml.data.validation import learn_reference, normalise, validate_frame
+    from cd4ml.ml.training import acceptance_problems, preprocessing_problems
 
     zone = zone_for(spec, settings)
     accepted_files = _read_accepted_files(spec, zone)
@@ -226,7 +227,7 @@ def prepare_datasets(spec: ModelSpec, settings: Settings, *, run_id: str) -> dic
     Refuses (DataError naming the files) accepted data no model can be fitted on, and (SpecError) a
     target the spec's task or metric cannot be computed on, before anything is fitted.
     """
-    from cd4ml.training import check_target, split_holdout
+    from cd4ml.ml.training import check_target, split_holdout
 
     zone = zone_for(spec, settings)
     files = landing.list_accepted(zone)
@@ -320,8 +321,9 @@ def train_challenger(
 ) -> dict[str, Any]:
     import pandas as pd
 
-    from cd4ml import registry, training
-    from cd4ml.evaluation import score
+    from cd4ml import registry
+    from cd4ml.ml import training
+    from cd4ml.ml.evaluation import score
 
     train_frame = pd.read_parquet(datasets["train_path"])
     holdout = pd.read_parquet(datasets["holdout_path"])
@@ -367,8 +369,9 @@ def evaluate_against_champion(
     import mlflow
     import pandas as pd
 
-    from cd4ml import registry, training
-    from cd4ml.evaluation import decide
+    from cd4ml import registry
+    from cd4ml.ml import training
+    from cd4ml.ml.evaluation import decide
 
     mlflow_client = registry.client(settings.mlflow_tracking_uri)
     holdout = pd.read_parquet(datasets["holdout_path"])
@@ -421,7 +424,7 @@ def register_challenger(
         "cd4ml.spec_hash": spec.spec_hash(),
         "cd4ml.code_version": lineage.code_version(),
         "cd4ml.lock_hash": lineage.lock_hash(),
-        "cd4ml.validation": registry.tag_json(
+        "cd4ml.data.validation": registry.tag_json(
             {"accepted": [a["name"] for a in validation.get("accepted", [])],
              "quarantined": [q["name"] for q in validation.get("quarantined", [])],
              # Accepted files with rows outside a learned range (drift, not refused): which columns.
@@ -518,7 +521,7 @@ def run_training(
         run_time=run_time,
     )
     if deploy:
-        from cd4ml.deploy import deploy_champion
+        from cd4ml.steps.deploy import deploy_champion
 
         promoted["deployment"] = deploy_champion(
             spec,

@@ -20,9 +20,9 @@ from typing import Any
 import httpx
 
 from cd4ml import registry
-from cd4ml.errors import Cd4mlError, TransientError
-from cd4ml.settings import Settings
-from cd4ml.spec import ModelSpec
+from cd4ml.core.errors import Cd4mlError, TransientError
+from cd4ml.core.settings import Settings
+from cd4ml.core.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def wait_until_serving(endpoint: ServiceEndpoint, model: str, version: str) -> N
 def _golden_rows(spec: ModelSpec, holdout_path: str) -> Any:
     import pandas as pd
 
-    from cd4ml.training import features
+    from cd4ml.ml.training import features
 
     holdout = pd.read_parquet(holdout_path)
     return features(spec, holdout.tail(golden_rows()))
@@ -307,7 +307,7 @@ def rollback(
         mv = client.get_model_version(spec.name, target)
     except MlflowException:
         raise DeployError(f"{spec.name}: version {target!r} does not exist") from None
-    validation = json.loads((mv.tags or {}).get("cd4ml.validation", "{}") or "{}")
+    validation = json.loads((mv.tags or {}).get("cd4ml.data.validation", "{}") or "{}")
     if validation.get("status") != "passed":
         raise DeployError(f"{spec.name}: version {target} never passed validation; refusing to serve it")
     if target == current_version:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cd4ml.errors import Cd4mlError, TransientError, is_transient
+from cd4ml.core.errors import Cd4mlError, TransientError, is_transient
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -16,10 +16,10 @@ from sklearn.impute import SimpleImputer
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from cd4ml.errors import DataError, SpecError, TrainingError
-from cd4ml.evaluation import PROBABILITY_METRICS, Scores
-from cd4ml.spec import AVERAGED_METRICS, ModelSpec
-from cd4ml.validation import normalise
+from cd4ml.core.errors import DataError, SpecError, TrainingError
+from cd4ml.core.spec import AVERAGED_METRICS, ModelSpec
+from cd4ml.data.validation import normalise
+from cd4ml.ml.evaluation import PROBABILITY_METRICS, Scores
 
 MISSING_CATEGORY = "__missing__"
 # Above this a dense one-hot matrix of the training data is refused before it exhausts memory.

@@ -39,7 +39,7 @@ def wait_http(url: str, timeout: float) -> None:
 
 def local_mlflow_server(bin_dir: Path, home: Path, port: int) -> list[str]:
     """argv of a one-worker MLflow server on 127.0.0.1 with its SQLite store and artifacts in `home`
-    (the tests' and benchmarks' throw-away server; the stack's own is in cd4ml.stack)."""
+    (the tests' and benchmarks' throw-away server; the stack's own is in cd4ml_dev.stack)."""
     return [str(bin_dir / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{home}/mlflow.db",
             "--artifacts-destination", str(home / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
             "--workers", "1"]  # fmt: skip

@@ -3,8 +3,8 @@
 reference  the snapshot of the data the current champion was trained on (`cd4ml.train_snapshot`)
 current    what the prediction service received since the last check; when there was no traffic,
            the batches accepted since then that the champion has not been trained on
-verdicts   `cd4ml.drift` on the full data; the Evidently report on a seeded, stratified sample
-decision   `cd4ml.drift.decide_drift` (threshold, performance drop, min rows, cooldown)
+verdicts   `cd4ml.ml.drift` on the full data; the Evidently report on a seeded, stratified sample
+decision   `cd4ml.ml.drift.decide_drift` (threshold, performance drop, min rows, cooldown)
 
 State (last window end, last retrain trigger, history) lives in `<data>/<model>/monitor/`.
 """
@@ -18,10 +18,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cd4ml import landing, registry
-from cd4ml.errors import Cd4mlError
-from cd4ml.settings import Settings
-from cd4ml.spec import ModelSpec
+from cd4ml import registry
+from cd4ml.core.errors import Cd4mlError
+from cd4ml.core.settings import Settings
+from cd4ml.core.spec import ModelSpec
+from cd4ml.data import landing
 
 log = logging.getLogger(__name__)
 EVIDENTLY_SAMPLE_CAP = 20_000
@@ -65,9 +66,9 @@ def _current_window(
     """(features frame, source, already trained on, labelled frame or None)."""
     import pandas as pd
 
+    from cd4ml.data.tables import read_table
+    from cd4ml.data.validation import normalise
     from cd4ml.serving.predlog import read_predictions
-    from cd4ml.tables import read_table
-    from cd4ml.validation import normalise
 
     traffic = read_predictions(settings.data_dir, spec.name, since=start)
     if not traffic.empty:
@@ -106,8 +107,8 @@ def check_drift(
     """One drift check; returns a small JSON-able summary with the decision."""
     import pandas as pd
 
-    from cd4ml import drift
-    from cd4ml.pipeline import run_key
+    from cd4ml.ml import drift
+    from cd4ml.steps.pipeline import run_key
 
     client = registry.client(settings.mlflow_tracking_uri)
     champion = registry.version_by_alias(client, spec.name, registry.CHAMPION)
@@ -197,7 +198,7 @@ def _new_categories(spec: ModelSpec, snapshots: list[str], current: Any) -> dict
     """
     import pandas as pd
 
-    from cd4ml.validation import Reference, new_category_values
+    from cd4ml.data.validation import Reference, new_category_values
 
     if not spec.categorical or current.empty:
         return {}
@@ -220,7 +221,7 @@ def _measure(spec: ModelSpec, model: Any, reference: Any, current: Any, report_d
     """Feature and prediction drift on all rows; the Evidently report on a stratified sample."""
     import pandas as pd
 
-    from cd4ml import drift, training
+    from cd4ml.ml import drift, training
 
     now = training.features(spec, current)
     ref = training.features(spec, reference)
@@ -255,8 +256,8 @@ def _measure(spec: ModelSpec, model: Any, reference: Any, current: Any, report_d
 
 def _performance(spec: ModelSpec, model: Any, labelled: Any, tags: dict[str, str]) -> dict[str, Any]:
     """The champion's primary metric on newly labelled rows vs its holdout score at promotion."""
-    from cd4ml import training
-    from cd4ml.evaluation import score
+    from cd4ml.ml import training
+    from cd4ml.ml.evaluation import score
 
     baseline = json.loads(tags.get("cd4ml.evidence", "{}") or "{}").get("challenger_score")
     now_score = score(

@@ -48,9 +48,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cd4ml.errors import SpecError
-from cd4ml.spec import ModelSpec
-from cd4ml.tables import category_text
+from cd4ml.core.errors import SpecError
+from cd4ml.core.spec import ModelSpec
+from cd4ml.data.tables import category_text
 
 log = logging.getLogger(__name__)
 
@@ -627,7 +627,7 @@ def _setting(spec: ModelSpec, *assignments: str) -> str:
 
 def spec_location(spec: ModelSpec) -> str:
     """Where the model's spec lives, relative to the project when it is inside it."""
-    from cd4ml.settings import PROJECT_ROOT, get_settings
+    from cd4ml.core.settings import PROJECT_ROOT, get_settings
 
     path = get_settings().specs_dir / f"{spec.name}.yaml"
     try:

@@ -29,8 +29,8 @@ import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
 
-from cd4ml.errors import SpecError
-from cd4ml.spec import METRICS, Metric, Promotion
+from cd4ml.core.errors import SpecError
+from cd4ml.core.spec import METRICS, Metric, Promotion
 
 Array = NDArray[Any]
 Evaluator = Callable[[Array], Array]

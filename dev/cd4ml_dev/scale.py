@@ -1,7 +1,7 @@
 """The docker-compose topology run on this machine, without Docker (`make test-scale`, bench_scale).
 
 Every service of docker-compose.yaml except PostgreSQL and Redis runs as a local process with the
-command and environment the compose file gives it (read through `cd4ml.compose`, mapped onto local
+command and environment the compose file gives it (read through `cd4ml_dev.compose`, mapped onto local
 hosts, ports and paths), in depends_on order, waiting for the same health checks. PostgreSQL and
 Redis are the machine's own servers: each run gets private databases (`<prefix>_airflow`,
 `<prefix>_mlflow`) and a private Redis db number, and removes them when it stops.
@@ -19,6 +19,7 @@ import itertools
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,10 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from cd4ml import compose
-from cd4ml.errors import Cd4mlError
-from cd4ml.netutil import free_port
-from cd4ml.settings import PROJECT_ROOT
+from cd4ml.core.errors import Cd4mlError
+from cd4ml.core.settings import PROJECT_ROOT
+from cd4ml_dev import compose
+from cd4ml_dev.netutil import free_port
 
 # Run by the machine, not by us: service name -> (local host, port).
 PROVIDED = {"postgres": ("127.0.0.1", 5432), "redis": ("127.0.0.1", 6379)}
@@ -239,7 +240,7 @@ class LocalTopology:
                 replica = f"{name}-{i}"
                 extra = {
                     "CD4ML_REPLICA_HOSTNAME": replica,
-                    "AIRFLOW__CORE__HOSTNAME_CALLABLE": "cd4ml.scale.replica_hostname",
+                    "AIRFLOW__CORE__HOSTNAME_CALLABLE": "cd4ml_dev.scale.replica_hostname",
                     "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
                     "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
                 }
@@ -334,11 +335,11 @@ class LocalTopology:
 
     def _image_files(self) -> None:
         """What the Dockerfile bakes into the image: the airflow_local_settings.py that preloads."""
-        from cd4ml.stack import LOCAL_SETTINGS
+        from cd4ml_dev.stack import LOCAL_SETTINGS_FILE
 
         config = self.paths[IMAGE_AIRFLOW_HOME] / "config"
         config.mkdir(parents=True, exist_ok=True)
-        (config / "airflow_local_settings.py").write_text(LOCAL_SETTINGS)
+        shutil.copyfile(LOCAL_SETTINGS_FILE, config / "airflow_local_settings.py")
         for local in self.paths.values():
             if str(local).startswith(str(self.root)):
                 local.mkdir(parents=True, exist_ok=True)

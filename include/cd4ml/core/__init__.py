@@ -1,0 +1,1 @@
+"""What every other part relies on: the model spec, the error policy, settings and lineage."""

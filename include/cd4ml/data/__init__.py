@@ -1,0 +1,1 @@
+"""Data in: the landing zone, reading tables, and validating each batch before anything trains."""

@@ -1,0 +1,1 @@
+"""Pure ML: building and fitting the spec's pipeline, champion/challenger evaluation, drift statistics."""
