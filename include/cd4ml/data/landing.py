@@ -19,39 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from cd4ml.core.errors import RetractionError
+from cd4ml.core.paths import ModelPaths
 
 DATA_SUFFIXES = {".csv", ".parquet", ".pq"}
 HASH_PREFIX = 16
 
 
-@dataclass(frozen=True)
-class Zone:
-    root: Path
-
-    @property
-    def landing(self) -> Path:
-        return self.root / "landing"
-
-    @property
-    def accepted(self) -> Path:
-        return self.root / "accepted"
-
-    @property
-    def quarantine(self) -> Path:
-        return self.root / "quarantine"
-
-    @property
-    def runs(self) -> Path:
-        return self.root / "runs"
-
-    @property
-    def gx(self) -> Path:
-        return self.root / "gx"
-
-    def ensure(self) -> Zone:
-        for d in (self.landing, self.accepted, self.quarantine, self.runs):
-            d.mkdir(parents=True, exist_ok=True)
-        return self
+# The zone is the model's data root; its layout is spelled once, in cd4ml.core.paths.
+Zone = ModelPaths
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,124 @@
+"""The one place that spells the per-model data-root layout.
+
+    <data dir>/<model>/
+      landing/                     files dropped for validation (the new-data asset watches it)
+      accepted/                    validated files, `<sha16>__<name>` + `.meta.json`: the training data
+      quarantine/                  rejected and retracted files, each with `.reason.txt`/`.reason.json`
+      runs/<run key>/              one training run: train.parquet, holdout.parquet, outcome.json
+      gx/                          the Great Expectations file context and its Data Docs
+      reports/drift/<run key>/     one drift check: report.html, report.json, summary.json
+      predictions/date=YYYY-MM-DD/ the prediction log, part-*.parquet
+      monitor/                     the drift monitor's state.json and checks.jsonl (its history)
+
+Pure paths, no I/O (except `ensure`): build one with `ModelPaths.for_model(settings, name)`, or
+`ModelPaths.in_data_dir(data_dir, name)` where only the data root is known (the prediction service).
+What lives inside a directory beyond these names (sidecar suffixes, hash prefixes) belongs to the
+module that writes it (`cd4ml.data.landing`, `cd4ml.serving.predlog`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cd4ml.core.settings import Settings
+
+RUN_OUTCOME = "outcome.json"
+PREDICTION_PART_GLOB = "date=*/part-*.parquet"
+
+
+@dataclass(frozen=True)
+class ModelPaths:
+    root: Path
+
+    @classmethod
+    def for_model(cls, settings: Settings, model: str) -> ModelPaths:
+        return cls(settings.model_dir(model))
+
+    @classmethod
+    def in_data_dir(cls, data_dir: Path, model: str) -> ModelPaths:
+        return cls(data_dir / model)
+
+    # -- the data zone -----------------------------------------------------------------------------
+
+    @property
+    def landing(self) -> Path:
+        return self.root / "landing"
+
+    @property
+    def accepted(self) -> Path:
+        return self.root / "accepted"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.root / "quarantine"
+
+    @property
+    def gx(self) -> Path:
+        return self.root / "gx"
+
+    # -- training runs -----------------------------------------------------------------------------
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    def run_dir(self, run_key: str) -> Path:
+        return self.runs / run_key
+
+    def train_snapshot(self, run_key: str) -> Path:
+        return self.run_dir(run_key) / "train.parquet"
+
+    def holdout_snapshot(self, run_key: str) -> Path:
+        return self.run_dir(run_key) / "holdout.parquet"
+
+    def run_outcome(self, run_key: str) -> Path:
+        return self.run_dir(run_key) / RUN_OUTCOME
+
+    def run_outcomes(self) -> list[Path]:
+        """Every recorded run's outcome file (unordered)."""
+        return list(self.runs.glob(f"*/{RUN_OUTCOME}")) if self.runs.is_dir() else []
+
+    # -- reports, predictions, monitor -------------------------------------------------------------
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    def drift_report_dir(self, run_key: str) -> Path:
+        return self.reports / "drift" / run_key
+
+    @property
+    def report_dirs(self) -> tuple[Path, ...]:
+        """Where human-readable reports live: the only directories the UI may serve files from."""
+        return (self.gx, self.reports)
+
+    @property
+    def predictions(self) -> Path:
+        return self.root / "predictions"
+
+    def prediction_day(self, day: date | str) -> Path:
+        """The partition for one UTC day (`date=YYYY-MM-DD`), compared as text by readers."""
+        text = day if isinstance(day, str) else day.strftime("%Y-%m-%d")
+        return self.predictions / f"date={text}"
+
+    @property
+    def monitor(self) -> Path:
+        return self.root / "monitor"
+
+    @property
+    def monitor_state(self) -> Path:
+        return self.monitor / "state.json"
+
+    @property
+    def monitor_history(self) -> Path:
+        return self.monitor / "checks.jsonl"
+
+    def ensure(self) -> ModelPaths:
+        """Create the zone directories a training run writes to (the rest appear on first use)."""
+        for d in (self.landing, self.accepted, self.quarantine, self.runs):
+            d.mkdir(parents=True, exist_ok=True)
+        return self
