@@ -16,7 +16,7 @@ and the test that proves it cannot drift apart. The mapping replaces only what D
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,6 +236,22 @@ def start_order(services: Mapping[str, Service]) -> list[str]:
     for name in services:
         visit(name, ())
     return order
+
+
+def urls(text: str) -> Iterator[re.Match[str]]:
+    """Every URL in a value, with its scheme, auth, host, port and path as named groups."""
+    return _URL.finditer(text)
+
+
+def databases(services: Mapping[str, Service], host: str) -> set[str]:
+    """The database names that URLs to `host` carry, in any service's environment or command."""
+    return {
+        m.group("path").strip("/")
+        for svc in services.values()
+        for text in [*svc.environment.values(), *(svc.command or [])]
+        for m in urls(text)
+        if m.group("host") == host and m.group("path")
+    }
 
 
 # -- mapping onto this machine -------------------------------------------------------------------

@@ -225,7 +225,7 @@ def test_no_hard_coded_secrets_and_every_variable_documented() -> None:
             for i, v in enumerate(node):
                 walk(v, f"{where}[{i}]")
         elif isinstance(node, str):
-            for m in compose._URL.finditer(node):
+            for m in compose.urls(node):
                 auth = m.group("auth") or ""
                 if ":" in auth:
                     assert auth.split(":", 1)[1].startswith("${"), f"{where}: password in a URL"
