@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from cd4ml.core.errors import SpecError
-from cd4ml.core.spec import load_spec, load_specs, parse_spec
+from cd4ml.core.spec import CRON_PRESETS, load_spec, load_specs, parse_spec
 from tests.helpers import DEMO_SPEC, spec_dict
 
 
@@ -120,3 +120,75 @@ def test_validation_defaults_learn_from_accepted_data_and_fixed_caps_are_opt_in(
     assert v.far_range_multiple == 10.0
     capped = parse(spec_dict(validation__max_null_fraction=0.02, validation__max_duplicate_fraction=0.0))
     assert (capped.validation.max_null_fraction, capped.validation.max_duplicate_fraction) == (0.02, 0.0)
+
+
+# -- schedules: what Airflow runs, checked when the spec is read ------------------------------------
+
+GOOD_SCHEDULES = [
+    "0 2 * * *",
+    "*/15 * * * *",
+    "0,30 2-4 * * MON-FRI",
+    "0 0 29 2 *",  # every leap year: rare, but it fires
+    "0 2 1W * *",
+    *CRON_PRESETS,
+]
+BAD_SCHEDULES = [
+    ("99 2 * * *", "out of range"),
+    ("0 24 * * *", "out of range"),
+    ("0 2 0 * *", "out of range"),
+    ("0 2 * 13 *", "out of range"),
+    ("0 2 * * 8", "out of range"),
+    ("0-99 * * * *", "out of bands"),
+    ("*/0 * * * *", "step '0'"),
+    ("0 2 * * * 0", "has 6 fields"),
+    ("0 0 2 * * * 2030", "has 7 fields"),
+    ("0 2 * *", "5, 6 or 7 columns"),
+    ("nightly", "5, 6 or 7 columns"),
+    ("", "5, 6 or 7 columns"),
+    ("   ", "5, 6 or 7 columns"),
+    ("@annually", "not one of Airflow's presets"),
+    ("@reboot", "not one of Airflow's presets"),
+    ("0 2 30 2 *", "never fires"),
+]
+
+
+@pytest.mark.parametrize("field", ["schedule__retrain_cron", "drift__schedule"])
+@pytest.mark.parametrize("value", GOOD_SCHEDULES)
+def test_cron_expressions_and_airflow_presets_are_accepted(field: str, value: str) -> None:
+    spec = parse(spec_dict(**{field: value}))
+    assert (spec.schedule.retrain_cron if field.startswith("schedule") else spec.drift.schedule) == value
+
+
+@pytest.mark.parametrize("field", ["schedule__retrain_cron", "drift__schedule"])
+@pytest.mark.parametrize(("value", "words"), BAD_SCHEDULES)
+def test_a_schedule_airflow_cannot_run_names_field_and_fix(field: str, value: str, words: str) -> None:
+    with pytest.raises(SpecError) as err:
+        parse(spec_dict(**{field: value}))
+    message = str(err.value)
+    assert message.startswith(f"specs/m.yaml: field '{field.replace('__', '.')}': {value!r}"), message
+    assert words in message
+    assert "like '0 2 * * *'" in message and "@daily" in message  # the fix
+
+
+@pytest.mark.parametrize("value", ["@once", "@continuous"])
+def test_the_monitor_needs_a_recurring_schedule(value: str) -> None:
+    with pytest.raises(SpecError, match=f"field 'drift.schedule': '{value}' is not a recurring schedule"):
+        parse(spec_dict(drift__schedule=value))
+
+
+def test_accepted_schedules_are_what_airflow_runs() -> None:
+    """Both DAGs end in a CronTriggerTimetable: every schedule the spec takes must build and fire."""
+    import pendulum
+    from airflow.sdk.definitions.timetables._cron import CRON_PRESETS as SDK_PRESETS
+    from airflow.timetables.base import TimeRestriction
+    from airflow.timetables.trigger import CronTriggerTimetable
+    from airflow.utils.dates import cron_presets
+
+    assert CRON_PRESETS == SDK_PRESETS == cron_presets
+    restriction = TimeRestriction(earliest=pendulum.datetime(2026, 1, 1, tz="UTC"), latest=None, catchup=True)
+    for value in GOOD_SCHEDULES:
+        timetable = CronTriggerTimetable(value, timezone="UTC")
+        timetable.validate()
+        assert timetable.description, value  # Airflow can say when it runs
+        info = timetable.next_dagrun_info(last_automated_data_interval=None, restriction=restriction)
+        assert info is not None and info.run_after >= restriction.earliest, value

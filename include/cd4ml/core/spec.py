@@ -11,10 +11,12 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from croniter import CroniterError, croniter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cd4ml.core.errors import SpecError
@@ -272,16 +274,52 @@ class Data(_Strict):
     holdout_fraction: float = Field(default=0.2, gt=0.0, lt=0.9)
 
 
+# Airflow's cron presets (airflow.sdk.definitions.timetables._cron.CRON_PRESETS; a unit test keeps
+# the copy in step). Copied, not imported: specs are parsed where Airflow is not installed.
+CRON_PRESETS: dict[str, str] = {
+    "@hourly": "0 * * * *",
+    "@daily": "0 0 * * *",
+    "@weekly": "0 0 * * 0",
+    "@monthly": "0 0 1 * *",
+    "@quarterly": "0 0 1 */3 *",
+    "@yearly": "0 0 1 1 *",
+}
+# A fixed origin for "does it ever fire": the answer does not depend on today (no now() in logic).
+_CRON_ORIGIN = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def check_cron(value: str) -> str:
+    """A schedule both DAGs turn into a `CronTriggerTimetable`: a preset or 5 valid cron fields.
+
+    Airflow resolves its presets, then hands the text to croniter; croniter alone would also take
+    its own aliases and a 6th (seconds) field, which Airflow's timetables do not describe, so they
+    are refused here.
+    An expression that can never fire (`0 2 30 2 *`) is refused too: the scheduler would fail on it.
+    """
+    expression = CRON_PRESETS.get(value, value)
+    presets = ", ".join(CRON_PRESETS)
+    hint = f"5 cron fields like '0 2 * * *' (minute hour day month weekday, UTC) or one of {presets}"
+    if expression.startswith("@"):
+        # croniter knows a few more (@annually, @midnight), which Airflow neither names nor describes.
+        raise ValueError(f"{value!r} is not one of Airflow's presets; use {hint}")
+    try:
+        fields = croniter(expression).expanded
+    except CroniterError as err:
+        raise ValueError(f"{value!r} is not a valid schedule ({err}); use {hint}") from None
+    if len(fields) != 5:
+        raise ValueError(f"{value!r} has {len(fields)} fields, Airflow schedules take 5; use {hint}")
+    try:
+        croniter(expression, _CRON_ORIGIN).get_next(datetime)
+    except CroniterError:
+        raise ValueError(f"{value!r} never fires (no such date); use {hint}") from None
+    return value
+
+
 class Schedule(_Strict):
     retrain_cron: str = "0 2 * * *"
     landing_poll_seconds: float = Field(default=2.0, gt=0.0, le=3600)
 
-    @field_validator("retrain_cron")
-    @classmethod
-    def _cron(cls, value: str) -> str:
-        if len(value.split()) != 5 and not value.startswith("@"):
-            raise ValueError(f"must be a 5-field cron expression like '0 2 * * *', got {value!r}")
-        return value
+    _cron = field_validator("retrain_cron")(check_cron)
 
 
 class Drift(_Strict):
@@ -292,6 +330,18 @@ class Drift(_Strict):
     performance_drop: float | None = Field(default=None, gt=0.0)
     cooldown_hours: float = Field(default=6.0, ge=0.0)
     min_rows: int = Field(default=200, ge=1)
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str) -> str:
+        # Airflow also takes these two for a plain `schedule=`; neither makes a monitor: each check
+        # covers the window since the last one, which @once never repeats and @continuous shrinks to
+        # seconds (a drift test on a handful of rows, back to back).
+        if value in {"@once", "@continuous"}:
+            raise ValueError(
+                f"{value!r} is not a recurring schedule; a drift check needs one, e.g. '@hourly'"
+            )
+        return check_cron(value)
 
 
 class Notifications(_Strict):
