@@ -108,17 +108,18 @@ def bench(args: argparse.Namespace) -> Path:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     os.environ.update({"MLFLOW_TRACKING_URI": url, "GX_ANALYTICS_ENABLED": "false",
-                       "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"})  # fmt: skip
+                       "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "CD4ML_HOME": str(home),
+                       "CD4ML_DATA_DIR": str(data), "CD4ML_SPECS_DIR": str(specs)})  # fmt: skip
     server = subprocess.Popen(
         local_mlflow_server(BIN, mlflow_home, port),
         stdout=(mlflow_home / "server.log").open("wb"), stderr=subprocess.STDOUT, cwd=mlflow_home,
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, start_new_session=True,
     )  # fmt: skip
-    from cd4ml.core.settings import Settings
+    from cd4ml.core.settings import get_settings
     from cd4ml.core.spec import load_spec
     from cd4ml_dev.datagen import generate_churn, write_batch
 
-    settings = Settings(home=home, data_dir=data, specs_dir=specs, mlflow_tracking_uri=url)
+    settings = get_settings()
     spec = load_spec(specs / f"{MODEL}.yaml")
     zone = data / MODEL
     result: dict[str, Any] = {
@@ -129,7 +130,7 @@ def bench(args: argparse.Namespace) -> Path:
     out = OUT / f"growth-{args.label}.json"
     OUT.mkdir(parents=True, exist_ok=True)
     try:
-        wait_http(f"{url}/health", 90)
+        wait_http(f"{url}/health", 600)  # a loaded 2-core machine starts MLflow slowly
         for i in range(1, args.batches + 1):
             frame = generate_churn(args.rows, seed=12, batch=i)
             write_batch(frame, zone / "landing", f"batch_{i:04d}.csv")
