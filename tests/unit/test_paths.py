@@ -18,6 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "include" / "cd4ml"
 # globs for one) has a second copy of the layout.
 LAYOUT_DIRS = {"landing", "accepted", "quarantine", "runs", "gx", "reports", "predictions", "monitor"}
 LAYOUT_FILES = {"state.json", "checks.jsonl", "outcome.json", "train.parquet", "holdout.parquet"}
+PARTITION = "date="  # the prediction log's day partitions
 
 # Modules that take every layout path from ModelPaths. Add yours once it does; the goal is all of
 # include/cd4ml except core/paths.py.
@@ -89,20 +90,30 @@ def layout_spellings(source: str) -> list[str]:
             and node.right.value.split("/", 1)[0] in LAYOUT_DIRS
         ):
             found.append(f"{node.lineno}: / {node.right.value!r}")
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
-            if any(name in node.value for name in LAYOUT_FILES) and not _is_docstring_like(node.value):
+        elif isinstance(node, ast.Tuple | ast.List | ast.Set) and node.elts:
+            # A list of layout directories, e.g. the ones a view may serve files from.
+            names = [e.value for e in node.elts if isinstance(e, ast.Constant)]
+            if len(names) == len(node.elts) and all(n in LAYOUT_DIRS for n in names):
+                found.append(f"{node.lineno}: {tuple(names)!r}")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and not _prose(node.value):
+            if any(name in node.value for name in LAYOUT_FILES) or node.value.startswith(PARTITION):
                 found.append(f"{node.lineno}: {node.value!r}")
-    return found
+    return sorted(found, key=lambda line: int(line.split(":")[0]))
 
 
-def _is_docstring_like(text: str) -> bool:
+def _prose(text: str) -> bool:
     # Docstrings and messages describe the layout to people; only path-shaped constants copy it.
     return " " in text.strip()
 
 
 def test_the_scanner_finds_a_second_copy_of_the_layout() -> None:
-    source = 'root = Path("x")\na = root / "landing"\nb = root.glob("*/outcome.json")\nc = root / "models"\n'
-    assert layout_spellings(source) == ["2: / 'landing'", "3: '*/outcome.json'"]
+    source = (
+        'root = Path("x")\na = root / "landing"\nb = root.glob("*/outcome.json")\nc = root / "models"\n'
+        'd = root / f"date={day}"\nDIRS = ("gx", "reports")\ntags = ["cd4ml", name, "monitor"]\n'
+    )
+    assert layout_spellings(source) == [
+        "2: / 'landing'", "3: '*/outcome.json'", "5: 'date='", "6: ('gx', 'reports')"
+    ]  # fmt: skip
     assert layout_spellings('"""Files land in landing/ and runs/<key>/outcome.json."""\n') == []
 
 
