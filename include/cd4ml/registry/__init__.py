@@ -335,3 +335,15 @@ def move_champion(
 def tag_json(value: Any) -> str:
     """MLflow tag values are strings of at most 5000 characters."""
     return json.dumps(value, sort_keys=True, default=str)[:5000]
+
+
+# Evidence and history live in their own modules; `from cd4ml import registry` reaches them here.
+from cd4ml.registry.evidence import Evidence as Evidence  # noqa: E402
+from cd4ml.registry.evidence import EvidenceMissingError as EvidenceMissingError  # noqa: E402
+from cd4ml.registry.evidence import read_evidence as read_evidence  # noqa: E402
+from cd4ml.registry.evidence import record_evidence as record_evidence  # noqa: E402
+from cd4ml.registry.evidence import reference_frame as reference_frame  # noqa: E402
+from cd4ml.registry.evidence import validation_status as validation_status  # noqa: E402
+from cd4ml.registry.history import HistoryEvent as HistoryEvent  # noqa: E402
+from cd4ml.registry.history import append_event as append_event  # noqa: E402
+from cd4ml.registry.history import events as events  # noqa: E402
