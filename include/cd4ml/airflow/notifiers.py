@@ -1,4 +1,6 @@
-"""Airflow notifiers for cd4ml events, sending e-mail through the connection `cd4ml_smtp`.
+"""Airflow notifiers for cd4ml events, sending e-mail with the SMTP provider's `SmtpHook` through
+the connection `cd4ml_smtp` (host, port, login, password; extras `from_email`, and `disable_ssl` /
+`disable_tls` for a server without implicit TLS / STARTTLS, as the provider documents them).
 
 Attached as task callbacks by the DAG factory. A missing connection or an empty recipient list
 means "notifications off": logged, never an error. Failures of the notifier itself are logged by
@@ -14,8 +16,10 @@ from airflow.sdk import BaseNotifier
 
 from cd4ml.core.errors import QuarantinedError
 from cd4ml.core.spec import ModelSpec
+from cd4ml.ui import notify
 
 log = logging.getLogger(__name__)
+DEFAULT_SENDER = "cd4ml@localhost"  # when the connection has no `from_email`
 
 
 class Cd4mlNotifier(BaseNotifier):
@@ -29,8 +33,6 @@ class Cd4mlNotifier(BaseNotifier):
         self.settings = spec.notifications
 
     def notify(self, context: Any) -> None:
-        from cd4ml.ui import notify
-
         if not self.recipients:
             return
         ti, dag_run = context["ti"], context["dag_run"]
@@ -59,29 +61,66 @@ class Cd4mlNotifier(BaseNotifier):
             message = notify.failure(self.model, ti.task_id, error, run_url)
         if message is None:
             return
-        smtp = smtp_settings()
-        if smtp is None:
+        if not has_smtp_connection():
             log.warning("cd4ml: no '%s' connection; not sending %r", notify.SMTP_CONN_ID, message.subject)
             return
-        notify.send(message, self.recipients, smtp)
+        send(message, self.recipients)
 
 
-def smtp_settings() -> Any:
+def has_smtp_connection() -> bool:
     from airflow.sdk import BaseHook
     from airflow.sdk.exceptions import AirflowNotFoundException
 
-    from cd4ml.ui import notify
-
     try:
-        conn = BaseHook.get_connection(notify.SMTP_CONN_ID)
+        BaseHook.get_connection(notify.SMTP_CONN_ID)
     except AirflowNotFoundException:
+        return False
+    return True
+
+
+def _legacy_starttls(extra: dict[str, Any]) -> bool | None:
+    """cd4ml's own extra before the provider's hook: `starttls` on a plain connection (README's
+    example, port 587). Honoured while the connection has neither of the provider's keys, so such a
+    connection keeps sending instead of trying implicit TLS; None when the provider's keys rule."""
+    if "starttls" not in extra or "disable_ssl" in extra or "disable_tls" in extra:
         return None
-    extra = conn.extra_dejson
-    return notify.SmtpSettings(
-        host=conn.host or "127.0.0.1",
-        port=int(conn.port or 25),
-        login=conn.login or None,
-        password=conn.password or None,
-        sender=str(extra.get("from_email", "cd4ml@localhost")),
-        starttls=bool(extra.get("starttls", False)),
-    )
+    return bool(extra["starttls"])
+
+
+def send(message: notify.Message, recipients: list[str]) -> None:
+    """Send one message through `cd4ml_smtp`; the connection's `from_email` is the sender."""
+    from email.mime.text import MIMEText
+
+    # Imported here: DAG files import this module, and parsing them must stay light.
+    from airflow.providers.smtp.hooks.smtp import SmtpHook
+
+    class TextAndHtmlSmtpHook(SmtpHook):
+        """The provider sends an HTML part only; cd4ml's mails are text first (terminal mail
+        readers, filters), so the text goes in as the first part of a multipart/alternative and
+        the HTML rendering of the same text second (preferred where HTML is shown)."""
+
+        @property
+        def use_ssl(self) -> bool:
+            if _legacy_starttls(self.conn.extra_dejson) is not None:
+                return False
+            return bool(super().use_ssl)
+
+        @property
+        def smtp_starttls(self) -> bool:
+            legacy = _legacy_starttls(self.conn.extra_dejson)
+            return bool(super().smtp_starttls) if legacy is None else legacy
+
+        def _build_mime_message(self, *args: Any, **kwargs: Any) -> Any:
+            msg, recipients = super()._build_mime_message(*args, **kwargs)
+            msg.set_payload([MIMEText(message.body, "plain", "utf-8"), *msg.get_payload()])
+            return msg, recipients
+
+    with TextAndHtmlSmtpHook(smtp_conn_id=notify.SMTP_CONN_ID) as hook:
+        hook.send_email_smtp(
+            to=recipients,
+            subject=message.subject,
+            html_content=message.html(),
+            from_email=hook.from_email or DEFAULT_SENDER,
+            mime_subtype="alternative",
+        )
+    log.info("sent %r to %s", message.subject, recipients)

@@ -1,20 +1,19 @@
-"""Notifications: what a message says (pure) and how it is sent (SMTP via an Airflow connection).
+"""Notifications: what a message says. Sending is cd4ml.airflow.notifiers (the SMTP provider's
+SmtpHook with the Airflow connection `cd4ml_smtp`).
 
 Events: promotion, rejected challenger (opt-in per spec), quarantine, drift-triggered retrain,
-rollback, failure. Every message names the model and the version and links to MLflow / Airflow.
+rollback, failure. Every message names the model and the version and links to MLflow / Airflow,
+at the public URLs of the settings (a reader's browser, not a container, follows them).
 """
 
 from __future__ import annotations
 
 import html
-import logging
-import os
-import smtplib
 from dataclasses import dataclass
-from email.message import EmailMessage
 from typing import Any
 
-log = logging.getLogger(__name__)
+from cd4ml.core.settings import get_settings
+
 SMTP_CONN_ID = "cd4ml_smtp"
 
 
@@ -36,17 +35,14 @@ class Message:
 
 
 def mlflow_version_url(model: str, version: str | None) -> str:
-    base = os.environ.get("CD4ML_MLFLOW_UI_URL") or os.environ.get(
-        "MLFLOW_TRACKING_URI", "http://127.0.0.1:5000"
-    )
+    base = get_settings().mlflow_public_url
     if version:
-        return f"{base.rstrip('/')}/#/models/{model}/versions/{version}"
-    return f"{base.rstrip('/')}/#/models/{model}"
+        return f"{base}/#/models/{model}/versions/{version}"
+    return f"{base}/#/models/{model}"
 
 
 def airflow_run_url(dag_id: str, run_id: str) -> str:
-    base = os.environ.get("AIRFLOW__API__BASE_URL", "http://127.0.0.1:8080").rstrip("/")
-    return f"{base}/dags/{dag_id}/runs/{run_id}"
+    return f"{get_settings().airflow_public_url}/dags/{dag_id}/runs/{run_id}"
 
 
 def _message(subject: str, model: str, version_line: str, details: list[str], links: list[str]) -> Message:
@@ -106,29 +102,3 @@ def failure(model: str, task_id: str, error: str, run_url: str) -> Message:
         f"{task_id} failed", model, "see the run", [f"Task: {task_id}", f"Error: {error[:4000]}"],
         [f"Run: {run_url}"],
     )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class SmtpSettings:
-    host: str
-    port: int
-    login: str | None
-    password: str | None
-    sender: str
-    starttls: bool
-
-
-def send(message: Message, recipients: list[str], smtp: SmtpSettings) -> None:
-    email = EmailMessage()
-    email["Subject"] = message.subject
-    email["From"] = smtp.sender
-    email["To"] = ", ".join(recipients)
-    email.set_content(message.body)
-    email.add_alternative(message.html(), subtype="html")
-    with smtplib.SMTP(smtp.host, smtp.port, timeout=30) as server:
-        if smtp.starttls:
-            server.starttls()
-        if smtp.login:
-            server.login(smtp.login, smtp.password or "")
-        server.send_message(email)
-    log.info("sent %r to %s", message.subject, recipients)
