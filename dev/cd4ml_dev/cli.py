@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 from cd4ml.core.errors import Cd4mlError
+from cd4ml.core.paths import ModelPaths
 from cd4ml.core.settings import get_settings
 
 
@@ -35,7 +36,7 @@ def champion_version(mlflow_url: str, model: str) -> str | None:
 def _demo_land(model: str, batch: int, rows: int, drift: float, seed: int) -> Path:
     from cd4ml_dev.datagen import generate_churn, write_batch
 
-    landing = get_settings().model_dir(model) / "landing"
+    landing = ModelPaths.for_model(get_settings(), model).landing
     frame = generate_churn(rows, seed=seed, batch=batch, drift=drift)
     suffix = f"_drift{drift:g}" if drift else ""
     return write_batch(frame, landing, f"{model}_batch{batch:03d}{suffix}.csv")
@@ -43,8 +44,8 @@ def _demo_land(model: str, batch: int, rows: int, drift: float, seed: int) -> Pa
 
 def _seed_demo_if_new(model: str) -> Path | None:
     """First `make up` lands the demo's first batch; later ones leave the data alone."""
-    root = get_settings().model_dir(model)
-    if any((root / "accepted").glob("*")) or any((root / "landing").glob("*")):
+    paths = ModelPaths.for_model(get_settings(), model)
+    if any(paths.accepted.glob("*")) or any(paths.landing.glob("*")):
         return None
     return _demo_land(model, batch=0, rows=5000, drift=0.0, seed=7)
 
