@@ -1,9 +1,10 @@
 """How cost grows with history (issue 12; results: BENCHMARKS.md, "How cost grows with history").
 
 Lands N batches of the demo churn data one at a time into a fresh data root and, after each, runs
-the training DAG's steps in this process (the same public step functions `run_training` chains,
-each timed on its own; no deployment) against a real MLflow server on a free port. After every
-batch it measures the disk used by the data root, its gx/ part and MLflow (database + artifacts).
+the training DAG's steps in this process (`pipeline.TRAINING_STEPS`, the list the DAG and
+`run_training` drive, each step timed on its own; no deployment) against a real MLflow server on a
+free port. After every batch it measures the disk used by the data root, its gx/ part and MLflow
+(database + artifacts).
 
 Usage: .venv/bin/python benchmarks/bench_growth.py [--batches 100] [--rows 5000] [--label after]
        .venv/bin/python benchmarks/bench_growth.py --plot benchmarks/out/growth-*.json
@@ -51,50 +52,25 @@ def versions() -> dict[str, str]:
 
 
 def run_batch(spec: Any, settings: Any, index: int) -> dict[str, float]:
-    """One pipeline run after one landed batch; seconds per step, in the DAG's order."""
+    """One run of the training DAG's steps (all but the deployment) after one landed batch; seconds
+    per step, by task id. Driven through the same step list as the DAG and `run_training`."""
     from cd4ml.steps import pipeline
+    from cd4ml.steps.contracts import RunContext
 
     run_id = f"growth__{index:04d}"
     run_time = (datetime(2026, 1, 1, tzinfo=UTC) + timedelta(hours=index)).isoformat()
+    run = RunContext(run_id=run_id, run_time=run_time, trigger="bench_growth", who="bench_growth")
+    results = pipeline.Results()
     times: dict[str, float] = {}
-
-    def timed(step: str, call: Any) -> Any:
+    for step in pipeline.TRAINING_STEPS:
+        if step.name == "deploy_champion":
+            continue
         start = time.perf_counter()
-        result = call()
-        times[step] = time.perf_counter() - start
-        return result
-
-    collected = timed("collect", lambda: pipeline.collect_landed_files(spec, settings))
-    validation = timed(
-        "validate",
-        lambda: pipeline.validate_landed_files(
-            spec, settings, collected["new"], run_id=run_id, run_time=run_time
-        ),
-    )
-    if len(validation["accepted"]) != 1:
-        raise RuntimeError(f"batch {index} was not accepted: {validation['quarantined']}")
-    datasets = timed("prepare", lambda: pipeline.prepare_datasets(spec, settings, run_id=run_id))
-    needed, why = pipeline.training_needed(spec, settings, datasets, force=False)
-    if not needed:
-        raise RuntimeError(f"batch {index}: nothing to train ({why})")
-    challenger = timed("train", lambda: pipeline.train_challenger(spec, settings, datasets, run_id=run_id))
-    evidence = timed(
-        "evaluate", lambda: pipeline.evaluate_against_champion(spec, settings, datasets, challenger)
-    )
-    registered = timed(
-        "register",
-        lambda: pipeline.register_challenger(
-            spec, settings, challenger=challenger, evidence=evidence, datasets=datasets,
-            validation=validation, run_id=run_id, reason="bench_growth",
-        ),
-    )  # fmt: skip
-    timed(
-        "promote",
-        lambda: pipeline.promote_champion(
-            spec, settings, version=registered["version"], evidence=evidence,
-            evaluate_only=False, run_time=run_time,
-        ),
-    )  # fmt: skip
+        result = step.run(spec, settings, run, results)
+        times[step.name] = time.perf_counter() - start
+        results = results.with_result(step.name, result)
+        if step.gate and not getattr(result, "needed", True):
+            raise RuntimeError(f"batch {index}: nothing to train ({getattr(result, 'why', result)})")
     return times
 
 
