@@ -112,6 +112,11 @@ def test_service_knobs(clean_env: pytest.MonkeyPatch) -> None:
     s = get_settings()
     assert (s.service_max_rows, s.service_poll_seconds, s.service_log_predictions) == (5, 0.5, False)
     assert s.deploy_golden_rows == 7
+    from cd4ml.serving.app import ServiceConfig
+
+    config = ServiceConfig.from_env()
+    assert (config.max_rows, config.poll_seconds, config.log_predictions) == (5, 0.5, False)
+    assert config.admin_token is None
 
 
 def test_a_bad_value_names_the_variable(clean_env: pytest.MonkeyPatch) -> None:

@@ -7,14 +7,14 @@
 
 Every route needs an Airflow login (the UI's session cookie or a bearer JWT from /auth/token), as
 Airflow's own API does. `/metrics` also takes `Authorization: Bearer $CD4ML_METRICS_TOKEN`, so a
-Prometheus server can scrape it with a static credential.
+Prometheus server can scrape it with a static credential. MLflow links go to the settings'
+public MLflow URL (CD4ML_MLFLOW_PUBLIC_URL), as in the mails.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import os
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -27,8 +27,9 @@ REPORT_DIRS = ("gx", "reports")
 
 
 def mlflow_ui_url() -> str:
-    port = os.environ.get("CD4ML_MLFLOW_PORT", "5000")
-    return (os.environ.get("CD4ML_MLFLOW_UI_URL") or f"http://127.0.0.1:{port}").rstrip("/")
+    from cd4ml.core.settings import get_settings
+
+    return get_settings().mlflow_public_url
 
 
 async def airflow_user(request: Request, credentials: Credentials) -> Any:
@@ -39,7 +40,9 @@ async def airflow_user(request: Request, credentials: Credentials) -> Any:
 
 
 async def metrics_reader(request: Request, credentials: Credentials) -> None:
-    token = os.environ.get("CD4ML_METRICS_TOKEN", "")
+    from cd4ml.core.settings import get_settings
+
+    token = get_settings().metrics_token or ""
     if token and credentials and hmac.compare_digest(credentials.credentials.encode(), token.encode()):
         return
     await airflow_user(request, credentials)
@@ -75,7 +78,7 @@ def create_app() -> FastAPI:
 
         only = dag_id.split("__")[0] if dag_id and "__" in dag_id else None
         overviews, errors, settings = await asyncio.to_thread(_overviews, only)
-        return HTMLResponse(render_html(overviews, settings, mlflow_ui_url(), errors))
+        return HTMLResponse(render_html(overviews, settings, settings.mlflow_public_url, errors))
 
     @app.get("/api/models", dependencies=user)
     async def models_json() -> JSONResponse:

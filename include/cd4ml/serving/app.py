@@ -12,7 +12,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -50,14 +49,18 @@ class ServiceConfig:
     log_predictions: bool = True
 
     @classmethod
-    def from_env(cls) -> ServiceConfig:
+    def from_settings(cls, settings: Settings) -> ServiceConfig:
         return cls(
-            max_rows=int(os.environ.get("CD4ML_SERVICE_MAX_ROWS", "10000")),
-            max_body_bytes=int(os.environ.get("CD4ML_SERVICE_MAX_BODY_BYTES", str(20 * 1024 * 1024))),
-            poll_seconds=float(os.environ.get("CD4ML_SERVICE_POLL_SECONDS", "2")),
-            admin_token=os.environ.get("CD4ML_SERVICE_ADMIN_TOKEN") or None,
-            log_predictions=os.environ.get("CD4ML_SERVICE_LOG_PREDICTIONS", "1") != "0",
+            max_rows=settings.service_max_rows,
+            max_body_bytes=settings.service_max_body_bytes,
+            poll_seconds=settings.service_poll_seconds,
+            admin_token=settings.service_admin_token,
+            log_predictions=settings.service_log_predictions,
         )
+
+    @classmethod
+    def from_env(cls) -> ServiceConfig:
+        return cls.from_settings(get_settings())
 
 
 class Metrics:
@@ -94,7 +97,7 @@ def _error(status: int, message: str, problems: list[Problem] | None = None) -> 
 
 def create_app(settings: Settings | None = None, config: ServiceConfig | None = None) -> FastAPI:
     settings = settings or get_settings()
-    config = config or ServiceConfig.from_env()
+    config = config or ServiceConfig.from_settings(settings)
     metrics = Metrics()
 
     def on_event(model: str, version: str, outcome: str) -> None:
