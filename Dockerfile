@@ -46,5 +46,12 @@ USER airflow
 COPY --chown=airflow:0 config/airflow_local_settings.py /opt/airflow/config/airflow_local_settings.py
 COPY --chown=airflow:0 dags /opt/airflow/dags
 COPY --chown=airflow:0 plugins /opt/airflow/plugins
+# The commit this image was built from (scripts/compose/build-images.sh passes `git rev-parse HEAD`,
+# with -dirty for local changes): there is no .git in the image, and every model version records
+# it as cd4ml.code_version. Last, so a new commit rebuilds no earlier layer. Compose's development
+# mount of ./include can run newer code than this commit; a release image has no such mount.
+ARG CD4ML_CODE_VERSION=""
+ENV CD4ML_CODE_VERSION=${CD4ML_CODE_VERSION}
+LABEL org.opencontainers.image.revision=${CD4ML_CODE_VERSION}
 ENTRYPOINT ["/usr/bin/dumb-init", "--"]
 CMD ["airflow", "version"]

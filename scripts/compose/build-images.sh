@@ -5,7 +5,8 @@
 #   cd4ml-local/postgres:15       stand-in for postgres:16
 #   cd4ml-local/redis:7           stand-in for redis:7.2-bookworm
 #   ${CD4ML_IMAGE:-cd4ml:local}   ./Dockerfile on cd4ml-local/python:3.11, pip offline from the
-#                                 wheelhouse in .cd4ml/compose/wheels (built here from constraints.txt)
+#                                 wheelhouse in .cd4ml/compose/wheels (built here from constraints.txt),
+#                                 with this checkout's commit (+ -dirty) baked in as CD4ML_CODE_VERSION
 # Layers are cached by the engine: a second run with unchanged inputs rebuilds nothing.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -54,5 +55,12 @@ build() {  # build TAG CONTEXT [ARGS...]: the network only for apt inside the bu
 build cd4ml-local/python:3.11 "$IMAGES/python"
 build cd4ml-local/postgres:15 "$IMAGES/postgres"
 build cd4ml-local/redis:7 "$IMAGES/redis"
-build "$CD4ML_IMAGE" . --build-arg BASE_IMAGE=cd4ml-local/python:3.11
+# The commit goes into the image (CD4ML_CODE_VERSION): there is no .git inside to ask.
+code_version=${CD4ML_CODE_VERSION:-$(git rev-parse HEAD 2>/dev/null || true)}
+if [ -z "${CD4ML_CODE_VERSION:-}" ] && [ -n "$code_version" ] \
+    && [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
+  code_version="$code_version-dirty"
+fi
+[ -n "$code_version" ] || echo "build-images.sh: not a git checkout; the image records the package version" >&2
+build "$CD4ML_IMAGE" . --build-arg BASE_IMAGE=cd4ml-local/python:3.11 --build-arg CD4ML_CODE_VERSION="$code_version"
 echo "build-images.sh: images ready in $(($(date +%s) - t0)) s" >&2
