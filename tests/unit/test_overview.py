@@ -1,5 +1,6 @@
 """The Models view's pure parts: Prometheus text that a real parser reads back, the drift chart,
-events from version tags, and report paths that cannot escape the model's directory."""
+events from the event log and (for older versions) their tags, and report paths that cannot
+escape the model's directory."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from cd4ml.core.settings import Settings
+from cd4ml.registry import HistoryEvent
 from cd4ml.ui.overview import (
     ModelOverview,
     VersionInfo,
@@ -18,6 +20,7 @@ from cd4ml.ui.overview import (
     prometheus_text,
     render_html,
     report_href,
+    totals_of,
 )
 
 
@@ -196,3 +199,54 @@ def test_trigger_reasons_read_as_text_not_dict_reprs() -> None:
     ctx["dag_run"] = SimpleNamespace(run_type="manual")
     ctx["params"] = {"reason": "backfill"}
     assert _trigger_reason(ctx) == "manual: backfill"
+
+
+def _logged(kind: str, version: str | None, when: str, why: str = "", **details: object) -> HistoryEvent:
+    return HistoryEvent(kind, version, "ana via churn__rollback", why, when, dict(details))
+
+
+def test_the_event_log_is_the_history_and_old_tags_fill_in_only_what_it_lacks() -> None:
+    # v1 predates the log: its tags are all that is left of its promotion and deployment.
+    deployed = json.dumps({"when": "2026-11-01T01:00:00+00:00", "outcome": "deployed", "golden_rows": 50})
+    v1 = version(
+        "1", "promote", **{"cd4ml.promoted_at": "2026-11-01T00:00:00+00:00", "cd4ml.deployment": deployed}
+    )
+    # v2's promotion is in the log and (as a small tag the service reads) on the version: shown once.
+    v2 = version("2", "promote", **{"cd4ml.promoted_at": "2026-11-02T00:00:00+00:00",
+                                    "cd4ml.rolled_back_at": "2026-11-05T00:00:00+00:00"})  # fmt: skip
+    history = [
+        _logged("promotion", "2", "2026-11-02T00:00:00+00:00", "better", previous="1"),
+        _logged("deployment", "2", "2026-11-02T00:01:00+00:00", "unreachable", outcome="retrying"),
+        _logged(
+            "deployment", "2", "2026-11-02T00:02:00+00:00", "smoke ok", outcome="deployed", golden_rows=50
+        ),
+        _logged("retraction", None, "2026-11-03T00:00:00+00:00", "labels shifted", file="week1.csv"),
+        _logged(
+            "rollback",
+            "2",
+            "2026-11-05T00:00:00+00:00",
+            "bad in prod",
+            outcome="rolled back",
+            **{"from": "3"},
+        ),
+    ]
+    events = _events([v2, v1], history)
+    assert [(e.version, e.what) for e in events] == [
+        ("2", "rolled back"), ("", "retracted"), ("2", "deployed"), ("2", "retrying"), ("2", "promoted"),
+        ("1", "deployed"), ("1", "promoted"),
+    ]  # fmt: skip
+    assert events[0].detail == "bad in prod (from v3)" and events[0].who == "ana via churn__rollback"
+    assert events[1].detail == "week1.csv: labels shifted"
+    assert events[-2].detail == "smoke test passed on 50 golden rows"
+
+    totals = totals_of([v2, v1], [], [], {}, history)
+    # Every settled outcome counts once, the retrying attempt not at all.
+    assert totals.deployments == {"deployed": 2, "rolled back": 1} and totals.promotions == 2
+    more = [*history, _logged("deployment", "3", "2026-11-06T00:00:00+00:00", "x", outcome="failed")]
+    assert totals_of([v2, v1], [], [], {}, more).deployments == {"deployed": 2, "rolled back": 1, "failed": 1}
+
+    view = overview([], [v2, v1], v1)
+    view.events = events
+    page = render_html([view], Settings(Path("/"), Path("/d"), Path("/s"), "x"), "m", [])
+    assert "History: promotions, deployments, rollbacks, retractions" in page
+    assert "ana via churn__rollback" in page and "week1.csv: labels shifted" in page

@@ -25,9 +25,11 @@ finished, and a file that is already retracted is reported, not moved twice.
 `accepted/`), the original name, or at least {min_sha} hex digits of the file's sha256. If the key
 matches no accepted file, or more than one, the run fails, lists the candidates and moves nothing.
 
-**Then.** `request_retrain` emits `{name}.new_data` with the retraction as the event's extra, which
-starts `{name}__train`. Its run records the retraction as its trigger, and the new version's
-data fingerprint leaves the file out. The *Models* view lists every retraction.
+**Then.** The retraction is added to the model's history in MLflow (experiment `{name}-history`:
+who, when, why, which file), once even if the task is retried. `request_retrain` emits
+`{name}.new_data` with the retraction as the event's extra, which starts `{name}__train`. Its
+run records the retraction as its trigger, and the new version's data fingerprint leaves the
+file out. The *Models* view lists every retraction.
 
 **What starts it.** Only a manual trigger. *Trigger* opens a form with the file and the reason.
 The command line does the same: `cd4ml data retract {name} <file-or-sha> --reason "..."`.
@@ -72,6 +74,7 @@ def build_retract_dag(spec: ModelSpec, settings: Settings) -> DAG:
         def retract_file() -> dict[str, Any]:
             from dataclasses import asdict
 
+            from cd4ml import registry
             from cd4ml.data.landing import Zone, retract
 
             ctx = context()
@@ -79,6 +82,12 @@ def build_retract_dag(spec: ModelSpec, settings: Settings) -> DAG:
             zone = Zone(settings.model_dir(spec.name)).ensure()
             done = retract(zone, str(form.get("file") or ""), reason=str(form.get("reason") or ""),
                            who=who(ctx), when=run_time(ctx))  # fmt: skip
+            # Keyed by file and time: a retry (or retracting it again) records it once.
+            registry.append_event(
+                registry.client(settings.mlflow_tracking_uri), spec.name, kind="retraction", version=None,
+                who=done.who, why=done.reason, when=done.when, key=f"retraction:{done.sha256}:{done.when}",
+                details={k: getattr(done, k) for k in ("file", "sha256", "rows", "accepted_at")},
+            )  # fmt: skip
             return asdict(done)
 
         @task(outlets=[new_data])

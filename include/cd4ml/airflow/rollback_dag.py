@@ -21,8 +21,9 @@ the smoke test fails, the champion is restored and the run fails with the reason
 
 **What starts it.** Only a manual trigger: *Trigger* opens a form with the version and a reason.
 
-**What it produces.** The moved alias and `cd4ml.deployment` / `cd4ml.rollback_reason` tags on
-the version in MLflow.
+**What it produces.** The moved alias, and a `rollback` event in the model's history in MLflow
+(experiment `{name}-history`: who, when, the reason, the outcome), which the *Models* view lists.
+The version keeps only small tags (`cd4ml.rolled_back_at`, `cd4ml.previous_champion`).
 """
 
 

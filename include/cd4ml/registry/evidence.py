@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cd4ml.core.errors import Cd4mlError
+from cd4ml.core.errors import Cd4mlError, is_transient
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -175,6 +175,8 @@ def _download(mlflow_client: MlflowClient, run_id: str, path: str, tmp: str) -> 
     try:
         return Path(mlflow_client.download_artifacts(run_id, path, tmp))
     except (MlflowException, OSError) as err:
+        if is_transient(err):
+            raise  # MLflow did not answer: a retry may read it; a missing file never appears
         raise EvidenceMissingError(
             f"run {run_id}: artifact {path} cannot be read from MLflow ({err})"
         ) from None

@@ -4,7 +4,8 @@ After `champion` moves: ask the service to reload, wait (bounded) until it repor
 then smoke-test it with golden rows from the holdout — the service's answers must equal the offline
 predictions of the registered version, exactly. On any failure `champion` goes back to the previous
 version, the service is confirmed to serve it again, and the run fails saying what broke. Every
-attempt is recorded on the version as MLflow tags.
+attempt is an event in the model's append-only history (`registry.append_event`): who, when, why
+and the outcome, never overwritten by the next attempt.
 """
 
 from __future__ import annotations
@@ -12,23 +13,21 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from cd4ml import registry
 from cd4ml.core.errors import Cd4mlError, TransientError
-from cd4ml.core.settings import Settings
+from cd4ml.core.settings import Settings, get_settings
 from cd4ml.core.spec import ModelSpec
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 log = logging.getLogger(__name__)
-
-
-def golden_rows() -> int:
-    return int(os.environ.get("CD4ML_DEPLOY_GOLDEN_ROWS", "50"))
 
 
 class DeployError(Cd4mlError):
@@ -52,11 +51,13 @@ class ServiceEndpoint:
 
     @classmethod
     def from_env(cls) -> ServiceEndpoint:
-        port = os.environ.get("CD4ML_SERVICE_PORT", "8000")
+        """From the settings (CD4ML_SERVICE_URL, _ADMIN_TOKEN, CD4ML_DEPLOY_WAIT_SECONDS); Airflow
+        tasks use the `cd4ml_service` connection first (cd4ml.airflow.connections)."""
+        settings = get_settings()
         return cls(
-            url=os.environ.get("CD4ML_SERVICE_URL", f"http://127.0.0.1:{port}").rstrip("/"),
-            admin_token=os.environ.get("CD4ML_SERVICE_ADMIN_TOKEN") or None,
-            wait_seconds=float(os.environ.get("CD4ML_DEPLOY_WAIT_SECONDS", "60")),
+            url=settings.service_url,
+            admin_token=settings.service_admin_token,
+            wait_seconds=settings.deploy_wait_seconds,
         )
 
 
@@ -156,13 +157,24 @@ def wait_until_serving(endpoint: ServiceEndpoint, model: str, version: str) -> N
     )
 
 
-def _golden_rows(spec: ModelSpec, holdout_path: str) -> Any:
+def _golden_rows(
+    spec: ModelSpec, settings: Settings, version: str, holdout: str | pd.DataFrame | None
+) -> Any:
+    """The last rows of the holdout: a local file given by the caller (the run that just built it),
+    else the version's holdout snapshot in MLflow."""
     import pandas as pd
 
     from cd4ml.ml.training import features
 
-    holdout = pd.read_parquet(holdout_path)
-    return features(spec, holdout.tail(golden_rows()))
+    frame: pd.DataFrame
+    if holdout is None:
+        client = registry.client(settings.mlflow_tracking_uri)
+        frame = registry.reference_frame(client, spec.name, version, "holdout")
+    elif isinstance(holdout, str):
+        frame = pd.read_parquet(holdout)
+    else:
+        frame = holdout
+    return features(spec, frame.tail(settings.deploy_golden_rows))
 
 
 def _equal(a: Any, b: Any) -> bool:
@@ -172,10 +184,14 @@ def _equal(a: Any, b: Any) -> bool:
 
 
 def smoke_test(
-    spec: ModelSpec, settings: Settings, endpoint: ServiceEndpoint, version: str, holdout_path: str
+    spec: ModelSpec,
+    settings: Settings,
+    endpoint: ServiceEndpoint,
+    version: str,
+    holdout: str | pd.DataFrame | None = None,
 ) -> dict[str, Any]:
     """Service predictions must equal the registered version's offline predictions on golden rows."""
-    golden = _golden_rows(spec, holdout_path)
+    golden = _golden_rows(spec, settings, version, holdout)
     model = registry.load_model(settings.mlflow_tracking_uri, f"models:/{spec.name}/{version}")
     expected = model.predict(golden).tolist()
     payload = {"dataframe_split": json.loads(golden.to_json(orient="split", index=False))}
@@ -209,9 +225,21 @@ def smoke_test(
     return {"golden_rows": len(expected), "version": version}
 
 
-def _record(settings: Settings, model: str, version: str, record: dict[str, Any]) -> None:
+def _record(
+    settings: Settings,
+    model: str,
+    version: str,
+    *,
+    kind: str,
+    who: str,
+    when: str,
+    why: str,
+    details: dict[str, Any],
+) -> None:
+    """One attempt's outcome as a new event in the model's history (the previous ones stay)."""
     client = registry.client(settings.mlflow_tracking_uri)
-    registry.set_tags(client, model, version, {"cd4ml.deployment": registry.tag_json(record)})
+    registry.append_event(client, model, kind=kind, version=version, who=who, why=why, when=when,
+                          details=details)  # fmt: skip
 
 
 def deploy_champion(
@@ -219,7 +247,7 @@ def deploy_champion(
     settings: Settings,
     *,
     promoted: dict[str, Any],
-    holdout_path: str,
+    holdout_path: str | None = None,
     who: str,
     when: str,
     endpoint: ServiceEndpoint | None = None,
@@ -230,7 +258,9 @@ def deploy_champion(
     A transient failure (service unreachable) before the last attempt is raised as it is, with the
     champion left in place, so the retry deploys it again once the service is back; on the last
     attempt, or for a deterministic failure (a refusal, wrong predictions), `champion` is rolled
-    back first. Every outcome is recorded on the version as `cd4ml.deployment`.
+    back first. Every outcome is a `deployment` event in the model's history, with
+    `details.outcome` one of retrying, failed, deployed. Without `holdout_path` the golden rows
+    come from the version's holdout snapshot in MLflow.
     """
     if not promoted.get("promoted"):
         return {"deployed": False, "why": "champion unchanged; nothing to deploy"}
@@ -245,23 +275,23 @@ def deploy_champion(
             f"{spec.name}: champion is {'unset' if current is None else f'version {current.version}'}, "
             f"no longer version {version}; nothing to deploy (promote it again to roll it out)"
         )
-    record: dict[str, Any] = {"who": who, "when": when}
+    record = {"kind": "deployment", "who": who, "when": when}
     try:
         wait_until_serving(endpoint, spec.name, version)
         checked = smoke_test(spec, settings, endpoint, version, holdout_path)
     except DeployError as failure:
         if failure.retryable and not last_attempt:
-            _record(settings, spec.name, version, {**record, "outcome": "retrying", "error": str(failure)})
+            _record(settings, spec.name, version, **record, why=str(failure),
+                    details={"outcome": "retrying", "error": str(failure), "previous": previous})  # fmt: skip
             raise
         rollback_note = _roll_back_after_failure(spec, settings, endpoint, version, previous)
-        _record(
-            settings,
-            spec.name,
-            version,
-            {**record, "outcome": "failed", "error": str(failure), "rollback": rollback_note},
-        )
+        _record(settings, spec.name, version, **record, why=str(failure),
+                details={"outcome": "failed", "error": str(failure), "rollback": rollback_note,
+                         "previous": previous})  # fmt: skip
         raise type(failure)(f"deploy of {spec.name} v{version} failed: {failure}; {rollback_note}") from None
-    _record(settings, spec.name, version, {**record, "outcome": "deployed", **checked})
+    why = f"smoke test passed on {checked['golden_rows']} golden rows"
+    _record(settings, spec.name, version, **record, why=why,
+            details={"outcome": "deployed", "previous": previous, **checked})  # fmt: skip
     return {"deployed": True, "version": version, **checked}
 
 
@@ -292,7 +322,12 @@ def rollback(
     holdout_path: str | None = None,
     endpoint: ServiceEndpoint | None = None,
 ) -> dict[str, Any]:
-    """Move `champion` to `target` (default: the previous champion), then the same smoke test."""
+    """Move `champion` to `target` (default: the previous champion), then the same smoke test.
+
+    The outcome is a `rollback` event in the model's history (`details.outcome`: rolled back or
+    rollback failed) with the reason. Golden rows: `holdout_path` if given, else the target's
+    holdout snapshot in MLflow (a local path in its tags for versions registered before that).
+    """
     endpoint = endpoint or ServiceEndpoint.from_env()
     client = registry.client(settings.mlflow_tracking_uri)
     current = registry.version_by_alias(client, spec.name, registry.CHAMPION)
@@ -307,30 +342,36 @@ def rollback(
         mv = client.get_model_version(spec.name, target)
     except MlflowException:
         raise DeployError(f"{spec.name}: version {target!r} does not exist") from None
-    validation = json.loads((mv.tags or {}).get("cd4ml.data.validation", "{}") or "{}")
-    if validation.get("status") != "passed":
+    if registry.validation_status(client, spec.name, mv) != "passed":
         raise DeployError(f"{spec.name}: version {target} never passed validation; refusing to serve it")
     if target == current_version:
         raise DeployError(f"{spec.name}: version {target} is already the champion")
     registry.move_champion(client, spec.name, target, expected_current=current_version)
+    # Small scalars the service (champion since) and the next rollback (its default target) read.
     registry.set_tags(client, spec.name, target, {
-        "cd4ml.rolled_back_at": when, "cd4ml.rollback_reason": reason[:500],
-        "cd4ml.previous_champion": current_version or "none",
+        "cd4ml.rolled_back_at": when, "cd4ml.previous_champion": current_version or "none",
     })  # fmt: skip
+    record = {"kind": "rollback", "who": who, "when": when, "why": reason}
     try:
         wait_until_serving(endpoint, spec.name, target)
-        golden = holdout_path or (mv.tags or {}).get("cd4ml.holdout_snapshot", "")
-        if not golden or not os.path.exists(golden):
-            raise DeployError(f"{spec.name}: version {target} has no holdout snapshot to smoke-test with")
+        golden: str | pd.DataFrame | None = holdout_path
+        if golden is None:
+            try:
+                golden = registry.reference_frame(client, spec.name, mv, "holdout")
+            except registry.EvidenceMissingError as err:
+                raise DeployError(
+                    f"{spec.name}: version {target} has no holdout to smoke-test with: {err}"
+                ) from None
         checked = smoke_test(spec, settings, endpoint, target, golden)
     except DeployError as failure:
         note = "champion left unchanged"
         if current_version:
             registry.move_champion(client, spec.name, current_version, expected_current=target)
             note = f"champion restored to {current_version}"
-        _record(settings, spec.name, target, {"who": who, "when": when, "outcome": "rollback failed",
-                                               "error": str(failure)})  # fmt: skip
+        _record(settings, spec.name, target, **record,
+                details={"outcome": "rollback failed", "error": str(failure), "from": current_version,
+                         "restored": note})  # fmt: skip
         raise type(failure)(f"rollback of {spec.name} to v{target} failed: {failure}; {note}") from None
-    record = {"who": who, "when": when, "outcome": "rolled back", "reason": reason, "from": current_version}
-    _record(settings, spec.name, target, {**record, **checked})
+    _record(settings, spec.name, target, **record,
+            details={"outcome": "rolled back", "from": current_version, **checked})  # fmt: skip
     return {"rolled_back": True, "from": current_version, "to": target, **checked}

@@ -1,6 +1,8 @@
 """The drift check behind `<model>__monitor`: reference vs current window, report, decision.
 
-reference  the snapshot of the data the current champion was trained on (`cd4ml.train_snapshot`)
+reference  the snapshot of the data the current champion was trained on, read from MLflow
+           (`registry.reference_frame`: an artifact of the version, or for versions registered
+           before that, the local path in its tags)
 current    what the prediction service received since the last check; when there was no traffic,
            the batches accepted since then that the champion has not been trained on
 verdicts   `cd4ml.ml.drift` on the full data; the Evidently report on a seeded, stratified sample
@@ -19,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from cd4ml import registry
-from cd4ml.core.errors import Cd4mlError
 from cd4ml.core.settings import Settings
 from cd4ml.core.spec import ModelSpec
 from cd4ml.data import landing
@@ -119,9 +120,9 @@ def check_drift(
                 "share": 0.0, "drifted_columns": [], "report_uri": None,
                 "decision": {"drift": False, "trigger": False, "reason": reason}}  # fmt: skip
     tags = champion.tags or {}
-    snapshot = tags.get("cd4ml.train_snapshot", "")
-    if not snapshot or not Path(snapshot).exists():
-        raise Cd4mlError(f"{spec.name} v{champion.version}: training snapshot {snapshot!r} is missing")
+    # Read first: without a reference there is nothing to compare, whatever the window holds.
+    reference = registry.reference_frame(client, spec.name, champion, "train")
+    evidence = registry.read_evidence(client, spec.name, champion)
     state = load_state(settings, spec.name)
     end = _parse(window_end) or datetime.now(UTC)
     start: datetime | None
@@ -142,17 +143,16 @@ def check_drift(
         },
     }
     summary["new_categories"] = _new_categories(
-        spec, [snapshot, tags.get("cd4ml.holdout_snapshot", "")], current
+        spec, _known_categories(spec, client, champion, reference, evidence), current
     )
     report_dir = settings.model_dir(spec.name) / "reports" / "drift" / run_key(run_id)
     report_dir.mkdir(parents=True, exist_ok=True)
     performance_drop = None
     if len(current) >= spec.drift.min_rows:
         model = registry.load_model(settings.mlflow_tracking_uri, f"models:/{spec.name}/{champion.version}")
-        reference = pd.read_parquet(snapshot)
         summary.update(_measure(spec, model, reference, current, report_dir))
         if labelled is not None and len(labelled) >= spec.promotion.min_holdout_rows:
-            summary["performance"] = _performance(spec, model, labelled, tags)
+            summary["performance"] = _performance(spec, model, labelled, evidence.decision)
             performance_drop = summary["performance"]["drop"]
     else:
         summary.update({"share": 0.0, "drifted_columns": [], "columns": []})
@@ -190,25 +190,41 @@ def check_drift(
     return {k: v for k, v in summary.items() if k != "columns"}
 
 
-def _new_categories(spec: ModelSpec, snapshots: list[str], current: Any) -> dict[str, Any]:
+def _known_categories(
+    spec: ModelSpec, client: Any, champion: Any, reference: Any, evidence: registry.Evidence
+) -> dict[str, set[str]]:
+    """Every categorical value in the champion's data (train + holdout). A snapshot stored as a
+    sample carries the distinct values of the whole table, so a rare value is not reported as new."""
+    known: dict[str, set[str]] = {c: set() for c in spec.categorical}
+    if not spec.categorical:
+        return known
+    frames = [reference]
+    try:
+        frames.append(registry.reference_frame(client, spec.name, champion, "holdout",
+                                               columns=list(spec.categorical)))  # fmt: skip
+    except registry.EvidenceMissingError as err:
+        log.info("%s: categories from the training snapshot only: %s", spec.name, err)
+    for frame in frames:
+        for col in spec.categorical:
+            if col in frame:
+                known[col].update(frame[col].dropna().astype(str).unique().tolist())
+    for info in evidence.snapshots.values():
+        for col, values in (info.get("categories") or {}).items():
+            if col in known:
+                known[col].update(values)
+    return known
+
+
+def _new_categories(spec: ModelSpec, known: dict[str, set[str]], current: Any) -> dict[str, Any]:
     """Categorical values in the window that the champion never saw in its data (train + holdout).
 
     Validation lets a share of rows with new values through (validation.max_new_category_fraction),
     and the service answers them; this is where they become visible before the next retrain.
     """
-    import pandas as pd
-
     from cd4ml.data.validation import Reference, new_category_values
 
     if not spec.categorical or current.empty:
         return {}
-    known: dict[str, set[str]] = {c: set() for c in spec.categorical}
-    for path in snapshots:
-        if not path or not Path(path).exists():
-            continue
-        frame = pd.read_parquet(path, columns=[c for c in spec.categorical])
-        for col in spec.categorical:
-            known[col].update(frame[col].dropna().astype(str).unique().tolist())
     reference = Reference(categories={c: sorted(v) for c, v in known.items() if v})
     found = new_category_values(spec, reference, current)
     for col, info in found.items():
@@ -254,12 +270,12 @@ def _measure(spec: ModelSpec, model: Any, reference: Any, current: Any, report_d
     }
 
 
-def _performance(spec: ModelSpec, model: Any, labelled: Any, tags: dict[str, str]) -> dict[str, Any]:
+def _performance(spec: ModelSpec, model: Any, labelled: Any, decision: dict[str, Any]) -> dict[str, Any]:
     """The champion's primary metric on newly labelled rows vs its holdout score at promotion."""
     from cd4ml.ml import training
     from cd4ml.ml.evaluation import score
 
-    baseline = json.loads(tags.get("cd4ml.evidence", "{}") or "{}").get("challenger_score")
+    baseline = decision.get("challenger_score")
     now_score = score(
         spec.metric.name, labelled[spec.target].to_numpy(), training.metric_inputs(spec, model, labelled)
     )

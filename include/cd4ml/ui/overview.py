@@ -1,16 +1,20 @@
 """What the Models view and the pipeline metrics show, read from MLflow and the data root.
 
 One place computes the state of every model (champion and lineage, decisions with their evidence,
-deployments and rollbacks, drift checks); the Airflow plugin renders it as a page inside the
-Airflow UI (Jinja2 templates in cd4ml/ui/templates, autoescaped), as JSON, and as Prometheus text
-(a prometheus_client collector). Nothing here writes anything.
+the history of promotions, deployments, rollbacks and retractions, drift checks); the Airflow
+plugin renders it as a page inside the Airflow UI (Jinja2 templates in cd4ml/ui/templates,
+autoescaped), as JSON, and as Prometheus text (a prometheus_client collector). Nothing here writes.
+
+The history is the model's append-only event log (`registry.events`); versions registered before
+it existed still show what their tags kept (`cd4ml.promoted_at`, `cd4ml.deployment`, ...), unless
+the log has the same event. Evidence is read from the version's artifacts (`registry.read_evidence`).
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -55,11 +59,13 @@ class Event:
     version: str
     what: str
     detail: str
+    who: str = ""
+    kind: str = ""  # promotion, deployment, rollback, retraction (registry.history kinds)
 
 
-# A deployment record says "retrying" until the same attempt settles as deployed or failed: counting
-# it would make a counter go down when the record is overwritten.
-_TRANSIENT_OUTCOMES = frozenset({"retrying"})
+# Not counted as deployment outcomes: "retrying" has not settled (the same deployment ends deployed
+# or failed later); "rollback requested" is an old tag's note beside the rollback's own record.
+_UNCOUNTED = frozenset({"retrying", "rollback requested"})
 
 
 @dataclass
@@ -80,17 +86,22 @@ def totals_of(
     drift: list[dict[str, Any]],
     runs: list[dict[str, Any]],
     files: dict[str, int],
+    history: Iterable[registry.HistoryEvent] = (),
 ) -> Totals:
+    """Counts over every version and every event in the history: each settled deployment or
+    rollback counts once, so the counters only grow as the log does."""
     deployments: Counter[str] = Counter()
-    for v in versions:
-        outcome = _json_tag(v.tags, "cd4ml.deployment").get("outcome")
-        if outcome and outcome not in _TRANSIENT_OUTCOMES:
-            deployments[str(outcome)] += 1
+    promotions = 0
+    for e in _events(versions, history):
+        if e.kind == "promotion":
+            promotions += 1
+        elif e.kind in ("deployment", "rollback") and e.what not in _UNCOUNTED:
+            deployments[e.what] += 1
     triggered = sum(bool((c.get("decision") or {}).get("trigger")) for c in drift)
     trained = sum(bool(r.get("trained")) for r in runs)
     return Totals(
         decisions=dict(Counter(v.decision or "none" for v in versions)),
-        promotions=sum(bool(v.tags.get("cd4ml.promoted_at")) for v in versions),
+        promotions=promotions,
         deployments=dict(deployments),
         drift_checks={"true": triggered, "false": len(drift) - triggered},
         training_runs={"true": trained, "false": len(runs) - trained},
@@ -147,30 +158,56 @@ def _version_info(mv: Any) -> VersionInfo:
     )
 
 
-def _events(versions: list[VersionInfo]) -> list[Event]:
-    """Promotions, deployments and rollbacks, newest first, from the versions' tags."""
-    events: list[Event] = []
+def _history_event(e: registry.HistoryEvent) -> Event:
+    d = e.details
+    what = {"promotion": "promoted", "retraction": "retracted"}.get(e.kind, e.outcome)
+    if e.kind == "promotion":
+        detail = f"previous champion: {d.get('previous') or 'none'}" + (f"; {e.why}" if e.why else "")
+    elif e.kind == "rollback":
+        detail = f"{e.why} (from v{d.get('from') or 'none'})"
+        if d.get("error"):
+            detail = f"{detail}: {d['error']}; {d.get('restored', '')}".rstrip("; ")
+    elif e.kind == "retraction":
+        detail = f"{d.get('file') or '?'}: {e.why}"
+    else:
+        detail = str(d.get("error") or e.why)
+        if d.get("rollback"):
+            detail = f"{detail}; {d['rollback']}"
+    return Event(e.when, e.version or "", what, detail, who=e.who, kind=e.kind)
+
+
+def _tag_events(v: VersionInfo) -> list[Event]:
+    """What a version's tags kept of its history, as versions registered before the event log
+    recorded it (each tag holds the last write only)."""
+    t, events = v.tags, []
+    if t.get("cd4ml.promoted_at"):
+        previous = t.get("cd4ml.previous_champion", "none")
+        events.append(Event(t["cd4ml.promoted_at"], v.version, "promoted", f"previous champion: {previous}",
+                            kind="promotion"))  # fmt: skip
+    deployment = _json_tag(t, "cd4ml.deployment")
+    if deployment:
+        detail = deployment.get("error") or deployment.get("reason") or ""
+        if not detail and deployment.get("golden_rows"):
+            detail = f"smoke test passed on {deployment['golden_rows']} golden rows"
+        if deployment.get("rollback"):
+            detail = f"{detail}; {deployment['rollback']}"
+        outcome = str(deployment.get("outcome", "deployment"))
+        events.append(Event(str(deployment.get("when", "")), v.version, outcome, detail,
+                            who=str(deployment.get("who") or ""),
+                            kind="rollback" if outcome.startswith("roll") else "deployment"))  # fmt: skip
+    if t.get("cd4ml.rolled_back_at"):
+        why = f"{t.get('cd4ml.rollback_reason', '')} (from v{t.get('cd4ml.previous_champion')})"
+        events.append(Event(t["cd4ml.rolled_back_at"], v.version, "rollback requested", why, kind="rollback"))
+    return events
+
+
+def _events(versions: list[VersionInfo], history: Iterable[registry.HistoryEvent] = ()) -> list[Event]:
+    """Promotions, deployments, rollbacks and retractions, newest first: the event log, plus what
+    older versions' tags kept that the log does not have (same version, kind and time)."""
+    events = [_history_event(e) for e in history]
+    logged = {(e.version, e.kind, e.when) for e in events}
     for v in versions:
-        t = v.tags
-        if t.get("cd4ml.promoted_at"):
-            previous = t.get("cd4ml.previous_champion", "none")
-            events.append(
-                Event(t["cd4ml.promoted_at"], v.version, "promoted", f"previous champion: {previous}")
-            )
-        deployment = _json_tag(t, "cd4ml.deployment")
-        if deployment:
-            detail = deployment.get("error") or deployment.get("reason") or ""
-            if not detail and deployment.get("golden_rows"):
-                detail = f"smoke test passed on {deployment['golden_rows']} golden rows"
-            if deployment.get("rollback"):
-                detail = f"{detail}; {deployment['rollback']}"
-            who = deployment.get("who")
-            events.append(Event(str(deployment.get("when", "")), v.version,
-                                str(deployment.get("outcome", "deployment")),
-                                f"{detail} (by {who})" if who else detail))  # fmt: skip
-        if t.get("cd4ml.rolled_back_at"):
-            why = f"{t.get('cd4ml.rollback_reason', '')} (from v{t.get('cd4ml.previous_champion')})"
-            events.append(Event(t["cd4ml.rolled_back_at"], v.version, "rollback requested", why))
+        events.extend(e for e in _tag_events(v) if (e.version, e.kind, e.when) not in logged)
     return sorted(events, key=lambda e: e.when, reverse=True)
 
 
@@ -209,6 +246,34 @@ def _run_outcomes(spec: ModelSpec, settings: Settings) -> list[dict[str, Any]]:
     return out
 
 
+# Evidence artifacts are written once per version: read each at most once per process.
+_EVIDENCE_CACHE: dict[tuple[str, str, str, str], registry.Evidence] = {}
+
+
+def _read_evidence(client: Any, name: str, mv: Any) -> registry.Evidence | None:
+    from cd4ml.registry.evidence import has_artifacts
+
+    if not has_artifacts(mv):
+        return None
+    key = (str(client.tracking_uri), name, str(mv.version), str(mv.run_id))
+    if key not in _EVIDENCE_CACHE:
+        _EVIDENCE_CACHE[key] = registry.read_evidence(client, name, mv)
+    return _EVIDENCE_CACHE[key]
+
+
+def _with_evidence(client: Any, name: str, found: list[Any], shown: list[VersionInfo]) -> None:
+    """Fill the shown versions' evidence from their artifacts (older versions keep their tags')."""
+    by_version = {str(mv.version): mv for mv in found}
+    for v in shown:
+        try:
+            evidence = _read_evidence(client, name, by_version[v.version])
+        except registry.EvidenceMissingError as err:
+            v.evidence = {"unreadable": str(err)}
+            continue
+        if evidence is not None:
+            v.evidence, v.validation = evidence.decision, evidence.validation
+
+
 def model_overview(spec: ModelSpec, settings: Settings, *, limit: int = 25) -> ModelOverview:
     from mlflow.exceptions import MlflowException
 
@@ -218,6 +283,7 @@ def model_overview(spec: ModelSpec, settings: Settings, *, limit: int = 25) -> M
         found = list(client.search_model_versions(f"name='{spec.name}'", max_results=1000))
     except MlflowException:
         found = []
+    history = registry.events(client, spec.name) if found else []
     versions = sorted((_version_info(mv) for mv in found), key=lambda v: int(v.version), reverse=True)
     # Search results carry no aliases; ask for the two cd4ml moves.
     for alias in (registry.CHAMPION, registry.CHALLENGER):
@@ -226,6 +292,7 @@ def model_overview(spec: ModelSpec, settings: Settings, *, limit: int = 25) -> M
             if mv is not None and v.version == str(mv.version) and alias not in v.aliases:
                 v.aliases.append(alias)
     champion = next((v for v in versions if registry.CHAMPION in v.aliases), None)
+    _with_evidence(client, spec.name, found, versions[:limit] + ([champion] if champion else []))
     drift = monitor.history(settings, spec.name)
     runs = _run_outcomes(spec, settings)
     files = _file_counts(spec, settings)
@@ -235,13 +302,13 @@ def model_overview(spec: ModelSpec, settings: Settings, *, limit: int = 25) -> M
         metric=spec.metric.name,
         champion=champion,
         versions=versions[:limit],
-        events=_events(versions)[:limit],
+        events=_events(versions, history)[:limit],
         drift=drift[-200:],
         drift_threshold=spec.drift.threshold,
         files=files,
         runs=runs[:limit],
         retractions=_retractions(spec, settings, limit),
-        totals=totals_of(versions, drift, runs, files),
+        totals=totals_of(versions, drift, runs, files, history),
     )
 
 
