@@ -118,17 +118,29 @@ def cmd_data_retract(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """The `<model>__train` DAG's steps in this process: the same gate, run outcome and error policy."""
+    import getpass
     from datetime import UTC, datetime
 
+    from cd4ml.core.errors import is_transient
     from cd4ml.core.spec import load_spec
-    from cd4ml.steps.pipeline import run_training
+    from cd4ml.steps.pipeline import RETRIES, run_training
 
     settings = get_settings()
     spec = load_spec(settings.specs_dir / f"{args.model}.yaml")
     now = datetime.now(UTC).isoformat()
-    result = run_training(
-        spec, settings, run_id=f"cli__{now}", run_time=now, force=args.force, deploy=not args.no_deploy
-    )
+    try:
+        result = run_training(
+            spec, settings, run_id=f"cli__{now}", run_time=now, force=args.force, deploy=not args.no_deploy,
+            evaluate_only=args.evaluate_only, trigger=f"manual: {args.reason}",
+            who=f"{getpass.getuser()} via cd4ml CLI", retries=RETRIES,
+        )  # fmt: skip
+    except Cd4mlError as err:
+        # As a failed task reports it: which step, the error's kind, whether a retry could help.
+        where = "; ".join(getattr(err, "__notes__", [])) or f"{args.model}__train"
+        verdict = "transient, retries exhausted" if is_transient(err) else "deterministic, not retried"
+        print(f"cd4ml: {where}: {type(err).__name__} ({verdict}):\n{err}", file=sys.stderr)
+        return 2
     print(json.dumps(result, indent=2))
     return 0
 
@@ -161,7 +173,13 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("train", help="run the training pipeline once in this process, without Airflow")
     p.add_argument("model")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--force", action="store_true", help="train even if nothing changed (the DAG's 'force')")
+    p.add_argument(
+        "--evaluate-only",
+        action="store_true",
+        help="train, evaluate and register, but never move the champion (the DAG's 'evaluate_only')",
+    )
+    p.add_argument("--reason", default="cd4ml train", help="why; recorded on the version and the run outcome")
     p.add_argument("--no-deploy", action="store_true", help="register and promote, but do not roll out")
     p.set_defaults(func=cmd_train)
 

@@ -1,10 +1,13 @@
 """`<model>__train`: validate new data, train a challenger, judge it, register it, maybe promote it.
 
-Each task is a thin adapter: import inside, call one `cd4ml.steps.pipeline` step, return a small dict.
+One task per step of `cd4ml.steps.pipeline.TRAINING_STEPS` (the list `cd4ml train` runs too), each a
+thin adapter: read the upstream XComs back into the step's typed inputs, run the step, return its
+record's XCom. Only the Airflow parts live here: callbacks, the short circuit, the run's context.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from airflow.sdk import (
@@ -12,15 +15,19 @@ from airflow.sdk import (
     AssetOrTimeSchedule,
     CronTriggerTimetable,
     Param,
+    XComArg,
     dag,
     task,
 )
+from airflow.sdk.bases.decorator import Task
 
 from cd4ml.airflow import assets
 from cd4ml.airflow.common import START, context, default_args, last_attempt, run_time, who
 from cd4ml.airflow.notifiers import Cd4mlNotifier
 from cd4ml.core.settings import Settings
 from cd4ml.core.spec import ModelSpec
+from cd4ml.steps.contracts import NothingAccepted, RunContext, TrainingGate, XCom
+from cd4ml.steps.pipeline import RETRIES, RETRY_DELAY_S, TRAINING_STEPS, Step, load_inputs
 
 DOC = """\
 ### {name}: training pipeline
@@ -106,6 +113,29 @@ def _trigger_reason(ctx: dict[str, Any]) -> str:
     return f"{run_type}: nightly schedule"
 
 
+def run_context(ctx: dict[str, Any]) -> RunContext:
+    """The steps' view of an Airflow run: ids, the run's own time, why it started, its Params."""
+    params = ctx.get("params") or {}
+    return RunContext(
+        run_id=str(ctx["run_id"]),
+        run_time=run_time(ctx),
+        trigger=_trigger_reason(ctx),
+        who=who(ctx),
+        force=bool(params.get("force")),
+        evaluate_only=bool(params.get("evaluate_only")),
+        last_attempt=last_attempt(ctx),
+    )
+
+
+def _xcom_dict(task_id: str, value: XComArg | XCom) -> XCom:
+    """At run time Airflow has resolved the placeholder into the upstream task's dict."""
+    if not isinstance(value, dict):
+        raise TypeError(
+            f"upstream task {task_id!r} returned {type(value).__name__}, not a step record's dict"
+        )
+    return value
+
+
 def build_train_dag(spec: ModelSpec, settings: Settings) -> DAG:
     new_data = assets.new_data(spec, settings)
     drift = assets.drift_detected(spec)
@@ -135,7 +165,7 @@ def build_train_dag(spec: ModelSpec, settings: Settings) -> DAG:
         catchup=False,
         max_active_runs=1,
         tags=["cd4ml", spec.name, "train"],
-        default_args=default_args(spec, retries=2, retry_delay_s=10),
+        default_args=default_args(spec, retries=RETRIES, retry_delay_s=RETRY_DELAY_S),
         params={
             "reason": Param(
                 "manual run",
@@ -161,100 +191,46 @@ def build_train_dag(spec: ModelSpec, settings: Settings) -> DAG:
         render_template_as_native_obj=False,
     )
     def train_pipeline() -> None:
-        @task
-        def collect_landed_files() -> dict[str, Any]:
-            from cd4ml.steps.pipeline import collect_landed_files as step
-
-            return step(spec, settings)
-
-        @task(on_failure_callback=[Cd4mlNotifier("quarantine", spec), Cd4mlNotifier("failure", spec)])
-        def validate_batches(collected: dict[str, Any]) -> dict[str, Any]:
-            from cd4ml.core.errors import QuarantinedError
-            from cd4ml.steps.pipeline import validate_landed_files
-
-            ctx = context()
-            result = validate_landed_files(
-                spec, settings, collected["new"], run_id=ctx["run_id"], run_time=run_time(ctx)
-            )
-            if result["quarantined"] and not result["accepted"]:
-                # The task fails, so it has no return value: keep the Data Docs link reachable.
-                ctx["ti"].xcom_push(key="report", value={"docs_url": result["docs_url"]})
-                raise QuarantinedError(result["quarantined"])  # a data error: never retried
-            return result
-
-        @task
-        def build_datasets(validated: dict[str, Any]) -> dict[str, Any]:
-            from cd4ml.steps.pipeline import prepare_datasets
-
-            return prepare_datasets(spec, settings, run_id=context()["run_id"])
-
-        @task.short_circuit
-        def needs_training(datasets: dict[str, Any]) -> bool:
-            from cd4ml.steps.pipeline import record_run_outcome, training_needed
-
-            ctx = context()
-            params = ctx.get("params") or {}
-            needed, why = training_needed(spec, settings, datasets, force=bool(params.get("force")))
-            print(f"{'Training' if needed else 'Skipping training'}: {why}")
-            record_run_outcome(spec, settings, run_id=ctx["run_id"], trigger=_trigger_reason(ctx),
-                               trained=needed, why=why)  # fmt: skip
-            return needed
-
-        @task
-        def train_challenger(datasets: dict[str, Any]) -> dict[str, Any]:
-            from cd4ml.steps.pipeline import train_challenger as step
-
-            return step(spec, settings, datasets, run_id=context()["run_id"])
-
-        @task
-        def evaluate_against_champion(datasets: dict[str, Any], challenger: dict[str, Any]) -> dict[str, Any]:
-            from cd4ml.steps.pipeline import evaluate_against_champion as step
-
-            return step(spec, settings, datasets, challenger)
-
-        @task
-        def register_challenger(
-            challenger: dict[str, Any],
-            evidence: dict[str, Any],
-            datasets: dict[str, Any],
-            validated: dict[str, Any],
-        ) -> dict[str, Any]:
-            from cd4ml.steps.pipeline import register_challenger as step
-
-            ctx = context()
-            return step(
-                spec, settings, challenger=challenger, evidence=evidence, datasets=datasets,
-                validation=validated, run_id=ctx["run_id"], reason=_trigger_reason(ctx),
-            )  # fmt: skip
-
-        @task(on_success_callback=[Cd4mlNotifier("decision", spec)])
-        def promote_champion(registered: dict[str, Any], evidence: dict[str, Any]) -> dict[str, Any]:
-            from cd4ml.steps.pipeline import promote_champion as step
-
-            ctx = context()
-            params = ctx.get("params") or {}
-            return step(
-                spec, settings, version=registered["version"], evidence=evidence,
-                evaluate_only=bool(params.get("evaluate_only")), run_time=run_time(ctx),
-            )  # fmt: skip
-
-        @task
-        def deploy_champion(promoted: dict[str, Any], datasets: dict[str, Any]) -> dict[str, Any]:
-            from cd4ml.steps.deploy import deploy_champion as step
-
-            ctx = context()
-            return step(spec, settings, promoted=promoted, holdout_path=datasets["holdout_path"],
-                        who=who(ctx), when=run_time(ctx), last_attempt=last_attempt(ctx))  # fmt: skip
-
-        collected = collect_landed_files()
-        validated = validate_batches(collected)
-        datasets = build_datasets(validated)
-        gate = needs_training(datasets)
-        challenger = train_challenger(datasets)
-        gate >> challenger
-        evidence = evaluate_against_champion(datasets, challenger)
-        registered = register_challenger(challenger, evidence, datasets, validated)
-        promoted = promote_champion(registered, evidence)
-        deploy_champion(promoted, datasets)
+        tasks: dict[str, XComArg] = {}
+        gate: str | None = None
+        for step in TRAINING_STEPS:
+            made = _task(step, spec, settings)({name: tasks[name] for name in step.inputs})
+            if gate is not None:
+                # Skipped with everything after it when the gate says no (it reads no gate output).
+                tasks[gate] >> made
+                gate = None
+            tasks[step.name] = made
+            if step.gate:
+                gate = step.name
 
     return train_pipeline()
+
+
+# What only Airflow adds to a step: mails on a quarantine or failure, and on the decision.
+def _callbacks(step: str, spec: ModelSpec) -> dict[str, Any]:
+    if step == "validate_batches":
+        return {"on_failure_callback": [Cd4mlNotifier("quarantine", spec), Cd4mlNotifier("failure", spec)]}
+    if step == "promote_champion":
+        return {"on_success_callback": [Cd4mlNotifier("decision", spec)]}
+    return {}
+
+
+def _task(step: Step, spec: ModelSpec, settings: Settings) -> Task[[Mapping[str, XComArg | XCom]], Any]:
+    """The task for one step; a gate becomes a short-circuit task (its XCom: the boolean)."""
+
+    def adapter(upstream: Mapping[str, XComArg | XCom]) -> Any:
+        ctx = context()
+        inputs = load_inputs(step, {name: _xcom_dict(name, value) for name, value in upstream.items()})
+        try:
+            result = step.run(spec, settings, run_context(ctx), inputs)
+        except NothingAccepted as err:
+            # The task fails, so it has no return value: keep the Data Docs link reachable.
+            ctx["ti"].xcom_push(key="report", value={"docs_url": err.docs_url})
+            raise
+        if step.gate and isinstance(result, TrainingGate):
+            return result.needed  # the step logged why
+        return result.to_xcom()
+
+    adapter.__name__ = adapter.__qualname__ = step.name
+    decorator = task.short_circuit if step.gate else task
+    return decorator(task_id=step.name, **_callbacks(step.name, spec))(adapter)

@@ -1,22 +1,41 @@
 """The training pipeline's steps: each loads what it needs, calls pure functions, saves, and returns
-a small JSON-able dict. Airflow tasks are thin adapters around these; `run_training` chains them
-in one plain process (used by benchmarks and for debugging without Airflow).
+a small frozen record (`cd4ml.steps.contracts`). `TRAINING_STEPS` is their one order: the
+`<model>__train` DAG makes a task of each, and `run_training` (`cd4ml train`, benchmarks) runs them
+in one plain process, with the same run outcome, the same gate and the same error policy.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from dataclasses import asdict
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cd4ml.core import lineage
-from cd4ml.core.errors import DataError, DataReadError, QuarantinedError, TrainingError
+from cd4ml.core.errors import DataError, DataReadError, TrainingError, is_transient
+from cd4ml.core.paths import ModelPaths
 from cd4ml.core.settings import Settings
 from cd4ml.core.spec import ModelSpec
 from cd4ml.data import landing
-from cd4ml.data.landing import Zone
+from cd4ml.steps.contracts import (
+    AcceptedBatch,
+    Challenger,
+    Collected,
+    Contract,
+    Datasets,
+    Deployment,
+    Evaluation,
+    Promotion,
+    Registration,
+    Rejected,
+    RunContext,
+    RunOutcome,
+    TrainingGate,
+    Validated,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +45,14 @@ def run_key(run_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)
 
 
-def zone_for(spec: ModelSpec, settings: Settings) -> Zone:
-    return Zone(settings.model_dir(spec.name)).ensure()
+def zone_for(spec: ModelSpec, settings: Settings) -> ModelPaths:
+    return ModelPaths.for_model(settings, spec.name).ensure()
 
 
 # -- collect ---------------------------------------------------------------------------------------
 
 
-def collect_landed_files(spec: ModelSpec, settings: Settings) -> dict[str, Any]:
+def collect_landed_files(spec: ModelSpec, settings: Settings) -> Collected:
     """Every complete file in landing/; byte-identical copies of accepted files go to quarantine.
 
     A spec whose model cannot be trained or scored fails here, before any file moves.
@@ -43,8 +62,8 @@ def collect_landed_files(spec: ModelSpec, settings: Settings) -> dict[str, Any]:
     check_trainable_spec(spec)
     zone = zone_for(spec, settings)
     known = landing.accepted_hashes(zone)
-    new: list[dict[str, Any]] = []
-    duplicates: list[dict[str, str]] = []
+    new: list[landing.LandedFile] = []
+    duplicates: list[Rejected] = []
     seen: dict[str, str] = {}
     for landed in landing.list_landed(zone):
         prefix = landed.sha256[: landing.HASH_PREFIX]
@@ -58,18 +77,18 @@ def collect_landed_files(spec: ModelSpec, settings: Settings) -> dict[str, Any]:
             target = landing.quarantine(
                 zone, landed, reason=reason, details={"kind": "duplicate", "of": first}
             )
-            duplicates.append({"name": landed.name, "path": str(target), "reason": reason})
+            duplicates.append(Rejected(landed.name, str(target), reason))
             log.warning(reason)
             continue
         seen[prefix] = landed.name
-        new.append(asdict(landed))
-    return {"new": new, "duplicates": duplicates}
+        new.append(landed)
+    return Collected(tuple(new), tuple(duplicates))
 
 
 # -- validate --------------------------------------------------------------------------------------
 
 
-def _read_accepted_files(spec: ModelSpec, zone: Zone) -> list[tuple[str, Any]]:
+def _read_accepted_files(spec: ModelSpec, zone: ModelPaths) -> list[tuple[str, Any]]:
     """(file name, normalised frame) per accepted file, in acceptance order: rows keep provenance."""
     from cd4ml.data.tables import read_table
     from cd4ml.data.validation import normalise
@@ -85,7 +104,7 @@ def _concat(spec: ModelSpec, frames: list[Any]) -> Any:
     return pd.concat(frames, ignore_index=True)
 
 
-def _read_accepted(spec: ModelSpec, zone: Zone) -> Any:
+def _read_accepted(spec: ModelSpec, zone: ModelPaths) -> Any:
     return _concat(spec, [frame for _, frame in _read_accepted_files(spec, zone)])
 
 
@@ -117,7 +136,7 @@ def diagnose_accepted(spec: ModelSpec, files: list[tuple[str, Any]]) -> dict[str
     return {name: found for name, frame in files if (found := file_problems(spec, frame))}
 
 
-def _blame(spec: ModelSpec, zone: Zone, culprits: dict[str, list[str]], what: str) -> DataError:
+def _blame(spec: ModelSpec, zone: ModelPaths, culprits: dict[str, list[str]], what: str) -> DataError:
     lines = [f"{spec.name}: {what}; the accepted file(s) responsible:"]
     for name, problems in culprits.items():
         lines.append(f"- {name}: " + "; ".join(problems))
@@ -133,11 +152,11 @@ def _blame(spec: ModelSpec, zone: Zone, culprits: dict[str, list[str]], what: st
 def validate_landed_files(
     spec: ModelSpec,
     settings: Settings,
-    files: list[dict[str, Any]],
+    files: tuple[landing.LandedFile, ...],
     *,
     run_id: str,
     run_time: str,
-) -> dict[str, Any]:
+) -> Validated:
     """Validate each new file; move it to accepted/ or to quarantine/ with the reasons."""
     import pandas as pd
 
@@ -153,11 +172,10 @@ def validate_landed_files(
         culprits = diagnose_accepted(spec, accepted_files)
         if culprits:
             raise _blame(spec, zone, culprits, "the accepted data cannot be trained on")
-    accepted: list[dict[str, Any]] = []
-    quarantined: list[dict[str, Any]] = []
+    accepted: list[AcceptedBatch] = []
+    quarantined: list[Rejected] = []
     docs_url = None
-    for item in files:
-        landed = landing.LandedFile(**item)
+    for landed in files:
         if not Path(landed.path).exists():
             log.info("%s already processed by an earlier attempt", landed.name)
             continue
@@ -168,7 +186,7 @@ def validate_landed_files(
             target = landing.quarantine(
                 zone, landed, reason=reason, details={"kind": "unreadable", "run_id": run_id}
             )
-            quarantined.append({"name": landed.name, "path": str(target), "reason": reason})
+            quarantined.append(Rejected(landed.name, str(target), reason))
             continue
         reference = learn_reference(spec, accepted_frame)
         outcome = validate_frame(
@@ -191,7 +209,7 @@ def validate_landed_files(
             ]
         if not problems:
             record = landing.accept(zone, landed, rows=len(frame), accepted_at=run_time, run_id=run_id)
-            accepted.append({**asdict(record), "validation": outcome.summary(), "drift": outcome.drift})
+            accepted.append(AcceptedBatch(record, outcome.summary(), dict(outcome.drift)))
             if outcome.drift:
                 log.warning("%s accepted with drift: %s", landed.name, outcome.summary())
             accepted_frame = combined
@@ -213,15 +231,15 @@ def validate_landed_files(
                 details={"kind": "validation", "problems": problems, "run_id": run_id,
                          "docs_url": outcome.docs_url},
             )  # fmt: skip
-            quarantined.append({"name": landed.name, "path": str(target), "reason": reason})
+            quarantined.append(Rejected(landed.name, str(target), reason))
         log.info("%s: %s", landed.name, outcome.summary())
-    return {"accepted": accepted, "quarantined": quarantined, "docs_url": docs_url}
+    return Validated(tuple(accepted), tuple(quarantined), docs_url)
 
 
 # -- datasets --------------------------------------------------------------------------------------
 
 
-def prepare_datasets(spec: ModelSpec, settings: Settings, *, run_id: str) -> dict[str, Any]:
+def prepare_datasets(spec: ModelSpec, settings: Settings, *, run_id: str) -> Datasets:
     """Training set and holdout from every accepted file, saved under runs/<run key>/.
 
     Refuses (DataError naming the files) accepted data no model can be fitted on, and (SpecError) a
@@ -232,7 +250,7 @@ def prepare_datasets(spec: ModelSpec, settings: Settings, *, run_id: str) -> dic
     zone = zone_for(spec, settings)
     files = landing.list_accepted(zone)
     if not files:
-        return {"empty": True, "fingerprint": None}
+        return Datasets(fingerprint=None)
     per_file = _read_accepted_files(spec, zone)
     # Files accepted before non-finite numbers were refused (or under a looser spec) must not reach
     # a fit: training would fail on every attempt without saying which file to take back.
@@ -248,51 +266,47 @@ def prepare_datasets(spec: ModelSpec, settings: Settings, *, run_id: str) -> dic
             raise _blame(spec, zone, blamed, str(err)) from None
         raise
     split = split_holdout(spec, accepted)
-    out = zone.runs / run_key(run_id)
-    out.mkdir(parents=True, exist_ok=True)
-    split.train.to_parquet(out / "train.parquet", index=False)
-    split.holdout.to_parquet(out / "holdout.parquet", index=False)
-    return {
-        "empty": False,
-        "train_path": str(out / "train.parquet"),
-        "holdout_path": str(out / "holdout.parquet"),
-        "rows_train": len(split.train),
-        "rows_holdout": len(split.holdout),
-        "holdout_starts_at": split.cutoff,
-        "fingerprint": landing.data_fingerprint(files),
-        "files": [f.name for f in files],
-        # The drift monitor treats batches accepted after this as new to a model trained now.
-        "trained_through": max(f.accepted_at for f in files),
-    }
+    key = run_key(run_id)
+    zone.run_dir(key).mkdir(parents=True, exist_ok=True)
+    split.train.to_parquet(zone.train_snapshot(key), index=False)
+    split.holdout.to_parquet(zone.holdout_snapshot(key), index=False)
+    return Datasets(
+        fingerprint=landing.data_fingerprint(files),
+        train_path=str(zone.train_snapshot(key)),
+        holdout_path=str(zone.holdout_snapshot(key)),
+        rows_train=len(split.train),
+        rows_holdout=len(split.holdout),
+        holdout_starts_at=split.cutoff,
+        files=tuple(f.name for f in files),
+        trained_through=max(f.accepted_at for f in files),
+    )
 
 
-def record_run_outcome(
-    spec: ModelSpec, settings: Settings, *, run_id: str, trigger: str, trained: bool, why: str
-) -> Path:
+def record_run_outcome(spec: ModelSpec, settings: Settings, outcome: RunOutcome) -> Path:
     """runs/<run key>/outcome.json: why this run trained or not (shown in the Models view)."""
     import json
 
-    out = zone_for(spec, settings).runs / run_key(run_id)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "outcome.json"
-    path.write_text(json.dumps({"run_id": run_id, "trigger": trigger, "trained": trained, "why": why}))
+    key = run_key(outcome.run_id)
+    zone = zone_for(spec, settings)
+    zone.run_dir(key).mkdir(parents=True, exist_ok=True)
+    path = zone.run_outcome(key)
+    path.write_text(json.dumps(outcome.to_xcom()))
     return path
 
 
-def training_needed(
-    spec: ModelSpec, settings: Settings, datasets: dict[str, Any], *, force: bool
-) -> tuple[bool, str]:
+def training_needed(spec: ModelSpec, settings: Settings, datasets: Datasets, *, force: bool) -> TrainingGate:
     """Skip retraining when the champion was built from exactly this data, spec and code."""
     from cd4ml import registry
 
-    if datasets.get("empty"):
-        return False, "no accepted data yet: land a file in landing/ to train the first model"
+    fingerprint = datasets.fingerprint
+    if fingerprint is None:
+        return TrainingGate(False, "no accepted data yet: land a file in landing/ to train the first model")
     if force:
-        return True, "forced by the run's parameters"
+        return TrainingGate(True, "forced by the run's parameters")
     mlflow_client = registry.client(settings.mlflow_tracking_uri)
     champion = registry.version_by_alias(mlflow_client, spec.name, registry.CHAMPION)
     if champion is None:
-        return True, "no champion yet"
+        return TrainingGate(True, "no champion yet")
     # The latest challenger counts too: a rejected model retrained on the same inputs is the same model.
     for alias in (registry.CHAMPION, registry.CHALLENGER):
         mv = (
@@ -302,31 +316,29 @@ def training_needed(
         )
         tags = (mv.tags or {}) if mv is not None else {}
         if mv is not None and (
-            tags.get("cd4ml.data_fingerprint") == datasets["fingerprint"]
+            tags.get("cd4ml.data_fingerprint") == fingerprint
             and tags.get("cd4ml.spec_hash") == spec.spec_hash()
             and tags.get("cd4ml.code_version") == lineage.code_version()
         ):
-            return False, (
+            return TrainingGate(False, (
                 f"version {mv.version} ({alias}) was already trained on exactly this data "
-                f"(fingerprint {datasets['fingerprint'][:12]}), spec and code; nothing to retrain"
-            )
-    return True, "data, spec or code changed since the champion was trained"
+                f"(fingerprint {fingerprint[:12]}), spec and code; nothing to retrain"
+            ))  # fmt: skip
+    return TrainingGate(True, "data, spec or code changed since the champion was trained")
 
 
 # -- train -----------------------------------------------------------------------------------------
 
 
-def train_challenger(
-    spec: ModelSpec, settings: Settings, datasets: dict[str, Any], *, run_id: str
-) -> dict[str, Any]:
+def train_challenger(spec: ModelSpec, settings: Settings, datasets: Datasets, *, run_id: str) -> Challenger:
     import pandas as pd
 
     from cd4ml import registry
     from cd4ml.ml import training
     from cd4ml.ml.evaluation import score
 
-    train_frame = pd.read_parquet(datasets["train_path"])
-    holdout = pd.read_parquet(datasets["holdout_path"])
+    train_frame = pd.read_parquet(datasets.train_path)
+    holdout = pd.read_parquet(datasets.holdout_path)
     try:
         model = training.train(spec, train_frame)
     except TrainingError as err:
@@ -346,25 +358,20 @@ def train_challenger(
         model=model,
         input_example=example,
         params={"estimator": spec.estimator.class_path, **spec.estimator.params, "seed": spec.seed,
-                "rows_train": datasets["rows_train"], "rows_holdout": datasets["rows_holdout"]},
-        tags={"cd4ml.airflow_run_id": run_id, "cd4ml.data_fingerprint": datasets["fingerprint"],
+                "rows_train": datasets.rows_train, "rows_holdout": datasets.rows_holdout},
+        tags={"cd4ml.airflow_run_id": run_id, "cd4ml.data_fingerprint": str(datasets.fingerprint),
               "cd4ml.spec_hash": spec.spec_hash()},
         metrics={f"holdout_{spec.metric.name}": holdout_score},
     )  # fmt: skip
-    return {
-        "run_id": logged.run_id,
-        "model_uri": logged.model_uri,
-        "experiment_id": logged.experiment_id,
-        "holdout_score": holdout_score,
-    }
+    return Challenger(logged.run_id, logged.model_uri, str(logged.experiment_id), float(holdout_score))
 
 
 # -- evaluate --------------------------------------------------------------------------------------
 
 
 def evaluate_against_champion(
-    spec: ModelSpec, settings: Settings, datasets: dict[str, Any], challenger: dict[str, Any]
-) -> dict[str, Any]:
+    spec: ModelSpec, settings: Settings, datasets: Datasets, challenger: Challenger
+) -> Evaluation:
     """Score both models on the same holdout and decide with a paired bootstrap."""
     import mlflow
     import pandas as pd
@@ -374,9 +381,9 @@ def evaluate_against_champion(
     from cd4ml.ml.evaluation import decide
 
     mlflow_client = registry.client(settings.mlflow_tracking_uri)
-    holdout = pd.read_parquet(datasets["holdout_path"])
+    holdout = pd.read_parquet(datasets.holdout_path)
     y = holdout[spec.target].to_numpy()
-    challenger_model = registry.load_model(settings.mlflow_tracking_uri, challenger["model_uri"])
+    challenger_model = registry.load_model(settings.mlflow_tracking_uri, challenger.model_uri)
     challenger_scores = training.metric_inputs(spec, challenger_model, holdout)
     champion = registry.version_by_alias(mlflow_client, spec.name, registry.CHAMPION)
     champion_scores = None
@@ -390,7 +397,7 @@ def evaluate_against_champion(
         champion_version=champion.version if champion else None, seed=spec.seed,
     )  # fmt: skip
     evidence = decision.as_dict()
-    with mlflow.start_run(run_id=challenger["run_id"]):
+    with mlflow.start_run(run_id=challenger.run_id):
         mlflow.log_metrics({
             "challenger_score": decision.challenger_score,
             **({"champion_score": decision.champion_score} if decision.champion_score is not None else {}),
@@ -399,7 +406,7 @@ def evaluate_against_champion(
         mlflow.log_dict(evidence, "decision.json")
         mlflow.set_tag("cd4ml.decision", "promote" if decision.promote else "reject")
     log.info("decision: %s", decision.reason)
-    return evidence
+    return Evaluation(decision)
 
 
 # -- register and promote --------------------------------------------------------------------------
@@ -409,47 +416,63 @@ def register_challenger(
     spec: ModelSpec,
     settings: Settings,
     *,
-    challenger: dict[str, Any],
-    evidence: dict[str, Any],
-    datasets: dict[str, Any],
-    validation: dict[str, Any],
+    challenger: Challenger,
+    evaluation: Evaluation,
+    datasets: Datasets,
+    validation: Validated,
     run_id: str,
     reason: str,
-) -> dict[str, Any]:
+) -> Registration:
     """Every challenger becomes a version with full lineage; the `challenger` alias points to it."""
     from cd4ml import registry
 
+    evidence = evaluation.to_xcom()
+    validation_record = {
+        "accepted": [a.name for a in validation.accepted],
+        "quarantined": [q.name for q in validation.quarantined],
+        # Accepted files with rows outside a learned range (drift, not refused): which columns.
+        "drift": {a.name: sorted(a.drift) for a in validation.accepted if a.drift},
+        "status": "passed",
+    }
     tags = {
-        "cd4ml.data_fingerprint": datasets["fingerprint"],
+        "cd4ml.data_fingerprint": str(datasets.fingerprint),
         "cd4ml.spec_hash": spec.spec_hash(),
         "cd4ml.code_version": lineage.code_version(),
         "cd4ml.lock_hash": lineage.lock_hash(),
-        "cd4ml.data.validation": registry.tag_json(
-            {"accepted": [a["name"] for a in validation.get("accepted", [])],
-             "quarantined": [q["name"] for q in validation.get("quarantined", [])],
-             # Accepted files with rows outside a learned range (drift, not refused): which columns.
-             "drift": {a["name"]: sorted(a["drift"])
-                       for a in validation.get("accepted", []) if a.get("drift")},
-             "status": "passed"}
-        ),
-        "cd4ml.decision": "promote" if evidence["promote"] else "reject",
+        "cd4ml.data.validation": registry.tag_json(validation_record),
+        "cd4ml.decision": "promote" if evaluation.promote else "reject",
         "cd4ml.evidence": registry.tag_json(evidence),
         "cd4ml.airflow_run_id": run_id,
         "cd4ml.trigger_reason": reason[:500],
-        "cd4ml.train_snapshot": datasets["train_path"],
-        "cd4ml.holdout_snapshot": datasets["holdout_path"],
-        "cd4ml.trained_through": str(datasets.get("trained_through", "")),
-        "cd4ml.holdout_starts_at": str(datasets["holdout_starts_at"]),
-        "cd4ml.rows_train": str(datasets["rows_train"]),
+        "cd4ml.train_snapshot": datasets.train_path,
+        "cd4ml.holdout_snapshot": datasets.holdout_path,
+        "cd4ml.trained_through": datasets.trained_through,
+        "cd4ml.holdout_starts_at": datasets.holdout_starts_at,
+        "cd4ml.rows_train": str(datasets.rows_train),
     }  # fmt: skip
+    mlflow_client = registry.client(settings.mlflow_tracking_uri)
     mv = registry.register_version(
-        registry.client(settings.mlflow_tracking_uri),
+        mlflow_client,
         name=spec.name,
         description=spec.description,
-        logged=registry.LoggedModel(challenger["run_id"], challenger["model_uri"]),
+        logged=registry.LoggedModel(challenger.run_id, challenger.model_uri),
         tags=tags,
     )
-    return {"version": str(mv.version), "run_id": challenger["run_id"]}
+    # The whole record (the tags above are cut at 5,000 characters and name local paths) as artifacts
+    # any machine can read; a retry re-uses the version and writes the same files again.
+    registry.record_evidence(
+        mlflow_client, spec.name, str(mv.version),
+        evidence=evidence, validation=validation_record, spec_text=spec_text(spec),
+        snapshots={"train": datasets.train_path, "holdout": datasets.holdout_path}, seed=spec.seed,
+    )  # fmt: skip
+    return Registration(str(mv.version), challenger.run_id)
+
+
+def spec_text(spec: ModelSpec) -> str:
+    """The spec as parsed (what `spec_hash` hashes), as YAML: the file may have changed since."""
+    import yaml
+
+    return yaml.safe_dump(spec.model_dump(mode="json", by_alias=True), sort_keys=False)
 
 
 def promote_champion(
@@ -457,35 +480,222 @@ def promote_champion(
     settings: Settings,
     *,
     version: str,
-    evidence: dict[str, Any],
+    evaluation: Evaluation,
     evaluate_only: bool,
     run_time: str,
-) -> dict[str, Any]:
+    who: str,
+    run_id: str,
+) -> Promotion:
     """Move `champion` if the decision says so; a rejected challenger changes nothing that serves."""
     from cd4ml import registry
 
     mlflow_client = registry.client(settings.mlflow_tracking_uri)
-    if not evidence["promote"]:
-        return {"promoted": False, "version": version, "why": evidence["reason"]}
+    if not evaluation.promote:
+        return Promotion(False, version, evaluation.reason)
     if evaluate_only:
         registry.set_tags(mlflow_client, spec.name, version, {"cd4ml.promotion": "skipped: evaluate_only"})
-        return {
-            "promoted": False,
-            "version": version,
-            "why": "evaluate_only: decision recorded, champion untouched",
-        }
+        return Promotion(False, version, "evaluate_only: decision recorded, champion untouched")
     previous = registry.move_champion(
-        mlflow_client, spec.name, version, expected_current=evidence["champion_version"]
+        mlflow_client, spec.name, version, expected_current=evaluation.champion_version
     )
     registry.set_tags(
         mlflow_client, spec.name, version,
         {"cd4ml.promoted_at": run_time, "cd4ml.previous_champion": previous or "none"},
     )  # fmt: skip
+    registry.append_event(
+        mlflow_client, spec.name, kind="promotion", version=version, who=who, why=evaluation.reason,
+        when=run_time, details={"previous": previous, "evidence": evaluation.to_xcom()},
+        key=f"promotion:{run_key(run_id)}:{version}",  # a retried task records it once
+    )  # fmt: skip
     log.info("%s: champion is now version %s (was %s)", spec.name, version, previous)
-    return {"promoted": True, "version": version, "previous": previous, "why": evidence["reason"]}
+    return Promotion(True, version, evaluation.reason, previous)
 
 
-# -- the whole chain in one process ----------------------------------------------------------------
+# -- the one order of steps ------------------------------------------------------------------------
+
+C = TypeVar("C")
+
+
+class Results(Mapping[str, Contract]):
+    """What the earlier steps of one run returned, by step name (= the DAG's task id)."""
+
+    def __init__(self, by_step: Mapping[str, Contract] | None = None) -> None:
+        self._by_step = dict(by_step or {})
+
+    def __getitem__(self, step: str) -> Contract:
+        return self._by_step[step]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_step)
+
+    def __len__(self) -> int:
+        return len(self._by_step)
+
+    def of(self, step: str, kind: type[C]) -> C:
+        """The result of `step`, which must be a `kind` (anything else is a wiring bug, named)."""
+        if step not in self._by_step:
+            raise KeyError(f"step result {step!r} is not available here (have: {sorted(self._by_step)})")
+        value = self._by_step[step]
+        if not isinstance(value, kind):
+            raise TypeError(f"step result {step!r} is a {type(value).__name__}, expected {kind.__name__}")
+        return value
+
+    def with_result(self, step: str, value: Contract) -> Results:
+        return Results({**self._by_step, step: value})
+
+
+@dataclass(frozen=True)
+class Step:
+    """One training step: its name (the task id), the earlier steps it reads, how it runs.
+
+    `load` reads its result back from XCom; a `gate` step ends the run early when its
+    `TrainingGate` says no (in Airflow: a short-circuit task that skips everything after it).
+    """
+
+    name: str
+    inputs: tuple[str, ...]
+    run: Callable[[ModelSpec, Settings, RunContext, Results], Contract]
+    load: Callable[[Any], Contract]
+    gate: bool = False
+
+
+def _collect(spec: ModelSpec, settings: Settings, run: RunContext, got: Results) -> Collected:
+    return collect_landed_files(spec, settings)
+
+
+def _validate(spec: ModelSpec, settings: Settings, run: RunContext, got: Results) -> Validated:
+    collected = got.of("collect_landed_files", Collected)
+    validated = validate_landed_files(spec, settings, collected.new, run_id=run.run_id, run_time=run.run_time)
+    if validated.nothing_accepted:
+        raise validated.quarantine_error()  # a data error: never retried, mailed as a quarantine
+    return validated
+
+
+def _datasets(spec: ModelSpec, settings: Settings, run: RunContext, got: Results) -> Datasets:
+    return prepare_datasets(spec, settings, run_id=run.run_id)
+
+
+def _gate(spec: ModelSpec, settings: Settings, run: RunContext, got: Results) -> TrainingGate:
+    gate = training_needed(spec, settings, got.of("build_datasets", Datasets), force=run.force)
+    log.info("%s: %s", "Training" if gate.needed else "Skipping training", gate.why)
+    record_run_outcome(spec, settings, RunOutcome(run.run_id, run.trigger, gate.needed, gate.why))
+    return gate
+
+
+def _train(spec: ModelSpec, settings: Settings, run: RunContext, got: Results) -> Challenger:
+    return train_challenger(spec, settings, got.of("build_datasets", Datasets), run_id=run.run_id)
+
+
+def _evaluate(spec: ModelSpec, settings: Settings, run: RunContext, got: Results) -> Evaluation:
+    return evaluate_against_champion(
+        spec, settings, got.of("build_datasets", Datasets), got.of("train_challenger", Challenger)
+    )
+
+
+def _register(spec: ModelSpec, settings: Settings, run: RunContext, got: Results) -> Registration:
+    return register_challenger(
+        spec, settings,
+        challenger=got.of("train_challenger", Challenger),
+        evaluation=got.of("evaluate_against_champion", Evaluation),
+        datasets=got.of("build_datasets", Datasets),
+        validation=got.of("validate_batches", Validated),
+        run_id=run.run_id, reason=run.trigger,
+    )  # fmt: skip
+
+
+def _promote(spec: ModelSpec, settings: Settings, run: RunContext, got: Results) -> Promotion:
+    return promote_champion(
+        spec, settings,
+        version=got.of("register_challenger", Registration).version,
+        evaluation=got.of("evaluate_against_champion", Evaluation),
+        evaluate_only=run.evaluate_only, run_time=run.run_time, who=run.who, run_id=run.run_id,
+    )  # fmt: skip
+
+
+def _deploy(spec: ModelSpec, settings: Settings, run: RunContext, got: Results) -> Deployment:
+    from cd4ml.steps.deploy import deploy_champion
+
+    return Deployment(deploy_champion(
+        spec, settings,
+        promoted=got.of("promote_champion", Promotion).to_xcom(),
+        holdout_path=got.of("build_datasets", Datasets).holdout_path,
+        who=run.who, when=run.run_time, last_attempt=run.last_attempt,
+    ))  # fmt: skip
+
+
+# Inputs are the data each step reads, and with it the DAG's edges (tests/dags asserts that graph).
+TRAINING_STEPS: tuple[Step, ...] = (
+    Step("collect_landed_files", (), _collect, Collected.from_xcom),
+    Step("validate_batches", ("collect_landed_files",), _validate, Validated.from_xcom),
+    Step("build_datasets", ("validate_batches",), _datasets, Datasets.from_xcom),
+    Step("needs_training", ("build_datasets",), _gate, TrainingGate.from_xcom, gate=True),
+    Step("train_challenger", ("build_datasets",), _train, Challenger.from_xcom),
+    Step(
+        "evaluate_against_champion", ("build_datasets", "train_challenger"), _evaluate, Evaluation.from_xcom
+    ),
+    Step(
+        "register_challenger",
+        ("train_challenger", "evaluate_against_champion", "build_datasets", "validate_batches"),
+        _register,
+        Registration.from_xcom,
+    ),
+    Step(
+        "promote_champion",
+        ("register_challenger", "evaluate_against_champion"),
+        _promote,
+        Promotion.from_xcom,
+    ),
+    Step("deploy_champion", ("promote_champion", "build_datasets"), _deploy, Deployment.from_xcom),
+)
+STEPS_BY_NAME: dict[str, Step] = {s.name: s for s in TRAINING_STEPS}
+# The DAG's default_args use these too: a transient error is retried the same way in and out of Airflow.
+RETRIES = 2
+RETRY_DELAY_S = 10.0
+
+
+def load_inputs(step: Step, xcoms: Mapping[str, Any]) -> Results:
+    """A step's inputs from its upstream tasks' XCom values, each read back by its own contract."""
+    return Results({name: STEPS_BY_NAME[name].load(xcoms[name]) for name in step.inputs})
+
+
+def run_steps(
+    spec: ModelSpec,
+    settings: Settings,
+    run: RunContext,
+    steps: tuple[Step, ...] = TRAINING_STEPS,
+    *,
+    retries: int = 0,
+    retry_delay_s: float = RETRY_DELAY_S,
+) -> Results:
+    """Run `steps` in order in this process, as the DAG would: a transient error is retried up to
+    `retries` times, anything else fails at once; a gate saying no ends the run (not an error).
+
+    A failure keeps its type and message, with a note naming the step, as a failed task would.
+    """
+    results = Results()
+    for step in steps:
+        for attempt in range(retries + 1):
+            last = attempt == retries
+            try:
+                result = step.run(spec, settings, _attempt(run, last), results)
+                break
+            except Exception as err:
+                if last or not is_transient(err):
+                    err.add_note(
+                        f"{spec.name}__train: step {step.name} failed (try {attempt + 1}, run {run.run_id})"
+                    )
+                    raise
+                log.warning("%s: %s is transient, retrying in %.0f s: %s", step.name, type(err).__name__,
+                            retry_delay_s, err)  # fmt: skip
+                time.sleep(retry_delay_s)
+        results = results.with_result(step.name, result)
+        if step.gate and isinstance(result, TrainingGate) and not result.needed:
+            break
+    return results
+
+
+def _attempt(run: RunContext, last: bool) -> RunContext:
+    return replace(run, last_attempt=last)
 
 
 def run_training(
@@ -496,39 +706,24 @@ def run_training(
     run_time: str,
     force: bool = False,
     deploy: bool = True,
+    evaluate_only: bool = False,
+    trigger: str = "plain python run",
+    who: str | None = None,
+    retries: int = 0,
 ) -> dict[str, Any]:
-    """The same steps as the training DAG, without Airflow (`deploy=False` skips the rollout)."""
-    collected = collect_landed_files(spec, settings)
-    validation = validate_landed_files(spec, settings, collected["new"], run_id=run_id, run_time=run_time)
-    if validation["quarantined"] and not validation["accepted"]:
-        raise QuarantinedError(validation["quarantined"])
-    datasets = prepare_datasets(spec, settings, run_id=run_id)
-    needed, why = training_needed(spec, settings, datasets, force=force)
-    if not needed:
-        return {"trained": False, "why": why}
-    challenger = train_challenger(spec, settings, datasets, run_id=run_id)
-    evidence = evaluate_against_champion(spec, settings, datasets, challenger)
-    registered = register_challenger(
-        spec, settings, challenger=challenger, evidence=evidence, datasets=datasets,
-        validation=validation, run_id=run_id, reason="plain python run",
-    )  # fmt: skip
-    promoted = promote_champion(
-        spec,
-        settings,
-        version=registered["version"],
-        evidence=evidence,
-        evaluate_only=False,
-        run_time=run_time,
-    )
-    if deploy:
-        from cd4ml.steps.deploy import deploy_champion
+    """The training DAG's steps without Airflow (`deploy=False` stops before the rollout).
 
-        promoted["deployment"] = deploy_champion(
-            spec,
-            settings,
-            promoted=promoted,
-            holdout_path=datasets["holdout_path"],
-            who=run_id,
-            when=run_time,
-        )
-    return promoted
+    Returns the promotion's XCom (plus `deployment`), or `{"trained": False, "why": ...}` when the
+    gate found nothing to train; the run outcome is recorded either way, as the DAG records it.
+    """
+    steps = TRAINING_STEPS if deploy else tuple(s for s in TRAINING_STEPS if s.name != "deploy_champion")
+    run = RunContext(run_id=run_id, run_time=run_time, trigger=trigger, who=who or run_id, force=force,
+                     evaluate_only=evaluate_only)  # fmt: skip
+    results = run_steps(spec, settings, run, steps, retries=retries)
+    gate = results.of("needs_training", TrainingGate)
+    if not gate.needed:
+        return {"trained": False, "why": gate.why}
+    out = results.of("promote_champion", Promotion).to_xcom()
+    if "deploy_champion" in results:
+        out["deployment"] = results.of("deploy_champion", Deployment).to_xcom()
+    return out
