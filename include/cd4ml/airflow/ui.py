@@ -26,12 +26,6 @@ Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 REPORT_DIRS = ("gx", "reports")
 
 
-def mlflow_ui_url() -> str:
-    from cd4ml.core.settings import get_settings
-
-    return get_settings().mlflow_public_url
-
-
 async def airflow_user(request: Request, credentials: Credentials) -> Any:
     """The logged-in Airflow user (401 without a login, 403 with a bad token), as Airflow's API."""
     from airflow.api_fastapi.core_api.security import get_user
