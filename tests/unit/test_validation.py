@@ -466,3 +466,88 @@ def test_stock_prices_in_time_order_are_accepted_as_target_and_as_feature(tmp_pa
                             estimator={"class": "sklearn.linear_model.LogisticRegression"},
                             metric={"name": "accuracy"})  # fmt: skip
     assert _land_in_order(as_feature, parts, tmp_path) == [True] * 5
+
+
+# -- profiles: the reference learned once per file and merged ----------------------------------------
+
+
+def _parts() -> list[pd.DataFrame]:
+    """Accepted files as they come: weeks of churn data, repeated rows, nulls, an int column read as
+    floats in one file (a null in it), a file without a feature column, an int target as floats."""
+    parts = [normalise(SPEC, generate_churn(300, seed=5, batch=i)) for i in range(4)]
+    parts[1] = pd.concat([parts[1], parts[1].head(40), parts[0].head(15)], ignore_index=True)
+    parts[2] = parts[2].astype({"age": "float64"})
+    parts[2].loc[3:9, "age"] = np.nan
+    parts[2].loc[5:7, "region"] = None
+    parts[3] = parts[3].drop(columns=["support_calls"]).astype({"churned": "float64"})
+    return parts
+
+
+@pytest.mark.parametrize("count", [1, 2, 4])
+def test_merged_profiles_give_the_reference_learned_from_the_concatenated_files(count: int) -> None:
+    from cd4ml.data.validation import merge_profiles, profile, reference_from_profile
+
+    parts = _parts()[:count]
+    learned = learn_reference(SPEC, pd.concat(parts, ignore_index=True))
+    merged = reference_from_profile(SPEC, merge_profiles([profile(SPEC, p) for p in parts]))
+    assert merged == learned
+    assert learned.duplicates != ((1, learned.rows),) or count == 1  # the repeated rows are counted
+
+
+def test_profile_reference_matches_on_skewed_and_tiny_frames() -> None:
+    from cd4ml.data.validation import merge_profiles, profile, reference_from_profile
+
+    spec = SPEC.model_copy(update={"validation": SPEC.validation.model_copy(update={"range_tolerance": 0.0})})
+    rng = np.random.default_rng(3)
+    frames = [ACCEPTED.head(1), ACCEPTED.iloc[1:4],
+              ACCEPTED.iloc[4:300].assign(monthly_charges=rng.lognormal(3, 2, 296))]  # fmt: skip
+    for upto in range(1, 4):
+        learned = learn_reference(spec, pd.concat(frames[:upto], ignore_index=True))
+        merged = merge_profiles([profile(spec, f) for f in frames[:upto]])
+        assert reference_from_profile(spec, merged) == learned
+    assert reference_from_profile(spec, merge_profiles([])) == learn_reference(spec, ACCEPTED.iloc[0:0])
+
+
+def test_accepted_profile_reads_each_file_once_and_stores_it_by_content_hash(tmp_path: Path) -> None:
+    from cd4ml.data.validation import accepted_profile, reference_from_profile
+
+    parts = _parts()
+    files = []
+    for i, part in enumerate(parts):
+        path = tmp_path / f"b{i}.parquet"
+        part.to_parquet(path, index=False)
+        files.append((f"{i:064x}", path))
+    reads: list[str] = []
+
+    def read(path: Path) -> pd.DataFrame:
+        reads.append(path.name)
+        return pd.read_parquet(path)
+
+    store = tmp_path / "profiles"
+    first = accepted_profile(SPEC, store, files[:3], read)
+    again = accepted_profile(SPEC, store, files, read)
+    assert reads == ["b0.parquet", "b1.parquet", "b2.parquet", "b3.parquet"]  # b0-b2 came from the store
+    assert reference_from_profile(SPEC, first) == learn_reference(SPEC, pd.concat(parts[:3]))
+    assert reference_from_profile(SPEC, again) == learn_reference(SPEC, pd.concat(parts))
+    # Another spec (other columns) does not reuse profiles made for this one.
+    other = SPEC.model_copy(update={"timestamp": None})
+    assert other.columns != SPEC.columns
+    accepted_profile(other, store, files[:1], read)
+    assert reads[-1] == "b0.parquet"
+
+
+def test_data_docs_index_lists_the_newest_results_and_every_result_keeps_its_page(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import re
+
+    from cd4ml.data import validation
+
+    # The index is re-rendered on every validation from every result it lists: it must be bounded.
+    monkeypatch.setattr(validation, "DOCS_INDEX_LIMIT", 2)
+    pages = [validate_frame(SPEC, batch(), REFERENCE, batch_name=f"run{i}", context_root=tmp_path).docs_url
+             for i in range(3)]  # fmt: skip
+    index = (tmp_path / "gx/uncommitted/data_docs/local_site/index.html").read_text()
+    listed = set(re.findall(r"validations/[^\"']*?(run\d)", index))
+    assert listed == {"run1", "run2"}
+    assert all(p and Path(p.removeprefix("file://")).exists() for p in pages)  # run0's page too
