@@ -72,7 +72,7 @@ class Evidence:
     source: str = "artifacts"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -97,7 +97,7 @@ def _store_snapshot(source: Path, dest: Path, max_rows: int, seed: int) -> dict[
     entry: dict[str, Any] = {
         "artifact": f"{PREFIX}/snapshots/{dest.name}",
         "source": str(source),  # provenance only: no reader depends on this path
-        "source_sha256": _sha256(source),
+        "source_sha256": file_sha256(source),
         "rows": len(frame),
         "columns": [str(c) for c in frame.columns],
     }
