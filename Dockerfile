@@ -35,7 +35,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     AIRFLOW_HOME=/opt/airflow \
     PYTHONUNBUFFERED=1
 WORKDIR /opt/airflow
-COPY --chown=airflow:0 pyproject.toml /opt/cd4ml/
+# constraints.txt: the lock whose hash every model version records (cd4ml.lock_hash).
+COPY --chown=airflow:0 pyproject.toml constraints.txt /opt/cd4ml/
 COPY --chown=airflow:0 include /opt/cd4ml/include
 # Editable: compose mounts ./include over /opt/cd4ml/include, so code edits need no rebuild.
 RUN pip install --quiet --no-deps --no-index --no-build-isolation -e /opt/cd4ml \

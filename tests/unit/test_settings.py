@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from cd4ml.core.settings import PROJECT_ROOT, Settings, env_names, get_settings, settings_table
+from cd4ml.core.settings import PROJECT_ROOT, Settings, SettingsError, env_names, get_settings, settings_table
 
 DOCS = PROJECT_ROOT / "docs" / "settings.md"
 
@@ -121,10 +121,11 @@ def test_service_knobs(clean_env: pytest.MonkeyPatch) -> None:
 
 def test_a_bad_value_names_the_variable(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("CD4ML_SERVICE_MAX_ROWS", "many")
-    with pytest.raises(ValidationError, match="service_max_rows"):
+    with pytest.raises(SettingsError, match=r"CD4ML_SERVICE_MAX_ROWS='many': .*integer") as err:
         get_settings()
+    assert not err.value.retryable and "docs/settings.md" in str(err.value)
     clean_env.setenv("CD4ML_SERVICE_MAX_ROWS", "0")
-    with pytest.raises(ValidationError, match="greater than 0"):
+    with pytest.raises(SettingsError, match=r"CD4ML_SERVICE_MAX_ROWS='0': .*greater than 0"):
         get_settings()
 
 

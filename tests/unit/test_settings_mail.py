@@ -87,13 +87,22 @@ def test_the_old_starttls_extra_still_sends_plain(
     assert got["From"] == "cd4ml@localhost"
 
 
-def test_the_providers_default_is_implicit_tls(
+def test_a_connection_without_tls_keys_sends_plain_as_before(
     server: tuple[Inbox, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Without `disable_ssl`, the hook speaks TLS from the first byte: a plain server gets no mail.
-    (So a plain server's connection must say disable_ssl / disable_tls, as docs/settings.md does.)"""
+    """cd4ml's rule before the hook: no `starttls`, no provider keys = plain SMTP. The hook alone would
+    speak implicit TLS here, and such an existing connection would silently stop sending."""
     inbox, port = server
     connect(monkeypatch, port, {"from_email": "cd4ml@test.local", "retry_limit": 0, "timeout": 5})
+    send(notify.failure("churn", "train", "x", "http://r"), ["a@example.com"])
+    (got,) = inbox.messages
+    assert got["From"] == "cd4ml@test.local"
+
+
+def test_the_providers_keys_rule_once_set(server: tuple[Inbox, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`disable_ssl: false` asks for implicit TLS (port 465): a plain server gets no mail."""
+    inbox, port = server
+    connect(monkeypatch, port, {"disable_ssl": False, "retry_limit": 0, "timeout": 5})
     with pytest.raises(OSError):
         send(notify.failure("churn", "train", "x", "http://r"), ["a@example.com"])
     assert inbox.messages == []

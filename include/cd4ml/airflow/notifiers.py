@@ -79,12 +79,13 @@ def has_smtp_connection() -> bool:
 
 
 def _legacy_starttls(extra: dict[str, Any]) -> bool | None:
-    """cd4ml's own extra before the provider's hook: `starttls` on a plain connection (README's
-    example, port 587). Honoured while the connection has neither of the provider's keys, so such a
-    connection keeps sending instead of trying implicit TLS; None when the provider's keys rule."""
-    if "starttls" not in extra or "disable_ssl" in extra or "disable_tls" in extra:
+    """cd4ml's own rule before the provider's hook: plain SMTP, upgraded with STARTTLS only when the
+    `starttls` extra says so. Kept for every connection that sets neither of the provider's keys
+    (`disable_ssl`, `disable_tls`) -- including one with no extras at all, which the hook alone would
+    send over implicit SSL -- so existing connections keep sending; None when the provider's keys rule."""
+    if "disable_ssl" in extra or "disable_tls" in extra:
         return None
-    return bool(extra["starttls"])
+    return bool(extra.get("starttls", False))
 
 
 def send(message: notify.Message, recipients: list[str]) -> None:

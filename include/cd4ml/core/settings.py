@@ -13,8 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from cd4ml.core.errors import Cd4mlError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 
@@ -166,9 +168,26 @@ class Settings(BaseSettings):
         return self.data_dir / model
 
 
+class SettingsError(Cd4mlError):
+    """An environment variable cd4ml reads holds a value it cannot use (deterministic: not retried)."""
+
+
 def get_settings() -> Settings:
-    """The environment's settings as of now (not cached: tests and the dev stack change it)."""
-    return Settings()
+    """The environment's settings as of now (not cached: tests and the dev stack change it).
+
+    A bad value fails with the variable's name, the value and what is expected -- not pydantic's
+    field name, which the user never typed (a DAG parse error shows this text for every model)."""
+    try:
+        return Settings()
+    except ValidationError as err:
+        problems = []
+        for error in err.errors():
+            field = str(error["loc"][0]) if error["loc"] else ""
+            names = env_names(field) if field in Settings.model_fields else [field]
+            problems.append(f"{' or '.join(names)}={error.get('input')!r}: {error['msg']}")
+        raise SettingsError(
+            "bad environment setting: " + "; ".join(problems) + " (see docs/settings.md)"
+        ) from None
 
 
 def env_names(name: str) -> list[str]:
