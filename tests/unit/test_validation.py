@@ -529,6 +529,11 @@ def test_accepted_profile_reads_each_file_once_and_stores_it_by_content_hash(tmp
     assert reads == ["b0.parquet", "b1.parquet", "b2.parquet", "b3.parquet"]  # b0-b2 came from the store
     assert reference_from_profile(SPEC, first) == learn_reference(SPEC, pd.concat(parts[:3]))
     assert reference_from_profile(SPEC, again) == learn_reference(SPEC, pd.concat(parts))
+    # A retracted file leaves the sums: the merged profile is rebuilt from the stored per-file ones.
+    kept = [files[0], files[2], files[3]]
+    retracted = accepted_profile(SPEC, store, kept, read)
+    assert reference_from_profile(SPEC, retracted) == learn_reference(SPEC, pd.concat([parts[0], *parts[2:]]))
+    assert len(reads) == 4
     # Another spec (other columns) does not reuse profiles made for this one.
     other = SPEC.model_copy(update={"timestamp": None})
     assert other.columns != SPEC.columns

@@ -450,30 +450,26 @@ def _profile_key(spec: ModelSpec, sha256: str) -> str:
     return f"{sha256}-{hashlib.sha256(roles.encode()).hexdigest()[:12]}"
 
 
-def save_profile(store: Path, spec: ModelSpec, sha256: str, summary: Profile) -> Path:
-    """Store the profile of the file whose content hash is `sha256` (atomically: temp, then rename)."""
-    store.mkdir(parents=True, exist_ok=True)
+def _write_profile(target: Path, summary: Profile, **extra: Any) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, np.ndarray] = {"row_hashes": summary.row_hashes[0], "row_counts": summary.row_hashes[1]}
     for i, (_, (values, counts)) in enumerate(sorted(summary.numbers.items())):
         arrays[f"values_{i}"], arrays[f"counts_{i}"] = values, counts
     meta = {
         "rows": summary.rows, "columns": sorted(summary.columns), "numbers": sorted(summary.numbers),
         "texts": summary.texts, "uniques": {c: sorted(v) for c, v in summary.uniques.items()},
-        "classes": list(summary.classes), "nulls": summary.nulls,
+        "classes": list(summary.classes), "nulls": summary.nulls, **extra,
     }  # fmt: skip
     arrays["meta"] = np.array(json.dumps(meta))
-    target = store / f"{_profile_key(spec, sha256)}.npz"
     tmp = target.with_name(f".{target.name}.part")
     save: Any = np.savez  # its stub reads **arrays as its allow_pickle flag
     with tmp.open("wb") as fh:
         save(fh, **arrays)
-    tmp.replace(target)
+    tmp.replace(target)  # atomic: a reader sees the old profile or the new one
     return target
 
 
-def load_profile(store: Path, spec: ModelSpec, sha256: str) -> Profile | None:
-    """The stored profile of that file under this spec's columns, or None if there is none yet."""
-    path = store / f"{_profile_key(spec, sha256)}.npz"
+def _read_profile(path: Path) -> tuple[Profile, dict[str, Any]] | None:
     if not path.exists():
         return None
     with np.load(path, allow_pickle=False) as stored:
@@ -481,7 +477,7 @@ def load_profile(store: Path, spec: ModelSpec, sha256: str) -> Profile | None:
         numbers = {
             col: (stored[f"values_{i}"], stored[f"counts_{i}"]) for i, col in enumerate(meta["numbers"])
         }
-        return Profile(
+        summary = Profile(
             rows=meta["rows"],
             columns=frozenset(meta["columns"]),
             numbers=numbers,
@@ -491,21 +487,51 @@ def load_profile(store: Path, spec: ModelSpec, sha256: str) -> Profile | None:
             nulls=meta["nulls"],
             row_hashes=(stored["row_hashes"], stored["row_counts"]),
         )
+    return summary, meta
+
+
+def save_profile(store: Path, spec: ModelSpec, sha256: str, summary: Profile) -> Path:
+    """Store the profile of the file whose content hash is `sha256`."""
+    return _write_profile(store / f"{_profile_key(spec, sha256)}.npz", summary)
+
+
+def load_profile(store: Path, spec: ModelSpec, sha256: str) -> Profile | None:
+    """The stored profile of that file under this spec's columns, or None if there is none yet."""
+    found = _read_profile(store / f"{_profile_key(spec, sha256)}.npz")
+    return found[0] if found else None
 
 
 def accepted_profile(
     spec: ModelSpec, store: Path, files: list[tuple[str, Path]], read: Callable[[Path], pd.DataFrame]
 ) -> Profile:
-    """The merged profile of accepted files given as (sha256, path): stored profiles are reused, a
-    file without one is read (`read` returns the normalised frame) and profiled once."""
+    """The merged profile of accepted files given as (sha256, path).
+
+    The last merged profile is stored with the files it covers: while they are all still accepted,
+    only files accepted since are added (one read of the stored sums, then O(new files)); a
+    retracted file makes it start over from the per-file profiles. A file without a stored profile
+    is read (`read` returns the normalised frame) and profiled once.
+    """
+    wanted = [sha256 for sha256, _ in files]
+    merged_path = store / f"{_profile_key(spec, 'accepted')}.npz"
+    last = _read_profile(merged_path)
+    covered: list[str] = last[1]["files"] if last else []
     profiles = []
+    if last and set(covered) <= set(wanted):
+        profiles.append(last[0])
+    else:
+        covered = []
     for sha256, path in files:
+        if sha256 in covered:
+            continue
         found = load_profile(store, spec, sha256)
         if found is None:
             found = profile(spec, read(path))
             save_profile(store, spec, sha256, found)
         profiles.append(found)
-    return merge_profiles(profiles)
+    merged = merge_profiles(profiles)
+    if set(covered) != set(wanted):
+        _write_profile(merged_path, merged, files=wanted)
+    return merged
 
 
 def new_category_values(spec: ModelSpec, reference: Reference, frame: pd.DataFrame) -> dict[str, Any]:
