@@ -156,7 +156,7 @@ def test_cd4ml_train_has_the_dags_evaluate_only_outcome_and_failure_shape(
 ) -> None:
     from cd4ml.cli import main
 
-    spec = spec_for(workspace, model, estimator=LOGREG)
+    spec = spec_for(workspace, model, estimator=LOGREG, promotion__floor=None)
     land(spec, "week0.csv", generate_churn(ROWS, seed=4))
     assert main(["train", model, "--no-deploy", "--evaluate-only", "--reason", "try it"]) == 0
     printed = json.loads(capsys.readouterr().out)

@@ -104,10 +104,6 @@ def _concat(spec: ModelSpec, frames: list[Any]) -> Any:
     return pd.concat(frames, ignore_index=True)
 
 
-def _read_accepted(spec: ModelSpec, zone: ModelPaths) -> Any:
-    return _concat(spec, [frame for _, frame in _read_accepted_files(spec, zone)])
-
-
 def _non_finite_problems(spec: ModelSpec, frame: Any) -> list[str]:
     from cd4ml.data.validation import non_finite_counts
 
