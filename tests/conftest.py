@@ -55,6 +55,11 @@ def airflow_db() -> Path:
     return home
 
 
+# How long a test server may take to answer its health check. A clean machine needs ~10 s; the same
+# 2 cores shared with other test sessions (load 15+) took over 90 s to start MLflow.
+START_TIMEOUT_S = 300
+
+
 @pytest.fixture(scope="session")
 def mlflow_server() -> Iterator[str]:
     """A real MLflow tracking server (SQLite backend, local proxied artifacts) for the session."""
@@ -70,7 +75,7 @@ def mlflow_server() -> Iterator[str]:
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_http(f"{url}/health", 90)
+        wait_http(f"{url}/health", START_TIMEOUT_S)
         yield url
     finally:
         os.killpg(proc.pid, 15)
@@ -94,7 +99,7 @@ def start_service(env: dict[str, str], port: int, log_path: Path) -> subprocess.
         [str(BIN / "cd4ml"), "serve", "--port", str(port)],
         stdout=log_path.open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )  # fmt: skip
-    wait_http(f"http://127.0.0.1:{port}/health/live", 60)
+    wait_http(f"http://127.0.0.1:{port}/health/live", START_TIMEOUT_S)
     return proc
 
 
