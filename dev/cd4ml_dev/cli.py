@@ -78,7 +78,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
         print(stack.status(cfg))
     elif args.action == "env":
         for key, value in stack.environment(cfg).items():
-            if "SECRET" not in key and "TOKEN" not in key:
+            if not any(word in key for word in ("SECRET", "TOKEN", "AIRFLOW_CONN_")):
                 print(f"export {key}='{value}'")
     elif args.action == "clean":
         stack.clean(cfg)

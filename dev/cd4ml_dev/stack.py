@@ -110,6 +110,10 @@ def environment(cfg: StackConfig) -> dict[str, str]:
         "CD4ML_SERVICE_PORT": str(cfg.service_port),
         "CD4ML_SERVICE_URL": cfg.service_url,
         "CD4ML_SERVICE_ADMIN_TOKEN": sec["service_admin_token"],
+        # What deploy and rollback tasks use (the settings above serve `cd4ml train` and the service).
+        "AIRFLOW_CONN_CD4ML_SERVICE": json.dumps(
+            {"conn_type": "http", "host": cfg.service_url, "password": sec["service_admin_token"]}
+        ),
         "MLFLOW_TRACKING_URI": cfg.mlflow_url,
         "GX_ANALYTICS_ENABLED": "false",
         "MLFLOW_DISABLE_TELEMETRY": "true",

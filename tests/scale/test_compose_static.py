@@ -265,6 +265,13 @@ def test_image_and_makefile_agree_with_the_pins_and_the_test_entry_point() -> No
     # The image copies the committed local settings; it never imports the dev tooling to write them.
     assert "COPY --chown=airflow:0 config/airflow_local_settings.py /opt/airflow/config/" in dockerfile
     assert "cd4ml_dev" not in dockerfile and not re.search(r"^COPY.* dev/", dockerfile, re.M)
+    makefile = (REPO / "Makefile").read_text()
+    test_rule = re.search(r"^test:(.*)$", makefile, re.M)
+    assert test_rule and "test-scale" in test_rule.group(1), "make test must run make test-scale"
+    scale_rule = re.search(r"^test-scale:.*\n((?:\t.*\n)+)", makefile, re.M)
+    assert scale_rule and "-m scale" in scale_rule.group(1)
+    compose_rule = re.search(r"^test-compose:.*\n((?:\t.*\n)+)", makefile, re.M)
+    assert compose_rule and "scripts/compose/test.sh" in compose_rule.group(1)
 
 
 def test_the_runtime_image_holds_no_dev_or_test_tooling() -> None:
@@ -273,7 +280,8 @@ def test_the_runtime_image_holds_no_dev_or_test_tooling() -> None:
     assert "*" in lines, "everything is left out of the build context unless listed"
     allowed = [line[1:] for line in lines if line.startswith("!")]
     assert allowed and not [p for p in allowed if p.startswith(("dev", "tests", "benchmarks", "scripts"))]
-    for module in (REPO / "include" / "cd4ml").rglob("*.py"):
+    shipped = [REPO / "include" / "cd4ml", REPO / "dags", REPO / "plugins", REPO / "config"]
+    for module in (path for root in shipped for path in root.rglob("*.py")):
         imports = re.findall(r"^\s*(?:from|import) ([\w.]+)", module.read_text(), re.M)
         tooling = [m for m in imports if m.split(".")[0] in {"cd4ml_dev", "tests", "pytest", "playwright"}]
         assert not tooling, f"{module.relative_to(REPO)} imports {tooling}"

@@ -109,3 +109,28 @@ services:
     assert our_databases(ProvidedLease(prefix, []), prefix) == set()
     for db in range(1, 16):
         assert redis_claim(db) != prefix.encode()
+
+
+def test_a_db_holding_someones_data_keeps_no_claim(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A claim left in a non-empty db would make a later stale sweep flush someone else's data."""
+    import redis
+
+    from cd4ml_dev.scale import lease as lease_module
+
+    prefix = f"cd4ml_scale_{os.getpid()}_busy"
+    lease = ProvidedLease(prefix, [])
+    for number in lease_module.REDIS_DBS:  # a db free of claims, to hold the stranger's data
+        client = redis.Redis(host="127.0.0.1", port=6379, db=number, socket_timeout=10)
+        if client.dbsize() == 0:
+            break
+    else:
+        pytest.skip("no empty Redis db on this machine to plant data in")
+    client.set("someone:else", "precious")
+    monkeypatch.setattr(lease_module, "REDIS_DBS", range(number, number + 1))
+    try:
+        with pytest.raises(ScaleError, match="no free Redis db number"):
+            lease.acquire()
+        assert client.get(CLAIM_KEY) is None and client.get("someone:else") == b"precious"
+    finally:
+        client.delete("someone:else")
+        lease.release()

@@ -74,9 +74,13 @@ class ProvidedLease:
         for number in secrets.SystemRandom().sample(REDIS_DBS, len(REDIS_DBS)):
             client = self._redis(number)
             # Claimed atomically, and only a db whose one key is our claim is really empty.
-            if client.set(CLAIM_KEY, self.prefix, nx=True) and client.dbsize() == 1:
+            if not client.set(CLAIM_KEY, self.prefix, nx=True):
+                continue
+            if client.dbsize() == 1:
                 self.redis_db = number
                 return
+            # Someone's data is here: take the claim back, or a later stale sweep would flush their db.
+            client.delete(CLAIM_KEY)
         host, port = PROVIDED["redis"]
         raise ScaleError(
             f"no free Redis db number ({REDIS_DBS.start}-{REDIS_DBS.stop - 1}) on {host}:{port}: "
