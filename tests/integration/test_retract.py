@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from cd4ml import registry
 from cd4ml.data import landing
 from cd4ml_dev.datagen import generate_churn
 from cd4ml_dev.netutil import free_port, wait_http
@@ -107,6 +108,10 @@ def test_retracting_a_file_retrains_without_its_rows_and_is_listed(env: dict[str
     again = run_dag(f"{MODEL}__retract", {"file": "week1.csv", "reason": "again"})
     assert again["__run__"] == "success"
     assert len(landing.list_retractions(zone)) == 1
+    # The model's history in MLflow has it once (the second run re-reported it, it did not re-log it).
+    (logged,) = [e for e in registry.events(env["mlflow"], MODEL) if e.kind == "retraction"]
+    assert (logged.who, logged.when, logged.why) == (reason["who"], reason["when"], reason["reason"])
+    assert logged.version is None and logged.details["sha256"] == week1.sha256
 
     overview = model_overview(load_spec(spec_path), get_settings())
     (listed,) = overview.retractions
@@ -116,6 +121,7 @@ def test_retracting_a_file_retrains_without_its_rows_and_is_listed(env: dict[str
     assert listed["who"] == reason["who"] and listed["when"] == reason["when"]
     assert overview.files["accepted"] == 1 and overview.files["retracted"] == 1
     assert overview.as_dict()["retractions"][0]["file"] == "week1.csv"
+    assert [e.what for e in overview.events if e.kind == "retraction"] == ["retracted"]
 
 
 @pytest.fixture
