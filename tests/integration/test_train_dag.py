@@ -1,6 +1,9 @@
 """`<model>__train` end to end with dag.test(): real Airflow task execution, real GX, real sklearn,
-a real MLflow tracking server and the real prediction service (deploy step). One test per gate
-path; each test uses its own model name."""
+a real MLflow tracking server and the real prediction service (deploy step). These runs cover the
+DAG's wiring of every gate path: promote (first model and over a champion), reject, evaluate-only and
+force from the form, the short circuit, a quarantine, a failed deploy, deterministic failures, and the
+rollback DAG. Edge cases of the steps themselves (equal scores, duplicates, a registration retried,
+nothing accepted, ...) run without Airflow in tests/unit/test_steps*.py. Each test has its own model."""
 
 from __future__ import annotations
 
@@ -17,101 +20,110 @@ pytestmark = pytest.mark.integration
 ROWS = 1500
 
 
-def test_first_model_is_promoted_with_full_lineage(env: dict[str, Any]) -> None:
-    write_spec(env["specs"], "first", estimator=LOGREG)
-    land(env, "first", "week0.csv", generate_churn(ROWS, seed=1))
-    states = run(env, "first")
+def last_event(env: dict[str, Any], model: str, kind: str, version: str) -> Any:
+    """The newest history event of that kind for that version (deploys and rollbacks are events)."""
+    from cd4ml import registry
+
+    found = [e for e in registry.events(env["mlflow"], model) if e.kind == kind and e.version == version]
+    assert found, f"no {kind} event for {model} v{version}"
+    return found[-1]
+
+
+def test_promotion_paths_through_the_dag_then_rollback(env: dict[str, Any]) -> None:
+    """First model, evaluate-only, forced better model, forced worse model, then the rollback DAG."""
+    model = "lifecycle"
+    write_spec(env["specs"], model, estimator=WEAK, promotion__floor=None)
+    land(env, model, "week0.csv", generate_churn(ROWS, seed=2))
+    states = run(env, model)
     assert states["__run__"] == "success", states
-    assert champion(env, "first") == "1"
-    (v1,) = versions(env, "first")
-    assert env["mlflow"].get_model_version_by_alias("first", "challenger").version == "1"
-    tags = v1.tags
+    assert champion(env, model) == served(env, model) == "1"
+    (v1,) = versions(env, model)
+    evidence = json.loads(v1.tags["cd4ml.evidence"])
+    assert evidence["promote"] and evidence["champion_version"] is None and evidence["n"] == 300
+    assert "first model" in evidence["reason"]
+    assert json.loads(v1.tags["cd4ml.data.validation"])["accepted"] == ["week0.csv"]
+    (accepted,) = (env["data"] / model / "accepted").glob("*.csv")
+    assert accepted.name.endswith("__week0.csv")
+    assert not any((env["data"] / model / "landing").iterdir())
+
+    # The form's evaluate_only reaches promote_champion: a winning decision, the champion untouched.
+    write_spec(env["specs"], model, estimator=LOGREG, promotion__floor=None)  # a real model now
+    assert run(env, model, evaluate_only=True)["__run__"] == "success"
+    assert champion(env, model) == "1"
+    v2 = versions(env, model)[1]
+    assert v2.tags["cd4ml.decision"] == "promote" and v2.tags["cd4ml.promotion"] == "skipped: evaluate_only"
+
+    # The form's force reaches the gate (v2 has exactly these inputs); a better model is promoted
+    # over the champion with full lineage, deployed and smoke-tested.
+    states = run(env, model, force=True)
+    assert states["__run__"] == "success" and states["deploy_champion"] == "success", states
+    assert champion(env, model) == served(env, model) == "3"
+    v3 = versions(env, model)[2]
+    tags = v3.tags
     for key in (
         "data_fingerprint",
         "spec_hash",
         "code_version",
         "lock_hash",
-        "validation",
+        "data.validation",
         "decision",
         "evidence",
+        "validation_status",  # the whole evidence is stored as artifacts of the version's run
+        "evidence_format",
     ):
         assert tags.get(f"cd4ml.{key}"), key
     evidence = json.loads(tags["cd4ml.evidence"])
-    assert evidence["promote"] and evidence["champion_version"] is None and evidence["n"] == 300
-    assert "first model" in evidence["reason"]
-    assert tags["cd4ml.decision"] == "promote" and tags["cd4ml.trigger_reason"] == "manual: integration test"
-    assert json.loads(tags["cd4ml.data.validation"])["accepted"] == ["week0.csv"]
-    (accepted,) = (env["data"] / "first" / "accepted").glob("*.csv")
-    assert accepted.name.endswith("__week0.csv")
-    assert not any((env["data"] / "first" / "landing").iterdir())
-    # The registered model has a signature and an input example.
-    from mlflow.models import get_model_info
-
-    info = get_model_info("models:/first/1")
-    assert info.signature is not None
-    assert {c.name for c in info.signature.inputs} == {"tenure_months", "monthly_charges", "support_calls",
-                                                       "age", "contract", "plan", "region"}  # fmt: skip
-    assert info.saved_input_example_info is not None
-    # Deployed: the service serves it, and the smoke test passed on golden rows.
-    assert served(env, "first") == "1"
-    deployment = json.loads(env["mlflow"].get_model_version("first", "1").tags["cd4ml.deployment"])
-    assert deployment["outcome"] == "deployed" and deployment["golden_rows"] == 20
-    assert states["deploy_champion"] == "success"
-
-
-def test_better_challenger_is_promoted_then_an_equal_one_is_rejected(env: dict[str, Any]) -> None:
-    write_spec(env["specs"], "better", estimator=WEAK, promotion__floor=None)
-    land(env, "better", "week0.csv", generate_churn(ROWS, seed=2))
-    assert run(env, "better")["__run__"] == "success"
-    assert champion(env, "better") == "1"
-
-    write_spec(env["specs"], "better", estimator=LOGREG, promotion__floor=None)  # a real model now
-    assert run(env, "better")["__run__"] == "success"
-    assert champion(env, "better") == "2"
-    evidence = json.loads(versions(env, "better")[1].tags["cd4ml.evidence"])
     assert evidence["promote"] and evidence["champion_version"] == "1"
     assert evidence["ci_low"] > 0 and evidence["resamples"] == 1000
     assert evidence["challenger_score"] > evidence["champion_score"] == 0.5
-    assert versions(env, "better")[1].tags["cd4ml.previous_champion"] == "1"
+    assert (
+        tags["cd4ml.previous_champion"] == "1" and tags["cd4ml.trigger_reason"] == "manual: integration test"
+    )
+    from mlflow.models import get_model_info
 
-    # Same data, spec and code: a forced retrain builds the identical model, which must not win.
-    states = run(env, "better", force=True)
-    assert states["__run__"] == "success"
-    assert champion(env, "better") == "2"
-    v3 = versions(env, "better")[2]
-    assert v3.tags["cd4ml.decision"] == "reject"
-    assert json.loads(v3.tags["cd4ml.evidence"])["difference"] == 0.0
-    assert env["mlflow"].get_model_version_by_alias("better", "challenger").version == "3"
+    info = get_model_info(f"models:/{model}/3")
+    assert info.signature is not None and info.saved_input_example_info is not None
+    assert {c.name for c in info.signature.inputs} == {"tenure_months", "monthly_charges", "support_calls",
+                                                       "age", "contract", "plan", "region"}  # fmt: skip
+    deployment = last_event(env, model, "deployment", "3").details
+    assert deployment["outcome"] == "deployed" and deployment["golden_rows"] == 20
 
-
-def test_worse_challenger_is_rejected_and_champion_unchanged(env: dict[str, Any]) -> None:
-    write_spec(env["specs"], "worse", estimator=LOGREG)
-    land(env, "worse", "week0.csv", generate_churn(ROWS, seed=3))
-    assert run(env, "worse")["__run__"] == "success"
-    write_spec(env["specs"], "worse", estimator=WEAK)
-    states = run(env, "worse")
-    assert states["__run__"] == "success" and states["promote_champion"] == "success"
-    assert champion(env, "worse") == "1"
-    evidence = json.loads(versions(env, "worse")[1].tags["cd4ml.evidence"])
+    # A worse challenger is registered and rejected; promote_champion succeeds and changes nothing.
+    write_spec(env["specs"], model, estimator=WEAK, promotion__floor=None)
+    states = run(env, model, force=True)
+    assert states["__run__"] == "success" and states["promote_champion"] == "success", states
+    assert champion(env, model) == served(env, model) == "3"
+    evidence = json.loads(versions(env, model)[3].tags["cd4ml.evidence"])
     assert not evidence["promote"] and "rejected" in evidence["reason"]
+    assert env["mlflow"].get_model_version_by_alias(model, "challenger").version == "4"
+
+    # The rollback DAG: back to the previous champion by default, to a chosen version, never to an
+    # unknown one or to one registered outside cd4ml.
+    states = run_dag(f"{model}__rollback", {"version": "", "reason": "bad predictions in prod"})
+    assert states["__run__"] == "success", states
+    assert champion(env, model) == served(env, model) == "1"
+    rollback = last_event(env, model, "rollback", "1")
+    assert rollback.why == "bad predictions in prod" and rollback.details["outcome"] == "rolled back"
+
+    assert run_dag(f"{model}__rollback", {"version": "3", "reason": "fixed"})["__run__"] == "success"
+    assert champion(env, model) == served(env, model) == "3"
+
+    assert run_dag(f"{model}__rollback", {"version": "99", "reason": "typo"})["__run__"] == "failed"
+    assert champion(env, model) == "3"
+
+    import mlflow
+    from sklearn.dummy import DummyClassifier
+
+    mlflow.set_experiment(model)
+    with mlflow.start_run():
+        info = mlflow.sklearn.log_model(DummyClassifier().fit([[0], [1]], [0, 1]), name="model")
+    outsider = mlflow.register_model(info.model_uri, model).version
+    assert run_dag(f"{model}__rollback", {"version": str(outsider), "reason": "x"})["__run__"] == "failed"
+    assert champion(env, model) == served(env, model) == "3"
 
 
-def test_evaluate_only_records_the_decision_but_never_moves_the_champion(env: dict[str, Any]) -> None:
-    write_spec(env["specs"], "evalonly", estimator=WEAK, promotion__floor=None)
-    land(env, "evalonly", "week0.csv", generate_churn(ROWS, seed=4))
-    assert run(env, "evalonly")["__run__"] == "success"
-    write_spec(env["specs"], "evalonly", estimator=LOGREG, promotion__floor=None)
-    assert run(env, "evalonly", evaluate_only=True)["__run__"] == "success"
-    assert champion(env, "evalonly") == "1"
-    v2 = versions(env, "evalonly")[1]
-    assert v2.tags["cd4ml.decision"] == "promote"
-    assert v2.tags["cd4ml.promotion"] == "skipped: evaluate_only"
-
-
-def test_invalid_file_is_quarantined_with_reason_and_nothing_trained(env: dict[str, Any]) -> None:
+def test_a_quarantine_fails_validate_batches_with_the_reason_and_trains_nothing(env: dict[str, Any]) -> None:
     write_spec(env["specs"], "guarded", estimator=LOGREG)
-    land(env, "guarded", "week0.csv", generate_churn(ROWS, seed=5))
-    assert run(env, "guarded")["__run__"] == "success"
     bad = generate_churn(ROWS, seed=5, batch=1).drop(columns=["plan"])
     bad.loc[:30, "tenure_months"] = -7
     landed_bytes = land(env, "guarded", "week1.csv", bad).read_bytes()
@@ -119,8 +131,9 @@ def test_invalid_file_is_quarantined_with_reason_and_nothing_trained(env: dict[s
     states = run(env, "guarded")
     assert states["__run__"] == "failed"
     assert states["validate_batches"] == "failed"
+    assert states["build_datasets"] in {"upstream_failed", "None"}
     assert states["train_challenger"] in {"upstream_failed", "None"}
-    assert champion(env, "guarded") == "1" and len(versions(env, "guarded")) == 1
+    assert champion(env, "guarded") is None and versions(env, "guarded") == []
     quarantine = env["data"] / "guarded" / "quarantine"
     (stored,) = [p for p in quarantine.iterdir() if p.name.endswith("__week1.csv")]
     assert stored.read_bytes() == landed_bytes  # nothing lost
@@ -129,26 +142,24 @@ def test_invalid_file_is_quarantined_with_reason_and_nothing_trained(env: dict[s
     assert "missing columns ['plan']" in reason
     assert "column 'tenure_months': 31 of 1500 rows outside [0, 120]" in reason
     assert "Data Docs: file://" in reason
+    assert task_tries(states["__run_id__"], "guarded__train")["validate_batches"] == 1
     assert not any((env["data"] / "guarded" / "landing").iterdir())
 
 
-def test_the_same_file_landed_twice_is_processed_once(env: dict[str, Any]) -> None:
-    write_spec(env["specs"], "dedup", estimator=LOGREG)
-    frame = generate_churn(ROWS, seed=6)
-    land(env, "dedup", "week0.csv", frame)
-    assert run(env, "dedup")["__run__"] == "success"
-    land(env, "dedup", "week0-copy.csv", frame)  # same bytes, new name
-
-    states = run(env, "dedup")
-    assert states["__run__"] == "success"
-    assert states["train_challenger"] == "skipped"  # nothing new to learn from
-    assert len(versions(env, "dedup")) == 1
-    accepted = [p for p in (env["data"] / "dedup" / "accepted").iterdir() if p.suffix == ".csv"]
-    assert len(accepted) == 1
-    (dup,) = [
-        p for p in (env["data"] / "dedup" / "quarantine").iterdir() if p.name.endswith("week0-copy.csv")
-    ]
-    assert "duplicate: byte-identical to" in dup.with_name(dup.name + ".reason.txt").read_text()
+def test_nothing_to_train_on_short_circuits_and_records_why(env: dict[str, Any]) -> None:
+    write_spec(env["specs"], "idle", estimator=LOGREG)
+    states = run(env, "idle")
+    assert states["__run__"] == "success", states
+    assert states["needs_training"] == "success"
+    for skipped in ("train_challenger", "evaluate_against_champion", "register_challenger",
+                    "promote_champion", "deploy_champion"):  # fmt: skip
+        assert states[skipped] == "skipped", (skipped, states)
+    (outcome,) = (env["data"] / "idle" / "runs").glob("*/outcome.json")
+    recorded = json.loads(outcome.read_text())
+    assert recorded["run_id"] == states["__run_id__"] and recorded["trained"] is False
+    assert recorded["trigger"] == "manual: integration test" and recorded["why"].startswith(
+        "no accepted data"
+    )
 
 
 def test_failed_deploy_rolls_back_and_the_service_serves_the_previous_champion(
@@ -168,43 +179,10 @@ def test_failed_deploy_rolls_back_and_the_service_serves_the_previous_champion(
     assert champion(env, "deployfail") == "1"
     assert served(env, "deployfail") == "1"
     v2 = env["mlflow"].get_model_version("deployfail", "2")
-    deployment = json.loads(v2.tags["cd4ml.deployment"])
+    deployment = last_event(env, "deployfail", "deployment", "2").details
     assert deployment["outcome"] == "failed" and "HTTP 413" in deployment["error"]
     assert deployment["rollback"] == "champion rolled back to 1, which the service serves again"
     assert v2.tags["cd4ml.rolled_back"] == "to 1"
-
-
-def test_rollback_dag_moves_the_champion_to_the_chosen_version(env: dict[str, Any]) -> None:
-    write_spec(env["specs"], "rollme", estimator=WEAK, promotion__floor=None)
-    land(env, "rollme", "week0.csv", generate_churn(ROWS, seed=8))
-    assert run(env, "rollme")["__run__"] == "success"
-    write_spec(env["specs"], "rollme", estimator=LOGREG, promotion__floor=None)
-    assert run(env, "rollme")["__run__"] == "success"
-    assert champion(env, "rollme") == served(env, "rollme") == "2"
-
-    states = run_dag("rollme__rollback", {"version": "", "reason": "bad predictions in prod"})
-    assert states["__run__"] == "success", states
-    assert champion(env, "rollme") == served(env, "rollme") == "1"
-    v1 = env["mlflow"].get_model_version("rollme", "1")
-    assert v1.tags["cd4ml.rollback_reason"] == "bad predictions in prod"
-    assert json.loads(v1.tags["cd4ml.deployment"])["outcome"] == "rolled back"
-
-    assert run_dag("rollme__rollback", {"version": "2", "reason": "fixed"})["__run__"] == "success"
-    assert champion(env, "rollme") == served(env, "rollme") == "2"
-
-    assert run_dag("rollme__rollback", {"version": "99", "reason": "typo"})["__run__"] == "failed"
-    assert champion(env, "rollme") == "2"
-
-    # A version registered outside cd4ml never passed validation: refused.
-    import mlflow
-    from sklearn.dummy import DummyClassifier
-
-    mlflow.set_experiment("rollme")
-    with mlflow.start_run():
-        info = mlflow.sklearn.log_model(DummyClassifier().fit([[0], [1]], [0, 1]), name="model")
-    outsider = mlflow.register_model(info.model_uri, "rollme").version
-    assert run_dag("rollme__rollback", {"version": str(outsider), "reason": "x"})["__run__"] == "failed"
-    assert champion(env, "rollme") == served(env, "rollme") == "2"
 
 
 def test_a_version_the_service_refuses_is_recorded_as_refused_not_unreachable(env: dict[str, Any]) -> None:
@@ -242,7 +220,7 @@ def test_a_version_the_service_refuses_is_recorded_as_refused_not_unreachable(en
     assert "no input signature" in said  # the service's own reason, whatever the words
     message = str(caught.value)
     assert f"refused version {bad}: {said}" in message and "unreachable" not in message
-    deployment = json.loads(env["mlflow"].get_model_version(model, bad).tags["cd4ml.deployment"])
+    deployment = last_event(env, model, "deployment", bad).details
     assert deployment["outcome"] == "failed"
     assert f"the prediction service at {env['service']} refused version {bad}: {said}" in deployment["error"]
     assert deployment["rollback"] == "champion rolled back to 1, which the service serves again"
