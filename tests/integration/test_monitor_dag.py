@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from cd4ml import registry
 from cd4ml.ml.training import features
 from cd4ml_dev.datagen import generate_churn
 from tests.helpers import LOGREG, write_spec
@@ -136,7 +137,7 @@ def test_drift_monitor_closes_the_loop_with_guards(env: dict[str, Any]) -> None:
     assert states["validate_batches"] == "success" and states["evaluate_against_champion"] == "success"
     v2 = versions(env, MODEL)[-1]
     assert v2.version == "2" and v2.tags["cd4ml.decision"] in {"promote", "reject"}
-    assert json.loads(v2.tags["cd4ml.evidence"])["champion_version"] == "1"
+    assert registry.read_evidence(env["mlflow"], MODEL, v2).decision["champion_version"] == "1"
 
     # 6. What the plugin shows: the Evidently link of a check, the Models view, the metrics.
     assert_models_view_and_metrics(env, drift_run_id, v2)
@@ -170,6 +171,10 @@ def assert_models_view_and_metrics(env: dict[str, Any], drift_run_id: str, v2: A
     ]
     assert sum(bool(c["decision"]["trigger"]) for c in overview.drift) == 1
     assert {"promoted", "deployed"} <= {e.what for e in overview.events}
+    # The deployment is an event of the model's append-only history, with who and when.
+    logged = registry.events(env["mlflow"], MODEL)
+    deployed = [e for e in logged if e.kind == "deployment" and e.outcome == "deployed"]
+    assert deployed and all(e.who and e.when for e in deployed)
     assert overview.files["accepted"] == 2 and overview.files["waiting"] == 0
 
     page = render_html([overview], settings, "http://mlflow.example", [])
