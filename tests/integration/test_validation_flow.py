@@ -18,6 +18,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from cd4ml import registry
 from cd4ml.core.errors import DataError, QuarantinedError
 from cd4ml.core.settings import Settings, get_settings
 from cd4ml.core.spec import ModelSpec, load_spec
@@ -63,14 +64,15 @@ def test_validation_through_run_training(market: tuple[ModelSpec, Settings]) -> 
     land(settings, "2001_export.csv", poisoned)
     train(spec, settings, 2)
     (mv,) = [v for v in client.search_model_versions(f"name='{MODEL}'") if v.version == "2"]
-    assert '"accepted": ["2001.csv"]' in mv.tags["cd4ml.data.validation"]
-    assert '"quarantined": ["2001_export.csv"]' in mv.tags["cd4ml.data.validation"]
-    assert '"drift": {"2001.csv": ["median", "sales", "volume"]}' in mv.tags["cd4ml.data.validation"]
+    record = registry.read_evidence(client, MODEL, mv).validation
+    assert record["accepted"] == ["2001.csv"] and record["quarantined"] == ["2001_export.csv"]
+    assert record["drift"] == {"2001.csv": ["median", "sales", "volume"]}
     reason = next(zone.quarantine.glob("*2001_export.csv.reason.txt")).read_text()
     assert "column 'volume': 20 of 480 rows are not finite numbers" in reason, reason
-    snapshot = pd.read_parquet(mv.tags["cd4ml.train_snapshot"])
+    snapshot = registry.reference_frame(client, MODEL, mv, "train")
     assert np.isfinite(snapshot[spec.numerical].to_numpy(dtype=float)).all()
-    assert "Odessa" in set(pd.read_parquet(mv.tags["cd4ml.holdout_snapshot"])["city"]) | set(snapshot["city"])
+    holdout = registry.reference_frame(client, MODEL, mv, "holdout")
+    assert "Odessa" in set(holdout["city"]) | set(snapshot["city"])
 
     # Scaled x1e6: quarantined, nothing trained, and a data error is never retried.
     land(
