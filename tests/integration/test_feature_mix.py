@@ -139,9 +139,7 @@ def test_feature_mix_trains_deploys_and_serves(
         assert out["classes"] == model.classes_.tolist()
         assert np.allclose(out["probabilities"], model.predict_proba(rows), rtol=1e-9, atol=1e-12)
 
-    evidence = json.loads(
-        registry.client(settings.mlflow_tracking_uri).get_model_version(name, version).tags["cd4ml.evidence"]
-    )
+    evidence = registry.read_evidence(registry.client(settings.mlflow_tracking_uri), name, version).decision
     if spec.metric.name in {"f1", "roc_auc"}:
         classes = frame[spec.target].nunique()
         assert evidence["average"] == ("binary" if classes == 2 else "macro")
@@ -164,9 +162,7 @@ def test_multiclass_challenger_is_judged_against_the_champion(
     write_batch(_frame(seed=102)[spec.columns], landing, "batch1.csv")
     second = run_training(spec, settings, run_id=f"{name}_2", run_time="2026-02-02T00:00:00+00:00")
     version = second["version"]
-    evidence = json.loads(
-        registry.client(settings.mlflow_tracking_uri).get_model_version(name, version).tags["cd4ml.evidence"]
-    )
+    evidence = registry.read_evidence(registry.client(settings.mlflow_tracking_uri), name, version).decision
     assert evidence["champion_version"] == first["version"]
     assert evidence["average"] == "macro" and evidence["classes"] == 5
     assert evidence["resamples"] >= 500 and evidence["ci_low"] is not None
