@@ -41,7 +41,7 @@ def test_promotion_paths_through_the_dag_then_rollback(env: dict[str, Any]) -> N
     evidence = json.loads(v1.tags["cd4ml.evidence"])
     assert evidence["promote"] and evidence["champion_version"] is None and evidence["n"] == 300
     assert "first model" in evidence["reason"]
-    assert json.loads(v1.tags["cd4ml.data.validation"])["accepted"] == ["week0.csv"]
+    assert json.loads(v1.tags["cd4ml.validation"])["accepted"] == ["week0.csv"]
     (accepted,) = (env["data"] / model / "accepted").glob("*.csv")
     assert accepted.name.endswith("__week0.csv")
     assert not any((env["data"] / model / "landing").iterdir())

@@ -216,7 +216,7 @@ def test_five_files_and_the_schedule_at_once_one_run_at_a_time_each_file_once(st
         assert meta["run_id"] == owners[name][0]
     champion = stack.alias("champion")
     assert champion is not None
-    trained = json.loads({t["key"]: t["value"] for t in champion["tags"]}["cd4ml.data.validation"])
+    trained = json.loads({t["key"]: t["value"] for t in champion["tags"]}["cd4ml.validation"])
     assert trained["status"] == "passed"
     print(f"runs: {[(r['run_type'], r['dag_run_id']) for r in new]}; owners: {owners}")
 
@@ -290,7 +290,7 @@ def test_whole_stack_restart_mid_run_loses_no_file_and_no_alias_then_recovers(st
     if champion is not None:  # no half-moved alias: it points at a complete, validated version
         assert champion["status"] == "READY"
         tags = {t["key"]: t["value"] for t in champion["tags"]}
-        assert json.loads(tags["cd4ml.data.validation"])["status"] == "passed"
+        assert json.loads(tags["cd4ml.validation"])["status"] == "passed"
         assert tags["cd4ml.decision"] == "promote"
     interrupted = next(r for r in runs if r["dag_run_id"] == run_id)
 

@@ -115,7 +115,7 @@ def test_versions_registered_before_keep_their_tags_and_local_snapshots(
     cut = json.dumps({"promote": False, "reason": "x" * 6000})[:5000]  # what tag_json used to store
     version = _version(mlflow_server, name, tags={
         "cd4ml.evidence": json.dumps({"promote": True, "challenger_score": 0.8}),
-        "cd4ml.data.validation": json.dumps({"status": "passed", "accepted": ["a.csv"]}),
+        "cd4ml.validation": json.dumps({"status": "passed", "accepted": ["a.csv"]}),
         "cd4ml.train_snapshot": str(tmp_path / "train.parquet"),
         "cd4ml.holdout_snapshot": str(tmp_path / "gone.parquet"),
     })  # fmt: skip

@@ -40,7 +40,7 @@ FORMAT = "artifacts-v1"
 VALIDATION_STATUS_TAG = "cd4ml.validation_status"
 # Tags older versions carry instead of artifacts.
 LEGACY_EVIDENCE_TAG = "cd4ml.evidence"
-LEGACY_VALIDATION_TAG = "cd4ml.data.validation"
+LEGACY_VALIDATION_TAG = "cd4ml.validation"
 LEGACY_SNAPSHOT_TAGS = {"train": "cd4ml.train_snapshot", "holdout": "cd4ml.holdout_snapshot"}
 CATEGORY_LIMIT = 10_000  # more distinct values than this: not a category column, not listed
 

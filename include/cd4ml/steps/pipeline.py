@@ -435,7 +435,7 @@ def register_challenger(
         "cd4ml.spec_hash": spec.spec_hash(),
         "cd4ml.code_version": lineage.code_version(),
         "cd4ml.lock_hash": lineage.lock_hash(),
-        "cd4ml.data.validation": registry.tag_json(validation_record),
+        "cd4ml.validation": registry.tag_json(validation_record),
         "cd4ml.decision": "promote" if evaluation.promote else "reject",
         "cd4ml.evidence": registry.tag_json(evidence),
         "cd4ml.airflow_run_id": run_id,

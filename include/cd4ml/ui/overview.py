@@ -152,7 +152,7 @@ def _version_info(mv: Any) -> VersionInfo:
         aliases=sorted(getattr(mv, "aliases", None) or []),
         decision=tags.get("cd4ml.decision"),
         evidence=_json_tag(tags, "cd4ml.evidence"),
-        validation=_json_tag(tags, "cd4ml.data.validation"),
+        validation=_json_tag(tags, "cd4ml.validation"),
         lineage={k.removeprefix("cd4ml."): tags[k] for k in LINEAGE_TAGS if k in tags},
         tags=tags,
     )
