@@ -114,7 +114,10 @@ def _trigger_reason(ctx: dict[str, Any]) -> str:
 
 
 def run_context(ctx: dict[str, Any]) -> RunContext:
-    """The steps' view of an Airflow run: ids, the run's own time, why it started, its Params."""
+    """The steps' view of an Airflow run: ids, the run's own time, why it started, its Params, and
+    the prediction service from the `cd4ml_service` connection."""
+    from cd4ml.airflow.connections import service_endpoint
+
     params = ctx.get("params") or {}
     return RunContext(
         run_id=str(ctx["run_id"]),
@@ -124,6 +127,7 @@ def run_context(ctx: dict[str, Any]) -> RunContext:
         force=bool(params.get("force")),
         evaluate_only=bool(params.get("evaluate_only")),
         last_attempt=last_attempt(ctx),
+        service=service_endpoint(),
     )
 
 

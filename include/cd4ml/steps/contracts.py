@@ -15,6 +15,7 @@ from cd4ml.data.landing import AcceptedFile, LandedFile
 
 if TYPE_CHECKING:  # numpy and pandas behind it: DAG files import these records at parse time
     from cd4ml.ml.evaluation import Decision
+    from cd4ml.steps.deploy import ServiceEndpoint
 
 XCom = dict[str, Any]
 
@@ -44,6 +45,9 @@ class RunContext:
     force: bool = False
     evaluate_only: bool = False
     last_attempt: bool = True
+    # The prediction service to deploy to: Airflow's `cd4ml_service` connection in a DAG run; None
+    # (the settings' CD4ML_SERVICE_URL / token) for `cd4ml train`.
+    service: ServiceEndpoint | None = None
 
 
 @dataclass(frozen=True)

@@ -615,7 +615,7 @@ def _deploy(spec: ModelSpec, settings: Settings, run: RunContext, got: Results) 
         spec, settings,
         promoted=got.of("promote_champion", Promotion).to_xcom(),
         holdout_path=got.of("build_datasets", Datasets).holdout_path,
-        who=run.who, when=run.run_time, last_attempt=run.last_attempt,
+        who=run.who, when=run.run_time, last_attempt=run.last_attempt, endpoint=run.service,
     ))  # fmt: skip
 
 
