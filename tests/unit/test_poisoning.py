@@ -222,7 +222,8 @@ def land_file(spec: ModelSpec, name: str, frame: pd.DataFrame) -> None:
 
 def validate(spec: ModelSpec, run: str) -> dict[str, Any]:
     collected = pipeline.collect_landed_files(spec, get_settings())
-    return pipeline.validate_landed_files(spec, get_settings(), collected["new"], run_id=run, run_time=run)
+    validated = pipeline.validate_landed_files(spec, get_settings(), collected.new, run_id=run, run_time=run)
+    return validated.to_xcom()
 
 
 def test_an_overflowing_csv_literal_is_quarantined_with_its_column_and_count(zone_spec: ModelSpec) -> None:
@@ -295,11 +296,10 @@ def test_the_monitor_reports_categorical_values_the_champion_never_saw(tmp_path:
 
     spec = market_spec()
     train = market_year(2000, CITIES)
-    train.to_parquet(tmp_path / "train.parquet")
-    train.iloc[:10].assign(city="Midland").to_parquet(tmp_path / "holdout.parquet")
+    holdout = train.iloc[:10].assign(city="Midland")
+    # What the champion saw (the monitor gathers it from the train and holdout snapshots).
+    known = {c: set(pd.concat([train, holdout])[c].astype(str)) for c in spec.categorical}
     traffic = market_year(2001, [*CITIES[:3], "Midland", "Odessa"])  # 12 rows each
-    found = _new_categories(
-        spec, [str(tmp_path / "train.parquet"), str(tmp_path / "holdout.parquet")], traffic
-    )
+    found = _new_categories(spec, known, traffic)
     assert found == {"city": {"rows": 12, "share": 0.2, "values": {"Odessa": 12}, "distinct": 1}}
-    assert _new_categories(spec, [str(tmp_path / "train.parquet"), ""], train) == {}
+    assert _new_categories(spec, {c: set(train[c].astype(str)) for c in spec.categorical}, train) == {}
