@@ -10,7 +10,6 @@ creating the version and setting the alias" a deterministic test rather than a r
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -172,6 +171,15 @@ def aliases(env: dict[str, Any], model: str) -> dict[str, str | None]:
     return out
 
 
+def deployments(env: dict[str, Any], model: str, version: str) -> list[dict[str, Any]]:
+    """The deployment attempts of one version, oldest first, from the model's append-only history."""
+    return [
+        e.details
+        for e in registry.events(env["mlflow"], model)
+        if e.kind == "deployment" and e.version == version
+    ]
+
+
 def run_through(proxy: CutProxy, env: dict[str, Any], model: str, monkeypatch: pytest.MonkeyPatch) -> dict:
     """One dag.test() run whose every MLflow call goes through `proxy` (the DAG is parsed with it)."""
     real_uri = os.environ["MLFLOW_TRACKING_URI"]
@@ -286,6 +294,7 @@ def own_service(
 def test_service_down_during_deploy_is_retried_then_rolls_champion_back_and_records_it(
     env: dict[str, Any],
     own_service: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     model = "fault_service_down"
     write_spec(env["specs"], model, estimator=WEAK, promotion__floor=None)
@@ -295,6 +304,9 @@ def test_service_down_during_deploy_is_retried_then_rolls_champion_back_and_reco
     wait_http(f"{own_service['url']}/v1/models/{model}", 30)  # not /health/ready: other tests' models
 
     own_service["kill"]()  # SIGKILL: no goodbye, the port just stops answering
+    # A dead port refuses at once; the 8 s that let a live service load a version would only be
+    # waited out 4 times (3 tries and the rollback's check) before the same verdict.
+    monkeypatch.setenv("CD4ML_DEPLOY_WAIT_SECONDS", "2")
     write_spec(env["specs"], model, estimator=LOGREG, promotion__floor=None)
     states = run(env, model)
 
@@ -306,8 +318,10 @@ def test_service_down_during_deploy_is_retried_then_rolls_champion_back_and_reco
     v2 = env["mlflow"].get_model_version(model, "2")
     assert v2.tags["cd4ml.decision"] == "promote"
     assert v2.tags["cd4ml.rolled_back"] == "to 1"
-    deployment = json.loads(v2.tags["cd4ml.deployment"])
-    assert deployment["outcome"] == "failed"
+    # Every try is its own event: the first two leave the champion for the retry, the last rolls back.
+    attempts = deployments(env, model, "2")
+    assert [a["outcome"] for a in attempts] == ["retrying", "retrying", "failed"], attempts
+    deployment = attempts[-1]
     assert f"the prediction service at {own_service['url']} is unreachable" in deployment["error"]
     assert "refused version" not in deployment["error"]  # not a refusal by the service
     assert "champion moved back to 1" in deployment["rollback"]
@@ -342,11 +356,7 @@ def test_service_back_before_the_retry_deploys_the_new_champion(
     def restart_when_the_first_try_gave_up() -> None:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
-            try:
-                tags = env["mlflow"].get_model_version(model, "2").tags
-            except Exception:  # noqa: BLE001 -- not registered yet
-                tags = {}
-            if json.loads(tags.get("cd4ml.deployment", "{}")).get("outcome") == "retrying":
+            if any(a.get("outcome") == "retrying" for a in deployments(env, model, "2")):
                 own_service["start"]()
                 restarted.append(time.monotonic())
                 return
@@ -360,8 +370,9 @@ def test_service_back_before_the_retry_deploys_the_new_champion(
     assert restarted, "the first deploy try never recorded 'retrying'"
     assert states["__run__"] == "success" and states["deploy_champion"] == "success", states
     assert task_tries(states["__run_id__"], f"{model}__train")["deploy_champion"] == 2
-    deployment = json.loads(env["mlflow"].get_model_version(model, "2").tags["cd4ml.deployment"])
-    assert deployment["outcome"] == "deployed" and deployment["golden_rows"] == 20
+    attempts = deployments(env, model, "2")
+    assert [a["outcome"] for a in attempts] == ["retrying", "deployed"], attempts
+    assert attempts[-1]["golden_rows"] == 20
     assert champion(env, model) == "2"
     import httpx
 
