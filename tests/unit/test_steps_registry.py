@@ -112,6 +112,14 @@ def test_first_model_then_same_data_then_forced_equal_model(workspace: Path, mod
     )
     assert outcome(spec, "r3")["why"] == "forced by the run's parameters"
 
+    # A promotion retried after its first attempt moved the alias carries on (returning the champion
+    # it replaced) instead of refusing its own move as stale; a really stale decision is refused.
+    assert registry.move_champion(client(), model, "2", expected_current="1") == "1"
+    assert registry.move_champion(client(), model, "2", expected_current="1") == "1"
+    assert champion(model) == "2"
+    with pytest.raises(registry.Cd4mlError, match="refusing to promote on a stale decision"):
+        registry.move_champion(client(), model, "1", expected_current=None)
+
 
 def test_evaluate_only_records_a_winning_decision_and_leaves_the_champion(
     workspace: Path, model: str

@@ -124,6 +124,18 @@ class Settings(BaseSettings):
     deploy_wait_seconds: float = Field(
         60.0, gt=0, description="How long deployment waits for the service to report the new version."
     )
+    snapshot_max_rows: int = Field(
+        200_000,
+        gt=0,
+        description="Largest training/holdout table stored whole as a version's artifact; larger ones are "
+        "stored as a seeded sample plus every column's distinct values (enough for the drift check).",
+    )
+    runs_retention_days: float | None = Field(
+        None,
+        ge=0,
+        description="Delete a run's local snapshots (runs/) older than this many days once MLflow holds "
+        "them whole; unset keeps everything.",
+    )
     metrics_token: str | None = Field(
         None,
         repr=False,

@@ -319,11 +319,17 @@ def move_champion(
     """Point `champion` at `version` in one call (an alias update is a single row write).
 
     Refuses if the champion moved since it was evaluated against: the decision would be stale.
-    Returns the previous champion version.
+    Returns the previous champion version. Idempotent: a retried promotion whose first attempt moved
+    the alias (and then failed, e.g. recording the event) finds `version` already champion and
+    carries on, instead of refusing its own earlier move as a stale decision.
     """
     current = version_by_alias(mlflow_client, name, CHAMPION)
-    current_version = current.version if current else None
-    if current_version != expected_current:
+    # MLflow returns versions as int or str depending on the store; compare them as text.
+    current_version = str(current.version) if current else None
+    expected = None if expected_current is None else str(expected_current)
+    if current_version is not None and current_version == str(version):
+        return expected
+    if current_version != expected:
         raise Cd4mlError(
             f"{name}: champion is version {current_version}, but the challenger was evaluated against "
             f"{expected_current}; refusing to promote on a stale decision"

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,14 +49,10 @@ class EvidenceMissingError(Cd4mlError):
 
 
 def snapshot_max_rows() -> int:
-    value = os.environ.get("CD4ML_SNAPSHOT_MAX_ROWS", "200000")
-    try:
-        rows = int(value)
-    except ValueError:
-        raise Cd4mlError(f"CD4ML_SNAPSHOT_MAX_ROWS={value!r} is not a whole number of rows") from None
-    if rows < 1:
-        raise Cd4mlError(f"CD4ML_SNAPSHOT_MAX_ROWS={rows} must be at least 1")
-    return rows
+    """CD4ML_SNAPSHOT_MAX_ROWS, validated by the settings object (a bad value names the variable)."""
+    from cd4ml.core.settings import get_settings
+
+    return get_settings().snapshot_max_rows
 
 
 @dataclass(frozen=True)

@@ -147,7 +147,10 @@ def append_event(
 def _find_key(mlflow_client: MlflowClient, experiment_id: str, key: str) -> bool:
     escaped = key.replace("'", "\\'")
     found = mlflow_client.search_runs(
-        [experiment_id], filter_string=f"tags.`{_PREFIX}key` = '{escaped}'", max_results=1
+        [experiment_id],
+        # Only a finished event counts: a run whose record failed to land is written again.
+        filter_string=f"tags.`{_PREFIX}key` = '{escaped}' and attributes.status = 'FINISHED'",
+        max_results=1,
     )
     return bool(found)
 

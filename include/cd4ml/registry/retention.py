@@ -12,13 +12,11 @@ registered before snapshots were artifacts still depend on.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cd4ml.core.errors import Cd4mlError
 from cd4ml.registry.evidence import file_sha256, held_sources
 
 if TYPE_CHECKING:
@@ -29,16 +27,9 @@ log = logging.getLogger(__name__)
 
 def retention_days() -> float | None:
     """CD4ML_RUNS_RETENTION_DAYS: None (unset or empty) keeps every run's files."""
-    value = os.environ.get("CD4ML_RUNS_RETENTION_DAYS", "").strip()
-    if not value:
-        return None
-    try:
-        days = float(value)
-    except ValueError:
-        raise Cd4mlError(f"CD4ML_RUNS_RETENTION_DAYS={value!r} is not a number of days") from None
-    if days < 0:
-        raise Cd4mlError(f"CD4ML_RUNS_RETENTION_DAYS={days:g} must be 0 or more days")
-    return days
+    from cd4ml.core.settings import get_settings
+
+    return get_settings().runs_retention_days
 
 
 @dataclass(frozen=True)
