@@ -10,7 +10,6 @@ and the pipeline metrics are served by a FastAPI app the API server mounts at /c
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -19,8 +18,10 @@ from airflow.sdk import BaseOperatorLink
 
 
 def _mlflow_ui() -> str:
-    port = os.environ.get("CD4ML_MLFLOW_PORT", "5000")
-    return (os.environ.get("CD4ML_MLFLOW_UI_URL") or f"http://127.0.0.1:{port}").rstrip("/")
+    """The one resolver of MLflow links (CD4ML_MLFLOW_PUBLIC_URL, ...; docs/settings.md)."""
+    from cd4ml.core.settings import get_settings
+
+    return get_settings().mlflow_public_url
 
 
 def _xcom(ti_key: Any, key: str) -> Any:

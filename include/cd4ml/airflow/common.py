@@ -4,7 +4,7 @@ mail), run facts."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import get_current_context
 from airflow.sdk.definitions.retry_policy import RetryDecision, RetryPolicy
@@ -12,6 +12,9 @@ from airflow.sdk.definitions.retry_policy import RetryDecision, RetryPolicy
 from cd4ml.airflow.notifiers import Cd4mlNotifier
 from cd4ml.core.errors import is_transient
 from cd4ml.core.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from airflow.sdk import XComArg
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -85,3 +88,11 @@ def last_attempt(ctx: dict[str, Any]) -> bool:
     """No retry follows this try (a step may then clean up instead of leaving it to the retry)."""
     ti = ctx["ti"]
     return int(ti.try_number) > int(getattr(ti, "max_tries", 0) or 0)
+
+
+def xcom_dict(task_id: str, value: XComArg | dict[str, Any]) -> dict[str, Any]:
+    """A task's view of an upstream task's return value. TaskFlow wiring passes an XComArg
+    placeholder that Airflow resolves into the upstream dict before the task runs."""
+    if not isinstance(value, dict):
+        raise TypeError(f"upstream task {task_id!r} returned {type(value).__name__}, not a dict")
+    return value

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from airflow.sdk import DAG, Metadata, Param, dag, task
+from airflow.sdk import DAG, Metadata, Param, XComArg, dag, task
 
 from cd4ml.airflow import assets
-from cd4ml.airflow.common import START, context, default_args, params, run_time
+from cd4ml.airflow.common import START, context, default_args, params, run_time, xcom_dict
 from cd4ml.airflow.notifiers import Cd4mlNotifier
 from cd4ml.core.settings import Settings
 from cd4ml.core.spec import ModelSpec
@@ -75,12 +75,14 @@ def build_monitor_dag(spec: ModelSpec, settings: Settings) -> DAG:
                         window_hours=float(hours) if hours else None)  # fmt: skip
 
         @task.short_circuit
-        def should_retrain(summary: dict[str, Any]) -> bool:
+        def should_retrain(summary: XComArg | dict[str, Any]) -> bool:
+            summary = xcom_dict("check_drift", summary)
             print(summary["decision"]["reason"])
             return bool(summary["decision"]["trigger"])
 
         @task(outlets=[drift_detected], on_success_callback=[Cd4mlNotifier("drift", spec)])
-        def emit_drift_detected(summary: dict[str, Any]) -> Iterator[Metadata]:
+        def emit_drift_detected(summary: XComArg | dict[str, Any]) -> Iterator[Metadata]:
+            summary = xcom_dict("check_drift", summary)
             from cd4ml.steps.monitor import record_trigger
 
             record_trigger(settings, spec.name, summary["window"]["end"])

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from airflow.sdk import DAG, Metadata, Param, dag, task
+from airflow.sdk import DAG, Metadata, Param, XComArg, dag, task
 
 from cd4ml.airflow import assets
-from cd4ml.airflow.common import START, context, default_args, params, run_time, who
+from cd4ml.airflow.common import START, context, default_args, params, run_time, who, xcom_dict
 from cd4ml.core.settings import Settings
 from cd4ml.core.spec import ModelSpec
 from cd4ml.data.landing import MIN_SHA_PREFIX
@@ -91,7 +91,8 @@ def build_retract_dag(spec: ModelSpec, settings: Settings) -> DAG:
             return asdict(done)
 
         @task(outlets=[new_data])
-        def request_retrain(retraction: dict[str, Any]) -> Iterator[Metadata]:
+        def request_retrain(retraction: XComArg | dict[str, Any]) -> Iterator[Metadata]:
+            retraction = xcom_dict("retract_file", retraction)
             keys = ("file", "sha256", "reason", "who", "when", "rows")
             yield Metadata(new_data, extra={"retracted": {k: retraction[k] for k in keys}})
 

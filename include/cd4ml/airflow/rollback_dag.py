@@ -59,13 +59,17 @@ def build_rollback_dag(spec: ModelSpec, settings: Settings) -> DAG:
     def rollback_pipeline() -> None:
         @task(on_success_callback=[Cd4mlNotifier("rollback", spec)])
         def roll_back() -> dict[str, Any]:
+            from cd4ml.airflow.connections import service_endpoint
             from cd4ml.steps.deploy import rollback
 
             ctx = context()
             form = params(ctx)
             target = str(form.get("version") or "") or None
             reason = str(form.get("reason") or "")
-            return rollback(spec, settings, target=target, reason=reason, who=who(ctx), when=run_time(ctx))
+            return rollback(
+                spec, settings, target=target, reason=reason, who=who(ctx), when=run_time(ctx),
+                endpoint=service_endpoint(),
+            )  # fmt: skip
 
         roll_back()
 

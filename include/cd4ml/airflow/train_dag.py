@@ -22,7 +22,7 @@ from airflow.sdk import (
 from airflow.sdk.bases.decorator import Task
 
 from cd4ml.airflow import assets
-from cd4ml.airflow.common import START, context, default_args, last_attempt, run_time, who
+from cd4ml.airflow.common import START, context, default_args, last_attempt, run_time, who, xcom_dict
 from cd4ml.airflow.notifiers import Cd4mlNotifier
 from cd4ml.core.settings import Settings
 from cd4ml.core.spec import ModelSpec
@@ -131,15 +131,6 @@ def run_context(ctx: dict[str, Any]) -> RunContext:
     )
 
 
-def _xcom_dict(task_id: str, value: XComArg | XCom) -> XCom:
-    """At run time Airflow has resolved the placeholder into the upstream task's dict."""
-    if not isinstance(value, dict):
-        raise TypeError(
-            f"upstream task {task_id!r} returned {type(value).__name__}, not a step record's dict"
-        )
-    return value
-
-
 def build_train_dag(spec: ModelSpec, settings: Settings) -> DAG:
     new_data = assets.new_data(spec, settings)
     drift = assets.drift_detected(spec)
@@ -224,7 +215,7 @@ def _task(step: Step, spec: ModelSpec, settings: Settings) -> Task[[Mapping[str,
 
     def adapter(upstream: Mapping[str, XComArg | XCom]) -> Any:
         ctx = context()
-        inputs = load_inputs(step, {name: _xcom_dict(name, value) for name, value in upstream.items()})
+        inputs = load_inputs(step, {name: xcom_dict(name, value) for name, value in upstream.items()})
         try:
             result = step.run(spec, settings, run_context(ctx), inputs)
         except NothingAccepted as err:

@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -46,7 +46,7 @@ class ServiceUnreachableError(TransientError, DeployError):
 @dataclass(frozen=True)
 class ServiceEndpoint:
     url: str
-    admin_token: str | None
+    admin_token: str | None = field(repr=False)  # never in logs or task reprs
     wait_seconds: float = 60.0
 
     @classmethod
