@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import urllib.error
 import urllib.parse
@@ -50,11 +49,11 @@ def cmd_spec_check(args: argparse.Namespace) -> int:
 def _airflow_api() -> tuple[str, str, str | None]:
     """Base URL, user and password of the Airflow REST API (the embedded stack's by default)."""
     settings = get_settings()
-    password = os.environ.get("CD4ML_AIRFLOW_PASSWORD") or os.environ.get("CD4ML_ADMIN_PASSWORD")
+    password = settings.airflow_password
     secrets = settings.home / "secrets.json"
     if not password and secrets.is_file():  # written by `make up`; never generated here
         password = json.loads(secrets.read_text()).get("admin_password")
-    return settings.airflow_url, os.environ.get("CD4ML_AIRFLOW_USER", "admin"), password
+    return settings.airflow_url, settings.airflow_user, password
 
 
 def _http_json(url: str, body: dict[str, object], token: str | None = None) -> dict[str, object]:
@@ -100,6 +99,14 @@ def cmd_data_retract(args: argparse.Namespace) -> int:
     )
     print(f"cd4ml: retracted {done.file} (sha256 {done.sha256[:12]}, {done.rows} rows) at {done.when}")
     print(f"       moved to {done.path}; its rows leave the next training run")
+    from cd4ml import registry
+
+    try:
+        registry.record_retraction(registry.client(get_settings().mlflow_tracking_uri), args.model, done)
+    except Exception as err:
+        if not registry.unreachable(err):
+            raise
+        print(f"cd4ml: MLflow is not reachable ({err}); the retraction is not in the model's history yet")
     if args.no_retrain:
         print(f"cd4ml: no retrain requested; the next {args.model}__train run trains without it")
         return 0
@@ -148,7 +155,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from cd4ml.serving.app import serve
 
-    serve(args.host, args.port)
+    settings = get_settings()
+    serve(args.host or settings.service_host, args.port or settings.service_port)
     return 0
 
 
@@ -184,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("serve", help="run the prediction service in the foreground")
-    p.add_argument("--host", default=os.environ.get("CD4ML_SERVICE_HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(os.environ.get("CD4ML_SERVICE_PORT", "8000")))
+    p.add_argument("--host", default=None, help="default: CD4ML_SERVICE_HOST (127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="default: CD4ML_SERVICE_PORT (8000)")
     p.set_defaults(func=cmd_serve)
 
     args = parser.parse_args(argv)

@@ -82,12 +82,7 @@ def build_retract_dag(spec: ModelSpec, settings: Settings) -> DAG:
             zone = Zone(settings.model_dir(spec.name)).ensure()
             done = retract(zone, str(form.get("file") or ""), reason=str(form.get("reason") or ""),
                            who=who(ctx), when=run_time(ctx))  # fmt: skip
-            # Keyed by file and time: a retry (or retracting it again) records it once.
-            registry.append_event(
-                registry.client(settings.mlflow_tracking_uri), spec.name, kind="retraction", version=None,
-                who=done.who, why=done.reason, when=done.when, key=f"retraction:{done.sha256}:{done.when}",
-                details={k: getattr(done, k) for k in ("file", "sha256", "rows", "accepted_at")},
-            )  # fmt: skip
+            registry.record_retraction(registry.client(settings.mlflow_tracking_uri), spec.name, done)
             return asdict(done)
 
         @task(outlets=[new_data])

@@ -353,5 +353,6 @@ from cd4ml.registry.evidence import validation_status as validation_status  # no
 from cd4ml.registry.history import HistoryEvent as HistoryEvent  # noqa: E402
 from cd4ml.registry.history import append_event as append_event  # noqa: E402
 from cd4ml.registry.history import events as events  # noqa: E402
+from cd4ml.registry.history import record_retraction as record_retraction  # noqa: E402
 from cd4ml.registry.retention import prune_runs as prune_runs  # noqa: E402
 from cd4ml.registry.retention import retention_days as retention_days  # noqa: E402

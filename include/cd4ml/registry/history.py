@@ -144,6 +144,16 @@ def append_event(
     mlflow_client.set_terminated(run.info.run_id, "FINISHED")
 
 
+def record_retraction(mlflow_client: MlflowClient, name: str, done: Any) -> None:
+    """A retraction (cd4ml.data.landing.Retraction) as an event; keyed by file and time, so a retried
+    task, or the CLI and the DAG reporting the same retraction, record it once."""
+    append_event(
+        mlflow_client, name, kind="retraction", version=None, who=done.who, why=done.reason, when=done.when,
+        key=f"retraction:{done.sha256}:{done.when}",
+        details={k: getattr(done, k) for k in ("file", "sha256", "rows", "accepted_at")},
+    )  # fmt: skip
+
+
 def _find_key(mlflow_client: MlflowClient, experiment_id: str, key: str) -> bool:
     escaped = key.replace("'", "\\'")
     found = mlflow_client.search_runs(
