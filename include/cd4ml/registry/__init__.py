@@ -11,6 +11,7 @@ import logging
 import tempfile
 import zipfile
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -108,6 +109,15 @@ def log_challenger(
     return LoggedModel(run_id=run.info.run_id, model_uri=info.model_uri, experiment_id=run.info.experiment_id)
 
 
+@cache
+def _distributions() -> dict[str, list[str]]:
+    """Top-level module -> distributions; scanning every installed package takes seconds on these
+    cores and cannot change within a process, yet every training run asked again."""
+    import importlib.metadata as md
+
+    return dict(md.packages_distributions())
+
+
 def pip_requirements(model: Any) -> list[str]:
     """Exact pins, from this environment, of what loading the model needs: MLflow, the skops format,
     sklearn's stack and the estimator's own package (e.g. lightgbm). Left to MLflow, the inference
@@ -124,7 +134,7 @@ def pip_requirements(model: Any) -> list[str]:
         "scipy",
         type(estimator).__module__.split(".")[0],
     }
-    distributions = md.packages_distributions()
+    distributions = _distributions()
     pins = set()
     for module in modules:
         for dist in distributions.get(module, [module]):
