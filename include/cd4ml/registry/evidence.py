@@ -19,7 +19,6 @@ hundreds of thousands of rows, and the benchmarks put Evidently at 2-4 s on 100k
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cd4ml.core.errors import Cd4mlError, is_transient
+from cd4ml.data.landing import file_sha256
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -65,14 +65,6 @@ class Evidence:
     spec_text: str | None
     snapshots: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: str = "artifacts"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _categories(frame: pd.DataFrame) -> dict[str, list[str]]:

@@ -17,7 +17,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cd4ml.registry.evidence import file_sha256, held_sources
+from cd4ml.data.landing import file_sha256
+from cd4ml.registry.evidence import held_sources
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
