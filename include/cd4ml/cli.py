@@ -83,15 +83,16 @@ def cmd_data_retract(args: argparse.Namespace) -> int:
     import getpass
     from datetime import UTC, datetime
 
+    from cd4ml.core.paths import ModelPaths
     from cd4ml.data import landing
 
-    root = get_settings().model_dir(args.model)
-    if not (root / "accepted").is_dir():
+    zone = ModelPaths.for_model(get_settings(), args.model)
+    if not zone.accepted.is_dir():
         raise Cd4mlError(
-            f"{args.model}: no accepted data under {root} (CD4ML_DATA_DIR); is the model name right?"
+            f"{args.model}: no accepted data under {zone.root} (CD4ML_DATA_DIR); is the model name right?"
         )
     done = landing.retract(
-        landing.Zone(root),
+        zone,
         args.file,
         reason=args.reason,
         who=f"{getpass.getuser()} via cd4ml CLI",

@@ -65,7 +65,7 @@ def test_promotion_paths_through_the_dag_then_rollback(env: dict[str, Any]) -> N
         "spec_hash",
         "code_version",
         "lock_hash",
-        "data.validation",
+        "validation",
         "decision",
         "evidence",
         "validation_status",  # the whole evidence is stored as artifacts of the version's run

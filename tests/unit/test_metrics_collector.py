@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cd4ml.core.settings import Settings
 from cd4ml.core.spec import load_spec
 from cd4ml.data import landing
-from cd4ml.steps.monitor import monitor_dir
+from cd4ml.steps.monitor import monitor_paths
 from cd4ml.ui.overview import VersionInfo, model_overview, prometheus_text
 from tests.helpers import write_spec
 
@@ -29,7 +29,7 @@ def counters(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def write_history(settings: Settings, model: str, n_checks: int, n_runs: int) -> None:
-    checks = monitor_dir(settings, model) / "checks.jsonl"
+    checks = monitor_paths(settings, model).monitor_history
     checks.parent.mkdir(parents=True, exist_ok=True)
     with checks.open("w") as fh:
         for i in range(n_checks):

@@ -9,6 +9,7 @@ from airflow.sdk import DAG, Metadata, Param, XComArg, dag, task
 
 from cd4ml.airflow import assets
 from cd4ml.airflow.common import START, context, default_args, params, run_time, who, xcom_dict
+from cd4ml.core.paths import ModelPaths
 from cd4ml.core.settings import Settings
 from cd4ml.core.spec import ModelSpec
 from cd4ml.data.landing import MIN_SHA_PREFIX
@@ -43,7 +44,9 @@ def build_retract_dag(spec: ModelSpec, settings: Settings) -> DAG:
         dag_id=f"{spec.name}__retract",
         description=f"Retract an accepted {spec.name} file and retrain without it",
         doc_md=DOC.format(
-            name=spec.name, accepted=settings.model_dir(spec.name) / "accepted", min_sha=MIN_SHA_PREFIX
+            name=spec.name,
+            accepted=ModelPaths.for_model(settings, spec.name).accepted,
+            min_sha=MIN_SHA_PREFIX,
         ),
         schedule=None,
         start_date=START,
@@ -75,11 +78,11 @@ def build_retract_dag(spec: ModelSpec, settings: Settings) -> DAG:
             from dataclasses import asdict
 
             from cd4ml import registry
-            from cd4ml.data.landing import Zone, retract
+            from cd4ml.data.landing import retract
 
             ctx = context()
             form = params(ctx)
-            zone = Zone(settings.model_dir(spec.name)).ensure()
+            zone = ModelPaths.for_model(settings, spec.name).ensure()
             done = retract(zone, str(form.get("file") or ""), reason=str(form.get("reason") or ""),
                            who=who(ctx), when=run_time(ctx))  # fmt: skip
             registry.record_retraction(registry.client(settings.mlflow_tracking_uri), spec.name, done)

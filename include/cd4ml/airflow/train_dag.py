@@ -24,6 +24,7 @@ from airflow.sdk.bases.decorator import Task
 from cd4ml.airflow import assets
 from cd4ml.airflow.common import START, context, default_args, last_attempt, run_time, who, xcom_dict
 from cd4ml.airflow.notifiers import Cd4mlNotifier
+from cd4ml.core.paths import ModelPaths
 from cd4ml.core.settings import Settings
 from cd4ml.core.spec import ModelSpec
 from cd4ml.steps.contracts import NothingAccepted, RunContext, TrainingGate, XCom
@@ -137,7 +138,7 @@ def build_train_dag(spec: ModelSpec, settings: Settings) -> DAG:
     doc = DOC.format(
         name=spec.name,
         description=spec.description,
-        landing=settings.model_dir(spec.name) / "landing",
+        landing=ModelPaths.for_model(settings, spec.name).landing,
         holdout=spec.data.holdout_fraction,
         estimator=spec.estimator.class_path,
         metric=spec.metric.name,

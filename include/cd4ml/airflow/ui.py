@@ -23,7 +23,6 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 bearer = HTTPBearer(auto_error=False)
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-REPORT_DIRS = ("gx", "reports")
 
 
 async def airflow_user(request: Request, credentials: Credentials) -> Any:
@@ -88,12 +87,13 @@ def create_app() -> FastAPI:
 
     @app.get("/files/{model}/{path:path}", dependencies=user)
     async def report_file(model: str, path: str) -> FileResponse:
+        from cd4ml.core.paths import ModelPaths
         from cd4ml.core.settings import get_settings
 
         settings = get_settings()
         root = settings.model_dir(model).resolve()
         target = (root / path).resolve()
-        allowed = any(target.is_relative_to(root / d) for d in REPORT_DIRS)
+        allowed = any(target.is_relative_to(d) for d in ModelPaths(root).report_dirs)
         if not allowed or not target.is_file() or settings.data_dir.resolve() != root.parent:
             raise HTTPException(404, f"no report {path!r} for model {model!r}")
         return FileResponse(target)

@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cd4ml.core.paths import PREDICTION_PART_GLOB, ModelPaths
+
 log = logging.getLogger(__name__)
 
 
@@ -97,7 +99,7 @@ class PredictionLog:
             frame["model_version"] = [e.version for e in group for _ in e.rows]
             frame["request_id"] = [e.request_id for e in group for _ in e.rows]
             frame["ts"] = pd.to_datetime([e.at for e in group for _ in e.rows], unit="s", utc=True)
-            out_dir = self.data_dir / model / "predictions" / f"date={day}"
+            out_dir = ModelPaths.in_data_dir(self.data_dir, model).prediction_day(day)
             out_dir.mkdir(parents=True, exist_ok=True)
             self._seq += 1
             name = f"part-{time.time_ns()}-{os.getpid()}-{self._seq:06d}.parquet"
@@ -115,9 +117,9 @@ def read_predictions(data_dir: Path, model: str, since: datetime | None = None) 
     """What was logged for a model; with `since`, day partitions before that day are not read."""
     import pandas as pd
 
-    root = data_dir / model / "predictions"
-    first_day = since.strftime("date=%Y-%m-%d") if since else ""
-    parts = sorted(p for p in root.glob("date=*/part-*.parquet") if p.parent.name >= first_day)
+    paths = ModelPaths.in_data_dir(data_dir, model)
+    first_day = paths.prediction_day(since).name if since else ""
+    parts = sorted(p for p in paths.predictions.glob(PREDICTION_PART_GLOB) if p.parent.name >= first_day)
     if not parts:
         return pd.DataFrame()
     return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cd4ml import registry
+from cd4ml.core.paths import ModelPaths
 from cd4ml.core.settings import Settings
 from cd4ml.core.spec import ModelSpec
 from cd4ml.data import landing
@@ -36,26 +37,26 @@ def _parse(ts: str | None) -> datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def monitor_dir(settings: Settings, model: str) -> Path:
-    path = settings.model_dir(model) / "monitor"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def monitor_paths(settings: Settings, model: str) -> ModelPaths:
+    paths = ModelPaths.for_model(settings, model)
+    paths.monitor.mkdir(parents=True, exist_ok=True)
+    return paths
 
 
 def load_state(settings: Settings, model: str) -> dict[str, Any]:
-    path = monitor_dir(settings, model) / "state.json"
+    path = monitor_paths(settings, model).monitor_state
     return dict(json.loads(path.read_text())) if path.exists() else {}
 
 
 def save_state(settings: Settings, model: str, state: dict[str, Any]) -> None:
-    path = monitor_dir(settings, model) / "state.json"
-    tmp = path.with_name(".state.json.tmp")
+    path = monitor_paths(settings, model).monitor_state
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
     os.replace(tmp, path)
 
 
 def history(settings: Settings, model: str) -> list[dict[str, Any]]:
-    path = monitor_dir(settings, model) / "checks.jsonl"
+    path = monitor_paths(settings, model).monitor_history
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -77,7 +78,7 @@ def _current_window(
         if start is not None:
             mask &= traffic["ts"] > pd.Timestamp(start)
         traffic = traffic[mask]
-    zone = landing.Zone(settings.model_dir(spec.name))
+    zone = ModelPaths.for_model(settings, spec.name)
     batches = [
         f for f in landing.list_accepted(zone)
         if (start is None or (_parse(f.accepted_at) or end) > start) and (_parse(f.accepted_at) or end) <= end
@@ -145,7 +146,7 @@ def check_drift(
     summary["new_categories"] = _new_categories(
         spec, _known_categories(spec, client, champion, reference, evidence), current
     )
-    report_dir = settings.model_dir(spec.name) / "reports" / "drift" / run_key(run_id)
+    report_dir = ModelPaths.for_model(settings, spec.name).drift_report_dir(run_key(run_id))
     report_dir.mkdir(parents=True, exist_ok=True)
     performance_drop = None
     if len(current) >= spec.drift.min_rows:
@@ -184,7 +185,7 @@ def check_drift(
         "report_uri",
         "champion_version",
     )
-    with (monitor_dir(settings, spec.name) / "checks.jsonl").open("a") as fh:
+    with monitor_paths(settings, spec.name).monitor_history.open("a") as fh:
         fh.write(json.dumps({k: summary[k] for k in keep}, default=str) + "\n")
     log.info("%s: %s", spec.name, decision.reason)
     return {k: v for k, v in summary.items() if k != "columns"}

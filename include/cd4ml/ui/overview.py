@@ -29,6 +29,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
 from cd4ml import registry
+from cd4ml.core.paths import ModelPaths
 from cd4ml.core.settings import Settings
 from cd4ml.core.spec import ModelSpec
 from cd4ml.data import landing
@@ -212,7 +213,7 @@ def _events(versions: list[VersionInfo], history: Iterable[registry.HistoryEvent
 
 
 def _file_counts(spec: ModelSpec, settings: Settings) -> dict[str, int]:
-    zone = landing.Zone(settings.model_dir(spec.name))
+    zone = ModelPaths.for_model(settings, spec.name)
     count = lambda d, pattern: sum(1 for _ in d.glob(pattern)) if d.is_dir() else 0  # noqa: E731
     retracted = len(landing.list_retractions(zone))
     return {
@@ -229,14 +230,14 @@ def _file_counts(spec: ModelSpec, settings: Settings) -> dict[str, int]:
 def _retractions(spec: ModelSpec, settings: Settings, limit: int) -> list[dict[str, Any]]:
     """Who took which accepted file back, when and why (newest first), from the reason files."""
     keys = ("when", "who", "file", "sha256", "rows", "reason", "accepted_at")
-    zone = landing.Zone(settings.model_dir(spec.name))
+    zone = ModelPaths.for_model(settings, spec.name)
     return [{k: r.get(k) for k in keys} for r in landing.list_retractions(zone)[:limit]]
 
 
 def _run_outcomes(spec: ModelSpec, settings: Settings) -> list[dict[str, Any]]:
     """Why every recorded training run trained or not (runs/<run key>/outcome.json), newest first."""
-    runs = landing.Zone(settings.model_dir(spec.name)).runs
-    paths = sorted(runs.glob("*/outcome.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    outcomes = ModelPaths.for_model(settings, spec.name).run_outcomes()
+    paths = sorted(outcomes, key=lambda p: p.stat().st_mtime, reverse=True)
     out = []
     for path in paths:
         try:
