@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WAIT ?= 300
 
-.PHONY: up down status logs test test-fast test-scale test-compose lint typecheck bench bench-scale soak clean install chromium
+.PHONY: up down status logs test test-fast test-scale test-zoo test-compose lint typecheck bench bench-scale soak clean install chromium
 
 install: $(STAMP)
 
@@ -58,6 +58,11 @@ test-scale: $(STAMP)
 # --scale, secrets, scheduler restart and down/up on real containers (scripts/compose/test.sh).
 test-compose: $(STAMP)
 	scripts/compose/test.sh
+
+# Every dataset of the zoo with its large tables capped (make test trains the ones marked `quick`);
+# refreshes tests/zoo/results/capped.json for DATASETS.md (benchmarks/zoo_table.py). ~15 min.
+test-zoo: $(STAMP)
+	CD4ML_ZOO=all CD4ML_ZOO_RESULTS=tests/zoo/results/capped.json $(BIN)/pytest tests/zoo/test_zoo.py
 
 test-fast: $(STAMP)
 	$(BIN)/pytest tests/dags tests/unit

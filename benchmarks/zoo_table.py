@@ -3,12 +3,12 @@
 The results come from the zoo suite itself, which merges one record per dataset into the JSON file
 named by CD4ML_ZOO_RESULTS:
 
-    CD4ML_ZOO_RESULTS=tests/zoo/results/capped.json pytest tests/zoo            # as in make test
+    make test-zoo        # every dataset, large ones capped: tests/zoo/results/capped.json
     CD4ML_SOAK=1 CD4ML_ZOO_RESULTS=tests/zoo/results/full.json pytest tests/zoo  # large sets whole
     python benchmarks/zoo_table.py                                              # -> DATASETS.md
 
 Datasets without a row cap are the same in both runs; the table shows the full-size run for every
-dataset it has, and the capped run beside it for the datasets that `make test` caps.
+dataset it has, and the capped run beside it for the datasets that `make test-zoo` caps.
 """
 
 from __future__ import annotations
@@ -101,7 +101,8 @@ def render(capped: dict[str, Any], full: dict[str, Any]) -> str:
         "Real tables that ship inside installable packages (no download at run time), each onboarded",
         "by one YAML file under `tests/zoo/datasets/` that holds the cd4ml spec exactly as a user would",
         "write it in `include/specs/`, with **default validation settings**. The zoo suite",
-        "(`tests/zoo/test_zoo.py`, part of `make test`) lands each table in batches and runs the real",
+        "(`tests/zoo/test_zoo.py`: `make test-zoo`; `make test` runs the files marked `quick: true`, "
+        "`make soak` runs every table whole) lands each table in batches and runs the real",
         "pipeline: Great Expectations validation, training, MLflow registry, promotion and rollout to",
         "the prediction service. It asserts that no batch is quarantined, that a champion is registered",
         "and served over HTTP and answers rows of the last batch exactly as a plain scikit-learn fit",
@@ -121,7 +122,7 @@ def render(capped: dict[str, Any], full: dict[str, Any]) -> str:
         if rec_full is not None:
             lines.append(_row(name, rec_full, " (full)" if capped_in_make_test else ""))
         if rec_capped is not None and (capped_in_make_test or rec_full is None):
-            label = f" (make test: {case.rows:,} rows)" if capped_in_make_test and case else ""
+            label = f" (capped: {case.rows:,} rows)" if capped_in_make_test and case else ""
             lines.append(_row(name, rec_capped, label))
     lines += ["", "## What each dataset is in the zoo for", ""]
     for name, case in sorted(cases.items()):
@@ -132,7 +133,7 @@ def render(capped: dict[str, Any], full: dict[str, Any]) -> str:
         "",
         "## Conditions",
         "",
-        f"Full-size run: {_machine(full)}. Capped run (as in `make test`): {_machine(capped)}; the "
+        f"Full-size run: {_machine(full)}. Capped run (`make test-zoo`): {_machine(capped)}; the "
         f"pipeline runs of all its datasets took {capped_seconds:.0f} s together. Each table is put "
         "in arrival order (sorted by its `order_by` column when it has one, otherwise shuffled with a "
         "fixed seed, because packaged tables are often sorted by label) and cut into the zoo file's "
@@ -144,7 +145,7 @@ def render(capped: dict[str, Any], full: dict[str, Any]) -> str:
         "rollout; when the first batch's holdout is smaller than `promotion.min_holdout_rows` (30), "
         "the first version is registered but not promoted and the champion comes with the second "
         "run. Scores are on the champion's own holdout: a full-size champion and a capped one are "
-        "judged on different rows. In `make test` the large tables are capped by evenly spaced rows "
+        "judged on different rows. In `make test-zoo` the large tables are capped by evenly spaced rows "
         f"(so a time-ordered table keeps its whole span): {caps}; `CD4ML_SOAK=1` lands them whole.",
         "",
         "No table is downloaded: each provider reads files installed with its package (checked by "

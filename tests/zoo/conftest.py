@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from tests.zoo.loader import all_cases, every_dataset
+
 
 def machine() -> dict[str, Any]:
     return {
@@ -41,3 +43,17 @@ def zoo_results() -> Iterator[dict[str, dict[str, Any]]]:
         "datasets": dict(sorted(datasets.items())),
     }
     path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`make test` trains the zoo files marked `quick: true` (a spread of tasks, metrics, formats and
+    data shapes); the rest are skipped with a pointer to the targets that run them."""
+    if every_dataset():
+        return
+    slow = {case.name for case in all_cases() if not case.quick}
+    skip = pytest.mark.skip(reason="zoo dataset not marked quick: runs in `make test-zoo` and `make soak`")
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        case = callspec.params.get("case") if callspec is not None else None
+        if item.path.name == "test_zoo.py" and getattr(case, "name", None) in slow:
+            item.add_marker(skip)

@@ -8,6 +8,7 @@ the cd4ml spec exactly as a user would write it in `include/specs/<name>.yaml`:
     batches: 4              # contiguous slices landed one after another
     rows: 6000              # optional cap for `make test`; CD4ML_SOAK=1 lands the whole table
     format: csv             # or parquet (the default keeps dtypes: bool and int columns stay so)
+    quick: true             # optional: also in `make test`; the others run in `make soak`/`make test-zoo`
     covers: [missing values] # what the dataset is in the zoo for (shown in DATASETS.md)
     spec: {...}             # the model spec; its name is the file stem
 
@@ -38,6 +39,12 @@ class ZooError(ValueError):
 
 def soak() -> bool:
     return os.environ.get("CD4ML_SOAK") == "1"
+
+
+def every_dataset() -> bool:
+    """`make test` runs the zoo files marked `quick: true`; `make soak` (CD4ML_SOAK=1) and
+    `make test-zoo` (CD4ML_ZOO=all) run every one."""
+    return soak() or os.environ.get("CD4ML_ZOO") == "all"
 
 
 # -- providers: package -> DataFrame, no per-dataset code ------------------------------------------
@@ -134,6 +141,7 @@ class ZooCase:
     rows: int | None = None
     format: Literal["csv", "parquet"] = "parquet"
     covers: list[str] = field(default_factory=list)
+    quick: bool = False
 
     @property
     def label(self) -> str:
@@ -145,7 +153,7 @@ class ZooCase:
         return yaml.safe_dump(self.spec, sort_keys=False)
 
 
-_KEYS = {"source", "spec", "batches", "order_by", "rows", "format", "covers", "description"}
+_KEYS = {"source", "spec", "batches", "order_by", "rows", "format", "covers", "description", "quick"}
 
 
 def load_case(path: Path) -> ZooCase:
@@ -168,6 +176,9 @@ def load_case(path: Path) -> ZooCase:
     fmt = raw.get("format", "parquet")
     if fmt not in ("csv", "parquet"):
         raise ZooError(f"{path}: field 'format' must be csv or parquet, got {fmt!r}")
+    quick = raw.get("quick", False)
+    if not isinstance(quick, bool):
+        raise ZooError(f"{path}: field 'quick' must be true or false, got {quick!r}")
     return ZooCase(
         name=path.stem,
         path=path,
@@ -178,6 +189,7 @@ def load_case(path: Path) -> ZooCase:
         rows=raw.get("rows"),
         format=fmt,
         covers=list(raw.get("covers", [])),
+        quick=quick,
     )
 
 

@@ -35,58 +35,79 @@ def test_every_spec_parses_and_keeps_default_validation() -> None:
                                   "metric"}, case.path  # fmt: skip
 
 
+def shapes(case: ZooCase, frame: pd.DataFrame, stats: dict[str, int]) -> set[str]:
+    """The shapes of table one zoo dataset brings (what the zoo is for)."""
+    found: set[str] = set()
+    mark = found.add
+    spec = _spec(case)
+    y = frame[spec.target]
+    if spec.task == "regression":
+        mark("regression")
+        if abs(float(y.skew())) > 1.0:
+            mark("skewed target")
+    elif y.nunique() == 2:
+        mark("binary")
+        if y.value_counts(normalize=True).min() < 0.1:
+            mark("skewed target")
+    elif 3 <= y.nunique() <= 10 and y.map(type).eq(str).all():
+        mark("multiclass with string labels")
+    if not spec.categorical:
+        mark("numeric-only")
+    if not spec.numerical:
+        mark("categorical-only")
+    cols = spec.feature_names
+    if any(pd.api.types.is_bool_dtype(frame[c]) for c in cols):
+        mark("boolean-coded")
+    if any(pd.api.types.is_integer_dtype(frame[c]) for c in cols):
+        mark("integer-coded")
+    if any(frame[c].nunique() >= 30 for c in spec.categorical):
+        mark("high-cardinality categorical")
+    if frame[cols].isna().any().any():
+        mark("missing values")
+    if frame.duplicated().mean() >= 0.05:
+        mark("legitimately repeated rows")
+    if case.order_by:
+        batches = split_batches(frame, case.batches)
+        first = {c: set(batches[0][c].dropna()) for c in spec.categorical}
+        if any(set(b[c].dropna()) - first[c] for b in batches[1:] for c in spec.categorical):
+            mark("time-ordered, categories evolve")
+    if stats["rows"] <= 200:
+        mark("tiny")
+    if stats["rows"] >= 50_000:
+        mark("large")
+    mark(f"format {case.format}")
+    return found
+
+
 def test_the_zoo_covers_every_shape_of_table_the_issue_names(
     tables: dict[str, tuple[pd.DataFrame, dict[str, int]]],
 ) -> None:
     found: dict[str, list[str]] = {}
-
-    def mark(what: str, name: str) -> None:
-        found.setdefault(what, []).append(name)
-
     for case in CASES:
-        spec = _spec(case)
-        frame, stats = tables[case.name]
-        y = frame[spec.target]
-        if spec.task == "regression":
-            mark("regression", case.name)
-            if abs(float(y.skew())) > 1.0:
-                mark("skewed target", case.name)
-        elif y.nunique() == 2:
-            mark("binary", case.name)
-            if y.value_counts(normalize=True).min() < 0.1:
-                mark("skewed target", case.name)
-        elif 3 <= y.nunique() <= 10 and y.map(type).eq(str).all():
-            mark("multiclass with string labels", case.name)
-        if not spec.categorical:
-            mark("numeric-only", case.name)
-        if not spec.numerical:
-            mark("categorical-only", case.name)
-        cols = spec.feature_names
-        if any(pd.api.types.is_bool_dtype(frame[c]) for c in cols):
-            mark("boolean-coded", case.name)
-        if any(pd.api.types.is_integer_dtype(frame[c]) for c in cols):
-            mark("integer-coded", case.name)
-        if any(frame[c].nunique() >= 30 for c in spec.categorical):
-            mark("high-cardinality categorical", case.name)
-        if frame[cols].isna().any().any():
-            mark("missing values", case.name)
-        if frame.duplicated().mean() >= 0.05:
-            mark("legitimately repeated rows", case.name)
-        if case.order_by:
-            batches = split_batches(frame, case.batches)
-            first = {c: set(batches[0][c].dropna()) for c in spec.categorical}
-            if any(set(b[c].dropna()) - first[c] for b in batches[1:] for c in spec.categorical):
-                mark("time-ordered, categories evolve", case.name)
-        if stats["rows"] <= 200:
-            mark("tiny", case.name)
-        if stats["rows"] >= 50_000:
-            mark("large", case.name)
+        for shape in shapes(case, *tables[case.name]):
+            found.setdefault(shape, []).append(case.name)
     required = [
         "binary", "multiclass with string labels", "regression", "numeric-only", "categorical-only",
         "integer-coded", "boolean-coded", "high-cardinality categorical", "missing values",
         "legitimately repeated rows", "time-ordered, categories evolve", "skewed target", "tiny", "large",
     ]  # fmt: skip
     assert [r for r in required if r not in found] == [], found
+
+
+def test_the_quick_datasets_in_make_test_still_span_tasks_formats_and_shapes(
+    tables: dict[str, tuple[pd.DataFrame, dict[str, int]]],
+) -> None:
+    """`make test` trains only the zoo files marked `quick: true`; they must still cover each task,
+    both file formats and the shapes that broke cd4ml before (missing values, evolving categories,
+    one-kind-only feature sets). The rest run in `make test-zoo` and `make soak`."""
+    quick = [case for case in CASES if case.quick]
+    assert 3 <= len(quick) < len(CASES)
+    covered = set().union(*(shapes(case, *tables[case.name]) for case in quick))
+    required = {
+        "binary", "multiclass with string labels", "regression", "numeric-only", "categorical-only",
+        "missing values", "time-ordered, categories evolve", "format csv", "format parquet",
+    }  # fmt: skip
+    assert required - covered == set(), sorted(covered)
 
 
 def test_every_provider_serves_at_least_one_dataset() -> None:
