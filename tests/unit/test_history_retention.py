@@ -76,9 +76,11 @@ def test_a_held_path_whose_bytes_changed_is_kept(mlflow_server: str, tmp_path: P
     assert path.exists()
 
 
-def test_retention_days_is_unset_by_default_and_named_when_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_retention_days_is_a_week_by_default_and_named_when_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CD4ML_RUNS_RETENTION_DAYS", raising=False)
-    assert registry.retention_days() is None
+    assert registry.retention_days() == 7
+    monkeypatch.setenv("CD4ML_RUNS_RETENTION_DAYS", "")  # empty means unset: the default
+    assert registry.retention_days() == 7
     monkeypatch.setenv("CD4ML_RUNS_RETENTION_DAYS", "14")
     assert registry.retention_days() == 14
     monkeypatch.setenv("CD4ML_RUNS_RETENTION_DAYS", "two weeks")

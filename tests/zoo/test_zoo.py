@@ -248,8 +248,8 @@ def test_dataset_trains_serves_and_matches_plain_sklearn(
         assert champion is not None, f"{case.name}: no champion registered"
         record["champion_version"] = str(champion.version)
         evidence = json.loads(champion.tags["cd4ml.evidence"])
-        train_snapshot = pd.read_parquet(champion.tags["cd4ml.train_snapshot"])
-        holdout = pd.read_parquet(champion.tags["cd4ml.holdout_snapshot"])
+        train_snapshot = registry.reference_frame(client, spec.name, champion, "train")
+        holdout = registry.reference_frame(client, spec.name, champion, "holdout")
         record["rows_train"], record["rows_holdout"] = len(train_snapshot), len(holdout)
 
         plain = plain_pipeline(spec).fit(plain_features(spec, train_snapshot), train_snapshot[spec.target])

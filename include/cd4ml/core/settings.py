@@ -131,10 +131,13 @@ class Settings(BaseSettings):
         "stored as a seeded sample plus every column's distinct values (enough for the drift check).",
     )
     runs_retention_days: float | None = Field(
-        None,
+        7.0,
         ge=0,
-        description="Delete a run's local snapshots (runs/) older than this many days once MLflow holds "
-        "them whole; unset keeps everything.",
+        description="At the end of every training run, delete older runs' local snapshots (runs/) last "
+        "written more than this many days ago whose bytes MLflow holds whole (left-overs of failed "
+        "or interrupted runs). A run's own copies go at its end anyway once MLflow holds them whole or "
+        "it trained nothing; sampled snapshots (see CD4ML_SNAPSHOT_MAX_ROWS) are kept. "
+        "Each run's outcome.json is always kept.",
     )
     metrics_token: str | None = Field(
         None,

@@ -114,11 +114,13 @@ def record_evidence(
     spec_text: str,
     snapshots: dict[str, str],
     seed: int = 0,
-) -> None:
-    """Store the version's evidence as artifacts of its run (see the module docstring).
+) -> dict[str, dict[str, Any]]:
+    """Store the version's evidence as artifacts of its run (see the module docstring); returns the
+    snapshot manifest (what `snapshot_info` reads back).
 
     Idempotent: a retry writes the same files again. `snapshots` maps a name ("train", "holdout")
-    to a local parquet file, which must exist now; afterwards nothing reads the local file.
+    to a local parquet file, which must exist now; afterwards nothing reads the local file, and one
+    stored whole (`held_whole`) may be deleted.
     """
     mv = mlflow_client.get_model_version(name, version)
     if not mv.run_id:
@@ -143,6 +145,12 @@ def record_evidence(
     # The format tag last: readers trust the artifacts only once all of them are there.
     mlflow_client.set_model_version_tag(name, version, VALIDATION_STATUS_TAG, status)
     mlflow_client.set_model_version_tag(name, version, FORMAT_TAG, FORMAT)
+    return manifest
+
+
+def held_whole(entry: dict[str, Any]) -> bool:
+    """Whether a manifest entry's local source is stored whole in MLflow (not a sample)."""
+    return not entry.get("sampled") and bool(entry.get("source_sha256"))
 
 
 def _version(mlflow_client: MlflowClient, name: str, version: str | ModelVersion) -> ModelVersion:
@@ -272,6 +280,18 @@ def held_sources(mlflow_client: MlflowClient, name: str) -> dict[str, str]:
         if not has_artifacts(mv):
             continue
         for entry in _load_json(mlflow_client, str(mv.run_id), f"{PREFIX}/snapshots.json").values():
-            if not entry.get("sampled"):
+            if held_whole(entry):
                 held[str(entry["source"])] = str(entry["source_sha256"])
     return held
+
+
+def legacy_snapshot_paths(mlflow_client: MlflowClient, name: str) -> set[str]:
+    """Local snapshot files (resolved paths) that versions registered before snapshots were artifacts
+    name in their tags: `reference_frame` still reads these, so nothing may delete them."""
+    paths: set[str] = set()
+    for mv in mlflow_client.search_model_versions(f"name = '{name}'"):
+        if has_artifacts(mv):
+            continue
+        tags = mv.tags or {}
+        paths |= {str(Path(tags[t]).resolve()) for t in LEGACY_SNAPSHOT_TAGS.values() if tags.get(t)}
+    return paths

@@ -2,11 +2,14 @@
 
 `runs/<run key>/` keeps each run's train.parquet and holdout.parquet. Once a version's snapshots
 are artifacts of its run (`registry.record_evidence`), the local copies are only a cache: nothing
-reads them again. `prune_runs` deletes those older than `CD4ML_RUNS_RETENTION_DAYS` days, and only
-files whose bytes MLflow holds whole (same sha256, not a sample). It keeps everything else: a run's
-outcome.json (the Models view and the metrics count runs from it), snapshots of runs that registered
-no version (nothing holds them), snapshots stored as a sample, and the local paths that versions
-registered before snapshots were artifacts still depend on.
+reads them again. A run removes its own copies at its end (`cd4ml.steps.pipeline.finish_run_storage`:
+after registering, those MLflow holds whole; when the gate trains nothing, both), then calls
+`prune_runs` for what earlier runs left behind. `prune_runs` deletes those older than
+`CD4ML_RUNS_RETENTION_DAYS` days (default 7), and only files whose bytes MLflow holds whole (same
+sha256, not a sample). It keeps everything else: a run's outcome.json (the Models view and the
+metrics count runs from it), snapshots of runs that registered no version (nothing holds them),
+snapshots stored as a sample, and the local paths that versions registered before snapshots were
+artifacts still depend on.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 def retention_days() -> float | None:
-    """CD4ML_RUNS_RETENTION_DAYS: None (unset or empty) keeps every run's files."""
+    """CD4ML_RUNS_RETENTION_DAYS (default 7; None, only settable in code, prunes nothing)."""
     from cd4ml.core.settings import get_settings
 
     return get_settings().runs_retention_days

@@ -11,6 +11,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -238,6 +239,10 @@ def validate_landed_files(
 def prepare_datasets(spec: ModelSpec, settings: Settings, *, run_id: str) -> Datasets:
     """Training set and holdout from every accepted file, saved under runs/<run key>/.
 
+    These local copies live only as long as the run: its end removes them once MLflow holds them
+    whole or the gate trains nothing (`finish_run_storage`); a step run again after that rebuilds
+    them (`ensure_snapshots`).
+
     Refuses (DataError naming the files) accepted data no model can be fitted on, and (SpecError) a
     target the spec's task or metric cannot be computed on, before anything is fitted.
     """
@@ -276,6 +281,85 @@ def prepare_datasets(spec: ModelSpec, settings: Settings, *, run_id: str) -> Dat
         files=tuple(f.name for f in files),
         trained_through=max(f.accepted_at for f in files),
     )
+
+
+def _snapshot_paths(datasets: Datasets) -> dict[str, str]:
+    return {"train": datasets.train_path, "holdout": datasets.holdout_path}
+
+
+def ensure_snapshots(spec: ModelSpec, settings: Settings, datasets: Datasets, *, run_id: str) -> None:
+    """The run's local training set and holdout, written again from the accepted data if the run's
+    end already removed them (a task of a finished run cleared by hand, a retry after a lost
+    response), as long as that data is still what the run saw: the split is deterministic."""
+    if all(Path(p).is_file() for p in _snapshot_paths(datasets).values()):
+        return
+    zone = zone_for(spec, settings)
+    now = landing.data_fingerprint(landing.list_accepted(zone))
+    if now != datasets.fingerprint:
+        raise DataError(
+            f"{spec.name}: run {run_id}'s training set and holdout ({zone.run_dir(run_key(run_id))}) were "
+            f"removed at the end of the run, and the accepted data changed since (fingerprint "
+            f"{str(datasets.fingerprint)[:12]} then, {now[:12]} now), so they cannot be rebuilt as they "
+            "were. Clear the run from build_datasets (or start a new run) instead of re-running this "
+            "step alone"
+        )
+    prepare_datasets(spec, settings, run_id=run_id)
+    log.info("%s: rebuilt run %s's training set and holdout from the accepted data", spec.name, run_id)
+
+
+def finish_run_storage(
+    spec: ModelSpec,
+    settings: Settings,
+    *,
+    remove: Mapping[str, str | None],
+    why: str,
+    now: datetime | None = None,
+) -> None:
+    """A training run's end: delete this run's local snapshots in `remove` (path -> the sha256 MLflow
+    holds of it, None: nothing will ever read it), then prune older runs' snapshots MLflow holds
+    whole (`registry.prune_runs`, CD4ML_RUNS_RETENTION_DAYS). outcome.json stays.
+
+    Never fails the run: storage is housekeeping, so a problem is a warning and the next run tries
+    again. A path a version registered before snapshots were artifacts names in its tags is kept.
+    """
+    from cd4ml import registry
+    from cd4ml.registry.evidence import legacy_snapshot_paths
+
+    zone = zone_for(spec, settings)
+    try:
+        mlflow_client = registry.client(settings.mlflow_tracking_uri)
+        if remove:
+            legacy = legacy_snapshot_paths(mlflow_client, spec.name)
+            for path, sha in remove.items():
+                local = Path(path)
+                if not path or not local.is_file() or str(local.resolve()) in legacy:
+                    continue
+                if sha is not None and landing.file_sha256(local) != sha:
+                    log.warning("%s: kept %s: its bytes differ from the copy MLflow holds", spec.name, path)
+                    continue
+                local.unlink()
+                log.info("%s: removed %s (%s)", spec.name, path, why)
+    except Exception as err:  # noqa: BLE001 - housekeeping must never fail a training run
+        log.warning(
+            "%s: could not remove this run's local snapshots %s (%s): %s: %s; they stay in runs/ "
+            "(retention, CD4ML_RUNS_RETENTION_DAYS, deletes only copies MLflow holds whole); "
+            "training is unaffected",
+            spec.name, sorted(p for p in remove if p), why, type(err).__name__, err,
+        )  # fmt: skip
+        return
+    days = settings.runs_retention_days
+    if days is None:
+        return
+    try:
+        registry.prune_runs(
+            mlflow_client, spec.name, zone.runs, older_than_days=days, now=now or datetime.now(UTC)
+        )
+    except Exception as err:  # noqa: BLE001 - housekeeping must never fail a training run
+        log.warning(
+            "%s: pruning %s (snapshots older than CD4ML_RUNS_RETENTION_DAYS=%s days) failed: %s: %s; "
+            "training is unaffected, the next run tries again",
+            spec.name, zone.runs, days, type(err).__name__, err,
+        )  # fmt: skip
 
 
 def record_run_outcome(spec: ModelSpec, settings: Settings, outcome: RunOutcome) -> Path:
@@ -333,6 +417,7 @@ def train_challenger(spec: ModelSpec, settings: Settings, datasets: Datasets, *,
     from cd4ml.ml import training
     from cd4ml.ml.evaluation import score
 
+    ensure_snapshots(spec, settings, datasets, run_id=run_id)
     train_frame = pd.read_parquet(datasets.train_path)
     holdout = pd.read_parquet(datasets.holdout_path)
     try:
@@ -366,7 +451,7 @@ def train_challenger(spec: ModelSpec, settings: Settings, datasets: Datasets, *,
 
 
 def evaluate_against_champion(
-    spec: ModelSpec, settings: Settings, datasets: Datasets, challenger: Challenger
+    spec: ModelSpec, settings: Settings, datasets: Datasets, challenger: Challenger, *, run_id: str
 ) -> Evaluation:
     """Score both models on the same holdout and decide with a paired bootstrap."""
     import mlflow
@@ -377,6 +462,7 @@ def evaluate_against_champion(
     from cd4ml.ml.evaluation import decide
 
     mlflow_client = registry.client(settings.mlflow_tracking_uri)
+    ensure_snapshots(spec, settings, datasets, run_id=run_id)
     holdout = pd.read_parquet(datasets.holdout_path)
     y = holdout[spec.target].to_numpy()
     challenger_model = registry.load_model(settings.mlflow_tracking_uri, challenger.model_uri)
@@ -419,8 +505,12 @@ def register_challenger(
     run_id: str,
     reason: str,
 ) -> Registration:
-    """Every challenger becomes a version with full lineage; the `challenger` alias points to it."""
+    """Every challenger becomes a version with full lineage; the `challenger` alias points to it.
+
+    Its end is the run's last read of the local snapshots: those MLflow now holds whole are removed.
+    """
     from cd4ml import registry
+    from cd4ml.registry.evidence import has_artifacts, held_whole, snapshot_info
 
     evidence = evaluation.to_xcom()
     validation_record = {
@@ -440,8 +530,6 @@ def register_challenger(
         "cd4ml.evidence": registry.tag_json(evidence),
         "cd4ml.airflow_run_id": run_id,
         "cd4ml.trigger_reason": reason[:500],
-        "cd4ml.train_snapshot": datasets.train_path,
-        "cd4ml.holdout_snapshot": datasets.holdout_path,
         "cd4ml.trained_through": datasets.trained_through,
         "cd4ml.holdout_starts_at": datasets.holdout_starts_at,
         "cd4ml.rows_train": str(datasets.rows_train),
@@ -454,14 +542,33 @@ def register_challenger(
         logged=registry.LoggedModel(challenger.run_id, challenger.model_uri),
         tags=tags,
     )
-    # The whole record (the tags above are cut at 5,000 characters and name local paths) as artifacts
-    # any machine can read; a retry re-uses the version and writes the same files again.
-    registry.record_evidence(
-        mlflow_client, spec.name, str(mv.version),
-        evidence=evidence, validation=validation_record, spec_text=spec_text(spec),
-        snapshots={"train": datasets.train_path, "holdout": datasets.holdout_path}, seed=spec.seed,
-    )  # fmt: skip
-    return Registration(str(mv.version), challenger.run_id)
+    # The whole record (the tags above are cut at 5,000 characters) as artifacts any machine can read;
+    # a retry re-uses the version and writes the same files again.
+    version = str(mv.version)
+    snapshots = _snapshot_paths(datasets)
+    manifest: dict[str, dict[str, Any]] | None = None
+    if not all(Path(p).is_file() for p in snapshots.values()):
+        current = mlflow_client.get_model_version(spec.name, version)
+        if has_artifacts(current):
+            # A retry after this step had recorded the evidence and removed the local copies.
+            manifest = snapshot_info(mlflow_client, spec.name, current)
+        else:
+            ensure_snapshots(spec, settings, datasets, run_id=run_id)
+    if manifest is None:
+        manifest = registry.record_evidence(
+            mlflow_client, spec.name, version,
+            evidence=evidence, validation=validation_record, spec_text=spec_text(spec),
+            snapshots=snapshots, seed=spec.seed,
+        )  # fmt: skip
+    # The last step that reads the local copies: the ones MLflow now holds whole go (deploy reads
+    # the holdout from MLflow); a sampled one stays (see `registry.prune_runs`).
+    whole = {
+        snapshots[key]: str(entry["source_sha256"])
+        for key, entry in manifest.items()
+        if key in snapshots and held_whole(entry)
+    }
+    finish_run_storage(spec, settings, remove=whole, why=f"held whole by {spec.name} v{version} in MLflow")
+    return Registration(version, challenger.run_id)
 
 
 def spec_text(spec: ModelSpec) -> str:
@@ -575,6 +682,12 @@ def _gate(spec: ModelSpec, settings: Settings, run: RunContext, got: Results) ->
     gate = training_needed(spec, settings, got.of("build_datasets", Datasets), force=run.force)
     log.info("%s: %s", "Training" if gate.needed else "Skipping training", gate.why)
     record_run_outcome(spec, settings, RunOutcome(run.run_id, run.trigger, gate.needed, gate.why))
+    if not gate.needed:
+        # The run ends here: nothing will ever read the copies build_datasets wrote.
+        datasets = got.of("build_datasets", Datasets)
+        finish_run_storage(
+            spec, settings, remove=dict.fromkeys(_snapshot_paths(datasets).values()), why="nothing trained"
+        )
     return gate
 
 
@@ -584,7 +697,11 @@ def _train(spec: ModelSpec, settings: Settings, run: RunContext, got: Results) -
 
 def _evaluate(spec: ModelSpec, settings: Settings, run: RunContext, got: Results) -> Evaluation:
     return evaluate_against_champion(
-        spec, settings, got.of("build_datasets", Datasets), got.of("train_challenger", Challenger)
+        spec,
+        settings,
+        got.of("build_datasets", Datasets),
+        got.of("train_challenger", Challenger),
+        run_id=run.run_id,
     )
 
 
@@ -608,13 +725,18 @@ def _promote(spec: ModelSpec, settings: Settings, run: RunContext, got: Results)
     )  # fmt: skip
 
 
+def _local_or_none(path: str) -> str | None:
+    """The holdout's local copy if it is still there, else None: read from MLflow instead."""
+    return path if path and Path(path).is_file() else None
+
+
 def _deploy(spec: ModelSpec, settings: Settings, run: RunContext, got: Results) -> Deployment:
     from cd4ml.steps.deploy import deploy_champion
 
     return Deployment(deploy_champion(
         spec, settings,
         promoted=got.of("promote_champion", Promotion).to_xcom(),
-        holdout_path=got.of("build_datasets", Datasets).holdout_path,
+        holdout_path=_local_or_none(got.of("build_datasets", Datasets).holdout_path),
         who=run.who, when=run.run_time, last_attempt=run.last_attempt, endpoint=run.service,
     ))  # fmt: skip
 
