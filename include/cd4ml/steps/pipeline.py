@@ -326,13 +326,14 @@ def finish_run_storage(
     from cd4ml.registry.evidence import legacy_snapshot_paths
 
     zone = zone_for(spec, settings)
+    remove = {path: sha for path, sha in remove.items() if path and Path(path).is_file()}
     try:
         mlflow_client = registry.client(settings.mlflow_tracking_uri)
         if remove:
             legacy = legacy_snapshot_paths(mlflow_client, spec.name)
             for path, sha in remove.items():
                 local = Path(path)
-                if not path or not local.is_file() or str(local.resolve()) in legacy:
+                if str(local.resolve()) in legacy:
                     continue
                 if sha is not None and landing.file_sha256(local) != sha:
                     log.warning("%s: kept %s: its bytes differ from the copy MLflow holds", spec.name, path)
@@ -344,7 +345,7 @@ def finish_run_storage(
             "%s: could not remove this run's local snapshots %s (%s): %s: %s; they stay in runs/ "
             "(retention, CD4ML_RUNS_RETENTION_DAYS, deletes only copies MLflow holds whole); "
             "training is unaffected",
-            spec.name, sorted(p for p in remove if p), why, type(err).__name__, err,
+            spec.name, sorted(remove), why, type(err).__name__, err,
         )  # fmt: skip
         return
     days = settings.runs_retention_days
