@@ -103,7 +103,8 @@ def cmd_data_retract(args: argparse.Namespace) -> int:
     from cd4ml import registry
 
     try:
-        registry.record_retraction(registry.client(get_settings().mlflow_tracking_uri), args.model, done)
+        with registry.impatient():
+            registry.record_retraction(registry.client(get_settings().mlflow_tracking_uri), args.model, done)
     except Exception as err:
         if not registry.unreachable(err):
             raise

@@ -140,6 +140,7 @@ def test_cli_retracts_without_airflow_and_says_how_the_retrain_starts(
 ) -> None:
     monkeypatch.setenv("CD4ML_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("CD4ML_AIRFLOW_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nor here
     zone = landing.Zone(tmp_path / "churn").ensure()
     accept(zone, "week0.csv", b"x,y\n1,2\n", "2026-01-01T00:00:00+00:00")
     accept(zone, "week1.csv", b"x,y\n5,6\n", "2026-01-08T00:00:00+00:00")
@@ -151,7 +152,10 @@ def test_cli_retracts_without_airflow_and_says_how_the_retrain_starts(
     (record,) = landing.list_retractions(zone)
     assert record["reason"] == "labels were shifted" and "via cd4ml CLI" in record["who"]
     assert "retracted week1.csv" in out.out
-    assert "churn__train" in out.out and "not reachable" in out.out  # how to start the retrain
+    assert "churn__train" in out.out and "Airflow is not reachable" in out.out  # how to start the retrain
+    # The history note is best effort: an unreachable MLflow is reported after a short retry,
+    # not after MLflow's default ~4 minutes of back-off (registry.impatient).
+    assert "MLflow is not reachable" in out.out and "not in the model's history yet" in out.out
 
     code = cli.main(["data", "retract", "churn", "nope.csv", "--reason", "x"])
     assert code == 2 and "no accepted file matches 'nope.csv'" in capsys.readouterr().err

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -51,6 +54,29 @@ def client(tracking_uri: str) -> MlflowClient:
 
     mlflow.set_tracking_uri(tracking_uri)
     return MlflowClient(tracking_uri=tracking_uri)
+
+
+@contextmanager
+def impatient(retries: int = 1, timeout_s: int = 10) -> Iterator[None]:
+    """MLflow calls inside this block give up after `retries` quick retries and `timeout_s` per request.
+
+    MLflow's default HTTP policy (7 retries, backoff factor 2) waits about 4 minutes before it reports
+    an unreachable server. That suits a training step, which has nothing better to do; it does not suit
+    what may fail without harm and tries again later (run housekeeping, the CLI's note in a model's
+    history), nor a person waiting at a prompt. Settings made by the user win (MLFLOW_HTTP_REQUEST_*).
+    """
+    wanted = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s),
+    }
+    mine = {key: value for key, value in wanted.items() if key not in os.environ}
+    os.environ.update(mine)
+    try:
+        yield
+    finally:
+        for key in mine:
+            os.environ.pop(key, None)
 
 
 def quiet_mlflow() -> None:

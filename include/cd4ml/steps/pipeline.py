@@ -323,6 +323,20 @@ def finish_run_storage(
     again. A path a version registered before snapshots were artifacts names in its tags is kept.
     """
     from cd4ml import registry
+
+    with registry.impatient():
+        _finish_run_storage(spec, settings, remove=remove, why=why, now=now)
+
+
+def _finish_run_storage(
+    spec: ModelSpec,
+    settings: Settings,
+    *,
+    remove: Mapping[str, str | None],
+    why: str,
+    now: datetime | None,
+) -> None:
+    from cd4ml import registry
     from cd4ml.registry.evidence import legacy_snapshot_paths
 
     zone = zone_for(spec, settings)
