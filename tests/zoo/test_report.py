@@ -45,7 +45,7 @@ def test_the_table_shows_failures_capped_and_full_rows() -> None:
     iris = next(line for line in text.splitlines() if line.startswith("| iris |"))
     assert "| 1/1 |" in iris and "**FAIL**" in iris and "| f1 (macro) |" in iris
     assert f"| {capped_case.name} (full) |" in text and "| 99,999 |" in text
-    assert f"| {capped_case.name} (make test: {capped_case.rows:,} rows) |" in text and "| 2.0e-12 |" in text
+    assert f"| {capped_case.name} (capped: {capped_case.rows:,} rows) |" in text and "| 2.0e-12 |" in text
     assert "the pipeline runs of all its datasets took 40 s together" in text
     # Every zoo dataset is listed with what it is there for, even without results.
     for case in all_cases():
