@@ -1,5 +1,5 @@
-"""runs/ retention against a real MLflow server: only snapshots whose bytes MLflow holds whole, and
-only old ones, are deleted; the version still reads them from MLflow afterwards."""
+"""runs/ retention against a real MLflow server: old run snapshots are deleted, recent ones and the
+local files that legacy versions still name are kept; versions read theirs from MLflow afterwards."""
 
 from __future__ import annotations
 
@@ -24,22 +24,24 @@ def _age(path: Path, days: float) -> None:
     os.utime(path, (at, at))
 
 
-def test_prune_deletes_only_old_snapshots_mlflow_holds_whole(
+def test_prune_deletes_old_snapshots_and_keeps_recent_ones_and_what_legacy_versions_name(
     mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     name = f"keep_{uuid.uuid4().hex[:8]}"
     client = MlflowClient(mlflow_server)
     runs = tmp_path / "runs"
-    for key in ("r1", "r2", "r3", "r4"):
+    for key in ("r1", "r2", "r3", "r4", "r5"):
         (runs / key).mkdir(parents=True)
         _frame(60, seed=len(key)).to_parquet(runs / key / "train.parquet")
         (runs / key / "outcome.json").write_text("{}")
     _frame(20).to_parquet(runs / "r1" / "holdout.parquet")
     # r1: held whole by v1. r2: no version holds it. r3: held, but recent. r4: held as a sample only.
+    # r5: named by a version registered before snapshots were artifacts (local-path tags only).
     for key, snapshots in (("r1", ["train", "holdout"]), ("r3", ["train"])):
         files = {s: str(runs / key / f"{s}.parquet") for s in snapshots}
         registry.record_evidence(client, name, _version(mlflow_server, name), evidence={},
                                  validation={"status": "passed"}, spec_text="", snapshots=files)  # fmt: skip
+    legacy = _version(mlflow_server, name, tags={"cd4ml.train_snapshot": str(runs / "r5" / "train.parquet")})
     monkeypatch.setenv("CD4ML_SNAPSHOT_MAX_ROWS", "10")
     sampled = _version(mlflow_server, name)
     registry.record_evidence(client, name, sampled, evidence={}, validation={}, spec_text="",
@@ -50,30 +52,17 @@ def test_prune_deletes_only_old_snapshots_mlflow_holds_whole(
     pruned = registry.prune_runs(client, name, runs, older_than_days=30, now=NOW)
 
     assert sorted(Path(p).relative_to(runs).as_posix() for p in pruned.deleted) == [
-        "r1/holdout.parquet", "r1/train.parquet",
+        "r1/holdout.parquet", "r1/train.parquet", "r2/train.parquet", "r4/train.parquet",
     ]  # fmt: skip
-    assert pruned.kept_not_held == 2 and pruned.bytes_freed > 0  # r2 (no version), r4 (a sample)
+    assert pruned.kept_legacy == 1 and pruned.bytes_freed > 0
     left = sorted(p.relative_to(runs).as_posix() for p in runs.glob("*/*"))
-    assert left == [f"{k}/{f}" for k in ("r1", "r2", "r3", "r4") for f in ("outcome.json", "train.parquet")
-                    if (k, f) != ("r1", "train.parquet")]  # fmt: skip
-    # The version reads what was deleted from MLflow.
+    outcomes = [f"{k}/outcome.json" for k in ("r1", "r2", "r3", "r4", "r5")]
+    assert left == sorted([*outcomes, "r3/train.parquet", "r5/train.parquet"])
+    # Every version still reads its snapshots: from MLflow, or (legacy) from the kept local file.
     pd.testing.assert_frame_equal(registry.reference_frame(client, name, "1", "holdout"), _frame(20))
-    # Nothing old left that MLflow holds: a second pass deletes nothing.
+    pd.testing.assert_frame_equal(registry.reference_frame(client, name, legacy), _frame(60, seed=2))
+    # Nothing old left to delete: a second pass deletes nothing.
     assert registry.prune_runs(client, name, runs, older_than_days=30, now=NOW).deleted == []
-
-
-def test_a_held_path_whose_bytes_changed_is_kept(mlflow_server: str, tmp_path: Path) -> None:
-    name = f"keep_{uuid.uuid4().hex[:8]}"
-    client = MlflowClient(mlflow_server)
-    path = tmp_path / "runs" / "r1" / "train.parquet"
-    path.parent.mkdir(parents=True)
-    _frame(30).to_parquet(path)
-    registry.record_evidence(client, name, _version(mlflow_server, name), evidence={}, validation={},
-                             spec_text="", snapshots={"train": str(path)})  # fmt: skip
-    _frame(31).to_parquet(path)  # rewritten since: MLflow does not hold these bytes
-    _age(path, 90)
-    assert registry.prune_runs(client, name, tmp_path / "runs", older_than_days=30, now=NOW).deleted == []
-    assert path.exists()
 
 
 def test_retention_days_is_a_week_by_default_and_named_when_wrong(monkeypatch: pytest.MonkeyPatch) -> None:

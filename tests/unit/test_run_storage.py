@@ -128,30 +128,32 @@ def test_a_retried_step_after_the_copies_went_reads_mlflow_or_rebuilds_them(spec
     assert copies(spec) == []
 
 
-def test_a_sampled_snapshot_stays_and_the_run_end_prunes_old_copies_mlflow_holds(
+def test_a_sampled_snapshot_goes_too_and_the_run_end_prunes_what_older_runs_left(
     spec: ModelSpec, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # 240 training rows are stored as a sample of 100; the 60-row holdout whole.
     monkeypatch.setenv("CD4ML_SNAPSHOT_MAX_ROWS", "100")
     land(spec, 0)
     assert train(spec, "r1")["version"] == "1"
-    # Only MLflow's whole copy allows removal: the sampled training set stays, as prune_runs keeps it.
-    assert copies(spec) == ["r1/train.parquet"]
     info = registry.read_evidence(registry.client(get_settings().mlflow_tracking_uri), spec.name, "1")
     assert info.snapshots["train"]["sampled"] and not info.snapshots["holdout"]["sampled"]
+    # A sampled training set is no record either (the split of the accepted files, rebuilt on demand):
+    # kept, it would make runs/ grow with every run of a large model.
+    assert copies(spec) == []
 
-    # An interrupted run's left-over that MLflow holds whole (the holdout, rebuilt byte for byte),
-    # last written 10 days ago: the next run's end prunes it with the default 7 days' retention.
-    pipeline.prepare_datasets(spec, get_settings(), run_id="r1")
-    for path in runs_dir(spec).glob("r1/*.parquet"):
+    # A crashed run's left-overs, last written 10 days ago: the next run's end prunes them with the
+    # default 7 days' retention, whether or not MLflow holds them.
+    pipeline.prepare_datasets(spec, get_settings(), run_id="crashed")
+    for path in runs_dir(spec).glob("crashed/*.parquet"):
         age(path, 10)
     assert train(spec, "r2")["trained"] is False  # same data: the gate ends the run
-    assert copies(spec) == ["r1/train.parquet"]  # sampled: kept however old
+    assert copies(spec) == []
+    assert (runs_dir(spec) / "r1" / "outcome.json").is_file()
 
     # Younger than the retention: kept.
     monkeypatch.setenv("CD4ML_RUNS_RETENTION_DAYS", "30")
-    pipeline.prepare_datasets(spec, get_settings(), run_id="r1")
-    for path in runs_dir(spec).glob("r1/*.parquet"):
+    pipeline.prepare_datasets(spec, get_settings(), run_id="crashed")
+    for path in runs_dir(spec).glob("crashed/*.parquet"):
         age(path, 10)
     assert train(spec, "r3")["trained"] is False
-    assert copies(spec) == ["r1/holdout.parquet", "r1/train.parquet"]
+    assert copies(spec) == ["crashed/holdout.parquet", "crashed/train.parquet"]

@@ -575,14 +575,15 @@ def register_challenger(
             evidence=evidence, validation=validation_record, spec_text=spec_text(spec),
             snapshots=snapshots, seed=spec.seed,
         )  # fmt: skip
-    # The last step that reads the local copies: the ones MLflow now holds whole go (deploy reads
-    # the holdout from MLflow); a sampled one stays (see `registry.prune_runs`).
-    whole = {
-        snapshots[key]: str(entry["source_sha256"])
-        for key, entry in manifest.items()
-        if key in snapshots and held_whole(entry)
+    # The last step that reads the local copies, so they go (deploy reads the holdout from MLflow).
+    # One MLflow holds whole is checked against its bytes first; a sampled one goes too: it is the
+    # deterministic split of the accepted files the version's fingerprint names, which a step re-run
+    # by hand rebuilds (`ensure_snapshots`), so keeping it would only make runs/ grow with history.
+    local = {
+        path: (str(manifest[key]["source_sha256"]) if key in manifest and held_whole(manifest[key]) else None)
+        for key, path in snapshots.items()
     }
-    finish_run_storage(spec, settings, remove=whole, why=f"held whole by {spec.name} v{version} in MLflow")
+    finish_run_storage(spec, settings, remove=local, why=f"evidence of {spec.name} v{version} is in MLflow")
     return Registration(version, challenger.run_id)
 
 
