@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.zoo.loader import all_cases, every_dataset
+from tests.zoo.loader import all_cases, every_dataset, soak
 
 
 def machine() -> dict[str, Any]:
@@ -43,6 +43,15 @@ def zoo_results() -> Iterator[dict[str, dict[str, Any]]]:
         "datasets": dict(sorted(datasets.items())),
     }
     path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+
+
+@pytest.fixture(autouse=True)
+def whole_snapshots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The zoo holds each champion to a plain scikit-learn fit on its stored training snapshot, which
+    must then be the whole training set: under `make soak` the largest tables pass the default
+    CD4ML_SNAPSHOT_MAX_ROWS (200,000), above which a version stores a sample."""
+    if soak():
+        monkeypatch.setenv("CD4ML_SNAPSHOT_MAX_ROWS", str(50_000_000))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
