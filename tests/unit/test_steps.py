@@ -258,3 +258,50 @@ def test_when_every_new_file_is_quarantined_validation_fails_with_the_reasons_an
     zone = pipeline.zone_for(spec, get_settings())
     assert not any(zone.landing.iterdir()) and not any(zone.accepted.iterdir())
     assert not (zone.runs / "manual__t" / "outcome.json").exists()  # as in the DAG: no gate, no outcome
+
+
+def test_validation_learns_its_reference_from_per_file_profiles_and_survives_a_retraction(
+    spec: ModelSpec,
+) -> None:
+    """Each accepted file is profiled once, stored by content hash, and merged: the reference a run
+    validates against is the one learned from every accepted row, without re-learning it per file."""
+    import pandas as pd
+
+    from cd4ml.data import landing
+    from cd4ml.data.tables import read_table
+    from cd4ml.data.validation import accepted_profile, learn_reference, normalise, reference_from_profile
+
+    settings = get_settings()
+    zone = pipeline.zone_for(spec, settings)
+    for week in range(3):
+        land(spec, f"week{week}.csv", generate_churn(300, seed=week, batch=week))
+        collected = pipeline.collect_landed_files(spec, settings)
+        validated = pipeline.validate_landed_files(
+            spec, settings, collected.new, run_id=f"r{week}", run_time=f"2026-01-0{week + 1}T00:00:00+00:00"
+        )
+        assert [a.name for a in validated.accepted] == [f"week{week}.csv"], validated.quarantined
+    records = landing.list_accepted(zone)
+    stored = {p.name.split("-", 1)[0] for p in zone.profiles.glob("*.npz")}
+    assert {r.sha256 for r in records} <= stored  # one profile per accepted file, by content hash
+
+    def rows(kept: list[landing.AcceptedFile]) -> pd.DataFrame:
+        return pd.concat([normalise(spec, read_table(Path(r.path))) for r in kept], ignore_index=True)
+
+    def never_read(path: Path) -> pd.DataFrame:
+        raise AssertionError(f"{path} was read again: its stored profile was not used")
+
+    merged = accepted_profile(spec, zone.profiles, [(r.sha256, Path(r.path)) for r in records], never_read)
+    assert reference_from_profile(spec, merged) == learn_reference(spec, rows(records))
+
+    # A retracted file leaves the reference; the next run validates against the files that remain.
+    landing.retract(zone, "week1.csv", reason="test", who="t", when="2026-01-04T00:00:00+00:00")
+    land(spec, "week3.csv", generate_churn(300, seed=3, batch=3))
+    collected = pipeline.collect_landed_files(spec, settings)
+    validated = pipeline.validate_landed_files(
+        spec, settings, collected.new, run_id="r3", run_time="2026-01-05T00:00:00+00:00"
+    )
+    assert [a.name for a in validated.accepted] == ["week3.csv"]
+    kept = landing.list_accepted(zone)
+    assert [r.name for r in kept] == ["week0.csv", "week2.csv", "week3.csv"]
+    merged = accepted_profile(spec, zone.profiles, [(r.sha256, Path(r.path)) for r in kept], never_read)
+    assert reference_from_profile(spec, merged) == learn_reference(spec, rows(kept))

@@ -6,6 +6,7 @@
       quarantine/                  rejected and retracted files, each with `.reason.txt`/`.reason.json`
       runs/<run key>/              one training run: train.parquet, holdout.parquet, outcome.json
       gx/                          the Great Expectations file context and its Data Docs
+      profiles/                    per accepted file, the summary validation learns from (by sha256)
       reports/drift/<run key>/     one drift check: report.html, report.json, summary.json
       predictions/date=YYYY-MM-DD/ the prediction log, part-*.parquet
       monitor/                     the drift monitor's state.json and checks.jsonl (its history)
@@ -59,6 +60,10 @@ class ModelPaths:
     @property
     def gx(self) -> Path:
         return self.root / "gx"
+
+    @property
+    def profiles(self) -> Path:
+        return self.root / "profiles"
 
     # -- training runs -----------------------------------------------------------------------------
 

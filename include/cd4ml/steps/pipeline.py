@@ -158,12 +158,27 @@ def validate_landed_files(
     import pandas as pd
 
     from cd4ml.data.tables import read_table
-    from cd4ml.data.validation import learn_reference, normalise, validate_frame
+    from cd4ml.data.validation import (
+        accepted_profile,
+        merge_profiles,
+        normalise,
+        profile,
+        reference_from_profile,
+        save_profile,
+        validate_frame,
+    )
     from cd4ml.ml.training import acceptance_problems, preprocessing_problems
 
     zone = zone_for(spec, settings)
-    accepted_files = _read_accepted_files(spec, zone)
+    records = landing.list_accepted(zone)
+    frames = {f.path: normalise(spec, read_table(Path(f.path))) for f in records}
+    accepted_files = [(f.name, frames[f.path]) for f in records]
     accepted_frame = _concat(spec, [frame for _, frame in accepted_files])
+    # The reference comes from per-file profiles stored by content hash and merged: the Reference
+    # `learn_reference` computes from every accepted row, without re-learning it for each new file.
+    summary = accepted_profile(
+        spec, zone.profiles, [(f.sha256, Path(f.path)) for f in records], lambda path: frames[str(path)]
+    )
     if not accepted_frame.empty and preprocessing_problems(spec, accepted_frame):
         # Not the new batches' fault: no batch could be accepted on top of this data.
         culprits = diagnose_accepted(spec, accepted_files)
@@ -185,7 +200,7 @@ def validate_landed_files(
             )
             quarantined.append(Rejected(landed.name, str(target), reason))
             continue
-        reference = learn_reference(spec, accepted_frame)
+        reference = reference_from_profile(spec, summary)
         outcome = validate_frame(
             spec,
             frame,
@@ -207,6 +222,9 @@ def validate_landed_files(
         if not problems:
             record = landing.accept(zone, landed, rows=len(frame), accepted_at=run_time, run_id=run_id)
             accepted.append(AcceptedBatch(record, outcome.summary(), dict(outcome.drift)))
+            batch_profile = profile(spec, frame)
+            save_profile(zone.profiles, spec, landed.sha256, batch_profile)
+            summary = merge_profiles([summary, batch_profile])
             if outcome.drift:
                 log.warning("%s accepted with drift: %s", landed.name, outcome.summary())
             accepted_frame = combined
