@@ -122,6 +122,7 @@ def bench(args: argparse.Namespace) -> Path:
                 "load": os.getloadavg()[0],
                 "disk": {"data": disk_bytes(zone), "gx": disk_bytes(zone / "gx"),
                          "runs": disk_bytes(zone / "runs"), "accepted": disk_bytes(zone / "accepted"),
+                         "profiles": disk_bytes(zone / "profiles"),
                          "mlflow_db": disk_bytes(mlflow_home / "mlflow.db"),
                          "mlflow_artifacts": disk_bytes(mlflow_home / "artifacts")},
             }  # fmt: skip
@@ -210,9 +211,11 @@ def plot(paths: list[Path]) -> Path:
         load.set_ylabel("1-min load average (dotted)", color="gray")
         ax = row[1]
         for key, name in (("data", "data root"), ("gx", "data root: gx/"), ("runs", "data root: runs/"),
-                          ("accepted", "data root: accepted/"), ("mlflow_db", "MLflow db"),
+                          ("accepted", "data root: accepted/"), ("profiles", "data root: profiles/"),
+                          ("mlflow_db", "MLflow db"),
                           ("mlflow_artifacts", "MLflow artifacts")):  # fmt: skip
-            ax.plot(x, [p["disk"][key] / 1e6 for p in r["points"]], label=name, lw=1.2)
+            if key in r["points"][0]["disk"]:  # older result files measured fewer parts
+                ax.plot(x, [p["disk"][key] / 1e6 for p in r["points"]], label=name, lw=1.2)
         ax.set_xlabel("batch index")
         ax.set_ylabel("MB on disk")
         ax.set_title(f"{r['label']}: disk after each run")
