@@ -305,3 +305,10 @@ def test_validation_learns_its_reference_from_per_file_profiles_and_survives_a_r
     assert [r.name for r in kept] == ["week0.csv", "week2.csv", "week3.csv"]
     merged = accepted_profile(spec, zone.profiles, [(r.sha256, Path(r.path)) for r in kept], never_read)
     assert reference_from_profile(spec, merged) == learn_reference(spec, rows(kept))
+
+
+def test_only_the_deploy_task_looks_up_the_service_connection() -> None:
+    from cd4ml.airflow.train_dag import SERVICE_STEP
+
+    assert SERVICE_STEP in [s.name for s in TRAINING_STEPS]
+    assert SERVICE_STEP == TRAINING_STEPS[-1].name  # the rollout: the one step that calls the service

@@ -114,9 +114,13 @@ def _trigger_reason(ctx: dict[str, Any]) -> str:
     return f"{run_type}: nightly schedule"
 
 
-def run_context(ctx: dict[str, Any]) -> RunContext:
+# The one step that talks to the prediction service; only its task looks up the connection.
+SERVICE_STEP = "deploy_champion"
+
+
+def run_context(ctx: dict[str, Any], *, with_service: bool = False) -> RunContext:
     """The steps' view of an Airflow run: ids, the run's own time, why it started, its Params, and
-    the prediction service from the `cd4ml_service` connection."""
+    (`with_service`) the prediction service from the `cd4ml_service` connection."""
     from cd4ml.airflow.connections import service_endpoint
 
     params = ctx.get("params") or {}
@@ -128,7 +132,7 @@ def run_context(ctx: dict[str, Any]) -> RunContext:
         force=bool(params.get("force")),
         evaluate_only=bool(params.get("evaluate_only")),
         last_attempt=last_attempt(ctx),
-        service=service_endpoint(),
+        service=service_endpoint() if with_service else None,
     )
 
 
@@ -218,7 +222,9 @@ def _task(step: Step, spec: ModelSpec, settings: Settings) -> Task[[Mapping[str,
         ctx = context()
         inputs = load_inputs(step, {name: xcom_dict(name, value) for name, value in upstream.items()})
         try:
-            result = step.run(spec, settings, run_context(ctx), inputs)
+            result = step.run(
+                spec, settings, run_context(ctx, with_service=step.name == SERVICE_STEP), inputs
+            )
         except NothingAccepted as err:
             # The task fails, so it has no return value: keep the Data Docs link reachable.
             ctx["ti"].xcom_push(key="report", value={"docs_url": err.docs_url})
