@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from cd4ml import registry
 from cd4ml_dev.datagen import generate_churn
 from tests.helpers import LOGREG, WEAK, write_spec
 from tests.integration.dagtools import champion, land, run, run_dag, served, task_tries, versions
@@ -22,8 +23,6 @@ ROWS = 1500
 
 def last_event(env: dict[str, Any], model: str, kind: str, version: str) -> Any:
     """The newest history event of that kind for that version (deploys and rollbacks are events)."""
-    from cd4ml import registry
-
     found = [e for e in registry.events(env["mlflow"], model) if e.kind == kind and e.version == version]
     assert found, f"no {kind} event for {model} v{version}"
     return found[-1]
@@ -38,10 +37,10 @@ def test_promotion_paths_through_the_dag_then_rollback(env: dict[str, Any]) -> N
     assert states["__run__"] == "success", states
     assert champion(env, model) == served(env, model) == "1"
     (v1,) = versions(env, model)
-    evidence = json.loads(v1.tags["cd4ml.evidence"])
+    evidence = registry.read_evidence(env["mlflow"], model, v1).decision
     assert evidence["promote"] and evidence["champion_version"] is None and evidence["n"] == 300
     assert "first model" in evidence["reason"]
-    assert json.loads(v1.tags["cd4ml.validation"])["accepted"] == ["week0.csv"]
+    assert registry.read_evidence(env["mlflow"], model, v1).validation["accepted"] == ["week0.csv"]
     (accepted,) = (env["data"] / model / "accepted").glob("*.csv")
     assert accepted.name.endswith("__week0.csv")
     assert not any((env["data"] / model / "landing").iterdir())
@@ -65,14 +64,13 @@ def test_promotion_paths_through_the_dag_then_rollback(env: dict[str, Any]) -> N
         "spec_hash",
         "code_version",
         "lock_hash",
-        "validation",
         "decision",
-        "evidence",
         "validation_status",  # the whole evidence is stored as artifacts of the version's run
         "evidence_format",
     ):
         assert tags.get(f"cd4ml.{key}"), key
-    evidence = json.loads(tags["cd4ml.evidence"])
+    assert "cd4ml.evidence" not in tags and "cd4ml.validation" not in tags  # tags keep small scalars
+    evidence = registry.read_evidence(env["mlflow"], model, v3).decision
     assert evidence["promote"] and evidence["champion_version"] == "1"
     assert evidence["ci_low"] > 0 and evidence["resamples"] == 1000
     assert evidence["challenger_score"] > evidence["champion_score"] == 0.5
@@ -93,7 +91,7 @@ def test_promotion_paths_through_the_dag_then_rollback(env: dict[str, Any]) -> N
     states = run(env, model, force=True)
     assert states["__run__"] == "success" and states["promote_champion"] == "success", states
     assert champion(env, model) == served(env, model) == "3"
-    evidence = json.loads(versions(env, model)[3].tags["cd4ml.evidence"])
+    evidence = registry.read_evidence(env["mlflow"], model, versions(env, model)[3]).decision
     assert not evidence["promote"] and "rejected" in evidence["reason"]
     assert env["mlflow"].get_model_version_by_alias(model, "challenger").version == "4"
 

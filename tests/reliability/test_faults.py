@@ -249,7 +249,8 @@ def test_mlflow_lost_during_register_retries_fails_cleanly_then_registers_exactl
     assert task_tries(states["__run_id__"], dag_id)["register_challenger"] == 2
     v1, v2 = versions(env, model)  # one new version for the one trained model
     assert v2.run_id != v1.run_id
-    assert v2.tags["cd4ml.decision"] == "promote" and v2.tags.get("cd4ml.evidence")
+    assert v2.tags["cd4ml.decision"] == "promote"
+    assert registry.read_evidence(env["mlflow"], model, v2).decision["promote"]  # its evidence recorded
     assert v2.tags["cd4ml.airflow_run_id"] == states["__run_id__"]
     assert aliases(env, model) == {"champion": "2", "challenger": "2"}
     assert served(env, model) == "2"

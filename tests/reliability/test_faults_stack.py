@@ -32,6 +32,7 @@ from typing import Any
 import psutil
 import pytest
 
+from cd4ml import registry
 from cd4ml.data import landing
 from cd4ml_dev.datagen import generate_churn, write_batch
 from cd4ml_dev.netutil import free_port
@@ -216,8 +217,8 @@ def test_five_files_and_the_schedule_at_once_one_run_at_a_time_each_file_once(st
         assert meta["run_id"] == owners[name][0]
     champion = stack.alias("champion")
     assert champion is not None
-    trained = json.loads({t["key"]: t["value"] for t in champion["tags"]}["cd4ml.validation"])
-    assert trained["status"] == "passed"
+    mlflow = registry.client(stack.mlflow)
+    assert registry.read_evidence(mlflow, MODEL, str(champion["version"])).validation["status"] == "passed"
     print(f"runs: {[(r['run_type'], r['dag_run_id']) for r in new]}; owners: {owners}")
 
 
@@ -290,7 +291,8 @@ def test_whole_stack_restart_mid_run_loses_no_file_and_no_alias_then_recovers(st
     if champion is not None:  # no half-moved alias: it points at a complete, validated version
         assert champion["status"] == "READY"
         tags = {t["key"]: t["value"] for t in champion["tags"]}
-        assert json.loads(tags["cd4ml.validation"])["status"] == "passed"
+        evidence = registry.read_evidence(registry.client(stack.mlflow), MODEL, str(champion["version"]))
+        assert evidence.validation["status"] == "passed"
         assert tags["cd4ml.decision"] == "promote"
     interrupted = next(r for r in runs if r["dag_run_id"] == run_id)
 

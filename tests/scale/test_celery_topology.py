@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from cd4ml import registry
 from cd4ml_dev.datagen import generate_churn, write_batch
 from cd4ml_dev.scale import LocalTopology
 
@@ -169,7 +170,8 @@ def test_landed_batch_trains_on_both_workers_and_matches_the_plain_pipeline(
     assert expected["promoted"] is True and expected["version"] == "1", expected
     assert tags["cd4ml.decision"] == "promote"
     assert version["version"] == expected["version"]
-    assert json.loads(tags["cd4ml.evidence"])["reason"] == expected["why"]
+    decision = registry.read_evidence(registry.client(topo.mlflow_url), MODEL, str(version["version"]))
+    assert decision.decision["reason"] == expected["why"]
     assert served_version(topo.service_url) == version["version"]
     accepted = list((topo.data_dir / MODEL / "accepted").glob(f"*__{FILE}"))
     assert len(accepted) == 1, accepted

@@ -247,7 +247,7 @@ def test_dataset_trains_serves_and_matches_plain_sklearn(
         champion = registry.version_by_alias(client, spec.name, registry.CHAMPION)
         assert champion is not None, f"{case.name}: no champion registered"
         record["champion_version"] = str(champion.version)
-        evidence = json.loads(champion.tags["cd4ml.evidence"])
+        evidence = registry.read_evidence(client, spec.name, champion).decision
         train_snapshot = registry.reference_frame(client, spec.name, champion, "train")
         holdout = registry.reference_frame(client, spec.name, champion, "holdout")
         record["rows_train"], record["rows_holdout"] = len(train_snapshot), len(holdout)

@@ -382,6 +382,7 @@ def tag_json(value: Any) -> str:
 # Evidence and history live in their own modules; `from cd4ml import registry` reaches them here.
 from cd4ml.registry.evidence import Evidence as Evidence  # noqa: E402
 from cd4ml.registry.evidence import EvidenceMissingError as EvidenceMissingError  # noqa: E402
+from cd4ml.registry.evidence import evidence_cache_info as evidence_cache_info  # noqa: E402
 from cd4ml.registry.evidence import read_evidence as read_evidence  # noqa: E402
 from cd4ml.registry.evidence import record_evidence as record_evidence  # noqa: E402
 from cd4ml.registry.evidence import reference_frame as reference_frame  # noqa: E402

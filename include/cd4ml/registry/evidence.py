@@ -7,7 +7,12 @@
 
 Tags keep small scalars only (`cd4ml.evidence_format`, `cd4ml.validation_status`); any machine that
 reaches MLflow can read the rest. Versions registered before this layout have their evidence in JSON
-tags (cut at 5,000 characters) and local snapshot paths: the readers fall back to those.
+tags (cut at 5,000 characters) and local snapshot paths: the readers fall back to those. New versions
+carry no JSON tags (`cd4ml.evidence`, `cd4ml.validation`): `read_evidence` is the one way to read them.
+
+`read_evidence(..., cached=True)` remembers a version's evidence for the process once its artifacts are
+complete (the format tag is set last and the files never change after it), so a page that lists many
+versions reads each from MLflow once; versions without artifacts are read afresh every time.
 
 Snapshots: a table up to `CD4ML_SNAPSHOT_MAX_ROWS` rows (default 200,000) is stored whole. A larger
 one is stored as a seeded uniform sample of that many rows, in the original row order, plus the
@@ -21,6 +26,8 @@ from __future__ import annotations
 
 import json
 import tempfile
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -198,11 +205,102 @@ def _legacy_json(tags: dict[str, str], key: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"value": value}
 
 
-def read_evidence(mlflow_client: MlflowClient, name: str, version: str | ModelVersion) -> Evidence:
-    """The version's decision, validation record, spec text and snapshot manifest."""
+def _from_artifacts(mlflow_client: MlflowClient, run_id: str) -> tuple[Evidence, int]:
+    """The evidence in the run's artifacts, and how many characters of text it was read from."""
+    texts = {
+        part: _load_text(mlflow_client, run_id, f"{PREFIX}/{part}")
+        for part in ("decision.json", "validation.json", "spec.yaml", "snapshots.json")
+    }
+    evidence = Evidence(
+        decision=dict(json.loads(texts["decision.json"])),
+        validation=dict(json.loads(texts["validation.json"])),
+        spec_text=texts["spec.yaml"],
+        snapshots=dict(json.loads(texts["snapshots.json"])),
+        source="artifacts",
+    )
+    return evidence, sum(len(text) for text in texts.values())
+
+
+# Bounds of the process-wide cache: entries, and characters of artifact text they were read from (a
+# sampled snapshot's manifest lists up to CATEGORY_LIMIT values per column, so entries differ in size).
+EVIDENCE_CACHE_ENTRIES = 256
+EVIDENCE_CACHE_CHARS = 32_000_000
+
+
+@dataclass(frozen=True)
+class EvidenceCacheInfo:
+    hits: int
+    misses: int
+    entries: int
+    chars: int
+
+
+class _EvidenceCache:
+    """Least recently used evidence by (tracking URI, model, version, run id); thread-safe (the
+    Airflow UI builds pages in worker threads)."""
+
+    def __init__(self, max_entries: int, max_chars: int) -> None:
+        self.max_entries, self.max_chars = max_entries, max_chars
+        self._items: OrderedDict[tuple[str, str, str, str], tuple[Evidence, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = self.chars = 0
+
+    def get(self, key: tuple[str, str, str, str]) -> Evidence | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self._items.move_to_end(key)
+            return item[0]
+
+    def put(self, key: tuple[str, str, str, str], evidence: Evidence, size: int) -> None:
+        if size > self.max_chars // 4:
+            return  # one huge manifest must not push out everything else
+        with self._lock:
+            if key in self._items:
+                self.chars -= self._items.pop(key)[1]
+            self._items[key] = (evidence, size)
+            self.chars += size
+            while len(self._items) > self.max_entries or self.chars > self.max_chars:
+                self.chars -= self._items.popitem(last=False)[1][1]
+
+    def info(self) -> EvidenceCacheInfo:
+        with self._lock:
+            return EvidenceCacheInfo(self.hits, self.misses, len(self._items), self.chars)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.hits = self.misses = self.chars = 0
+
+
+_CACHE = _EvidenceCache(EVIDENCE_CACHE_ENTRIES, EVIDENCE_CACHE_CHARS)
+
+
+def evidence_cache_info() -> EvidenceCacheInfo:
+    """Hits and misses of `read_evidence(..., cached=True)` in this process, and what it holds."""
+    return _CACHE.info()
+
+
+def clear_evidence_cache() -> None:
+    _CACHE.clear()
+
+
+def read_evidence(
+    mlflow_client: MlflowClient, name: str, version: str | ModelVersion, *, cached: bool = False
+) -> Evidence:
+    """The version's decision, validation record, spec text and snapshot manifest.
+
+    `cached=True`: a version whose artifacts are complete is read from MLflow once per process (pass
+    the ModelVersion, as a search returns it, and a repeated read makes no request at all). The
+    Evidence returned is then shared by every caller: read it, do not change it.
+    """
     mv = _version(mlflow_client, name, version)
     tags = dict(mv.tags or {})
     if not has_artifacts(mv):
+        # Never cached: the format tag may come later (an interrupted registration is retried).
         snapshots = {
             key: {"source": tags[tag], "legacy_path": True}
             for key, tag in LEGACY_SNAPSHOT_TAGS.items()
@@ -216,13 +314,15 @@ def read_evidence(mlflow_client: MlflowClient, name: str, version: str | ModelVe
             source="tags",
         )
     run_id = str(mv.run_id)
-    return Evidence(
-        decision=dict(_load_json(mlflow_client, run_id, f"{PREFIX}/decision.json")),
-        validation=dict(_load_json(mlflow_client, run_id, f"{PREFIX}/validation.json")),
-        spec_text=_load_text(mlflow_client, run_id, f"{PREFIX}/spec.yaml"),
-        snapshots=dict(_load_json(mlflow_client, run_id, f"{PREFIX}/snapshots.json")),
-        source="artifacts",
-    )
+    if not cached:
+        return _from_artifacts(mlflow_client, run_id)[0]
+    key = (str(mlflow_client.tracking_uri), name, str(mv.version), run_id)
+    hit = _CACHE.get(key)
+    if hit is not None:
+        return hit
+    evidence, size = _from_artifacts(mlflow_client, run_id)
+    _CACHE.put(key, evidence, size)
+    return evidence
 
 
 def validation_status(mlflow_client: MlflowClient, name: str, version: str | ModelVersion) -> str:

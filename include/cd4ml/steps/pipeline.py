@@ -558,9 +558,7 @@ def register_challenger(
         "cd4ml.spec_hash": spec.spec_hash(),
         "cd4ml.code_version": lineage.code_version(),
         "cd4ml.lock_hash": lineage.lock_hash(),
-        "cd4ml.validation": registry.tag_json(validation_record),
         "cd4ml.decision": "promote" if evaluation.promote else "reject",
-        "cd4ml.evidence": registry.tag_json(evidence),
         "cd4ml.airflow_run_id": run_id,
         "cd4ml.trigger_reason": reason[:500],
         "cd4ml.trained_through": datasets.trained_through,
@@ -575,8 +573,8 @@ def register_challenger(
         logged=registry.LoggedModel(challenger.run_id, challenger.model_uri),
         tags=tags,
     )
-    # The whole record (the tags above are cut at 5,000 characters) as artifacts any machine can read;
-    # a retry re-uses the version and writes the same files again.
+    # Tags keep small scalars only; the decision and validation records go whole into artifacts any
+    # machine can read (`registry.read_evidence`). A retry re-uses the version and writes them again.
     version = str(mv.version)
     snapshots = _snapshot_paths(datasets)
     manifest: dict[str, dict[str, Any]] | None = None

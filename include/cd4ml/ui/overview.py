@@ -7,7 +7,9 @@ autoescaped), as JSON, and as Prometheus text (a prometheus_client collector). N
 
 The history is the model's append-only event log (`registry.events`); versions registered before
 it existed still show what their tags kept (`cd4ml.promoted_at`, `cd4ml.deployment`, ...), unless
-the log has the same event. Evidence is read from the version's artifacts (`registry.read_evidence`).
+the log has the same event. Evidence (decision and validation record) is read with
+`registry.read_evidence` for the versions the view shows only, cached per process once a version's
+artifacts are complete; versions registered before evidence moved to artifacts fall back to their tags.
 """
 
 from __future__ import annotations
@@ -152,8 +154,8 @@ def _version_info(mv: Any) -> VersionInfo:
         run_id=mv.run_id,
         aliases=sorted(getattr(mv, "aliases", None) or []),
         decision=tags.get("cd4ml.decision"),
-        evidence=_json_tag(tags, "cd4ml.evidence"),
-        validation=_json_tag(tags, "cd4ml.validation"),
+        evidence={},  # filled for the versions the view shows (`_with_evidence`)
+        validation={},
         lineage={k.removeprefix("cd4ml."): tags[k] for k in LINEAGE_TAGS if k in tags},
         tags=tags,
     )
@@ -247,32 +249,18 @@ def _run_outcomes(spec: ModelSpec, settings: Settings) -> list[dict[str, Any]]:
     return out
 
 
-# Evidence artifacts are written once per version: read each at most once per process.
-_EVIDENCE_CACHE: dict[tuple[str, str, str, str], registry.Evidence] = {}
-
-
-def _read_evidence(client: Any, name: str, mv: Any) -> registry.Evidence | None:
-    from cd4ml.registry.evidence import has_artifacts
-
-    if not has_artifacts(mv):
-        return None
-    key = (str(client.tracking_uri), name, str(mv.version), str(mv.run_id))
-    if key not in _EVIDENCE_CACHE:
-        _EVIDENCE_CACHE[key] = registry.read_evidence(client, name, mv)
-    return _EVIDENCE_CACHE[key]
-
-
 def _with_evidence(client: Any, name: str, found: list[Any], shown: list[VersionInfo]) -> None:
-    """Fill the shown versions' evidence from their artifacts (older versions keep their tags')."""
+    """Fill the shown versions' decision evidence and validation record (`registry.read_evidence`:
+    artifacts, read once per process per version; older versions' JSON tags)."""
     by_version = {str(mv.version): mv for mv in found}
     for v in shown:
         try:
-            evidence = _read_evidence(client, name, by_version[v.version])
+            evidence = registry.read_evidence(client, name, by_version[v.version], cached=True)
         except registry.EvidenceMissingError as err:
-            v.evidence = {"unreadable": str(err)}
+            v.evidence, v.validation = {"unreadable": str(err)}, {}
             continue
-        if evidence is not None:
-            v.evidence, v.validation = evidence.decision, evidence.validation
+        # The cached records are shared: the view gets its own top-level copies.
+        v.evidence, v.validation = dict(evidence.decision), dict(evidence.validation)
 
 
 def model_overview(spec: ModelSpec, settings: Settings, *, limit: int = 25) -> ModelOverview:
@@ -293,7 +281,8 @@ def model_overview(spec: ModelSpec, settings: Settings, *, limit: int = 25) -> M
             if mv is not None and v.version == str(mv.version) and alias not in v.aliases:
                 v.aliases.append(alias)
     champion = next((v for v in versions if registry.CHAMPION in v.aliases), None)
-    _with_evidence(client, spec.name, found, versions[:limit] + ([champion] if champion else []))
+    shown = versions[:limit] + ([champion] if champion and champion not in versions[:limit] else [])
+    _with_evidence(client, spec.name, found, shown)
     drift = monitor.history(settings, spec.name)
     runs = _run_outcomes(spec, settings)
     files = _file_counts(spec, settings)
