@@ -5,6 +5,14 @@ GET  /v1/models, /v1/models/{model}   what is served: version, run id, champion 
 GET  /health/live, /health/ready  (ready = every spec'd model has a champion loaded)
 GET  /metrics                     Prometheus
 POST /admin/reload                check MLflow now (Bearer token: CD4ML_SERVICE_ADMIN_TOKEN)
+
+MLflow scoring protocol (what `mlflow models serve` answers; the model by header or path prefix):
+POST /invocations, /v1/models/{model}/invocations   GET /ping, /version
+Open Inference Protocol v2 REST (KServe, Triton, MLServer clients):
+GET  /v2, /v2/health/live, /v2/health/ready, /v2/models/{model}[/versions/{version}][/ready]
+POST /v2/models/{model}[/versions/{version}]/infer
+
+Every protocol goes through `score`: the same validation, prediction log rows and metrics.
 """
 
 from __future__ import annotations
@@ -32,9 +40,10 @@ from prometheus_client import (
 from starlette.concurrency import run_in_threadpool
 
 from cd4ml.core.settings import Settings, get_settings
-from cd4ml.serving.models import ModelStore
-from cd4ml.serving.payload import PayloadError, Problem, check, to_columns
+from cd4ml.serving.models import ModelStore, Slot
+from cd4ml.serving.payload import PayloadError, Problem, check
 from cd4ml.serving.predlog import Entry, PredictionLog
+from cd4ml.serving.protocols import MLFLOW, MODEL_HEADER, NATIVE, OIP, Protocol, choose_model, oip_metadata
 
 log = logging.getLogger(__name__)
 INLINE_ROWS = 16  # small requests predict on the event loop; larger ones in the thread pool
@@ -93,6 +102,46 @@ def _error(status: int, message: str, problems: list[Problem] | None = None) -> 
     if problems:
         body["problems"] = [p.as_dict() for p in problems]
     return JSONResponse(body, status_code=status)
+
+
+# Request bodies as the OpenAPI document shows them (and schemathesis fuzzes them).
+# anyOf with required keys: with oneOf and no `required`, every object matched several
+# alternatives at once, so no object body was valid against the document.
+_MLFLOW_BODIES: list[dict[str, Any]] = [
+    {"type": "object", "required": ["dataframe_split"], "properties": {"dataframe_split": {
+        "type": "object", "required": ["columns", "data"], "properties": {
+            "columns": {"type": "array", "items": {"type": "string"}},
+            "data": {"type": "array", "items": {"type": "array"}}}}}},
+    {"type": "object", "required": ["dataframe_records"],
+     "properties": {"dataframe_records": {"type": "array", "items": {"type": "object"}}}},
+    {"type": "object", "required": ["instances"],
+     "properties": {"instances": {"type": "array", "items": {"type": "object"}}}},
+    {"type": "object", "required": ["inputs"], "properties": {"inputs": {
+        "anyOf": [{"type": "object", "additionalProperties": {"type": "array"}},
+                  {"type": "array", "items": {"type": "object"}}]}}},
+]  # fmt: skip
+_OIP_BODY: dict[str, Any] = {"type": "object", "required": ["inputs"], "properties": {
+    "id": {"type": "string"},
+    "inputs": {"type": "array", "items": {"type": "object", "required": ["name", "shape", "datatype", "data"],
+        "properties": {"name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
+                       "datatype": {"type": "string"}, "data": {"type": "array"}}}},
+    "outputs": {"type": "array", "items": {"type": "object", "required": ["name"],
+                                           "properties": {"name": {"type": "string"}}}},
+}}  # fmt: skip
+
+
+def _package_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _mlflow_version() -> str:
+    found = _package_version("mlflow")
+    return found if found != "unknown" else _package_version("mlflow-skinny")
 
 
 def create_app(settings: Settings | None = None, config: ServiceConfig | None = None) -> FastAPI:
@@ -157,95 +206,242 @@ def create_app(settings: Settings | None = None, config: ServiceConfig | None = 
     def model_metadata(model: str) -> JSONResponse:
         slot = store.slots.get(model)
         if slot is None:
-            return _unknown_or_waiting(model)
+            return _failure(NATIVE, *_unknown_or_waiting(model))
         body = slot.metadata()
         body["refused_versions"] = refused_versions(model)
         return JSONResponse(body)
 
-    def _unknown_or_waiting(model: str) -> JSONResponse:
+    def _unknown_or_waiting(model: str) -> tuple[int, str, list[Problem], dict[str, Any]]:
         if model in store.known_models:
             # Why nothing is served yet: a deploy reads the refusal reasons here, so it can say
             # "refused version 3: <reason>" instead of waiting for a version that never comes.
-            body = {
-                "error": f"model '{model}' has no champion loaded yet",
-                "problems": [Problem("model", "no champion loaded yet").as_dict()],
-                "refused_versions": refused_versions(model),
-            }
-            return JSONResponse(body, status_code=503)
-        return _error(404, f"unknown model '{model}'", [Problem("model", f"'{model}' is not served here")])
+            return (
+                503,
+                f"model '{model}' has no champion loaded yet",
+                [Problem("model", "no champion loaded yet")],
+                {"refused_versions": refused_versions(model)},
+            )
+        return 404, f"unknown model '{model}'", [Problem("model", f"'{model}' is not served here")], {}
 
-    @app.post(
-        "/v1/models/{model}/predict",
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                # anyOf with required keys: with oneOf and no `required`, every object matched three
-                # alternatives at once, so no object body was valid against the document.
-                "content": {"application/json": {"schema": {"anyOf": [
-                    {"type": "object", "required": ["dataframe_split"], "properties": {"dataframe_split": {
-                        "type": "object", "required": ["columns", "data"], "properties": {
-                            "columns": {"type": "array", "items": {"type": "string"}},
-                            "data": {"type": "array", "items": {"type": "array"}}}}}},
-                    {"type": "object", "required": ["dataframe_records"],
-                     "properties": {"dataframe_records": {"type": "array", "items": {"type": "object"}}}},
-                    {"type": "object", "required": ["instances"],
-                     "properties": {"instances": {"type": "array", "items": {"type": "object"}}}},
-                    {"type": "array", "items": {"type": "object"}},
-                    {"type": "object", "description": "one record",
-                     "additionalProperties": {"type": ["number", "string", "null"]}},
-                ]}}},
-            }
-        },
-    )  # fmt: skip
-    async def predict(model: str, request: Request) -> Response:
-        started = time.perf_counter()
-        slot = store.slots.get(model)  # this request finishes on this slot, whatever swaps meanwhile
+    def _failure(
+        protocol: Protocol,
+        status: int,
+        message: str,
+        problems: list[Problem],
+        extra: dict[str, Any] | None = None,
+    ) -> JSONResponse:
+        return JSONResponse(protocol.error(status, message, problems, extra or {}), status_code=status)
+
+    def find_slot(model: str, version: str | None, protocol: Protocol) -> Slot | JSONResponse:
+        """The slot serving `model` (at `version`, if one is named), or the protocol's 4xx/503."""
+        slot = store.slots.get(model)  # a request finishes on this slot, whatever swaps meanwhile
         if slot is None:
-            metrics.errors.labels(
-                "_unknown" if model not in store.known_models else model, "unknown_model"
-            ).inc()
-            return _unknown_or_waiting(model)
+            return _failure(protocol, *_unknown_or_waiting(model))
+        if version is not None and version != slot.version:
+            return _failure(
+                protocol,
+                404,
+                f"model '{model}' version '{version}' is not served here; it serves version '{slot.version}'",
+                [Problem("version", f"'{version}' is not served; '{slot.version}' is")],
+            )
+        return slot
+
+    async def score(request: Request, model: str, protocol: Protocol, version: str | None = None) -> Response:
+        """Every protocol's prediction: read, parse (protocol), validate, predict, log, count, answer."""
+        started = time.perf_counter()
+        slot = find_slot(model, version, protocol)
+        if isinstance(slot, JSONResponse):
+            if model in store.slots:
+                metrics.errors.labels(model, "unknown_version").inc()
+            else:
+                metrics.errors.labels(
+                    "_unknown" if model not in store.known_models else model, "unknown_model"
+                ).inc()
+            return slot
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > config.max_body_bytes:
             metrics.errors.labels(model, "too_large").inc()
-            return _error(413, f"body of {declared} bytes; at most {config.max_body_bytes}",
-                          [Problem("body", "too large")])  # fmt: skip
+            return _failure(
+                protocol,
+                413,
+                f"body of {declared} bytes; at most {config.max_body_bytes}",
+                [Problem("body", "too large")],
+            )
         raw = await _read_limited(request, config.max_body_bytes)
         if raw is None:  # a chunked body has no length up front: stop reading once it is too big
             metrics.errors.labels(model, "too_large").inc()
-            return _error(
-                413, f"body larger than {config.max_body_bytes} bytes", [Problem("body", "too large")]
+            return _failure(
+                protocol,
+                413,
+                f"body larger than {config.max_body_bytes} bytes",
+                [Problem("body", "too large")],
             )
         try:
-            body = json.loads(raw)
+            body = protocol.decode(raw, request.headers)
+        except PayloadError as err:
+            metrics.errors.labels(model, "bad_request").inc()
+            return _failure(protocol, err.status, f"invalid request for model '{model}': {err}", err.problems)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             metrics.errors.labels(model, "bad_request").inc()
-            return _error(400, "body is not valid JSON", [Problem("body", f"invalid JSON: {err}")])
+            return _failure(
+                protocol, 400, "body is not valid JSON", [Problem("body", f"invalid JSON: {err}")]
+            )
         except RecursionError:
             metrics.errors.labels(model, "bad_request").inc()
-            return _error(400, "body is nested too deeply", [Problem("body", "JSON nested too deeply")])
+            return _failure(
+                protocol, 400, "body is nested too deeply", [Problem("body", "JSON nested too deeply")]
+            )
         try:
-            columns, data = to_columns(body)
-            rows = check(slot.schema, columns, data, config.max_rows)
+            parsed = protocol.parse(body, slot)
+            rows = check(slot.schema, parsed.columns, parsed.data, config.max_rows)
         except PayloadError as err:
             metrics.errors.labels(model, "too_large" if err.status == 413 else "bad_request").inc()
             metrics.requests.labels(model, slot.version, str(err.status)).inc()
-            return _error(err.status, f"invalid request for model '{model}': {err}", err.problems)
+            return _failure(protocol, err.status, f"invalid request for model '{model}': {err}", err.problems)
+        except RecursionError:
+            metrics.errors.labels(model, "bad_request").inc()
+            metrics.requests.labels(model, slot.version, "400").inc()
+            return _failure(
+                protocol, 400, "body is nested too deeply", [Problem("body", "nested too deeply")]
+            )
         if len(rows) <= INLINE_ROWS:
             out = slot.predict(rows)
         else:
             out = await run_in_threadpool(slot.predict, rows)
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request_id = parsed.request_id or request.headers.get("x-request-id") or uuid.uuid4().hex
         if config.log_predictions and request.headers.get("x-cd4ml-purpose") != "smoke-test":
             predlog.put(Entry(model, slot.version, time.time(), request_id, slot.schema.columns, rows,
                               out["predictions"]))  # fmt: skip
         metrics.requests.labels(model, slot.version, "200").inc()
         metrics.rows.labels(model, slot.version).inc(len(rows))
         metrics.latency.labels(model, slot.version).observe(time.perf_counter() - started)
-        out["request_id"] = request_id
         return Response(
-            json.dumps(out), media_type="application/json", headers={"x-model-version": slot.version}
+            json.dumps(protocol.respond(out, parsed, request_id)),
+            media_type="application/json",
+            headers={"x-model-version": slot.version, "x-request-id": request_id},
         )
+
+    @app.post("/v1/models/{model}/predict", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"anyOf": [*_MLFLOW_BODIES[:3],
+            {"type": "array", "items": {"type": "object"}},
+            {"type": "object", "description": "one record",
+             "additionalProperties": {"type": ["number", "string", "null"]}},
+        ]}}}}})  # fmt: skip
+    async def predict(model: str, request: Request) -> Response:
+        return await score(request, model, NATIVE)
+
+    # -- MLflow scoring protocol ----------------------------------------------------------------
+
+    def served_names() -> list[str]:
+        return sorted(set(store.known_models) | set(store.slots))
+
+    async def invocations(request: Request, path_model: str | None) -> Response:
+        try:
+            model = choose_model(path_model, request.headers.get(MODEL_HEADER), served_names())
+        except PayloadError as err:
+            metrics.errors.labels("_unknown", "unknown_model").inc()
+            return _failure(MLFLOW, err.status, str(err), err.problems, {"models": served_names()})
+        mime, _, params = (request.headers.get("content-type") or "application/json").partition(";")
+        charset = params.strip().removeprefix("charset=").strip().lower() if params.strip() else "utf-8"
+        if mime.strip().lower() != "application/json" or charset != "utf-8":
+            metrics.errors.labels(model, "bad_request").inc()
+            return _failure(
+                MLFLOW,
+                415,
+                f"content type '{request.headers.get('content-type')}' is not "
+                "served; send application/json (MLflow's JSON formats)",
+                [Problem("content-type", "must be application/json (utf-8)")],
+            )
+        return await score(request, model, MLFLOW)
+
+    invocations_body = {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"anyOf": _MLFLOW_BODIES}}}}}  # fmt: skip
+
+    @app.post("/invocations", openapi_extra=invocations_body)
+    async def mlflow_invocations(request: Request) -> Response:
+        """MLflow's scoring endpoint: the only model, or the one named in the x-cd4ml-model header."""
+        return await invocations(request, None)
+
+    @app.post("/v1/models/{model}/invocations", openapi_extra=invocations_body)
+    async def mlflow_model_invocations(model: str, request: Request) -> Response:
+        return await invocations(request, model)
+
+    @app.get("/ping")
+    def ping() -> Response:
+        """As MLflow's server: 200 once every model is loaded, else 404 (with what is missing)."""
+        missing = [m for m in store.known_models if m not in store.slots]
+        if missing or not store.known_models:
+            return _failure(
+                MLFLOW,
+                404,
+                "not ready: waiting for a champion",
+                [Problem("model", "no champion loaded yet")],
+                {"waiting_for_champion": missing},
+            )
+        return Response("\n", media_type="application/json")
+
+    @app.get("/version")
+    def mlflow_version() -> Response:
+        """As MLflow's server: the MLflow version, as plain text."""
+        return Response(_mlflow_version(), media_type="application/json")
+
+    # -- Open Inference Protocol v2 -------------------------------------------------------------
+
+    @app.get("/v2")
+    def oip_server() -> dict[str, Any]:
+        return {"name": "cd4ml", "version": _package_version("cd4ml"), "extensions": []}
+
+    @app.get("/v2/health/live")
+    def oip_live() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    def oip_ready() -> JSONResponse:
+        """OIP: 200 when ready, a 4xx when not (every spec'd model needs its champion loaded)."""
+        ok = bool(store.known_models) and all(m in store.slots for m in store.known_models)
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 400)
+
+    def oip_model(model: str, version: str | None) -> JSONResponse:
+        slot = find_slot(model, version, OIP)
+        return slot if isinstance(slot, JSONResponse) else JSONResponse(oip_metadata(slot))
+
+    def oip_model_ready(model: str, version: str | None) -> JSONResponse:
+        failed = find_slot(model, version, OIP)
+        if isinstance(failed, JSONResponse):
+            return JSONResponse(
+                {"name": model, "ready": False, **json.loads(bytes(failed.body))},
+                status_code=failed.status_code if failed.status_code < 500 else 400,
+            )
+        return JSONResponse({"name": model, "ready": True})
+
+    @app.get("/v2/models/{model}")
+    def oip_metadata_route(model: str) -> JSONResponse:
+        return oip_model(model, None)
+
+    @app.get("/v2/models/{model}/versions/{version}")
+    def oip_version_metadata(model: str, version: str) -> JSONResponse:
+        return oip_model(model, version)
+
+    @app.get("/v2/models/{model}/ready")
+    def oip_ready_route(model: str) -> JSONResponse:
+        return oip_model_ready(model, None)
+
+    @app.get("/v2/models/{model}/versions/{version}/ready")
+    def oip_version_ready(model: str, version: str) -> JSONResponse:
+        return oip_model_ready(model, version)
+
+    infer_body = {"requestBody": {"required": True, "content": {"application/json": {"schema": _OIP_BODY}}}}
+
+    @app.post("/v2/models/{model}/infer", openapi_extra=infer_body)
+    async def oip_infer(model: str, request: Request) -> Response:
+        return await oip_score(request, model, None)
+
+    @app.post("/v2/models/{model}/versions/{version}/infer", openapi_extra=infer_body)
+    async def oip_version_infer(model: str, version: str, request: Request) -> Response:
+        return await oip_score(request, model, version)
+
+    async def oip_score(request: Request, model: str, version: str | None) -> Response:
+        return await score(request, model, OIP, version)
 
     @app.get("/metrics")
     def prometheus() -> Response:
