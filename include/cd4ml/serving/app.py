@@ -434,13 +434,10 @@ def create_app(settings: Settings | None = None, config: ServiceConfig | None = 
 
     @app.post("/v2/models/{model}/infer", openapi_extra=infer_body)
     async def oip_infer(model: str, request: Request) -> Response:
-        return await oip_score(request, model, None)
+        return await score(request, model, OIP)
 
     @app.post("/v2/models/{model}/versions/{version}/infer", openapi_extra=infer_body)
     async def oip_version_infer(model: str, version: str, request: Request) -> Response:
-        return await oip_score(request, model, version)
-
-    async def oip_score(request: Request, model: str, version: str | None) -> Response:
         return await score(request, model, OIP, version)
 
     @app.get("/metrics")
