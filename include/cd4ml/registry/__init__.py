@@ -374,11 +374,6 @@ def move_champion(
     return current_version
 
 
-def tag_json(value: Any) -> str:
-    """MLflow tag values are strings of at most 5000 characters."""
-    return json.dumps(value, sort_keys=True, default=str)[:5000]
-
-
 # Evidence and history live in their own modules; `from cd4ml import registry` reaches them here.
 from cd4ml.registry.evidence import Evidence as Evidence  # noqa: E402
 from cd4ml.registry.evidence import EvidenceMissingError as EvidenceMissingError  # noqa: E402
