@@ -16,15 +16,20 @@ DOC = """\
 
 **What it does.** Moves the `champion` alias of `{name}` to the version you choose (default: the
 previous champion recorded on the current one), waits until the prediction service serves it,
-and smoke-tests it on golden holdout rows. Versions that never passed validation are refused. If
-the smoke test fails, the champion is restored and the run fails with the reason.
+and smoke-tests it on golden holdout rows. Versions that never passed validation, or that the
+champion/challenger gate rejected, are refused unless you tick *Force* and write a reason (the
+record then says forced, what was overridden, and why). If anything fails after the alias moved,
+the state before is restored exactly (no champion before: the alias is removed again) and the run
+fails with the reason.
 
-**What starts it.** Only a manual trigger: *Trigger* opens a form with the version and a reason.
+**What starts it.** Only a manual trigger: *Trigger* opens a form with the version, a reason and
+*Force*.
 
 **What it produces.** The moved alias, and a `rollback` event in the model's history in MLflow
 (experiment `{name}-history`: who, when, the reason, the outcome), which the *Models* view lists.
 The version keeps only small tags (`cd4ml.rolled_back_at`, `cd4ml.previous_champion`).
 """
+DEFAULT_REASON = "manual rollback"
 
 
 def build_rollback_dag(spec: ModelSpec, settings: Settings) -> DAG:
@@ -47,12 +52,19 @@ def build_rollback_dag(spec: ModelSpec, settings: Settings) -> DAG:
                 description="Model version to serve; empty means the previous champion.",
             ),
             "reason": Param(
-                "manual rollback",
+                DEFAULT_REASON,
                 type="string",
                 minLength=1,
                 maxLength=500,
                 title="Reason",
-                description="Why; recorded on the version.",
+                description="Why; recorded on the version. Required in your own words with Force.",
+            ),
+            "force": Param(
+                False,
+                type="boolean",
+                title="Force",
+                description="Serve a version the gate rejected or that never passed validation "
+                "(give the reason why).",
             ),
         },
     )
@@ -66,9 +78,12 @@ def build_rollback_dag(spec: ModelSpec, settings: Settings) -> DAG:
             form = params(ctx)
             target = str(form.get("version") or "") or None
             reason = str(form.get("reason") or "")
+            force = bool(form.get("force"))
+            if force and reason == DEFAULT_REASON:
+                reason = ""  # forcing needs a reason of your own, not the form's default
             return rollback(
                 spec, settings, target=target, reason=reason, who=who(ctx), when=run_time(ctx),
-                endpoint=service_endpoint(),
+                endpoint=service_endpoint(), force=force,
             )  # fmt: skip
 
         roll_back()

@@ -3,7 +3,8 @@
 A background thread polls MLflow for each model's `champion` alias. A new version is loaded and
 sanity-checked off the request path; only then is the slot replaced (one reference assignment), so
 requests already running finish on the model they started with and no request waits for a load.
-A version that fails to load or fails its sanity check is remembered and never swapped in.
+A version that fails to load or fails its sanity check is remembered and never swapped in. When
+the alias is removed, the model's slot goes too: nothing is served for it and readiness says so.
 """
 
 from __future__ import annotations
@@ -183,6 +184,13 @@ class ModelStore:
         for name in self.known_models:
             champion = registry.version_by_alias(mlflow_client, name, registry.CHAMPION)
             if champion is None:
+                # No champion (a failed first deploy removed the alias, or someone did): serve
+                # nothing for this model, so requests get "no champion loaded yet" and readiness
+                # lists it as waiting. MLflow errors raise above and keep what is served.
+                dropped = self.slots.pop(name, None)
+                if dropped is not None:
+                    log.warning("%s: champion alias gone; no longer serving v%s", name, dropped.version)
+                    self.on_event(name, dropped.version, "unloaded")
                 continue
             version = str(champion.version)
             current = self.slots.get(name)

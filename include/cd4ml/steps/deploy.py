@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from cd4ml import registry
-from cd4ml.core.errors import Cd4mlError, TransientError
+from cd4ml.core.errors import Cd4mlError, TransientError, is_transient
 from cd4ml.core.settings import Settings, get_settings
 from cd4ml.core.spec import ModelSpec
 
@@ -279,16 +279,29 @@ def deploy_champion(
     try:
         wait_until_serving(endpoint, spec.name, version)
         checked = smoke_test(spec, settings, endpoint, version, holdout_path)
-    except DeployError as failure:
-        if failure.retryable and not last_attempt:
-            _record(settings, spec.name, version, **record, why=str(failure),
-                    details={"outcome": "retrying", "error": str(failure), "previous": previous})  # fmt: skip
+    except Exception as failure:  # whatever broke, the alias has moved: roll it back
+        error = str(failure) if isinstance(failure, DeployError) else f"{type(failure).__name__}: {failure}"
+        if is_transient(failure) and not last_attempt:
+            _record(settings, spec.name, version, **record, why=error,
+                    details={"outcome": "retrying", "error": error, "previous": previous})  # fmt: skip
             raise
-        rollback_note = _roll_back_after_failure(spec, settings, endpoint, version, previous)
-        _record(settings, spec.name, version, **record, why=str(failure),
-                details={"outcome": "failed", "error": str(failure), "rollback": rollback_note,
-                         "previous": previous})  # fmt: skip
-        raise type(failure)(f"deploy of {spec.name} v{version} failed: {failure}; {rollback_note}") from None
+        try:
+            rollback_note = _roll_back_after_failure(spec, settings, endpoint, version, previous)
+        except Exception as err:  # noqa: BLE001 - say so; the deploy failure is what is raised
+            rollback_note = (
+                f"the automatic rollback failed too ({type(err).__name__}: {err}); champion may still be "
+                f"version {version}: run the {spec.name}__rollback DAG"
+            )
+        try:
+            _record(settings, spec.name, version, **record, why=error,
+                    details={"outcome": "failed", "error": error, "rollback": rollback_note,
+                             "previous": previous})  # fmt: skip
+        except Exception as err:  # noqa: BLE001 - MLflow down: the raised error still says it all
+            rollback_note += f" (the deployment event could not be recorded: {type(err).__name__}: {err})"
+        message = f"deploy of {spec.name} v{version} failed: {error}; {rollback_note}"
+        if isinstance(failure, DeployError):
+            raise type(failure)(message) from None
+        raise DeployError(message) from failure
     why = f"smoke test passed on {checked['golden_rows']} golden rows"
     _record(settings, spec.name, version, **record, why=why,
             details={"outcome": "deployed", "previous": previous, **checked})  # fmt: skip
@@ -301,7 +314,8 @@ def _roll_back_after_failure(
     client = registry.client(settings.mlflow_tracking_uri)
     if previous is None:
         client.delete_registered_model_alias(spec.name, registry.CHAMPION)
-        return "there was no previous champion; the champion alias was removed"
+        removed = "there was no previous champion; the champion alias was removed"
+        return removed + _unserved(endpoint, spec.name)
     registry.move_champion(client, spec.name, previous, expected_current=failed)
     registry.set_tags(client, spec.name, failed, {"cd4ml.rolled_back": f"to {previous}"})
     try:
@@ -309,6 +323,29 @@ def _roll_back_after_failure(
     except DeployError as err:
         return f"champion moved back to {previous}, but the service does not serve it yet: {err}"
     return f"champion rolled back to {previous}, which the service serves again"
+
+
+def _unserved(endpoint: ServiceEndpoint, model: str) -> str:
+    """After the alias was removed: ask the service to drop the model, and say what it serves now."""
+    _reload(endpoint, model)
+    state = service_state(endpoint, model)
+    if not state.reachable or state.version is None:
+        return ""
+    return f" (the service at {endpoint.url} still serves version {state.version} until it polls MLflow)"
+
+
+ROLLBACK_TAGS = ("cd4ml.rolled_back_at", "cd4ml.previous_champion")
+
+
+def rollback_objections(mlflow_client: Any, name: str, mv: Any) -> list[str]:
+    """Why `mv` should not be served: its data never passed validation, or the gate rejected it."""
+    objections = []
+    status = registry.validation_status(mlflow_client, name, mv)
+    if status != "passed":
+        objections.append(f"it never passed validation (validation status {status!r})")
+    if (mv.tags or {}).get("cd4ml.decision") == "reject":
+        objections.append("the champion/challenger gate rejected it (tag cd4ml.decision=reject)")
+    return objections
 
 
 def rollback(
@@ -321,11 +358,16 @@ def rollback(
     when: str,
     holdout_path: str | None = None,
     endpoint: ServiceEndpoint | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Move `champion` to `target` (default: the previous champion), then the same smoke test.
 
-    The outcome is a `rollback` event in the model's history (`details.outcome`: rolled back or
-    rollback failed) with the reason. Golden rows: `holdout_path` if given, else the target's
+    A version the gate rejected, or whose data never passed validation, is refused unless `force`
+    is given with a non-empty `reason`. On any failure after the alias moved, the state before is
+    restored exactly: the alias back on the champion it was on (or removed if there was none) and
+    the target's rollback tags as they were. The outcome is a `rollback` event in the model's
+    history (`details.outcome`: rolled back or rollback failed; `details.forced` and what it
+    overrode when forced) with the reason. Golden rows: `holdout_path` if given, else the target's
     holdout snapshot in MLflow (a local path in its tags for versions registered before that).
     """
     endpoint = endpoint or ServiceEndpoint.from_env()
@@ -342,17 +384,24 @@ def rollback(
         mv = client.get_model_version(spec.name, target)
     except MlflowException:
         raise DeployError(f"{spec.name}: version {target!r} does not exist") from None
-    if registry.validation_status(client, spec.name, mv) != "passed":
-        raise DeployError(f"{spec.name}: version {target} never passed validation; refusing to serve it")
+    objections = rollback_objections(client, spec.name, mv)
+    if objections and not (force and reason.strip()):
+        raise DeployError(
+            f"{spec.name}: refusing to roll back to version {target}: {'; and '.join(objections)}. To "
+            "serve it anyway, trigger the rollback with the `force` param set and a `reason` saying why"
+            + (" (force was set, but the reason is empty)" if force else "")
+        )
     if target == current_version:
         raise DeployError(f"{spec.name}: version {target} is already the champion")
+    forced = {"forced": True, "overrode": objections} if objections else {}
+    before = {key: (mv.tags or {}).get(key) for key in ROLLBACK_TAGS}
     registry.move_champion(client, spec.name, target, expected_current=current_version)
-    # Small scalars the service (champion since) and the next rollback (its default target) read.
-    registry.set_tags(client, spec.name, target, {
-        "cd4ml.rolled_back_at": when, "cd4ml.previous_champion": current_version or "none",
-    })  # fmt: skip
     record = {"kind": "rollback", "who": who, "when": when, "why": reason}
     try:
+        # Small scalars the service (champion since) and the next rollback (its default target) read.
+        registry.set_tags(client, spec.name, target, {
+            "cd4ml.rolled_back_at": when, "cd4ml.previous_champion": current_version or "none",
+        })  # fmt: skip
         wait_until_serving(endpoint, spec.name, target)
         golden: str | pd.DataFrame | None = holdout_path
         if golden is None:
@@ -363,15 +412,46 @@ def rollback(
                     f"{spec.name}: version {target} has no holdout to smoke-test with: {err}"
                 ) from None
         checked = smoke_test(spec, settings, endpoint, target, golden)
-    except DeployError as failure:
-        note = "champion left unchanged"
-        if current_version:
-            registry.move_champion(client, spec.name, current_version, expected_current=target)
-            note = f"champion restored to {current_version}"
+    except Exception as failure:  # whatever broke, put back exactly what was there
+        error = str(failure) if isinstance(failure, DeployError) else f"{type(failure).__name__}: {failure}"
+        note = _restore(client, endpoint, spec.name, target, current_version, before)
         _record(settings, spec.name, target, **record,
-                details={"outcome": "rollback failed", "error": str(failure), "from": current_version,
-                         "restored": note})  # fmt: skip
-        raise type(failure)(f"rollback of {spec.name} to v{target} failed: {failure}; {note}") from None
+                details={"outcome": "rollback failed", "error": error, "from": current_version,
+                         "restored": note, **forced})  # fmt: skip
+        message = f"rollback of {spec.name} to v{target} failed: {error}; {note}"
+        if isinstance(failure, DeployError):
+            raise type(failure)(message) from None
+        raise DeployError(message) from failure
     _record(settings, spec.name, target, **record,
-            details={"outcome": "rolled back", "from": current_version, **checked})  # fmt: skip
-    return {"rolled_back": True, "from": current_version, "to": target, **checked}
+            details={"outcome": "rolled back", "from": current_version, **forced, **checked})  # fmt: skip
+    return {"rolled_back": True, "from": current_version, "to": target, **forced, **checked}
+
+
+def _restore(
+    client: Any,
+    endpoint: ServiceEndpoint,
+    model: str,
+    target: str,
+    current_version: str | None,
+    before: dict[str, str | None],
+) -> str:
+    """Undo a failed rollback: the alias as it was and the target's rollback tags as they were."""
+    try:
+        for key, value in before.items():
+            if value is None:
+                try:
+                    client.delete_model_version_tag(model, target, key)
+                except Exception:  # noqa: BLE001, S110 - the tag was never written
+                    pass
+            else:
+                client.set_model_version_tag(model, target, key, value)
+        if current_version:
+            registry.move_champion(client, model, current_version, expected_current=target)
+            return f"champion restored to {current_version}"
+        client.delete_registered_model_alias(model, registry.CHAMPION)
+    except Exception as err:  # noqa: BLE001 - the raised error must say the state was not restored
+        return (
+            f"restoring the state before failed ({type(err).__name__}: {err}): champion may still be "
+            f"version {target}; check the {model} aliases in MLflow"
+        )
+    return "there was no champion before; the champion alias was removed again" + _unserved(endpoint, model)
