@@ -130,7 +130,7 @@ def test_rollback_dag_is_manual_with_a_version_and_reason_form(bag) -> None:
     dag = bag.dags["churn__rollback"]
     assert type(dag.timetable).__name__ == "NullTimetable"  # manual only
     assert [t.task_id for t in dag.tasks] == ["roll_back"]
-    assert set(dag.params) == {"version", "reason"}
+    assert set(dag.params) == {"version", "reason", "force"}
     assert dag.params["version"] == ""
 
 

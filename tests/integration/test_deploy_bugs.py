@@ -104,6 +104,8 @@ def test_a_failed_first_deploy_serves_nothing_then_a_failed_rollback_removes_the
     ready = httpx.get(f"{url}/health/ready", timeout=10)
     assert ready.status_code == 503 and model in ready.json()["waiting_for_champion"]
     assert model not in ready.json()["serving"]
+    exported = httpx.get(f"{url}/metrics", timeout=10).text  # nor does the serving-version gauge say so
+    assert f'cd4ml_serving_version{{model="{model}"}}' not in exported
 
     # Bug 3: a rollback that fails while there is no champion puts back exactly that: no alias.
     before = dict(env["mlflow"].get_model_version(model, "1").tags)

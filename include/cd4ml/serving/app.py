@@ -17,6 +17,7 @@ Every protocol goes through `score`: the same validation, prediction log rows an
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -153,6 +154,9 @@ def create_app(settings: Settings | None = None, config: ServiceConfig | None = 
         metrics.reloads.labels(model, version, outcome).inc()
         if outcome == "loaded":
             metrics.serving.labels(model).set(float(version))
+        elif outcome == "unloaded":  # the champion alias is gone: nothing is served for this model
+            with contextlib.suppress(KeyError):
+                metrics.serving.remove(model)
 
     store = ModelStore(settings, poll_seconds=config.poll_seconds, on_event=on_event)
     predlog = PredictionLog(settings.data_dir)
