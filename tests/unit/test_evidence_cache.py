@@ -17,7 +17,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
-from sklearn.linear_model import LogisticRegression
 
 from cd4ml import registry
 from cd4ml.core.settings import Settings
@@ -26,6 +25,7 @@ from cd4ml.data import landing
 from cd4ml.registry import evidence as ev
 from cd4ml.ui.overview import model_overview
 from tests.helpers import write_spec
+from tests.unit.test_history import _version
 
 # Not forwarded: they describe one hop (the proxy sets its own length; http.client its own Host).
 _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length"}
@@ -111,19 +111,6 @@ def empty_cache() -> Iterator[None]:
 @pytest.fixture
 def name() -> str:
     return f"cache_{uuid.uuid4().hex[:8]}"
-
-
-def _version(uri: str, name: str, tags: dict[str, str] | None = None) -> str:
-    frame = pd.DataFrame({"x": [0.0, 1.0, 2.0, 3.0], "y": [0, 1, 0, 1]})
-    model = LogisticRegression().fit(frame[["x"]], frame["y"])
-    logged = registry.log_challenger(
-        uri, experiment=name, run_name="r", model=model, input_example=frame[["x"]].head(2),
-        params={}, tags={}, metrics={"roc_auc": 0.5},
-    )  # fmt: skip
-    mv = registry.register_version(
-        registry.client(uri), name=name, description="test", logged=logged, tags=tags or {}
-    )
-    return str(mv.version)
 
 
 def _record(client: MlflowClient, name: str, version: str, tmp_path: Path, score: float) -> None:
