@@ -1,5 +1,5 @@
 """runs/ does not grow with history: a training run removes its own train/holdout copies at its end
-once MLflow holds them whole (or when the gate trains nothing), and prunes what older runs left,
+once its evidence is in MLflow (or when the gate trains nothing), and prunes what older runs left,
 against a real MLflow server and `run_training`, the steps the DAG runs."""
 
 from __future__ import annotations

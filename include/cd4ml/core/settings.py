@@ -134,10 +134,10 @@ class Settings(BaseSettings):
         7.0,
         ge=0,
         description="At the end of every training run, delete older runs' local snapshots (runs/) last "
-        "written more than this many days ago whose bytes MLflow holds whole (left-overs of failed "
-        "or interrupted runs). A run's own copies go at its end anyway once MLflow holds them whole or "
-        "it trained nothing; sampled snapshots (see CD4ML_SNAPSHOT_MAX_ROWS) are kept. "
-        "Each run's outcome.json is always kept.",
+        "written more than this many days ago (left-overs of failed or interrupted runs; they are "
+        "rebuilt from accepted/ if a step is re-run), except files that versions registered before "
+        "snapshots were MLflow artifacts still name. A run's own copies go at its end anyway, once "
+        "its evidence is in MLflow or it trained nothing. Each run's outcome.json is always kept.",
     )
     metrics_token: str | None = Field(
         None,

@@ -372,19 +372,6 @@ def snapshot_info(mlflow_client: MlflowClient, name: str, version: str | ModelVe
     return read_evidence(mlflow_client, name, version).snapshots
 
 
-def held_sources(mlflow_client: MlflowClient, name: str) -> dict[str, str]:
-    """Local snapshot files (path -> sha256) whose whole content MLflow holds as an artifact of a
-    version: the only files under runs/ that retention may delete (a sampled one is not held whole)."""
-    held: dict[str, str] = {}
-    for mv in mlflow_client.search_model_versions(f"name = '{name}'"):
-        if not has_artifacts(mv):
-            continue
-        for entry in _load_json(mlflow_client, str(mv.run_id), f"{PREFIX}/snapshots.json").values():
-            if held_whole(entry):
-                held[str(entry["source"])] = str(entry["source_sha256"])
-    return held
-
-
 def legacy_snapshot_paths(mlflow_client: MlflowClient, name: str) -> set[str]:
     """Local snapshot files (resolved paths) that versions registered before snapshots were artifacts
     name in their tags: `reference_frame` still reads these, so nothing may delete them."""

@@ -334,8 +334,8 @@ def finish_run_storage(
     now: datetime | None = None,
 ) -> None:
     """A training run's end: delete this run's local snapshots in `remove` (path -> the sha256 MLflow
-    holds of it, None: nothing will ever read it), then prune older runs' snapshots MLflow holds
-    whole (`registry.prune_runs`, CD4ML_RUNS_RETENTION_DAYS). outcome.json stays.
+    holds of it, checked first; None: delete unchecked), then prune older runs' left-over snapshots
+    (`registry.prune_runs`, CD4ML_RUNS_RETENTION_DAYS). outcome.json stays.
 
     Never fails the run: storage is housekeeping, so a problem is a warning and the next run tries
     again. A path a version registered before snapshots were artifacts names in its tags is kept.
@@ -375,7 +375,7 @@ def _finish_run_storage(
     except Exception as err:  # noqa: BLE001 - housekeeping must never fail a training run
         log.warning(
             "%s: could not remove this run's local snapshots %s (%s): %s: %s; they stay in runs/ "
-            "(retention, CD4ML_RUNS_RETENTION_DAYS, deletes only copies MLflow holds whole); "
+            "until retention deletes them (CD4ML_RUNS_RETENTION_DAYS); "
             "training is unaffected",
             spec.name, sorted(remove), why, type(err).__name__, err,
         )  # fmt: skip
@@ -540,7 +540,7 @@ def register_challenger(
 ) -> Registration:
     """Every challenger becomes a version with full lineage; the `challenger` alias points to it.
 
-    Its end is the run's last read of the local snapshots: those MLflow now holds whole are removed.
+    Its end is the run's last read of the local snapshots, so they are removed here.
     """
     from cd4ml import registry
     from cd4ml.registry.evidence import has_artifacts, held_whole, snapshot_info
