@@ -68,18 +68,18 @@ def to_columns(body: Any) -> tuple[list[str], list[list[Any]]]:
     if isinstance(body, dict):
         for key in ("dataframe_records", "instances", "records"):
             if key in body:
-                return _records(body[key], key)
+                return records_to_columns(body[key], key)
         if "inputs" in body:
             raise PayloadError(
                 [Problem("inputs", "tensor inputs are not supported; send dataframe_split or records")]
             )
-        return _records([body], "record")
+        return records_to_columns([body], "record")
     if isinstance(body, list):
-        return _records(body, "records")
+        return records_to_columns(body, "records")
     raise PayloadError([Problem("body", "expected a JSON object or a list of records")])
 
 
-def _records(records: Any, field: str) -> tuple[list[str], list[list[Any]]]:
+def records_to_columns(records: Any, field: str) -> tuple[list[str], list[list[Any]]]:
     if not isinstance(records, list):
         raise PayloadError([Problem(field, "must be a list of records (objects)")])
     columns: list[str] = []

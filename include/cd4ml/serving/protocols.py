@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cd4ml.serving.models import Slot
-from cd4ml.serving.payload import FeatureSchema, PayloadError, Problem, _records, to_columns
+from cd4ml.serving.payload import FeatureSchema, PayloadError, Problem, records_to_columns, to_columns
 
 MLFLOW_FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 MODEL_HEADER = "x-cd4ml-model"  # which model /invocations scores when the service serves several
@@ -108,7 +108,7 @@ def _tf_serving(value: Any, field: str, schema: FeatureSchema) -> tuple[list[str
     if not isinstance(value, list):
         raise PayloadError([Problem(field, "must be a list of records or rows, or an object of columns")])
     if not value or all(isinstance(v, dict) for v in value):
-        return _records(value, field)
+        return records_to_columns(value, field)
     if all(isinstance(v, list) for v in value):
         return _positional(value, field, schema)
     if len(schema.columns) == 1 and not any(isinstance(v, dict | list) for v in value):
