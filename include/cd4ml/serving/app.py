@@ -41,6 +41,7 @@ from prometheus_client import (
 from starlette.concurrency import run_in_threadpool
 
 from cd4ml.core.settings import Settings, get_settings
+from cd4ml.serving.feedback_api import feedback_router
 from cd4ml.serving.models import ModelStore, Slot
 from cd4ml.serving.payload import PayloadError, Problem, check
 from cd4ml.serving.predlog import Entry, PredictionLog
@@ -179,6 +180,10 @@ def create_app(settings: Settings | None = None, config: ServiceConfig | None = 
     app.state.store = store
     app.state.predlog = predlog
     app.state.metrics = metrics
+    app.include_router(
+        feedback_router(settings, max_body_bytes=config.max_body_bytes, max_rows=config.max_rows,
+                        predlog=predlog, registry=metrics.registry)
+    )  # fmt: skip
 
     @app.get("/health/live")
     def live() -> dict[str, str]:
