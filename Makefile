@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WAIT ?= 300
 
-.PHONY: up down status logs test test-fast test-scale test-zoo test-compose lint typecheck bench bench-scale soak clean install chromium
+.PHONY: up down status logs test test-fast test-scale test-zoo test-compose lint typecheck bench bench-scale soak clean install chromium prometheus
 
 install: $(STAMP)
 
@@ -43,12 +43,21 @@ chromium:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
+# A real Prometheus server, promtool (alert rule tests) and Alertmanager from Debian's packages, for
+# the alert tests and `CD4ML_PROMETHEUS=1 make up` (docs/monitoring.md). Installed only when missing;
+# no recommends (prometheus-node-exporter would be a second daemon nobody asked for).
+prometheus:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v prometheus-alertmanager >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
+	    prometheus prometheus-alertmanager >/dev/null; }
+
 # Every test: lint, types, DAG integrity, unit, dag.test() integration, the system test, the
 # dataset zoo's quick five and the docker-compose topology on CeleryExecutor (the scale tests).
 # pytest-xdist runs test files side by side (one file per worker, so module fixtures stay shared):
 # most of a system test's time is spent waiting on servers, so more workers than cores still help.
 TEST_WORKERS ?= 4
-test: $(STAMP) chromium lint typecheck
+test: $(STAMP) chromium prometheus lint typecheck
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile -m "scale or not scale"
 
 # docker-compose.yaml's services as local processes: CeleryExecutor on this machine's PostgreSQL and
