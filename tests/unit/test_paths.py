@@ -16,8 +16,12 @@ PACKAGE = Path(__file__).resolve().parents[2] / "include" / "cd4ml"
 
 # The directory and file names of the layout: a runtime module that joins one onto a path (or
 # globs for one) has a second copy of the layout.
-LAYOUT_DIRS = {"landing", "accepted", "quarantine", "runs", "gx", "reports", "predictions", "monitor"}
-LAYOUT_FILES = {"state.json", "checks.jsonl", "outcome.json", "train.parquet", "holdout.parquet"}
+LAYOUT_DIRS = {
+    "landing", "accepted", "quarantine", "runs", "gx", "reports", "predictions", "monitor", "feedback"
+}  # fmt: skip
+LAYOUT_FILES = {
+    "state.json", "checks.jsonl", "outcome.json", "train.parquet", "holdout.parquet", "request_index.parquet"
+}  # fmt: skip
 PARTITION = "date="  # the prediction log's day partitions
 
 # Modules that take every layout path from ModelPaths. Add yours once it does; the goal is all of
@@ -30,6 +34,8 @@ ADOPTED = [
     "steps/monitor.py",
     "ui/overview.py",
     "serving/predlog.py",
+    "serving/feedback_api.py",
+    "data/feedback.py",
     "airflow/ui.py",
     "airflow/retract_dag.py",
     "airflow/train_dag.py",
@@ -48,6 +54,7 @@ def test_layout_under_the_model_root(tmp_path: Path) -> None:
         "reports": p.reports,
         "predictions": p.predictions,
         "monitor": p.monitor,
+        "feedback": p.feedback,
     } == {name: tmp_path / "iris" / name for name in LAYOUT_DIRS}
     assert p.run_dir("r1") == tmp_path / "iris" / "runs" / "r1"
     assert p.train_snapshot("r1") == p.run_dir("r1") / "train.parquet"
@@ -65,6 +72,24 @@ def test_prediction_partitions_sort_as_text_by_day(tmp_path: Path) -> None:
     assert p.prediction_day("2026-03-09") == p.prediction_day(date(2026, 3, 9))
     # Readers skip old partitions by comparing names: that only works with zero-padded ISO days.
     assert p.prediction_day(date(2026, 3, 9)).name < p.prediction_day(date(2026, 10, 1)).name
+
+
+def test_feedback_is_a_zone_of_its_own_with_the_label_store_beside_it(tmp_path: Path) -> None:
+    p = ModelPaths(tmp_path / "iris")
+    fb = tmp_path / "iris" / "feedback"
+    assert (p.feedback_landing, p.feedback_accepted, p.feedback_quarantine) == (
+        fb / "landing", fb / "accepted", fb / "quarantine"
+    )  # fmt: skip
+    # The label-file zone is laid out as the data zone, so cd4ml.data.landing moves its files.
+    assert (
+        p.feedback_zone.landing == p.feedback_landing and p.feedback_zone.quarantine == p.feedback_quarantine
+    )
+    assert p.labels == fb / "labels"
+    assert p.labels_day(date(2026, 3, 9)) == fb / "labels" / "date=2026-03-09" == p.labels_day("2026-03-09")
+    assert p.prediction_index("2026-03-09") == p.prediction_day("2026-03-09") / "request_index.parquet"
+    assert ModelPaths.partition_day(p.prediction_day("2026-03-09")) == "2026-03-09"
+    # Label folders appear on first use (the first ingest creates landing/), not with the data zone.
+    assert p.feedback not in (p.landing, p.accepted, p.quarantine, p.runs)
 
 
 def test_built_from_settings_or_the_data_root(tmp_path: Path) -> None:

@@ -9,7 +9,13 @@
       profiles/                    per accepted file, the summary validation learns from (by sha256)
       reports/drift/<run key>/     one drift check: report.html, report.json, summary.json
       predictions/date=YYYY-MM-DD/ the prediction log, part-*.parquet
+      predictions/date=YYYY-MM-DD/request_index.parquet
+                                   that day's request ids, sorted (feedback looks ids up here)
       monitor/                     the drift monitor's state.json and checks.jsonl (its history)
+      feedback/landing/            label files dropped for late ground truth (request_id, outcome[, row])
+      feedback/accepted/           ingested label files, `<sha16>__<name>` + `.meta.json`
+      feedback/quarantine/         rejected label files, each with `<name>.reason.json`
+      feedback/labels/date=YYYY-MM-DD/ the label store (by day received), part-*.parquet
 
 Pure paths, no I/O (except `ensure`): build one with `ModelPaths.for_model(settings, name)`, or
 `ModelPaths.in_data_dir(data_dir, name)` where only the data root is known (the prediction service).
@@ -29,6 +35,8 @@ if TYPE_CHECKING:
 
 RUN_OUTCOME = "outcome.json"
 PREDICTION_PART_GLOB = "date=*/part-*.parquet"
+PART_GLOB = "part-*.parquet"  # the parts inside one day partition (prediction log, label store)
+LABEL_PART_GLOB = PREDICTION_PART_GLOB
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,15 @@ class ModelPaths:
         text = day if isinstance(day, str) else day.strftime("%Y-%m-%d")
         return self.predictions / f"date={text}"
 
+    def prediction_index(self, day: date | str) -> Path:
+        """One day's request ids (sorted, with row counts and versions): what feedback looks up."""
+        return self.prediction_day(day) / "request_index.parquet"
+
+    @staticmethod
+    def partition_day(partition: Path) -> str:
+        """`date=YYYY-MM-DD` -> `YYYY-MM-DD` (the inverse of `prediction_day`/`labels_day`)."""
+        return partition.name.partition("=")[2]
+
     @property
     def monitor(self) -> Path:
         return self.root / "monitor"
@@ -121,6 +138,39 @@ class ModelPaths:
     @property
     def monitor_history(self) -> Path:
         return self.monitor / "checks.jsonl"
+
+    # -- ground truth from production ----------------------------------------------------------------
+
+    @property
+    def feedback(self) -> Path:
+        return self.root / "feedback"
+
+    @property
+    def feedback_zone(self) -> ModelPaths:
+        """Label files go through a zone of their own, laid out as the data zone is: landing/ ->
+        accepted/ or quarantine/ (so `cd4ml.data.landing` moves them, exactly once)."""
+        return ModelPaths(self.feedback)
+
+    @property
+    def feedback_landing(self) -> Path:
+        return self.feedback_zone.landing
+
+    @property
+    def feedback_accepted(self) -> Path:
+        return self.feedback_zone.accepted
+
+    @property
+    def feedback_quarantine(self) -> Path:
+        return self.feedback_zone.quarantine
+
+    @property
+    def labels(self) -> Path:
+        return self.feedback / "labels"
+
+    def labels_day(self, day: date | str) -> Path:
+        """The label store's partition for one UTC day of receipt (`date=YYYY-MM-DD`)."""
+        text = day if isinstance(day, str) else day.strftime("%Y-%m-%d")
+        return self.labels / f"date={text}"
 
     def ensure(self) -> ModelPaths:
         """Create the zone directories a training run writes to (the rest appear on first use)."""

@@ -4,23 +4,55 @@ the request path to partitioned Parquet under `<data root>/<model>/predictions/d
 Requests only `put_nowait` into a bounded queue; a writer thread batches and writes parts
 atomically (temp name, then rename). On clean shutdown the queue is drained and flushed. When the
 queue is full (the disk cannot keep up), entries are dropped and counted, never blocking a request.
+
+Each logged row carries `request_id` and `row` (its 0-based index inside the request), the key that
+ground truth (`cd4ml.data.feedback`) joins on. Parts written before `row` existed are read as if it
+were there: rows of one request are contiguous in a part, so `row` is the position within it.
+
+Feedback must know whether a request id was served, long after the fact and across restarts,
+without reading the whole log per request. Two levels answer it:
+- `PredictionLog.lookup`: a bounded in-memory index of the most recent requests (filled when a
+  request is queued, so an id is known the moment its answer leaves the service);
+- `find_requests`: per day, `request_index.parquet` holds that day's request ids sorted, with their
+  row count and version. Sorted ids give each row group a narrow min/max range, so Parquet's
+  statistics let a lookup read one footer and about one row group per day. A day's index is
+  brought up to date incrementally (only parts it has not seen are read); once a day is over by
+  `SEALED_AFTER`, nothing writes into it any more and its index is trusted without listing it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
 import threading
 import time
+from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from cd4ml.core.paths import PREDICTION_PART_GLOB, ModelPaths
+from cd4ml.core.paths import PART_GLOB, PREDICTION_PART_GLOB, ModelPaths
 
 log = logging.getLogger(__name__)
+
+# A day partition only receives parts while entries queued before midnight drain (seconds); after
+# this long past its end, a day's request index covers it for good.
+SEALED_AFTER = timedelta(hours=1)
+INDEX_ROW_GROUP = 16_384  # ids per row group of a request index: what one lookup reads per day
+_INDEX_PARTS_KEY = b"cd4ml.parts"  # Parquet metadata: the part names an index covers
+_INDEX_SEALED_KEY = b"cd4ml.sealed"
+
+
+@dataclass(frozen=True)
+class Served:
+    """What the log knows about one request id: how many rows it carried, which version answered."""
+
+    rows: int
+    version: str
 
 
 @dataclass(frozen=True)
@@ -36,9 +68,20 @@ class Entry:
 
 class PredictionLog:
     def __init__(
-        self, data_dir: Path, *, max_queue: int = 10_000, flush_rows: int = 5_000, flush_seconds: float = 1.0
+        self,
+        data_dir: Path,
+        *,
+        max_queue: int = 10_000,
+        flush_rows: int = 5_000,
+        flush_seconds: float = 1.0,
+        max_recent: int = 200_000,
     ):
         self.data_dir = data_dir
+        self.max_recent = max_recent
+        # (model, request id) -> what was served; bounded, oldest out first. ~150 bytes an entry.
+        self._recent: OrderedDict[tuple[str, str], Served] = OrderedDict()
+        self._recent_lock = threading.Lock()
+        self._disk_lock = threading.Lock()
         self.queue: queue.Queue[Entry] = queue.Queue(maxsize=max_queue)
         self.flush_rows = flush_rows
         self.flush_seconds = flush_seconds
@@ -54,10 +97,44 @@ class PredictionLog:
     def put(self, entry: Entry) -> bool:
         try:
             self.queue.put_nowait(entry)
-            return True
         except queue.Full:
             self.dropped += len(entry.rows)
             return False
+        self._remember(entry.model, entry.request_id, Served(len(entry.rows), entry.version))
+        return True
+
+    def _remember(self, model: str, request_id: str, served: Served) -> None:
+        with self._recent_lock:
+            key = (model, request_id)
+            known = self._recent.pop(key, None)
+            if known is not None and known.rows > served.rows:  # an id reused: any row it had stays valid
+                served = Served(known.rows, served.version)
+            self._recent[key] = served
+            while len(self._recent) > self.max_recent:
+                self._recent.popitem(last=False)
+
+    def _forget(self, entries: Iterable[Entry]) -> None:
+        with self._recent_lock:
+            for e in entries:
+                self._recent.pop((e.model, e.request_id), None)
+
+    def lookup(self, model: str, request_ids: Iterable[str]) -> dict[str, Served]:
+        """Which of `request_ids` this log holds for `model`: recent ones from memory, the rest from
+        the day indexes on disk (reads files: call it off the event loop)."""
+        found: dict[str, Served] = {}
+        missing: set[str] = set()
+        with self._recent_lock:
+            for rid in request_ids:
+                served = self._recent.get((model, rid))
+                if served is None:
+                    missing.add(rid)
+                else:
+                    found[rid] = served
+        if missing:
+            # One disk lookup at a time: two would bring the same open day's index up to date twice.
+            with self._disk_lock:
+                found.update(find_requests(ModelPaths.in_data_dir(self.data_dir, model), missing))
+        return found
 
     def close(self, timeout: float = 30.0) -> None:
         """Drain everything queued so far, then stop."""
@@ -98,6 +175,7 @@ class PredictionLog:
             frame["prediction"] = [p for e in group for p in e.predictions]
             frame["model_version"] = [e.version for e in group for _ in e.rows]
             frame["request_id"] = [e.request_id for e in group for _ in e.rows]
+            frame["row"] = [i for e in group for i in range(len(e.rows))]
             frame["ts"] = pd.to_datetime([e.at for e in group for _ in e.rows], unit="s", utc=True)
             out_dir = ModelPaths.in_data_dir(self.data_dir, model).prediction_day(day)
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -110,6 +188,7 @@ class PredictionLog:
                 self.written_rows += len(frame)
             except (OSError, ValueError) as err:
                 self.dropped += len(frame)
+                self._forget(group)  # never logged, so feedback for them could never join
                 log.error("prediction log write failed for %s: %s", model, err)
 
 
@@ -122,4 +201,121 @@ def read_predictions(data_dir: Path, model: str, since: datetime | None = None) 
     parts = sorted(p for p in paths.predictions.glob(PREDICTION_PART_GLOB) if p.parent.name >= first_day)
     if not parts:
         return pd.DataFrame()
-    return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    return pd.concat([with_row(pd.read_parquet(p)) for p in parts], ignore_index=True)
+
+
+def with_row(frame: Any) -> Any:
+    """A part written before the `row` column existed gets it: the position inside its request
+    (a request's rows are written together, in order, into one part)."""
+    if "row" not in frame.columns and "request_id" in frame.columns:
+        frame["row"] = frame.groupby("request_id", sort=False).cumcount().astype("int64")
+    return frame
+
+
+# -- the per-day request index --------------------------------------------------------------------
+
+
+def prediction_days(paths: ModelPaths) -> list[str]:
+    """Every day the log has a partition for, newest first."""
+    if not paths.predictions.is_dir():
+        return []
+    days = (ModelPaths.partition_day(d) for d in paths.predictions.iterdir() if d.is_dir())
+    return sorted((d for d in days if d), reverse=True)
+
+
+def _sealed(day: str, now: datetime) -> bool:
+    end = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=UTC) + timedelta(days=1)
+    return now >= end + SEALED_AFTER
+
+
+def request_index(paths: ModelPaths, day: str, *, now: datetime | None = None) -> Path | None:
+    """The day's request index, brought up to date first unless the day is sealed. None when the
+    day has no parts. Incremental: only parts the index has not covered yet are read."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    now = now or datetime.now(UTC)
+    index = paths.prediction_index(day)
+    covered: set[str] = set()
+    old: Any = None
+    if index.exists():
+        meta = pq.read_metadata(index).metadata or {}
+        if meta.get(_INDEX_SEALED_KEY) == b"1":
+            return index
+        covered = set(json.loads(meta.get(_INDEX_PARTS_KEY, b"[]")))
+        old = pq.read_table(index)
+    parts = sorted(p.name for p in paths.prediction_day(day).glob(PART_GLOB))
+    new = [name for name in parts if name not in covered]
+    sealed = _sealed(day, now)
+    if not new and not (sealed and old is not None):
+        return index if old is not None else None
+    tables = [] if old is None else [old]
+    for name in new:
+        part = pq.read_table(paths.prediction_day(day) / name, columns=["request_id", "model_version"])
+        counted = part.group_by("request_id", use_threads=False).aggregate(
+            [([], "count_all"), ("model_version", "last")]
+        )
+        tables.append(
+            pa.table({
+                "request_id": counted["request_id"].cast(pa.string()),
+                "rows": counted["count_all"].cast(pa.int64()),
+                "model_version": counted["model_version_last"].cast(pa.string()),
+            })
+        )  # fmt: skip
+    merged = pa.concat_tables(tables)
+    if len(tables) > 1:
+        # An id in several parts (a client reusing its request id): its largest request bounds
+        # `row`, the newest part names the version.
+        grouped = merged.group_by("request_id", use_threads=False).aggregate(
+            [("rows", "max"), ("model_version", "last")]
+        )
+        merged = pa.table({
+            "request_id": grouped["request_id"],
+            "rows": grouped["rows_max"],
+            "model_version": grouped["model_version_last"],
+        })  # fmt: skip
+    merged = merged.take(pc.sort_indices(merged, sort_keys=[("request_id", "ascending")]))
+    metadata = {_INDEX_PARTS_KEY: json.dumps(parts).encode()}
+    if sealed:
+        metadata = {_INDEX_SEALED_KEY: b"1"}  # never listed again, so the parts list is not kept
+    merged = merged.replace_schema_metadata(metadata)
+    tmp = index.with_name(f".{index.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    pq.write_table(merged, tmp, row_group_size=INDEX_ROW_GROUP)
+    tmp.replace(index)
+    return index
+
+
+def find_requests(
+    paths: ModelPaths, request_ids: Iterable[str], *, now: datetime | None = None
+) -> dict[str, Served]:
+    """Which of `request_ids` the log on disk holds, newest day first (an id logged on several days
+    is reported as its newest request). Reads one footer and the matching row groups per day."""
+    import pyarrow.parquet as pq
+
+    wanted = set(request_ids)
+    found: dict[str, Served] = {}
+    for day in prediction_days(paths):
+        if not wanted:
+            break
+        index = request_index(paths, day, now=now)
+        if index is None:
+            continue
+        hits = pq.read_table(index, filters=[("request_id", "in", sorted(wanted))]).to_pylist()
+        for hit in hits:
+            found[hit["request_id"]] = Served(int(hit["rows"]), str(hit["model_version"]))
+            wanted.discard(hit["request_id"])
+    return found
+
+
+def logged_request_ids(paths: ModelPaths, *, now: datetime | None = None) -> Any:
+    """Every request id in the log (a pyarrow array, possibly with repeats across days)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrays = []
+    for day in prediction_days(paths):
+        index = request_index(paths, day, now=now)
+        if index is not None:
+            arrays.append(pq.read_table(index, columns=["request_id"])["request_id"].combine_chunks())
+    return pa.concat_arrays(arrays) if arrays else pa.array([], pa.string())

@@ -1,0 +1,417 @@
+"""Ground truth from production: labels (`request_id`, `row`, `outcome`) stored next to the
+prediction log and joined to it.
+
+Labels arrive two ways: posted to the service (`POST /v1/models/<model>/feedback`, which calls
+`record_labels`) or as files dropped into `feedback/landing/` (CSV or Parquet with columns
+`request_id`, `outcome` and optionally `row`; `ingest_label_files` takes them in). Either way they
+end as Parquet parts under `feedback/labels/date=<day received>/`, written atomically (temporary
+name, then rename), never rewritten.
+
+The store is append-only; meaning is given when reading (`latest_labels`): per (request_id, row)
+the label received last wins, so the same label sent twice counts once and a corrected outcome
+replaces the earlier one. `labelled_predictions` joins labels to the prediction log on
+(request_id, row); the log row carries the model version that answered. A label may arrive any
+time after its prediction (days later, after restarts): the join reads the log, not a cache.
+
+Outcomes are kept as given (a number, a text, a boolean); the consumer casts them to the target's
+type. Pandas and pyarrow are imported inside functions: DAG files import this module.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cd4ml.core.errors import DataError
+from cd4ml.core.paths import LABEL_PART_GLOB, PREDICTION_PART_GLOB, ModelPaths
+from cd4ml.data import landing
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import pyarrow as pa
+
+REQUEST_ID, ROW, OUTCOME, LABELLED_AT, SOURCE = "request_id", "row", "outcome", "labelled_at", "source"
+LABEL_COLUMNS = (REQUEST_ID, ROW, OUTCOME)
+MAX_REQUEST_ID = 256  # characters; a longer "id" is a payload pasted into the wrong field
+FILE_FORMAT = "columns request_id (text), outcome, optional row (integer >= 0); CSV (UTF-8) or Parquet"
+_seq = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class LabelProblem:
+    """What is wrong with a set of labels, and in which column (None: the file as a whole)."""
+
+    column: str | None
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.column}: {self.problem}" if self.column else self.problem
+
+
+class LabelError(DataError):
+    def __init__(self, problem: LabelProblem, where: str) -> None:
+        super().__init__(f"{where}: {problem}")
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class QuarantinedLabels:
+    name: str
+    path: str
+    reason: str
+    column: str | None
+
+
+@dataclass(frozen=True)
+class FeedbackIngest:
+    """One pass over `feedback/landing/`: files taken in, files set aside (and why), label rows."""
+
+    accepted: tuple[str, ...] = ()
+    quarantined: tuple[QuarantinedLabels, ...] = ()
+    rows: int = 0
+    unmatched: int = 0  # label rows whose request id the prediction log does not hold (yet)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "accepted": list(self.accepted),
+            "quarantined": [asdict(q) for q in self.quarantined],
+            "rows": self.rows,
+            "unmatched": self.unmatched,
+        }
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+
+def record_labels(paths: ModelPaths, labels: pd.DataFrame, *, source: str, received_at: datetime) -> int:
+    """Store labels (columns `request_id`, `outcome`, optional `row`, default 0) as one Parquet part.
+    Returns the rows written. Raises `LabelError` naming the column when a label is unusable."""
+    import pyarrow as pa
+
+    if received_at.tzinfo is None:
+        raise ValueError("received_at must be timezone-aware (UTC)")
+    missing = [c for c in (REQUEST_ID, OUTCOME) if c not in labels.columns]
+    if missing:
+        raise LabelError(LabelProblem(missing[0], "missing column"), source)
+    columns: dict[str, Any] = {}
+    for name in (REQUEST_ID, ROW):
+        if name in labels.columns:
+            try:
+                columns[name] = pa.Array.from_pandas(labels[name])
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+                raise LabelError(LabelProblem(name, f"wrong type: {err}"), source) from None
+    columns[OUTCOME] = outcome_array(list(labels[OUTCOME]))
+    checked = check_labels(pa.table(columns))
+    if isinstance(checked, LabelProblem):
+        raise LabelError(checked, source)
+    return _write_part(paths, checked, source=source, received_at=received_at)
+
+
+def outcome_array(values: list[Any]) -> pa.Array:
+    """Outcomes as given, in one Parquet type: booleans, integers, numbers or text; a mix of
+    numbers and text is kept as text (what each value reads as), so nothing is dropped."""
+    import pyarrow as pa
+
+    kinds = {type(v) for v in values if v is not None}
+    if kinds <= {bool}:
+        return pa.array(values, pa.bool_())
+    if kinds <= {int}:
+        return pa.array(values, pa.int64())
+    if kinds <= {int, float}:
+        return pa.array(values, pa.float64())
+    if kinds <= {str}:
+        return pa.array(values, pa.string())
+    return pa.array([None if v is None else str(v) for v in values], pa.string())
+
+
+def check_labels(table: pa.Table) -> pa.Table | LabelProblem:
+    """`table` as the store keeps it (request_id text, row int64, outcome) or the first problem."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    for name in (REQUEST_ID, OUTCOME):
+        if name not in table.column_names:
+            return LabelProblem(name, "missing column")
+    if table.num_rows == 0:
+        return LabelProblem(None, "no label rows (the file is empty or has only a header)")
+    rid = table[REQUEST_ID]
+    if pa.types.is_dictionary(rid.type):
+        rid = rid.cast(rid.type.value_type)
+    if not (pa.types.is_string(rid.type) or pa.types.is_large_string(rid.type)):
+        return LabelProblem(REQUEST_ID, f"wrong type {rid.type}; request ids are text")
+    rid = rid.cast(pa.string())
+    lengths = pc.utf8_length(rid)
+    blank = rid.null_count + (pc.sum(pc.equal(lengths, 0)).as_py() or 0)
+    if blank:
+        return LabelProblem(REQUEST_ID, f"{blank} row(s) have no request id")
+    if pc.max(lengths).as_py() > MAX_REQUEST_ID:
+        return LabelProblem(REQUEST_ID, f"request ids longer than {MAX_REQUEST_ID} characters")
+    if ROW in table.column_names:
+        row = table[ROW]
+        if not pa.types.is_integer(row.type):
+            return LabelProblem(
+                ROW, f"wrong type {row.type}; row is the 0-based integer index in the request"
+            )
+        if row.null_count:
+            return LabelProblem(ROW, f"{row.null_count} row(s) have no row index")
+        if pc.min(row).as_py() < 0:
+            return LabelProblem(ROW, "negative row index; rows count from 0")
+        row = row.cast(pa.int64())
+    else:
+        row = pa.array([0] * table.num_rows, pa.int64())
+    outcome = table[OUTCOME]
+    if pa.types.is_dictionary(outcome.type):
+        outcome = outcome.cast(outcome.type.value_type)
+    kind = outcome.type
+    scalar = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean, pa.types.is_string,
+              pa.types.is_large_string, pa.types.is_null)  # fmt: skip
+    if not any(is_kind(kind) for is_kind in scalar):
+        return LabelProblem(OUTCOME, f"wrong type {kind}; an outcome is a number, a text or a boolean")
+    if outcome.null_count:
+        return LabelProblem(OUTCOME, f"{outcome.null_count} row(s) have no outcome")
+    if pa.types.is_floating(kind) and not pc.all(pc.is_finite(outcome)).as_py():
+        return LabelProblem(OUTCOME, "outcomes must be finite numbers (found NaN or infinity)")
+    if pa.types.is_large_string(kind):
+        outcome = outcome.cast(pa.string())
+    return pa.table({REQUEST_ID: rid, ROW: row, OUTCOME: outcome})
+
+
+def _write_part(paths: ModelPaths, table: pa.Table, *, source: str, received_at: datetime) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    at = received_at.astimezone(UTC)
+    n = table.num_rows
+    table = table.append_column(LABELLED_AT, pa.array([at] * n, pa.timestamp("us", tz="UTC")))
+    table = table.append_column(SOURCE, pa.array([source] * n, pa.string()))
+    out_dir = paths.labels_day(at.date())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = f"part-{time.time_ns()}-{os.getpid()}-{next(_seq):06d}.parquet"
+    tmp = out_dir / f".{name}.tmp"
+    pq.write_table(table, tmp)
+    tmp.replace(out_dir / name)
+    return n
+
+
+# -- label files --------------------------------------------------------------------------------
+
+
+def read_label_file(path: Path) -> pa.Table:
+    """A landed label file as a table; request ids are read as text (ids of digits keep their
+    leading zeros). Raises `LabelError` when the file cannot be read."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    suffix = path.suffix.lower()
+    try:
+        if suffix in {".parquet", ".pq"}:
+            return pq.read_table(path)
+        if suffix == ".csv":
+            if path.stat().st_size == 0:
+                raise LabelError(LabelProblem(None, "the file is empty (0 bytes)"), path.name)
+            return pacsv.read_csv(
+                path, convert_options=pacsv.ConvertOptions(column_types={REQUEST_ID: pa.string()})
+            )
+    except (pa.ArrowException, OSError, ValueError) as err:
+        kind = "Parquet" if suffix != ".csv" else "CSV (UTF-8, comma-separated, header row)"
+        problem = LabelProblem(None, f"not a readable {kind} file: {str(err).strip()[:300]}")
+        raise LabelError(problem, path.name) from None
+    raise LabelError(
+        LabelProblem(None, f"unsupported file type {suffix or '(none)'!r}; drop .csv or .parquet files"),
+        path.name,
+    )
+
+
+def ingest_label_files(paths: ModelPaths, *, now: datetime) -> FeedbackIngest:
+    """Take in every label file in `feedback/landing/`: each ends in exactly one of
+    `feedback/accepted/` (its labels recorded) or `feedback/quarantine/` (with `<name>.reason.json`
+    naming the problem and the column). A file whose request ids the prediction log holds none of
+    is quarantined too: it belongs to another model, or predictions are not logged. Labels for ids
+    the log does not hold are kept (counted as `unmatched`): they join if the ids appear."""
+    import pyarrow.compute as pc
+
+    from cd4ml.serving.predlog import logged_request_ids
+
+    zone = paths.feedback_zone
+    zone.landing.mkdir(parents=True, exist_ok=True)  # so people find where to drop label files
+    zone.accepted.mkdir(parents=True, exist_ok=True)
+    zone.quarantine.mkdir(parents=True, exist_ok=True)
+    accepted: list[str] = []
+    quarantined: list[QuarantinedLabels] = []
+    rows = unmatched = 0
+    known: Any = None
+    seen = landing.accepted_hashes(zone)
+    for landed in landing.list_landed(zone):
+        try:
+            checked = check_labels(read_label_file(Path(landed.path)))
+        except LabelError as err:
+            checked = err.problem
+        if isinstance(checked, LabelProblem):
+            quarantined.append(_quarantine(zone, landed, checked, now))
+            continue
+        if known is None:
+            known = logged_request_ids(paths, now=now)
+        matched = pc.is_in(checked[REQUEST_ID], value_set=known)
+        hits = pc.sum(matched).as_py() or 0
+        if hits == 0:
+            problem = LabelProblem(
+                REQUEST_ID,
+                f"none of its {checked.num_rows} request ids is in {paths.root.name}'s prediction log; "
+                f"is this the right model's feedback folder, and are predictions logged "
+                f"(CD4ML_SERVICE_LOG_PREDICTIONS)?",
+            )
+            quarantined.append(
+                _quarantine(zone, landed, problem, now, setting="CD4ML_SERVICE_LOG_PREDICTIONS")
+            )
+            continue
+        # A file dropped again (same bytes) is accepted again but not recorded twice; recording is
+        # idempotent anyway (the same label twice counts once), this only saves the disk.
+        if landed.sha256[: landing.HASH_PREFIX] not in seen:
+            _write_part(paths, checked, source=f"file:{landed.name}", received_at=now)
+            rows += checked.num_rows
+            unmatched += checked.num_rows - hits
+        stored = landing.accept(
+            zone, landed, rows=checked.num_rows, accepted_at=now.isoformat(), run_id="feedback"
+        )
+        seen[landed.sha256[: landing.HASH_PREFIX]] = Path(stored.path)
+        accepted.append(landed.name)
+    return FeedbackIngest(tuple(accepted), tuple(quarantined), rows, unmatched)
+
+
+def _quarantine(
+    zone: ModelPaths,
+    landed: landing.LandedFile,
+    problem: LabelProblem,
+    now: datetime,
+    setting: str | None = None,
+) -> QuarantinedLabels:
+    reason = f"{landed.name}: {problem}. Label files need {FILE_FORMAT}."
+    target = landing.quarantine(
+        zone,
+        landed,
+        reason=reason,
+        details={"problem": problem.problem, "column": problem.column, "setting": setting,
+                 "expected": FILE_FORMAT, "quarantined_at": now.isoformat()},
+    )  # fmt: skip
+    return QuarantinedLabels(landed.name, str(target), reason, problem.column)
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+def latest_labels(paths: ModelPaths) -> pd.DataFrame:
+    """One label per (request_id, row): the one received last (ties: the one written last)."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    parts = sorted(paths.labels.glob(LABEL_PART_GLOB)) if paths.labels.is_dir() else []
+    if not parts:
+        return pd.DataFrame(
+            {REQUEST_ID: pd.Series(dtype=object), ROW: pd.Series(dtype="int64"),
+             OUTCOME: pd.Series(dtype=object), LABELLED_AT: pd.Series(dtype="datetime64[us, UTC]")}
+        )  # fmt: skip
+    # Per part, not one concatenated Arrow table: parts may type their outcomes differently.
+    frames = [pq.read_table(p, columns=[REQUEST_ID, ROW, OUTCOME, LABELLED_AT]).to_pandas() for p in parts]
+    labels = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    labels = labels.sort_values(LABELLED_AT, kind="stable")
+    return labels.drop_duplicates([REQUEST_ID, ROW], keep="last").reset_index(drop=True)
+
+
+def _days(paths: ModelPaths, since: datetime | None, until: datetime | None) -> list[Path]:
+    """The prediction log's parts whose day partition can hold times in [since, until)."""
+    first = paths.prediction_day(since.astimezone(UTC).date()).name if since else ""
+    last = (
+        paths.prediction_day((until.astimezone(UTC) - timedelta(microseconds=1)).date()).name
+        if until
+        else None
+    )
+    return sorted(
+        p for p in paths.predictions.glob(PREDICTION_PART_GLOB)
+        if p.parent.name >= first and (last is None or p.parent.name <= last)
+    )  # fmt: skip
+
+
+def _time_mask(table: pa.Table, since: datetime | None, until: datetime | None) -> Any:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    mask = None
+    for bound, op in ((since, pc.greater_equal), (until, pc.less)):
+        if bound is not None:
+            cond = op(table["ts"], pa.scalar(bound.astimezone(UTC)).cast(table["ts"].type))
+            mask = cond if mask is None else pc.and_(mask, cond)
+    return mask
+
+
+def labelled_predictions(
+    paths: ModelPaths, *, since: datetime | None = None, until: datetime | None = None
+) -> pd.DataFrame:
+    """One row per labelled (request_id, row) predicted in [since, until): the logged features,
+    `prediction`, `model_version` (text), `request_id`, `row`, `ts` (prediction time, UTC),
+    `outcome`, `labelled_at`. A request id logged twice joins its latest prediction."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from cd4ml.serving.predlog import with_row
+
+    labels = latest_labels(paths)
+    tail = ["prediction", "model_version", REQUEST_ID, ROW, "ts", OUTCOME, LABELLED_AT]
+    if labels.empty:
+        return pd.DataFrame(columns=tail)
+    wanted = pa.array(labels[REQUEST_ID].unique(), pa.string())
+    frames = []
+    for part in _days(paths, since, until):
+        table = pq.read_table(part)
+        mask = pc.is_in(table[REQUEST_ID], value_set=wanted)
+        time_mask = _time_mask(table, since, until)
+        if time_mask is not None:
+            mask = pc.and_(mask, time_mask)
+        if ROW not in table.column_names:
+            # Old parts: `row` is the position inside the request, known only before filtering.
+            frame = with_row(table.to_pandas())
+            frame = frame[mask.to_numpy(zero_copy_only=False)]
+        else:
+            frame = table.filter(mask).to_pandas()
+        if len(frame):
+            frames.append(frame)
+    if not frames:
+        return pd.DataFrame(columns=tail)
+    logged = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    logged = logged.sort_values("ts", kind="stable").drop_duplicates([REQUEST_ID, ROW], keep="last")
+    out = logged.merge(labels, on=[REQUEST_ID, ROW], how="inner", validate="one_to_one")
+    out["model_version"] = out["model_version"].astype(str)
+    out[ROW] = out[ROW].astype("int64")
+    features = [c for c in out.columns if c not in tail]
+    return out[features + tail].reset_index(drop=True)
+
+
+def served_rows(
+    paths: ModelPaths, *, since: datetime | None, until: datetime | None, version: str | None = None
+) -> int:
+    """Rows the service answered (and logged) in [since, until), for one version or all: the
+    denominator of label coverage."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    total = 0
+    for part in _days(paths, since, until):
+        table = pq.read_table(part, columns=["ts", "model_version"])
+        mask = _time_mask(table, since, until)
+        if version is not None:
+            same = pc.equal(table["model_version"].cast("string"), str(version))
+            mask = same if mask is None else pc.and_(mask, same)
+        total += table.num_rows if mask is None else (pc.sum(mask).as_py() or 0)
+    return total
+
+
+def label_parts(paths: ModelPaths) -> list[Path]:
+    """Every stored label part, oldest day first (for readers keeping a watermark)."""
+    return sorted(paths.labels.glob(LABEL_PART_GLOB)) if paths.labels.is_dir() else []
