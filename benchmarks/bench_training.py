@@ -38,12 +38,14 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO))
 
 
-def http_json(url: str, *, token: str | None = None, body: dict | None = None) -> dict:
+def http_json(url: str, *, token: str | None = None, body: dict | None = None, timeout: float = 60) -> dict:
     req = urllib.request.Request(url, method="POST" if body is not None else "GET")
     req.add_header("Content-Type", "application/json")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
-    with urllib.request.urlopen(req, data=json.dumps(body).encode() if body else None, timeout=10) as resp:
+    with urllib.request.urlopen(
+        req, data=json.dumps(body).encode() if body else None, timeout=timeout
+    ) as resp:
         return json.loads(resp.read())
 
 
