@@ -1,0 +1,192 @@
+"""OTEL_* variables -> what the service and Airflow do; the service's spans on a real OTLP receiver.
+
+The receivers (tests/support/otlp.py) are real servers decoding the OTLP wire format, over HTTP and
+over gRPC; the exporters are the SDK's own.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+import pytest
+
+from cd4ml.core.settings import SettingsError
+from cd4ml.core.telemetry import TraceExport, airflow_trace_env, trace_export
+from cd4ml.serving.tracing import LOG, NO_TRACE, PARSE, PREDICT, ServiceTracing
+from tests.support.otlp import OtlpGrpcReceiver, OtlpHttpReceiver, by_name, children
+
+BASE = "http://collector:4318"
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {},
+        {"OTEL_SERVICE_NAME": "svc", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},  # no endpoint: off
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "  "},  # empty counts as unset
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": BASE, "OTEL_SDK_DISABLED": "TRUE"},
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": BASE, "OTEL_TRACES_EXPORTER": "none"},
+    ],
+)
+def test_tracing_is_off_unless_an_endpoint_is_set(environ: dict[str, str]) -> None:
+    assert trace_export(environ) is None
+    assert airflow_trace_env(environ) == {}
+    assert not ServiceTracing.from_env(environ).enabled
+    assert ServiceTracing.from_env(environ).start("POST", "/r", "/r", {}, "m", "native") is NO_TRACE
+
+
+@pytest.mark.parametrize(
+    ("environ", "protocol", "endpoint"),
+    [
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": BASE}, "http/protobuf", f"{BASE}/v1/traces"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": f"{BASE}/"}, "http/protobuf", f"{BASE}/v1/traces"),
+        # the signal-specific endpoint is used as it is, and wins over the base
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": BASE, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://t:1/x"},
+         "http/protobuf", "https://t:1/x"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+         "grpc", "http://c:4317"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": BASE, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+          "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}, "http/protobuf", f"{BASE}/v1/traces"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "c:4317", "OTEL_TRACES_EXPORTER": "otlp_proto_grpc"},
+         "grpc", "c:4317"),
+    ],
+)  # fmt: skip
+def test_endpoint_and_protocol_resolve_as_the_sdk_exporters_do(
+    environ: dict[str, str], protocol: str, endpoint: str
+) -> None:
+    export = trace_export(environ)
+    assert export == TraceExport(
+        otlp=True, console=False, protocol=protocol, endpoint=endpoint, service_name=None
+    )
+
+
+def test_the_console_exporter_needs_no_endpoint() -> None:
+    export = trace_export({"OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "x"})
+    assert export is not None and export.console and not export.otlp and export.service_name == "x"
+    both = trace_export({"OTEL_TRACES_EXPORTER": "otlp,console", "OTEL_EXPORTER_OTLP_ENDPOINT": BASE})
+    assert both is not None and both.otlp and both.console
+
+
+@pytest.mark.parametrize(
+    ("environ", "variable"),
+    [
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": BASE, "OTEL_TRACES_EXPORTER": "zipkin"}, "OTEL_TRACES_EXPORTER"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": BASE, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
+         "OTEL_EXPORTER_OTLP_PROTOCOL"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318"}, "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "collector:4318/v1/traces"},
+         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+    ],
+)  # fmt: skip
+def test_unusable_values_name_the_variable(environ: dict[str, str], variable: str) -> None:
+    with pytest.raises(SettingsError, match=variable):
+        trace_export(environ)
+    with pytest.raises(SettingsError, match=variable):
+        ServiceTracing.from_env(environ)  # the service refuses to start with it, saying why
+
+
+def _airflow_exporter(name: str) -> type:
+    """The class Airflow 3.3 builds for OTEL_TRACES_EXPORTER=name (its _load_exporter_from_env)."""
+    found = list(entry_points(group="opentelemetry_traces_exporter", name=name))
+    assert found, f"no exporter entry point {name!r}: Airflow would fail to start"
+    cls: type = found[0].load()
+    return cls
+
+
+def test_airflow_gets_the_switch_the_exporter_of_the_protocol_and_the_otel_variables() -> None:
+    environ = {"OTEL_EXPORTER_OTLP_ENDPOINT": BASE, "OTEL_SERVICE_NAME": "cd4ml",
+               "OTEL_EXPORTER_OTLP_HEADERS": "x-token=1", "OTEL_EMPTY": "", "PATH": "/bin"}  # fmt: skip
+    env = airflow_trace_env(environ)
+    assert env == {
+        "AIRFLOW__TRACES__OTEL_ON": "True",
+        "OTEL_TRACES_EXPORTER": "otlp_proto_http",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": BASE,
+        "OTEL_SERVICE_NAME": "cd4ml",
+        "OTEL_EXPORTER_OTLP_HEADERS": "x-token=1",
+    }
+    # Airflow's default `otlp` entry point is the gRPC exporter: http/protobuf needs the explicit name.
+    assert _airflow_exporter(env["OTEL_TRACES_EXPORTER"]).__module__.endswith("proto.http.trace_exporter")
+    assert _airflow_exporter("otlp").__module__.endswith("proto.grpc.trace_exporter")
+    grpc = airflow_trace_env(
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
+    )
+    assert _airflow_exporter(grpc["OTEL_TRACES_EXPORTER"]).__module__.endswith("proto.grpc.trace_exporter")
+    # Airflow loads one exporter only: OTLP wins over the console.
+    both = airflow_trace_env({"OTEL_EXPORTER_OTLP_ENDPOINT": BASE, "OTEL_TRACES_EXPORTER": "otlp,console"})
+    assert both["OTEL_TRACES_EXPORTER"] == "otlp_proto_http"
+    assert airflow_trace_env({"OTEL_TRACES_EXPORTER": "console"})["OTEL_TRACES_EXPORTER"] == "console"
+
+
+def _one_request(tracing: ServiceTracing, headers: dict[str, str], status: int = 200) -> dict[str, str]:
+    rt = tracing.start("POST", "/v1/models/{model}/predict", "/v1/models/m/predict", headers, "m", "native")
+    rt.serving("m", "7")
+    rt.begin(PARSE)
+    if status == 200:
+        rt.set("cd4ml.rows", 3)
+        rt.begin(PREDICT, rows=3)
+        rt.begin(LOG, rows=3)
+        rt.end()
+    return rt.finish(status)
+
+
+@pytest.mark.parametrize("receiver", [OtlpHttpReceiver, OtlpGrpcReceiver])
+def test_request_spans_reach_a_real_receiver_over_both_protocols(receiver: type) -> None:
+    with receiver() as rec:
+        protocol = "grpc" if receiver is OtlpGrpcReceiver else "http/protobuf"
+        tracing = ServiceTracing.from_env(
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": rec.endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": protocol}
+        )
+        client_trace = "0af7651916cd43dd8448eb211c80319c"
+        header = _one_request(tracing, {"traceparent": f"00-{client_trace}-b7ad6b7169203331-01"})
+        refused = _one_request(tracing, {}, status=422)
+        tracing.shutdown()  # flushes the batch: no waiting for its 5 s schedule
+        spans = rec.wait_for(lambda s: len(s) >= 6)
+    assert len(spans) == 6, [s.name for s in spans]
+    requests = by_name(spans)["POST /v1/models/{model}/predict"]
+    ok = next(s for s in requests if s.attributes["http.response.status_code"] == 200)
+    assert ok.trace_id == client_trace and ok.parent_span_id == "b7ad6b7169203331"  # the client's span
+    assert ok.kind == 2  # SERVER
+    assert header == {"traceresponse": f"00-{client_trace}-{ok.span_id}-01"}
+    assert ok.resource["service.name"] == "cd4ml-prediction-service"
+    steps = {s.name: s for s in children(spans, ok)}
+    assert list(steps) == [PARSE, PREDICT, LOG]
+    for step in steps.values():
+        assert step.attributes["cd4ml.model"] == "m" and step.attributes["cd4ml.model_version"] == "7"
+        assert step.status_code == 0
+    assert steps[PREDICT].attributes["cd4ml.rows"] == 3
+    # A refused request: the step it was refused in ends with ERROR; the request span (a 4xx) does not.
+    bad = next(s for s in requests if s.attributes["http.response.status_code"] == 422)
+    assert bad.trace_id == refused["traceresponse"].split("-")[1] and bad.status_code == 0
+    assert [(s.name, s.status_code) for s in children(spans, bad)] == [(PARSE, 2)]
+
+
+def test_a_failing_request_records_the_exception() -> None:
+    with OtlpHttpReceiver() as rec:
+        tracing = ServiceTracing.from_env({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{rec.endpoint}/v1/traces",
+                                           "OTEL_SERVICE_NAME": "mine"})  # fmt: skip
+        rt = tracing.start("POST", "/invocations", "/invocations", {}, "m", "mlflow")
+        rt.begin(PREDICT, rows=1)
+        rt.fail(ValueError("model exploded"))
+        tracing.shutdown()
+        spans = rec.wait_for(lambda s: len(s) >= 2)
+    request = by_name(spans)["POST /invocations"][0]
+    predict = by_name(spans)[PREDICT][0]
+    assert predict.parent_span_id == request.span_id
+    assert request.status_code == predict.status_code == 2 and "exception" in predict.events
+    assert request.attributes["error.type"] == "ValueError" and request.resource["service.name"] == "mine"
+
+
+def test_the_service_with_tracing_off_creates_no_tracer_provider() -> None:
+    """Off costs nothing: the app holds no provider, and nothing of the SDK is imported for it."""
+    code = (
+        "import sys\n"
+        "from cd4ml.serving.app import create_app\n"
+        "app = create_app()\n"
+        "assert app.state.tracing.provider is None and not app.state.tracing.enabled\n"
+        "assert 'opentelemetry.sdk.trace' not in sys.modules, 'the SDK was imported'\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "OTEL_SERVICE_NAME": "x", "CD4ML_HOME": "/tmp/cd4ml-otel-off"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
