@@ -105,3 +105,56 @@ def test_a_scrape_has_help_and_type_for_every_family_and_escapes_label_values() 
     assert all(f.documentation for f in families.values())
     (waiting,) = families["cd4ml_files"].samples
     assert waiting.labels == {"model": 'a"b\\c\nd', "state": "waiting"} and waiting.value == 2
+
+
+def live_families(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    names = {"cd4ml_live_metric", "cd4ml_live_metric_baseline", "cd4ml_live_metric_drop",
+             "cd4ml_live_metric_drop_significant", "cd4ml_live_label_coverage", "cd4ml_business_value",
+             "cd4ml_drift_detected", "cd4ml_champion_promoted_timestamp_seconds"}  # fmt: skip
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert names <= set(families), names - set(families)  # every family is declared, even when empty
+    assert all(families[n].type == "gauge" and families[n].documentation for n in names)
+    return {n: [(s.labels, s.value) for s in families[n].samples] for n in names}
+
+
+def test_live_performance_gauges_read_the_last_check_and_the_champion() -> None:
+    from cd4ml.ui.overview import ModelOverview
+
+    champion = VersionInfo("4", 0, "run4", ["champion"], "promote", {"challenger_score": 0.86}, {}, {},
+                           {"cd4ml.promoted_at": "2026-11-01T00:00:00+00:00",
+                            "cd4ml.rolled_back_at": "2026-11-03T06:00:00+00:00"})  # fmt: skip
+    live = {"metric": "roc_auc", "value": 0.71, "baseline": 0.86, "drop": 0.15, "significant": True,
+            "coverage": 0.25, "business_value": -1.5, "labelled_rows": 300}  # fmt: skip
+    checks = [{"share": 0.1, "decision": {"drift": False}, "window": {"end": "2026-11-04T00:00:00+00:00"}},
+              {"share": 0.1, "decision": {"drift": True}, "live": live,
+               "window": {"end": "2026-11-04T01:00:00+00:00"}}]  # fmt: skip
+    view = ModelOverview("churn", None, "roc_auc", champion, [champion], [], checks, 0.3, {})
+    got = live_families(prometheus_text([view]))
+    model = {"model": "churn"}
+    assert got["cd4ml_live_metric"] == [({**model, "metric": "roc_auc"}, 0.71)]
+    assert got["cd4ml_live_metric_baseline"] == [({**model, "metric": "roc_auc"}, 0.86)]
+    assert got["cd4ml_live_metric_drop"] == [(model, 0.15)]
+    assert got["cd4ml_live_metric_drop_significant"] == [(model, 1.0)]
+    assert got["cd4ml_live_label_coverage"] == [(model, 0.25)]
+    assert got["cd4ml_business_value"] == [(model, -1.5)]
+    assert got["cd4ml_drift_detected"] == [(model, 1.0)]
+    # The alias last moved by the rollback, after the promotion.
+    assert got["cd4ml_champion_promoted_timestamp_seconds"] == [(model, 1793685600.0)]
+
+
+def test_a_check_that_could_not_judge_exports_no_live_metric_rather_than_zero() -> None:
+    from cd4ml.ui.overview import ModelOverview
+
+    too_few = {"metric": "roc_auc", "value": None, "baseline": 0.86, "drop": None, "significant": False,
+               "coverage": 0.02, "business_value": None, "labelled_rows": 12}  # fmt: skip
+    checks = [{"share": 0.5, "decision": {"drift": False}, "live": too_few, "window": {"end": "2026-11-04"}}]
+    view = ModelOverview("churn", None, "roc_auc", None, [], [], checks, 0.3, {})
+    got = live_families(prometheus_text([view]))
+    assert got["cd4ml_live_label_coverage"] == [({"model": "churn"}, 0.02)]
+    assert got["cd4ml_drift_detected"] == [({"model": "churn"}, 0.0)]
+    for name in ("cd4ml_live_metric", "cd4ml_live_metric_drop", "cd4ml_live_metric_drop_significant",
+                 "cd4ml_business_value", "cd4ml_live_metric_baseline",
+                 "cd4ml_champion_promoted_timestamp_seconds"):  # fmt: skip
+        assert got[name] == [], name  # no champion, nothing judged
+    empty = live_families(prometheus_text([ModelOverview("new", None, "rmse", None, [], [], [], 0.3, {})]))
+    assert all(samples == [] for samples in empty.values())

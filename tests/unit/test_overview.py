@@ -17,6 +17,7 @@ from cd4ml.ui.overview import (
     VersionInfo,
     _events,
     drift_chart_svg,
+    live_chart_svg,
     prometheus_text,
     render_html,
     report_href,
@@ -250,3 +251,70 @@ def test_the_event_log_is_the_history_and_old_tags_fill_in_only_what_it_lacks() 
     page = render_html([view], Settings(Path("/"), Path("/d"), Path("/s"), "x"), "m", [])
     assert "History: promotions, deployments, rollbacks, retractions" in page
     assert "ana via churn__rollback" in page and "week1.csv: labels shifted" in page
+
+
+def live_check(
+    end: str,
+    value: float | None,
+    *,
+    baseline: float = 0.85,
+    significant: bool = False,
+    coverage: float | None = 0.4,
+    low: float | None = None,
+    high: float | None = None,
+) -> dict:
+    live = {"metric": "roc_auc", "version": "3", "window_end": end, "value": value, "baseline": baseline,
+            "low": low if low is not None else (value - 0.02 if value is not None else None),
+            "high": high if high is not None else (value + 0.02 if value is not None else None),
+            "drop": (baseline - value) if value is not None else None, "significant": significant,
+            "coverage": coverage, "labelled_rows": 400, "served_rows": 1000, "business_value": 1.25,
+            "reason": f"live roc_auc {value}"}  # fmt: skip
+    return {"share": 0.1, "window": {"end": end}, "decision": {"drift": significant}, "live": live}
+
+
+def test_live_chart_draws_each_judged_check_its_interval_the_reference_and_the_coverage() -> None:
+    checks = [
+        {"share": 0.1, "window": {"end": "t0"}},  # a check from before live performance existed
+        live_check("t1", 0.84),
+        live_check("t2", None, coverage=0.01),  # too few labels: coverage, but no point
+        live_check("t3", 0.70, significant=True),
+        live_check("t4", 0.80, baseline=0.82),  # a new champion, with its own score at promotion
+    ]
+    svg = live_chart_svg(checks, "roc_auc")
+    assert "aria-label='live roc_auc over time'" in svg
+    assert svg.count("<circle") == 3 and svg.count("class='hot'") == 1
+    assert svg.count("class='ci'") == 3
+    assert "at promotion 0.8200" in svg  # the current champion's reference is labelled
+    reference = svg.split("class='thr'")[0].rsplit("<polyline points='", 1)[1].rstrip("' ")
+    assert len(reference.split()) == 4  # t1, t3 at 0.85, then a step at t4 down to 0.82
+    xs = [p.split(",")[0] for p in reference.split()]
+    assert xs[2] == xs[3]  # the step is vertical
+    coverage = svg.split("class='cov'")[0].rsplit("<polyline points='", 1)[1].rstrip("' ")
+    assert len(coverage.split()) == 4  # every check that knows its coverage, the unjudged one too
+    assert "t3: roc_auc 0.7000 [0.6800, 0.7200], 400 labelled rows, coverage 40%, 0.8500 at promotion" in svg
+    assert "No live roc_auc yet" in live_chart_svg([{"share": 0.1}], "roc_auc")
+    assert "No live roc_auc yet" in live_chart_svg([], "roc_auc")
+
+
+def test_the_models_view_shows_the_live_metric_next_to_drift_with_a_drop_as_the_status() -> None:
+    champion = VersionInfo("3", 1_795_600_000_000, "r3", ["champion"], "promote",
+                           {"challenger_score": 0.85}, {}, {}, {})  # fmt: skip
+    view = overview([live_check("t1", 0.84), live_check("2026-11-02T00:00:00", 0.70, significant=True)],
+                    [champion], champion)  # fmt: skip
+    view.business = {"name": "margin", "unit": "EUR"}
+    page = render_html([view], Settings(Path("/"), Path("/d"), Path("/s"), "x"), "m", [])
+    charts = page[page.index("<div class='charts'>") :]
+    assert charts.index("drift share over time") < charts.index("live roc_auc over time")
+    assert "live roc_auc dropped by 0.1500" in page  # the status a person acts on
+    live = page[page.index("<table class='live'>") :].split("</table>")[0]
+    assert "margin (EUR per prediction)" in live and "1.2500" in live
+    assert "0.7000 [0.6800, 0.7200]" in live and "(significant)" in live and "40%" in live
+    assert live.index("2026-11-02T00:00:00") < live.index("t1")  # newest first
+    summary = page[page.index("<table class='summary'>") :].split("</table>")[0]
+    assert "0.7000</span> (400 labelled)" in summary
+    assert "<table class='live'>" not in render_html(
+        [overview([{"share": 0.1, "window": {"end": "e"}}], [], None)],
+        Settings(Path("/"), Path("/d"), Path("/s"), "x"),
+        "m",
+        [],
+    )

@@ -1,9 +1,10 @@
 """What the Models view and the pipeline metrics show, read from MLflow and the data root.
 
 One place computes the state of every model (champion and lineage, decisions with their evidence,
-the history of promotions, deployments, rollbacks and retractions, drift checks); the Airflow
-plugin renders it as a page inside the Airflow UI (Jinja2 templates in cd4ml/ui/templates,
-autoescaped), as JSON, and as Prometheus text (a prometheus_client collector). Nothing here writes.
+the history of promotions, deployments, rollbacks and retractions, drift checks and the live
+performance each check measured on labelled traffic); the Airflow plugin renders it as a page
+inside the Airflow UI (Jinja2 templates in cd4ml/ui/templates, autoescaped), as JSON, and as
+Prometheus text (a prometheus_client collector). Nothing here writes.
 
 The history is the model's append-only event log (`registry.events`); versions registered before
 it existed still show what their tags kept (`cd4ml.promoted_at`, `cd4ml.deployment`, ...), unless
@@ -129,6 +130,7 @@ class ModelOverview:
     runs: list[dict[str, Any]] = field(default_factory=list)
     retractions: list[dict[str, Any]] = field(default_factory=list)
     totals: Totals | None = None  # None: count the lists given (tests build overviews by hand)
+    business: dict[str, str] | None = None  # the spec's business value: {"name", "unit"}
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -299,7 +301,47 @@ def model_overview(spec: ModelSpec, settings: Settings, *, limit: int = 25) -> M
         runs=runs[:limit],
         retractions=_retractions(spec, settings, limit),
         totals=totals_of(versions, drift, runs, files, history),
+        business=_business_label(spec),
     )
+
+
+def _business_label(spec: ModelSpec) -> dict[str, str] | None:
+    business = getattr(spec, "business", None)
+    return None if business is None else {"name": business.name, "unit": business.unit}
+
+
+def live_of(check: dict[str, Any] | None) -> dict[str, Any]:
+    """A check's live performance (empty for checks made before it was measured)."""
+    live = (check or {}).get("live")
+    return live if isinstance(live, dict) else {}
+
+
+def champion_score(o: ModelOverview) -> float | None:
+    """The champion's holdout score at promotion: the reference the live metric is held to."""
+    value = o.champion.evidence.get("challenger_score") if o.champion else None
+    return float(value) if isinstance(value, int | float) else None
+
+
+def champion_since(o: ModelOverview) -> float | None:
+    """When the champion alias last moved to the champion (a promotion or a rollback), as epoch
+    seconds, from the version's own tags: the view's event list may be cut before it."""
+    if o.champion is None:
+        return None
+    moved = [o.champion.tags.get(k) for k in ("cd4ml.promoted_at", "cd4ml.rolled_back_at")]
+    times = [t for t in (_epoch(m) for m in moved if m) if t is not None]
+    return max(times) if times else None
+
+
+def _epoch(text: str) -> float | None:
+    """An ISO time as epoch seconds (naive = UTC); None for text that is no time (a hand-edited
+    tag must not break a scrape of every model's figures)."""
+    from datetime import UTC, datetime
+
+    try:
+        when = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
 # -- Prometheus ------------------------------------------------------------------------------------
@@ -369,7 +411,9 @@ class PipelineCollector(Collector):
             "End of the last drift check's window.",
             labels=["model"],
         )
+        live = _LiveFamilies()
         for o in self.overviews:
+            live.add(o)
             t = o.totals or totals_of(o.versions, o.drift, o.runs, o.files)
             champion.add_metric([o.name], float(o.champion.version) if o.champion else 0.0)
             for decision in ("promote", "reject", "none"):
@@ -402,7 +446,82 @@ class PipelineCollector(Collector):
             share,
             checks,
             last_check,
+            *live.families(),
         )
+
+
+class _LiveFamilies:
+    """The live-performance gauges: the last drift check's figures (`live` in its history line)
+    and the champion's reference. A figure the last check could not judge (no or too few labels)
+    is left out, not exported as 0, so an alert on it does not fire on missing labels."""
+
+    def __init__(self) -> None:
+        self.metric = GaugeMetricFamily(
+            "cd4ml_live_metric",
+            "The champion's primary metric on labelled served traffic in the last check's window.",
+            labels=["model", "metric"],
+        )
+        self.baseline = GaugeMetricFamily(
+            "cd4ml_live_metric_baseline",
+            "The champion's primary metric on its holdout at promotion (the live metric's reference).",
+            labels=["model", "metric"],
+        )
+        self.drop = GaugeMetricFamily(
+            "cd4ml_live_metric_drop",
+            "Baseline minus live metric, sign-adjusted so that positive = worse than at promotion.",
+            labels=["model"],
+        )
+        self.significant = GaugeMetricFamily(
+            "cd4ml_live_metric_drop_significant",
+            "1 when even the bootstrap interval's better bound is worse than the baseline by more "
+            "than drift.performance_drop, else 0.",
+            labels=["model"],
+        )
+        self.coverage = GaugeMetricFamily(
+            "cd4ml_live_label_coverage",
+            "Share of the champion's served rows in the live window that have a label (0..1).",
+            labels=["model"],
+        )
+        self.business = GaugeMetricFamily(
+            "cd4ml_business_value",
+            "Mean business value per served prediction on labelled traffic, in the spec's business.unit.",
+            labels=["model"],
+        )
+        self.drift = GaugeMetricFamily(
+            "cd4ml_drift_detected", "1 when the last drift check found drift, else 0.", labels=["model"]
+        )
+        self.since = GaugeMetricFamily(
+            "cd4ml_champion_promoted_timestamp_seconds",
+            "When the champion alias last moved to the serving version (promotion or rollback).",
+            labels=["model"],
+        )
+
+    def add(self, o: ModelOverview) -> None:
+        baseline = champion_score(o)
+        if baseline is not None:
+            self.baseline.add_metric([o.name, o.metric], baseline)
+        since = champion_since(o)
+        if since is not None:
+            self.since.add_metric([o.name], since)
+        if not o.drift:
+            return
+        last = o.drift[-1]
+        self.drift.add_metric([o.name], 1.0 if (last.get("decision") or {}).get("drift") else 0.0)
+        live = live_of(last)
+        if live.get("coverage") is not None:
+            self.coverage.add_metric([o.name], float(live["coverage"]))
+        if live.get("value") is None:
+            return
+        self.metric.add_metric([o.name, str(live.get("metric") or o.metric)], float(live["value"]))
+        if live.get("drop") is not None:
+            self.drop.add_metric([o.name], float(live["drop"]))
+            self.significant.add_metric([o.name], 1.0 if live.get("significant") else 0.0)
+        if live.get("business_value") is not None:
+            self.business.add_metric([o.name], float(live["business_value"]))
+
+    def families(self) -> tuple[Metric, ...]:
+        return (self.metric, self.baseline, self.drop, self.significant, self.coverage, self.business,
+                self.drift, self.since)  # fmt: skip
 
 
 def prometheus_text(overviews: list[ModelOverview]) -> str:
@@ -476,6 +595,64 @@ def drift_chart_svg(
     )  # fmt: skip
 
 
+def live_chart_svg(checks: list[dict[str, Any]], metric: str, width: int = 560, height: int = 160) -> Markup:
+    """The live metric of each check that could judge one, its bootstrap interval, the champion's
+    score at promotion as a step line, and the label coverage on a 0-100% right axis. x positions
+    are the checks' own (as in the drift chart), so the two charts line up."""
+    pad = 30
+    judged = [(i, live_of(c)) for i, c in enumerate(checks) if live_of(c).get("value") is not None]
+    covered = [(i, float(live_of(c)["coverage"])) for i, c in enumerate(checks)
+               if live_of(c).get("coverage") is not None]  # fmt: skip
+    figures = [float(v) for _, live in judged for k in ("value", "low", "high", "baseline")
+               if (v := live.get(k)) is not None]  # fmt: skip
+    lo, hi = (min(figures), max(figures)) if figures else (0.0, 1.0)
+    margin = (hi - lo) * 0.08 or 0.05
+    lo, hi = lo - margin, hi + margin
+    x = lambda i: pad + (width - 2 * pad) * (i / max(1, len(checks) - 1))  # noqa: E731
+    y = lambda v: height - pad - (height - 2 * pad) * ((float(v) - lo) / (hi - lo))  # noqa: E731
+    share_y = lambda c: height - pad - (height - 2 * pad) * c  # noqa: E731
+    points = []
+    for i, live in judged:
+        low, high = live.get("low"), live.get("high")
+        interval = f" [{low:.4f}, {high:.4f}]" if low is not None and high is not None else ""
+        coverage, baseline = live.get("coverage"), live.get("baseline")
+        title = (f"{live.get('window_end', '')}: {metric} {float(live['value']):.4f}{interval}, "
+                 f"{live.get('labelled_rows', 0)} labelled rows"
+                 + (f", coverage {float(coverage):.0%}" if coverage is not None else "")
+                 + (f", {float(baseline):.4f} at promotion" if baseline is not None else ""))  # fmt: skip
+        points.append({
+            "x": f"{x(i):.1f}", "y": f"{y(live['value']):.1f}", "title": title,
+            "cls": "hot" if live.get("significant") else "ok",
+            "low_y": f"{y(low):.1f}" if low is not None and high is not None else None,
+            "high_y": f"{y(high):.1f}" if low is not None and high is not None else None,
+        })  # fmt: skip
+    steps: list[str] = []
+    last_baseline = None
+    for i, live in judged:
+        if live.get("baseline") is None:
+            continue
+        if last_baseline is not None and live["baseline"] != last_baseline:
+            steps.append(f"{x(i):.1f},{y(last_baseline):.1f}")  # the champion changed: a step, not a slope
+        steps.append(f"{x(i):.1f},{y(live['baseline']):.1f}")
+        last_baseline = live["baseline"]
+    if len(steps) == 1:  # one check: a short horizontal mark rather than an invisible point
+        steps = [f"{pad},{steps[0].split(',')[1]}", f"{width - pad},{steps[0].split(',')[1]}"]
+    return Markup(
+        _templates().get_template("live_chart.svg.j2").render(
+            points=points, width=width, height=height, pad=pad, metric=metric,
+            line=" ".join(f"{p['x']},{p['y']}" for p in points),
+            reference=" ".join(steps),
+            reference_value=f"{last_baseline:.4f}" if last_baseline is not None else "",
+            reference_label_y=f"{y(last_baseline) - 4:.1f}" if last_baseline is not None else "",
+            coverage=" ".join(f"{x(i):.1f},{share_y(c):.1f}" for i, c in covered),
+            ticks=[
+                {"value": f"{t:.3f}", "y": f"{y(t):.1f}", "label_y": f"{y(t) + 4:.1f}"}
+                for t in (lo, (lo + hi) / 2, hi)
+            ],
+        )
+    )  # fmt: skip
+
+
 def status(o: ModelOverview) -> tuple[str, str]:
     """(words, css class) for the summary table: the first thing that needs a person, or ok."""
     last_event = o.events[0] if o.events else None
@@ -483,6 +660,9 @@ def status(o: ModelOverview) -> tuple[str, str]:
         return f"last deployment {last_event.what} (v{last_event.version})", "failed"
     if o.drift and float(o.drift[-1].get("share") or 0.0) >= o.drift_threshold:
         return "drifted: retraining requested", "drifted"
+    live = live_of(o.drift[-1]) if o.drift else {}
+    if live.get("significant") and live.get("drop") is not None:
+        return f"live {live.get('metric') or o.metric} dropped by {float(live['drop']):.4f}", "drifted"
     if o.champion is None:
         return "no champion yet", "new"
     if o.files.get("waiting"):
@@ -496,9 +676,18 @@ def _view_model(o: ModelOverview, settings: Settings) -> dict[str, Any]:
         for check in reversed(o.drift[-8:])
     ]
     words, css = status(o)
+    recent_live = [
+        {**live_of(check), "end": (check.get("window") or {}).get("end")}
+        for check in reversed(o.drift[-8:])
+        if live_of(check)
+    ]
+    last_live = live_of(o.drift[-1]) if o.drift else {}
     return {
         "o": o,
         "champion_score": o.champion.evidence.get("challenger_score") if o.champion else None,
+        "live": last_live if last_live.get("value") is not None else None,
+        "live_chart": live_chart_svg(o.drift, o.metric),
+        "recent_live": recent_live,
         "last": o.versions[0] if o.versions else None,
         "drift_share": float(o.drift[-1].get("share") or 0.0) if o.drift else None,
         "status": words,
