@@ -9,6 +9,14 @@ from cd4ml.core.errors import SpecError
 from cd4ml.core.spec import CRON_PRESETS, load_spec, load_specs, parse_spec
 from tests.helpers import DEMO_SPEC, spec_dict
 
+# A regression spec from the demo's columns (overrides for `spec_dict`).
+REGRESSION = {
+    "task": "regression",
+    "target": "monthly_charges",
+    "metric": {"name": "mae"},
+    "features__numerical": ["age"],
+}
+
 
 def parse(raw: dict, name: str = "m") -> object:
     return parse_spec(yaml.safe_dump(raw), Path(f"specs/{name}.yaml"))
@@ -74,6 +82,48 @@ def test_spec_hash_is_stable_and_sensitive() -> None:
         ({"schedule__retrain_cron": "nightly"}, "schedule.retrain_cron", "cron"),
         ({"surprise": 1}, "surprise", "Extra inputs"),
         ({"notifications": {"email": ["not-an-address"]}}, "notifications.email", "not e-mail addresses"),
+        # business: a matrix for classification, a cost per unit of error for regression
+        ({"business": {"gate": True}}, "business.matrix", "needs matrix[actual][predicted]"),
+        ({"business": {"matrix": {1: {1: 40}, 0: {0: 0, 1: -10}}}}, "business.matrix", "('1', '0')"),
+        (
+            {"business": {"matrix": {1: {1: 40}, "1": {1: 3}}}},
+            "business.matrix",
+            "given twice, as 1 and as '1'",
+        ),
+        ({"business": {"matrix": {1: {1: "lots"}}}}, "business.matrix.1.1", "valid number"),
+        ({"business": {"matrix": {}}}, "business.matrix", "names no class"),
+        (
+            {"business": {"matrix": {1: {1: 1}}, "cost_per_unit": 2}},
+            "business.cost_per_unit",
+            "for regression",
+        ),
+        ({"business": {"matrix": {1: {1: 1}}, "gate": "sometimes"}}, "business.gate", "valid boolean"),
+        ({"business": {"matrix": {1: {1: 1}}, "currency": "EUR"}}, "business.currency", "Extra inputs"),
+        (
+            {**REGRESSION, "business": {"cost_per_unit_under": 3}},
+            "business.cost_per_unit_over",
+            "both cost_per_unit_under and cost_per_unit_over",
+        ),
+        (
+            {**REGRESSION, "business": {"matrix": {1: {1: 1}}}},
+            "business.matrix",
+            "is for classification",
+        ),
+        (
+            {**REGRESSION, "business": {"cost_per_unit": -1}},
+            "business.cost_per_unit",
+            "greater than or equal to 0",
+        ),
+        # feedback: a batch size validation would refuse is refused here
+        ({"feedback": {"to_training": "please"}}, "feedback.to_training", "valid boolean"),
+        ({"feedback": {"min_rows": 10}}, "feedback.min_rows", "below validation.min_rows (50)"),
+        (
+            {"feedback": {"max_rows": 500}, "validation__max_rows": 400},
+            "feedback.max_rows",
+            "above validation.max_rows",
+        ),
+        ({"feedback": {"min_rows": 100, "max_rows": 60}}, "feedback.max_rows", "no batch could be landed"),
+        ({"feedback": {"min_rows": 0}}, "feedback.min_rows", "greater than or equal to 1"),
     ],
 )
 def test_bad_spec_names_file_and_field(overrides: dict, field: str, words: str) -> None:
@@ -192,3 +242,49 @@ def test_accepted_schedules_are_what_airflow_runs() -> None:
         assert timetable.description, value  # Airflow can say when it runs
         info = timetable.next_dagrun_info(last_automated_data_interval=None, restriction=restriction)
         assert info is not None and info.run_after >= restriction.earliest, value
+
+
+# -- business value and feedback to training ---------------------------------------------------------
+
+
+def test_business_and_feedback_are_optional_and_change_no_existing_specs_hash() -> None:
+    """Specs without the new sections hash as before them: an upgrade retrains nothing by itself."""
+    import hashlib
+    import json
+
+    spec = load_spec(DEMO_SPEC)
+    assert spec.business is None and spec.feedback.to_training is False
+    before = spec.model_dump(mode="json", by_alias=True)
+    del before["business"], before["feedback"]
+    assert spec.spec_hash() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
+    assert parse(spec_dict(feedback={"to_training": True})).spec_hash() != spec.spec_hash()
+    assert (
+        parse(spec_dict(business={"matrix": {1: {1: 1, 0: 0}, 0: {1: 0, 0: 0}}})).spec_hash()
+        != spec.spec_hash()
+    )
+
+
+def test_a_business_matrix_reads_with_its_keys_as_text_and_the_feedback_sizes_follow_validation() -> None:
+    spec = parse(spec_dict(
+        business={"name": "retention margin", "unit": "EUR", "gate": True,
+                  "matrix": {1: {1: 40, 0: -200}, 0: {1: -10, 0: 0}}},
+        feedback={"to_training": True}, validation__max_rows=5000,
+    ))  # fmt: skip
+    business = spec.business
+    assert business is not None and business.gate and business.classes == ["0", "1"]
+    assert business.matrix == {"0": {"0": 0.0, "1": -10.0}, "1": {"0": -200.0, "1": 40.0}}
+    assert business.label == "retention margin (EUR per prediction)"
+    assert (spec.feedback_min_rows, spec.feedback_max_rows) == (50, 5000)  # validation's
+    own = parse(spec_dict(feedback={"to_training": True, "min_rows": 80, "max_rows": 1000}))
+    assert (own.feedback_min_rows, own.feedback_max_rows) == (80, 1000)
+    # The recorded spec (spec.yaml in MLflow) parses back to the same spec.
+    again = parse(spec.canonical())
+    assert again == spec and again.spec_hash() == spec.spec_hash()
+
+
+def test_regression_costs_per_unit_of_error() -> None:
+    raw = spec_dict(**REGRESSION)
+    symmetric = parse({**raw, "business": {"cost_per_unit": 2.5}}).business
+    assert symmetric is not None and (symmetric.under_cost, symmetric.over_cost) == (2.5, 2.5)
+    uneven = parse({**raw, "business": {"cost_per_unit_under": 4, "cost_per_unit_over": 1}}).business
+    assert uneven is not None and (uneven.under_cost, uneven.over_cost) == (4.0, 1.0)

@@ -364,6 +364,187 @@ class Notifications(_Strict):
         return value
 
 
+def label_text(value: Any) -> str:
+    """A class label as the business matrix compares it: the text `cd4ml.data.tables.category_text`
+    gives a categorical value (1, 1.0 and "1" are the class "1"; True is "True"), for the scalars
+    YAML writes. Copied, not imported: specs are parsed where pandas is not loaded."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    return str(value)
+
+
+def _text_keys(mapping: dict[Any, Any], where: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    spelled: dict[str, Any] = {}
+    for label, item in mapping.items():
+        if label is None:
+            raise ValueError(f"{where}a class cannot be null (an empty YAML key); write the class label")
+        key = label_text(label)
+        if key in out:
+            raise ValueError(f"{where}class {key!r} is given twice, as {spelled[key]!r} and as {label!r}")
+        out[key], spelled[key] = item, label
+    return out
+
+
+def _matrix_keys(value: Any) -> Any:
+    # YAML keys may be ints (0/1 targets), bools or text; they are compared as text (`label_text`),
+    # so `1:` and `"1":` name the same class (and together are refused as a repeat).
+    if not isinstance(value, dict):
+        return value
+    rows = _text_keys(value, "")
+    return {
+        actual: _text_keys(row, f"actual {actual!r}: ") if isinstance(row, dict) else row
+        for actual, row in rows.items()
+    }
+
+
+class Business(_Strict):
+    """A business value per prediction, reported next to the ML metric (`cd4ml.ml.business`).
+
+    Classification: `matrix[actual][predicted]` is the value of one prediction with that outcome
+    (a gain positive, a cost negative), e.g. a caught churner is worth a retention offer's margin
+    and a missed one costs the customer. Class labels are compared as text, as categorical values
+    are everywhere: `1:` and `"1":` are the class 1 whether labels arrive as ints or strings. Quote
+    `'yes'`/`'no'`/`'on'`/`'off'`: unquoted, YAML reads them as true/false. Every class must be
+    named (as an actual or a predicted key; `rare: {}` names one), and every pair of named classes
+    needs a value unless `default` gives the value of the pairs left out.
+
+    Regression: a cost per unit of absolute error, `cost_per_unit`, or asymmetric
+    `cost_per_unit_under` (prediction below the actual) and `cost_per_unit_over` (above); a side
+    left out costs `cost_per_unit`. The value of a prediction is minus its cost.
+
+    The business value of a set of predictions is the mean value per prediction, in `unit`.
+    With `gate: true` a challenger whose value on the holdout is below the champion's is rejected.
+    """
+
+    name: str = Field(default="business value", min_length=1, description="Shown next to the value.")
+    unit: str = Field(default="", description="The unit of one prediction's value, e.g. 'EUR'.")
+    matrix: dict[str, dict[str, float]] | None = Field(
+        default=None, description="Classification: value of each (actual, predicted) outcome."
+    )
+    default: float | None = Field(
+        default=None, description="Classification: value of a pair of named classes the matrix leaves out."
+    )
+    cost_per_unit: float | None = Field(default=None, ge=0.0)
+    cost_per_unit_under: float | None = Field(default=None, ge=0.0)
+    cost_per_unit_over: float | None = Field(default=None, ge=0.0)
+    gate: bool = Field(
+        default=False,
+        description="Reject a challenger whose business value on the holdout is below the champion's.",
+    )
+
+    _keys = field_validator("matrix", mode="before")(_matrix_keys)
+
+    @model_validator(mode="after")
+    def _complete(self) -> Business:
+        if self.matrix is None:
+            return self
+        classes = self.classes
+        if not classes:
+            raise ValueError(
+                f"{_FIELD}business.matrix: names no class; give matrix[actual][predicted] values"
+            )
+        if self.default is None:
+            missing = [(a, p) for a in classes for p in classes if p not in self.matrix.get(a, {})]
+            if missing:
+                shown = ", ".join(f"({a!r}, {p!r})" for a, p in missing[:6])
+                more = f" and {len(missing) - 6} more" if len(missing) > 6 else ""
+                raise ValueError(
+                    f"{_FIELD}business.matrix: no value for the (actual, predicted) pairs {shown}{more} "
+                    f"of the classes it names ({', '.join(map(repr, classes))}); give each a value or "
+                    "set business.default for the pairs left out"
+                )
+        return self
+
+    @property
+    def classes(self) -> list[str]:
+        """Every class the matrix names, as text, in the order written."""
+        names = dict.fromkeys(self.matrix or {})
+        for row in (self.matrix or {}).values():
+            names.update(dict.fromkeys(row))
+        return list(names)
+
+    def check_task(self, task: str) -> None:
+        """The fields of the spec's task only (raised as the field to change)."""
+        costs = {
+            "cost_per_unit": self.cost_per_unit,
+            "cost_per_unit_under": self.cost_per_unit_under,
+            "cost_per_unit_over": self.cost_per_unit_over,
+        }
+        given = [k for k, v in costs.items() if v is not None]
+        if task == "classification":
+            if given:
+                raise ValueError(
+                    f"{_FIELD}business.{given[0]}: a cost per unit of error is for regression; a "
+                    "classification spec gives business.matrix (value per actual/predicted outcome)"
+                )
+            if self.matrix is None:
+                raise ValueError(
+                    f"{_FIELD}business.matrix: a classification spec needs matrix[actual][predicted] "
+                    "values, e.g. {1: {1: 40, 0: -200}, 0: {1: -10, 0: 0}}"
+                )
+            return
+        for name in ("matrix", "default"):
+            if getattr(self, name) is not None:
+                raise ValueError(
+                    f"{_FIELD}business.{name}: is for classification; a regression spec gives "
+                    "business.cost_per_unit (or cost_per_unit_under and cost_per_unit_over)"
+                )
+        if self.cost_per_unit is None and (
+            self.cost_per_unit_under is None or self.cost_per_unit_over is None
+        ):
+            field = "cost_per_unit" if not given else ("cost_per_unit_over" if self.cost_per_unit_over is None
+                                                       else "cost_per_unit_under")  # fmt: skip
+            raise ValueError(
+                f"{_FIELD}business.{field}: a regression spec needs business.cost_per_unit, or both "
+                "cost_per_unit_under and cost_per_unit_over (the cost of one unit of absolute error)"
+            )
+
+    @property
+    def under_cost(self) -> float:
+        """Cost of one unit a prediction falls short of the actual (regression)."""
+        value = self.cost_per_unit_under if self.cost_per_unit_under is not None else self.cost_per_unit
+        return float(value or 0.0)
+
+    @property
+    def over_cost(self) -> float:
+        """Cost of one unit a prediction exceeds the actual (regression)."""
+        value = self.cost_per_unit_over if self.cost_per_unit_over is not None else self.cost_per_unit
+        return float(value or 0.0)
+
+    @property
+    def label(self) -> str:
+        """How the value is shown: its name and unit per prediction."""
+        return f"{self.name} ({self.unit} per prediction)" if self.unit else f"{self.name} (per prediction)"
+
+
+class Feedback(_Strict):
+    """Labelled served traffic as training data (`cd4ml.steps.feedback_batch`): opt-in.
+
+    With `to_training: true`, the monitor turns predictions whose outcome has been reported since
+    the last export (features from the prediction log, the outcome as the target) into one file in
+    landing/, which is validated and quarantined like any landed file.
+    """
+
+    to_training: bool = False
+    min_rows: int | None = Field(
+        default=None,
+        ge=1,
+        description="Rows a batch waits for before it is landed; unset: validation.min_rows.",
+    )
+    max_rows: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most rows in one batch (the rest wait for the next); unset: validation.max_rows.",
+    )
+
+
 class ModelSpec(_Strict):
     name: str
     description: str = ""
@@ -379,6 +560,8 @@ class ModelSpec(_Strict):
     schedule: Schedule = Field(default_factory=Schedule)
     drift: Drift = Field(default_factory=Drift)
     notifications: Notifications = Field(default_factory=Notifications)
+    business: Business | None = None
+    feedback: Feedback = Field(default_factory=Feedback)
     seed: int = 42
     owner: str = "cd4ml"
 
@@ -405,7 +588,39 @@ class ModelSpec(_Strict):
                 f"{self.task!r}; choose a {self.task} metric ({', '.join(_metrics_for(self.task))}) or "
                 f"set task: {metric_task}"
             )
+        if self.business is not None:
+            self.business.check_task(self.task)
+        self._feedback_rows()
         return self
+
+    def _feedback_rows(self) -> None:
+        low, high = self.validation.min_rows, self.validation.max_rows
+        wait, cap = self.feedback.min_rows, self.feedback.max_rows
+        if wait is not None and wait < low:
+            raise ValueError(
+                f"{_FIELD}feedback.min_rows: {wait} is below validation.min_rows ({low}): such a batch "
+                "would be quarantined for its size; leave it unset or raise it"
+            )
+        if cap is not None and high is not None and cap > high:
+            raise ValueError(
+                f"{_FIELD}feedback.max_rows: {cap} is above validation.max_rows ({high}): such a batch "
+                "would be quarantined for its size; leave it unset or lower it"
+            )
+        if cap is not None and cap < (wait or low):
+            raise ValueError(
+                f"{_FIELD}feedback.max_rows: {cap} is below the rows a batch waits for "
+                f"({wait or low}, feedback.min_rows or validation.min_rows); no batch could be landed"
+            )
+
+    @property
+    def feedback_min_rows(self) -> int:
+        """Rows a feedback batch waits for: `feedback.min_rows`, else `validation.min_rows`."""
+        return self.feedback.min_rows or self.validation.min_rows
+
+    @property
+    def feedback_max_rows(self) -> int | None:
+        """Most rows in one feedback batch: `feedback.max_rows`, else `validation.max_rows`."""
+        return self.feedback.max_rows or self.validation.max_rows
 
     @property
     def numerical(self) -> list[str]:
@@ -424,8 +639,21 @@ class ModelSpec(_Strict):
         """Every column a landed file must have."""
         return self.feature_names + [self.target] + ([self.timestamp] if self.timestamp else [])
 
+    def canonical(self) -> dict[str, Any]:
+        """The spec as parsed, as JSON-able data; what `spec_hash` hashes.
+
+        Sections added later are left out while they are absent or at their defaults, so a spec that
+        does not use them keeps its hash (and is not retrained for an upgrade that changes nothing).
+        """
+        out = self.model_dump(mode="json", by_alias=True)
+        if self.business is None:
+            del out["business"]
+        if self.feedback == Feedback():
+            del out["feedback"]
+        return out
+
     def spec_hash(self) -> str:
-        canonical = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
+        canonical = json.dumps(self.canonical(), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
