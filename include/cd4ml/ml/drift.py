@@ -131,9 +131,11 @@ class DriftSummary:
         return len(self.drifted_columns) / len(tested) if tested else 0.0
 
     def as_dict(self) -> dict[str, Any]:
+        # NaN is not JSON: a "no data" column carries a null score and threshold.
         columns = [
-            {**asdict(c), "score": None if math.isnan(c.score) else c.score} for c in self.columns
-        ]  # NaN is not JSON: "no data" columns carry a null score
+            {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(c).items()}
+            for c in self.columns
+        ]
         return {
             "share": self.share,
             "drifted_columns": self.drifted_columns,
