@@ -67,11 +67,23 @@ def test_nulls_are_ignored_by_the_distance_but_reported_as_missing_rate_rise() -
     assert summary.missing_rate_rise == {"y": 0.2}
 
 
-def test_small_references_use_evidently_directly() -> None:
+def test_small_references_get_evidentlys_p_value_tests() -> None:
     ref, cur = frame(500), frame(500, seed=1, shift=1.0)
     summary = dataset_drift(ref, cur, NUM, CAT)
     assert "x" in summary.drifted_columns
-    assert {c.method for c in summary.columns} != {"wasserstein", "jensenshannon"}  # p-value tests
+    assert {c.column: c.method for c in summary.columns} == {
+        "x": "ks", "y": "ks", "few": "chisquare", "c": "chisquare"
+    }  # fmt: skip
+    theirs = evidently_drift(ref, cur, NUM, CAT)
+    assert [(c.method, c.drifted) for c in theirs.columns] == [(c.method, c.drifted) for c in summary.columns]
+
+
+def test_the_choice_counts_non_null_reference_values_not_rows() -> None:
+    """1,500 rows of which 600 are null: 900 values, so a p-value test, as Evidently picks."""
+    ref, cur = frame(1500), frame(1500, seed=1)
+    ref.loc[ref.index[:600], ["x", "few", "c"]] = np.nan
+    methods = {c.column: c.method for c in dataset_drift(ref, cur, NUM, CAT).columns}
+    assert methods == {"x": "ks", "y": "wasserstein", "few": "chisquare", "c": "chisquare"}
 
 
 def test_sample_size_is_powered_and_capped() -> None:
