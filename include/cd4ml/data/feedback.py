@@ -39,6 +39,8 @@ REQUEST_ID, ROW, OUTCOME, LABELLED_AT, SOURCE = "request_id", "row", "outcome", 
 LABEL_COLUMNS = (REQUEST_ID, ROW, OUTCOME)
 MAX_REQUEST_ID = 256  # characters; a longer "id" is a payload pasted into the wrong field
 FILE_FORMAT = "columns request_id (text), outcome, optional row (integer >= 0); CSV (UTF-8) or Parquet"
+# Logged rows joined at once: the join's memory bound (~200 bytes a row for the demo's 9 features).
+JOIN_BATCH_ROWS = 2_000_000
 _seq = itertools.count(1)
 
 
@@ -187,8 +189,8 @@ def _write_part(paths: ModelPaths, table: pa.Table, *, source: str, received_at:
 
     at = received_at.astimezone(UTC)
     n = table.num_rows
-    table = table.append_column(LABELLED_AT, pa.array([at] * n, pa.timestamp("us", tz="UTC")))
-    table = table.append_column(SOURCE, pa.array([source] * n, pa.string()))
+    table = table.append_column(LABELLED_AT, pa.repeat(pa.scalar(at, pa.timestamp("us", tz="UTC")), n))
+    table = table.append_column(SOURCE, pa.repeat(pa.scalar(source, pa.string()), n))
     out_dir = paths.labels_day(at.date())
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"part-{time.time_ns()}-{os.getpid()}-{next(_seq):06d}.parquet"
@@ -305,22 +307,55 @@ def _quarantine(
 # -- reading ------------------------------------------------------------------------------------
 
 
+def _latest(paths: ModelPaths) -> tuple[pa.Table, pd.Series] | None:
+    """The labels that count, as join keys (`request_id`, `row`, `labelled_at`, `_label`) plus every
+    stored outcome (a Series indexed by `_label`), or None when there are none.
+
+    Outcomes stay out of the Arrow table: parts may type them differently (1 in one, "yes" in
+    another), which one Arrow column cannot hold but a pandas column can."""
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    parts = label_parts(paths)
+    if not parts:
+        return None
+    tables = [pq.read_table(p, columns=[REQUEST_ID, ROW, OUTCOME, LABELLED_AT]) for p in parts]
+    if len({t.schema.field(OUTCOME).type for t in tables}) == 1:
+        outcomes = pa.chunked_array([t[OUTCOME] for t in tables]).to_pandas()
+    else:
+        outcomes = pd.concat([t[OUTCOME].to_pandas().astype(object) for t in tables], ignore_index=True)
+    keys = pa.concat_tables([t.select([REQUEST_ID, ROW, LABELLED_AT]) for t in tables])
+    keys = keys.append_column("_label", pa.array(np.arange(keys.num_rows, dtype=np.int64)))
+    # Received last wins; parts are read oldest first and Arrow's sort is stable, so among labels
+    # received at the same instant the one written last wins.
+    keys = keys.take(pc.sort_indices(keys, sort_keys=[(LABELLED_AT, "ascending")]))
+    latest = keys.group_by([REQUEST_ID, ROW], use_threads=False).aggregate(
+        [("_label", "last"), (LABELLED_AT, "last")]
+    )
+    latest = pa.table({
+        REQUEST_ID: latest[REQUEST_ID], ROW: latest[ROW],
+        LABELLED_AT: latest[f"{LABELLED_AT}_last"], "_label": latest["_label_last"],
+    })  # fmt: skip
+    return latest, outcomes
+
+
 def latest_labels(paths: ModelPaths) -> pd.DataFrame:
     """One label per (request_id, row): the one received last (ties: the one written last)."""
     import pandas as pd
-    import pyarrow.parquet as pq
 
-    parts = sorted(paths.labels.glob(LABEL_PART_GLOB)) if paths.labels.is_dir() else []
-    if not parts:
+    found = _latest(paths)
+    if found is None:
         return pd.DataFrame(
             {REQUEST_ID: pd.Series(dtype=object), ROW: pd.Series(dtype="int64"),
              OUTCOME: pd.Series(dtype=object), LABELLED_AT: pd.Series(dtype="datetime64[us, UTC]")}
         )  # fmt: skip
-    # Per part, not one concatenated Arrow table: parts may type their outcomes differently.
-    frames = [pq.read_table(p, columns=[REQUEST_ID, ROW, OUTCOME, LABELLED_AT]).to_pandas() for p in parts]
-    labels = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    labels = labels.sort_values(LABELLED_AT, kind="stable")
-    return labels.drop_duplicates([REQUEST_ID, ROW], keep="last").reset_index(drop=True)
+    keys, outcomes = found
+    frame = keys.to_pandas()
+    frame[OUTCOME] = outcomes.iloc[frame.pop("_label").to_numpy()].to_numpy()
+    return frame[[REQUEST_ID, ROW, OUTCOME, LABELLED_AT]]
 
 
 def _days(paths: ModelPaths, since: datetime | None, until: datetime | None) -> list[Path]:
@@ -349,46 +384,73 @@ def _time_mask(table: pa.Table, since: datetime | None, until: datetime | None) 
     return mask
 
 
+def _read_day(parts: list[Path]) -> pa.Table:
+    """One day of the log as one table: parts may differ in columns (a new model version with
+    other features) and types; parts from before the `row` column get it from their position."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cd4ml.serving.predlog import with_row
+
+    tables = []
+    for part in parts:
+        table = pq.read_table(part)
+        if ROW not in table.column_names:
+            table = pa.Table.from_pandas(with_row(table.to_pandas()), preserve_index=False)
+        tables.append(table)
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
 def labelled_predictions(
     paths: ModelPaths, *, since: datetime | None = None, until: datetime | None = None
 ) -> pd.DataFrame:
     """One row per labelled (request_id, row) predicted in [since, until): the logged features,
     `prediction`, `model_version` (text), `request_id`, `row`, `ts` (prediction time, UTC),
-    `outcome`, `labelled_at`. A request id logged twice joins its latest prediction."""
+    `outcome`, `labelled_at`. A request id logged twice joins its latest prediction.
+
+    The join runs in Arrow (a hash join on (request_id, row)) over batches of whole days of the log
+    (`JOIN_BATCH_ROWS`), so memory holds one batch plus what matched, not the whole log."""
     import pandas as pd
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    from cd4ml.serving.predlog import with_row
-
-    labels = latest_labels(paths)
     tail = ["prediction", "model_version", REQUEST_ID, ROW, "ts", OUTCOME, LABELLED_AT]
-    if labels.empty:
+    found = _latest(paths)
+    if found is None:
         return pd.DataFrame(columns=tail)
-    wanted = pa.array(labels[REQUEST_ID].unique(), pa.string())
-    frames = []
+    keys, outcomes = found
+    by_day: dict[str, list[Path]] = {}
     for part in _days(paths, since, until):
-        table = pq.read_table(part)
-        mask = pc.is_in(table[REQUEST_ID], value_set=wanted)
-        time_mask = _time_mask(table, since, until)
-        if time_mask is not None:
-            mask = pc.and_(mask, time_mask)
-        if ROW not in table.column_names:
-            # Old parts: `row` is the position inside the request, known only before filtering.
-            frame = with_row(table.to_pandas())
-            frame = frame[mask.to_numpy(zero_copy_only=False)]
-        else:
-            frame = table.filter(mask).to_pandas()
-        if len(frame):
-            frames.append(frame)
-    if not frames:
+        by_day.setdefault(part.parent.name, []).append(part)
+    matched = []
+    pending: list[pa.Table] = []
+
+    def join_pending() -> None:
+        # One hash join per batch of days: each join builds its hash table from all the labels,
+        # so joining day by day would rebuild it every day.
+        if pending:
+            log = pa.concat_tables(pending, promote_options="permissive")
+            log = log.set_column(log.schema.get_field_index(ROW), ROW, log[ROW].cast(pa.int64()))
+            matched.append(log.join(keys, keys=[REQUEST_ID, ROW], join_type="inner"))
+            pending.clear()
+
+    for day in sorted(by_day):
+        table = _read_day(by_day[day])
+        mask = _time_mask(table, since, until)
+        pending.append(table if mask is None else table.filter(mask))
+        if sum(t.num_rows for t in pending) >= JOIN_BATCH_ROWS:
+            join_pending()
+    join_pending()
+    joined = pa.concat_tables(matched, promote_options="permissive") if matched else None
+    if joined is None or joined.num_rows == 0:
         return pd.DataFrame(columns=tail)
-    logged = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    logged = logged.sort_values("ts", kind="stable").drop_duplicates([REQUEST_ID, ROW], keep="last")
-    out = logged.merge(labels, on=[REQUEST_ID, ROW], how="inner", validate="one_to_one")
+    joined = joined.sort_by([("ts", "ascending"), (REQUEST_ID, "ascending"), (ROW, "ascending")])
+    out = joined.to_pandas()
+    if pc.count_distinct(joined["_label"]).as_py() < joined.num_rows:
+        # A request id logged more than once (a client reusing ids): its latest prediction joins.
+        out = out.drop_duplicates("_label", keep="last")
+    out[OUTCOME] = outcomes.iloc[out.pop("_label").to_numpy()].to_numpy()
     out["model_version"] = out["model_version"].astype(str)
-    out[ROW] = out[ROW].astype("int64")
     features = [c for c in out.columns if c not in tail]
     return out[features + tail].reset_index(drop=True)
 
