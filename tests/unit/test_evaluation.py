@@ -13,7 +13,7 @@ from sklearn.metrics import (
 )
 
 from cd4ml.core.spec import Promotion
-from cd4ml.ml.evaluation import decide, paired_bootstrap, score
+from cd4ml.ml.evaluation import BusinessValues, decide, paired_bootstrap, score
 
 RNG = np.random.default_rng(0)
 N = 2000
@@ -130,3 +130,66 @@ def test_single_class_holdout_cannot_be_judged() -> None:
     policy = POLICY.model_copy(update={"floor": None})
     d = decide("roc_auc", policy, y, GOOD[:100], WEAK[:100], champion_version="1", seed=1)
     assert not d.promote and "could be scored" in d.reason
+
+
+# -- the business gate: the value must not fall ------------------------------------------------------
+
+BETTER_ML = POLICY.model_copy(update={"floor": 0.5})
+
+
+def worth(challenger: float, champion: float | None, *, gate: bool = True) -> BusinessValues:
+    return BusinessValues("retention margin", "EUR", gate, challenger, champion)
+
+
+def test_a_better_metric_worth_less_to_the_business_is_rejected_when_the_gate_is_on() -> None:
+    d = decide("roc_auc", BETTER_ML, Y, GOOD, WEAK, champion_version="3", seed=1, business=worth(-12.5, -9.0))
+    assert not d.promote
+    assert d.reason.startswith(
+        "rejected: business metric retention margin -12.5000 EUR per prediction is below the champion's "
+        "-9.0000 EUR per prediction on the same holdout, and business.gate is true"
+    )
+    assert "(the ML metric alone: promoted: roc_auc improves" in d.reason
+    assert (d.challenger_business_value, d.champion_business_value) == (-12.5, -9.0)
+    assert (d.business_metric, d.business_unit, d.business_gate) == ("retention margin", "EUR", True)
+
+
+def test_without_the_gate_the_business_value_is_reported_and_decides_nothing() -> None:
+    d = decide(
+        "roc_auc",
+        BETTER_ML,
+        Y,
+        GOOD,
+        WEAK,
+        champion_version="3",
+        seed=1,
+        business=worth(-12.5, -9.0, gate=False),
+    )
+    assert d.promote and "business" not in d.reason
+    evidence = d.as_dict()
+    assert evidence["challenger_business_value"] == -12.5 and evidence["champion_business_value"] == -9.0
+    assert evidence["business_gate"] is False
+
+
+def test_a_value_that_does_not_fall_passes_the_gate_and_the_reason_says_so() -> None:
+    d = decide("roc_auc", BETTER_ML, Y, GOOD, WEAK, champion_version="3", seed=1, business=worth(-9.0, -9.0))
+    assert d.promote and d.reason.endswith(
+        "business metric retention margin -9.0000 EUR per prediction does not fall below the champion's "
+        "-9.0000 EUR per prediction (business.gate)"
+    )
+
+
+def test_a_rejected_challenger_worth_less_names_both_reasons() -> None:
+    d = decide("roc_auc", BETTER_ML, Y, WEAK, GOOD, champion_version="3", seed=1, business=worth(1.0, 2.0))
+    assert not d.promote and "does not exceed the minimum improvement" in d.reason
+    assert "; also business metric retention margin 1.0000 EUR per prediction is below" in d.reason
+
+
+def test_the_first_model_has_no_champion_value_to_fall_below() -> None:
+    d = decide("roc_auc", POLICY, Y, GOOD, None, champion_version=None, seed=1, business=worth(-50.0, None))
+    assert d.promote and "first model" in d.reason
+    assert d.challenger_business_value == -50.0 and d.champion_business_value is None
+
+
+def test_no_business_section_leaves_the_evidence_as_it_was() -> None:
+    d = decide("roc_auc", BETTER_ML, Y, GOOD, WEAK, champion_version="3", seed=1)
+    assert d.business_metric is None and d.challenger_business_value is None and d.business_gate is None

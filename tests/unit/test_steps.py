@@ -1,6 +1,7 @@
 """The step records and the one step order, without MLflow: XCom round trips, the shapes the UI and
 notifications read, and how `run_steps` applies the DAG's gate and error policy (with small fake
-steps where only the driver is under test)."""
+steps where only the driver is under test). The business gate's last test runs the steps against a
+real MLflow server (`run_training`, as `cd4ml train` does), to see the evidence recorded there."""
 
 from __future__ import annotations
 
@@ -41,6 +42,13 @@ DECISION = Decision(
     challenger_score=0.81, champion_score=None, champion_version=None, difference=None, ci_low=None,
     ci_high=None, confidence=0.95, min_improvement=0.0, floor=0.6, n=300, resamples=1000,
 )  # fmt: skip
+DECISION_WITH_BUSINESS = Decision(
+    promote=False, reason="rejected: business metric margin ...", metric="roc_auc", direction="maximize",
+    challenger_score=0.84, champion_score=0.81, champion_version="2", difference=0.03, ci_low=0.01,
+    ci_high=0.05, confidence=0.95, min_improvement=0.0, floor=0.6, n=300, resamples=1000,
+    business_metric="margin", business_unit="EUR", business_gate=True, challenger_business_value=-12.5,
+    champion_business_value=-9.0,
+)  # fmt: skip
 RECORDS = [
     Collected(
         (LandedFile("/d/landing/a.csv", "a.csv", "ab" * 32, 10),),
@@ -63,6 +71,7 @@ RECORDS = [
     RunOutcome("manual__1", "manual: test", True, "no champion yet"),
     Challenger("run1", "models:/m-1", "7", 0.81),
     Evaluation(DECISION),
+    Evaluation(DECISION_WITH_BUSINESS),
     Registration("3", "run1"),
     Promotion(True, "3", "better", "2"),
     Promotion(True, "1", "first model", None),
@@ -312,3 +321,92 @@ def test_only_the_deploy_task_looks_up_the_service_connection() -> None:
 
     assert SERVICE_STEP in [s.name for s in TRAINING_STEPS]
     assert SERVICE_STEP == TRAINING_STEPS[-1].name  # the rollout: the one step that calls the service
+
+
+# -- the business value of both models on the holdout ---------------------------------------------------
+
+
+def test_both_models_business_values_on_the_same_holdout_go_into_the_evidence(workspace: Path) -> None:
+    """`evaluate_against_champion`'s business part with real fitted models (no MLflow needed): each
+    model valued on the labels it predicts for the holdout, both in the decision it records."""
+    from cd4ml.ml import training
+    from cd4ml.ml.business import business_value
+    from cd4ml.ml.evaluation import decide
+    from tests.helpers import WEAK
+
+    matrix = {1: {1: 40, 0: -200}, 0: {1: -10, 0: 0}}
+    spec = load_spec(write_spec(
+        workspace / "specs", "biz", estimator=LOGREG,
+        business={"name": "margin", "unit": "EUR", "gate": True, "matrix": matrix},
+    ))  # fmt: skip
+    frame = generate_churn(900, seed=4)
+    train, holdout = frame.iloc[:600], frame.iloc[600:].reset_index(drop=True)
+    challenger = training.train(spec, train)
+    champion = training.train(
+        spec.model_copy(update={"estimator": spec.estimator.model_validate(WEAK)}), train
+    )
+    values = pipeline.holdout_business_values(spec, holdout, challenger, champion)
+    assert values is not None and (values.name, values.unit, values.gate) == ("margin", "EUR", True)
+    x = training.features(spec, holdout)
+    assert values.challenger == business_value(spec, holdout["churned"], challenger.predict(x))
+    # The prior-only champion never flags a churner: every churner is lost (-200 each).
+    assert values.champion == pytest.approx(-200 * holdout["churned"].mean())
+    assert values.challenger > values.champion
+
+    decision = decide(
+        spec.metric.name, spec.promotion, holdout["churned"].to_numpy(),
+        training.metric_inputs(spec, challenger, holdout), training.metric_inputs(spec, champion, holdout),
+        champion_version="1", seed=spec.seed, business=values,
+    )  # fmt: skip
+    evidence = Evaluation(decision).to_xcom()
+    assert evidence["challenger_business_value"] == values.challenger
+    assert evidence["champion_business_value"] == values.champion and evidence["business_metric"] == "margin"
+    # No business section: nothing computed, nothing recorded.
+    plain = load_spec(write_spec(workspace / "specs", "plain", estimator=LOGREG))
+    assert pipeline.holdout_business_values(plain, holdout, challenger, champion) is None
+
+
+def test_the_business_gate_rejects_a_better_scoring_challenger_worth_less_and_mlflow_records_why(
+    workspace: Path, mlflow_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every retention offer costs 100 and earns nothing: a prior-only champion (never flags anyone)
+    is worth 0 per prediction, a logistic regression (better roc_auc, flags some) less than that."""
+    import uuid
+
+    from cd4ml import registry
+    from cd4ml.core.settings import get_settings
+    from cd4ml_dev.datagen import write_batch
+    from tests.helpers import WEAK
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    name = f"biz_{uuid.uuid4().hex[:8]}"
+    business = {
+        "name": "offer cost",
+        "unit": "EUR",
+        "gate": True,
+        "matrix": {1: {1: -100, 0: 0}, 0: {1: -100, 0: 0}},
+    }
+
+    def train(estimator: dict[str, Any], batch: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        spec = load_spec(write_spec(workspace / "specs", name, estimator=estimator, business=business,
+                                    promotion__floor=None))  # fmt: skip
+        zone = pipeline.zone_for(spec, get_settings())
+        write_batch(generate_churn(300, seed=batch, batch=batch), zone.landing, f"week{batch}.csv")
+        out = pipeline.run_training(
+            spec, get_settings(), run_id=f"r{batch}", run_time=RUN.run_time, deploy=False
+        )
+        client = registry.client(get_settings().mlflow_tracking_uri)
+        evidence = registry.read_evidence(client, name, out["version"]).decision
+        return out, evidence
+
+    first, evidence = train(WEAK, 0)
+    assert first["promoted"] is True and evidence["challenger_business_value"] == 0.0
+    assert evidence["champion_business_value"] is None and evidence["business_gate"] is True
+    second, evidence = train(LOGREG, 1)
+    assert evidence["challenger_score"] > evidence["champion_score"]  # the ML metric alone would promote
+    assert second["promoted"] is False
+    assert evidence["challenger_business_value"] < evidence["champion_business_value"] == 0.0
+    assert (
+        second["why"].startswith("rejected: business metric offer cost -")
+        and "business.gate is true" in second["why"]
+    )

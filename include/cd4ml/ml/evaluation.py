@@ -22,7 +22,7 @@ Every metric equals scikit-learn's on unweighted data, with these choices for mu
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -354,6 +354,18 @@ def _bootstrap(
 
 
 @dataclass(frozen=True)
+class BusinessValues:
+    """Both models' business value on the same holdout (`cd4ml.ml.business`): mean value per
+    prediction in `unit`, higher is better; `gate` is the spec's `business.gate`."""
+
+    name: str
+    unit: str
+    gate: bool
+    challenger: float
+    champion: float | None = None
+
+
+@dataclass(frozen=True)
 class Decision:
     promote: bool
     reason: str
@@ -372,9 +384,54 @@ class Decision:
     resamples: int
     average: str | None = None
     classes: int | None = None
+    # The spec's business metric on the same holdout (all None when the spec has no business section).
+    business_metric: str | None = None
+    business_unit: str | None = None
+    business_gate: bool | None = None
+    challenger_business_value: float | None = None
+    champion_business_value: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _business_fields(business: BusinessValues | None) -> dict[str, Any]:
+    if business is None:
+        return {}
+    return dict(
+        business_metric=business.name,
+        business_unit=business.unit,
+        business_gate=business.gate,
+        challenger_business_value=business.challenger,
+        champion_business_value=business.champion,
+    )
+
+
+def _business_verdict(decision: Decision, business: BusinessValues | None) -> Decision:
+    """With `business.gate`, a challenger worth less than the champion on the same holdout is rejected,
+    whatever its ML metric says; the reason names the business metric, both values and the setting."""
+    if business is None or not business.gate or business.champion is None:
+        return decision
+    if business.challenger >= business.champion:
+        if decision.promote:
+            return replace(decision, reason=(
+                f"{decision.reason}; business metric {business.name} {_money(business.challenger, business)} "
+                f"does not fall below the champion's {_money(business.champion, business)} (business.gate)"
+            ))  # fmt: skip
+        return decision
+    fall = (
+        f"business metric {business.name} {_money(business.challenger, business)} is below the "
+        f"champion's {_money(business.champion, business)} on the same holdout, and business.gate is true"
+    )
+    if decision.promote:
+        return replace(
+            decision, promote=False, reason=f"rejected: {fall} (the ML metric alone: {decision.reason})"
+        )
+    return replace(decision, reason=f"{decision.reason}; also {fall}")
+
+
+def _money(value: float, business: BusinessValues) -> str:
+    return f"{value:.4f} {business.unit} per prediction" if business.unit else f"{value:.4f} per prediction"
 
 
 def _meets_floor(name: str, value: float, floor: float | None) -> bool:
@@ -393,11 +450,34 @@ def decide(
     champion_version: str | None,
     seed: int,
     average: str | None = None,
+    business: BusinessValues | None = None,
 ) -> Decision:
     """Promote only if the challenger meets the floor and, when there is a champion, the lower bound
     of the one-sided confidence interval of (challenger - champion) exceeds `min_improvement`.
 
-    Both models are scored over the same classes (theirs and the holdout's) with the same average."""
+    Both models are scored over the same classes (theirs and the holdout's) with the same average.
+    `business` (both models' business value on the same holdout) is recorded in the decision; with
+    its `gate`, a challenger worth less than the champion is rejected too (a point comparison: the
+    value must not fall, a tie passes)."""
+    return _business_verdict(
+        _decide(metric, policy, y_true, challenger, champion, champion_version=champion_version, seed=seed,
+                average=average, extra=_business_fields(business)),
+        business,
+    )  # fmt: skip
+
+
+def _decide(
+    metric: str | Metric,
+    policy: Promotion,
+    y_true: Array,
+    challenger: ScoresLike,
+    champion: ScoresLike | None,
+    *,
+    champion_version: str | None,
+    seed: int,
+    average: str | None,
+    extra: dict[str, Any],
+) -> Decision:
     name, y, universe, avg = _prepare(metric, y_true, [challenger, champion], average)
     n = len(y)
     ones = np.ones((1, n))
@@ -413,6 +493,7 @@ def decide(
         n=n,
         average=avg,
         classes=len(universe) or None,
+        **extra,
     )
     if n < policy.min_holdout_rows:
         return Decision(

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cd4ml.core import lineage
 from cd4ml.core.errors import DataError, DataReadError, TrainingError, is_transient
@@ -37,6 +37,9 @@ from cd4ml.steps.contracts import (
     TrainingGate,
     Validated,
 )
+
+if TYPE_CHECKING:  # numpy and pandas behind it: the DAG files import this module at parse time
+    from cd4ml.ml.evaluation import BusinessValues
 
 log = logging.getLogger(__name__)
 
@@ -502,6 +505,7 @@ def evaluate_against_champion(
     challenger_scores = training.metric_inputs(spec, challenger_model, holdout)
     champion = registry.version_by_alias(mlflow_client, spec.name, registry.CHAMPION)
     champion_scores = None
+    champion_model = None
     if champion is not None:
         champion_model = registry.load_model(
             settings.mlflow_tracking_uri, f"models:/{spec.name}/{champion.version}"
@@ -510,18 +514,53 @@ def evaluate_against_champion(
     decision = decide(
         spec.metric.name, spec.promotion, y, challenger_scores, champion_scores,
         champion_version=champion.version if champion else None, seed=spec.seed,
+        business=holdout_business_values(spec, holdout, challenger_model, champion_model),
     )  # fmt: skip
     evidence = decision.as_dict()
+    optional = {
+        "champion_score": decision.champion_score,
+        "ci_low": decision.ci_low,
+        "challenger_business_value": decision.challenger_business_value,
+        "champion_business_value": decision.champion_business_value,
+    }
     with mlflow.start_run(run_id=challenger.run_id):
         mlflow.log_metrics({
             "challenger_score": decision.challenger_score,
-            **({"champion_score": decision.champion_score} if decision.champion_score is not None else {}),
-            **({"ci_low": decision.ci_low} if decision.ci_low is not None else {}),
+            **{key: value for key, value in optional.items() if value is not None},
         })  # fmt: skip
         mlflow.log_dict(evidence, "decision.json")
         mlflow.set_tag("cd4ml.decision", "promote" if decision.promote else "reject")
     log.info("decision: %s", decision.reason)
     return Evaluation(decision)
+
+
+def holdout_business_values(
+    spec: ModelSpec, holdout: Any, challenger_model: Any, champion_model: Any | None
+) -> BusinessValues | None:
+    """Both models' business value (`cd4ml.ml.business`) on the same holdout, from the labels (or
+    values) each predicts, as the service would serve them; None when the spec has no business section."""
+    from cd4ml.ml import training
+    from cd4ml.ml.business import business_value
+    from cd4ml.ml.evaluation import BusinessValues
+
+    if spec.business is None:
+        return None
+    y = holdout[spec.target].to_numpy()
+    x = training.features(spec, holdout)
+
+    def value(model: Any) -> float:
+        found = business_value(spec, y, model.predict(x))
+        if found is None:  # an empty holdout: build_datasets never makes one
+            raise DataError(f"{spec.name}: the holdout has no rows to compute {spec.business.name!r} on")
+        return found
+
+    return BusinessValues(
+        name=spec.business.name,
+        unit=spec.business.unit,
+        gate=spec.business.gate,
+        challenger=value(challenger_model),
+        champion=value(champion_model) if champion_model is not None else None,
+    )
 
 
 # -- register and promote --------------------------------------------------------------------------
@@ -607,7 +646,7 @@ def spec_text(spec: ModelSpec) -> str:
     """The spec as parsed (what `spec_hash` hashes), as YAML: the file may have changed since."""
     import yaml
 
-    return yaml.safe_dump(spec.model_dump(mode="json", by_alias=True), sort_keys=False)
+    return yaml.safe_dump(spec.canonical(), sort_keys=False)
 
 
 def promote_champion(
