@@ -107,7 +107,7 @@ class _Receiver:
 class OtlpHttpReceiver(_Receiver):
     """OTLP/HTTP: `POST /v1/traces`, binary protobuf. `endpoint` is the base URL (no path)."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         super().__init__()
         receiver = self
 
@@ -138,7 +138,7 @@ class OtlpHttpReceiver(_Receiver):
             def log_message(self, format: str, *args: Any) -> None:
                 return None  # quiet: a test's output is its assertions
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)  # port 0: a free one
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self.endpoint = f"http://127.0.0.1:{self.port}"
@@ -196,3 +196,24 @@ def by_name(spans: list[ReceivedSpan]) -> dict[str, list[ReceivedSpan]]:
 
 def children(spans: list[ReceivedSpan], parent: ReceivedSpan) -> Iterator[ReceivedSpan]:
     return (s for s in spans if s.parent_span_id == parent.span_id and s.trace_id == parent.trace_id)
+
+
+def main() -> None:
+    """`python -m tests.support.otlp`: an OTLP/HTTP receiver in a process of its own (benchmarks).
+
+    Prints its port, then serves until SIGTERM or SIGINT, and prints `{"spans": n, "requests": m}`.
+    """
+    import json
+    import signal
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with OtlpHttpReceiver() as receiver:
+        print(receiver.port, flush=True)
+        stop.wait()
+    print(json.dumps({"spans": len(receiver.spans), "requests": receiver.requests}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -3,7 +3,7 @@
 POST /v1/models/{model}/predict   dataframe_split | dataframe_records | instances | plain records
 GET  /v1/models, /v1/models/{model}   what is served: version, run id, champion since, fingerprint
 GET  /health/live, /health/ready  (ready = every spec'd model has a champion loaded)
-GET  /metrics                     Prometheus
+GET  /metrics                     Prometheus (the service's counters, plus process, platform and GC)
 POST /admin/reload                check MLflow now (Bearer token: CD4ML_SERVICE_ADMIN_TOKEN)
 
 MLflow scoring protocol (what `mlflow models serve` answers; the model by header or path prefix):
@@ -12,7 +12,8 @@ Open Inference Protocol v2 REST (KServe, Triton, MLServer clients):
 GET  /v2, /v2/health/live, /v2/health/ready, /v2/models/{model}[/versions/{version}][/ready]
 POST /v2/models/{model}[/versions/{version}]/infer
 
-Every protocol goes through `score`: the same validation, prediction log rows and metrics.
+Every protocol goes through `score`: the same validation, prediction log rows and metrics, and
+the same OpenTelemetry spans when the OTEL_* variables name an endpoint (`cd4ml.serving.tracing`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import contextlib
 import hmac
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -35,7 +37,10 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     generate_latest,
 )
 from starlette.concurrency import run_in_threadpool
@@ -46,6 +51,17 @@ from cd4ml.serving.models import ModelStore, Slot
 from cd4ml.serving.payload import PayloadError, Problem, check
 from cd4ml.serving.predlog import Entry, PredictionLog
 from cd4ml.serving.protocols import MLFLOW, MODEL_HEADER, NATIVE, OIP, Protocol, choose_model, oip_metadata
+from cd4ml.serving.tracing import (
+    LOG,
+    NO_TRACE,
+    PARSE,
+    PREDICT,
+    REQUEST_ID,
+    ROWS,
+    NoTrace,
+    RequestTrace,
+    ServiceTracing,
+)
 
 log = logging.getLogger(__name__)
 INLINE_ROWS = 16  # small requests predict on the event loop; larger ones in the thread pool
@@ -97,6 +113,11 @@ class Metrics:
             "cd4ml_prediction_log_dropped_rows", "Rows not logged (queue full)", registry=r
         )
         self.log_written = Gauge("cd4ml_prediction_log_written_rows", "Rows written to the log", registry=r)
+        # The standard process_* (memory, CPU, open files), python_info and python_gc_* series, as on
+        # prometheus_client's default registry; this registry is the service's own, so they are added.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
 
 
 def _error(status: int, message: str, problems: list[Problem] | None = None) -> JSONResponse:
@@ -146,9 +167,15 @@ def _mlflow_version() -> str:
     return found if found != "unknown" else _package_version("mlflow-skinny")
 
 
-def create_app(settings: Settings | None = None, config: ServiceConfig | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    config: ServiceConfig | None = None,
+    tracing: ServiceTracing | None = None,
+) -> FastAPI:
     settings = settings or get_settings()
     config = config or ServiceConfig.from_settings(settings)
+    # Off (no tracer provider) unless an OTLP endpoint is set; a bad OTEL_* value fails here, at start.
+    tracing = tracing or ServiceTracing.from_env(os.environ)
     metrics = Metrics()
 
     def on_event(model: str, version: str, outcome: str) -> None:
@@ -174,12 +201,14 @@ def create_app(settings: Settings | None = None, config: ServiceConfig | None = 
         yield
         store.stop()
         predlog.close()  # every queued prediction reaches disk on a clean shutdown
+        await run_in_threadpool(tracing.shutdown)  # and every finished span reaches the collector
         limits.restore_original_limits()
 
     app = FastAPI(title="cd4ml prediction service", version="1", lifespan=lifespan)
     app.state.store = store
     app.state.predlog = predlog
     app.state.metrics = metrics
+    app.state.tracing = tracing
     app.include_router(
         feedback_router(settings, max_body_bytes=config.max_body_bytes, max_rows=config.max_rows,
                         predlog=predlog, registry=metrics.registry)
@@ -257,6 +286,24 @@ def create_app(settings: Settings | None = None, config: ServiceConfig | None = 
 
     async def score(request: Request, model: str, protocol: Protocol, version: str | None = None) -> Response:
         """Every protocol's prediction: read, parse (protocol), validate, predict, log, count, answer."""
+        if not tracing.enabled:
+            return await _score(request, model, protocol, version, NO_TRACE)
+        route = request.scope.get("route")
+        path = request.scope["path"]
+        rt = tracing.start(
+            request.method, getattr(route, "path", path), path, request.headers, model, protocol.name
+        )
+        try:
+            response = await _score(request, model, protocol, version, rt)
+        except BaseException as err:  # recorded on the spans, then raised on: FastAPI answers 500
+            rt.fail(err)
+            raise
+        response.headers.update(rt.finish(response.status_code))
+        return response
+
+    async def _score(
+        request: Request, model: str, protocol: Protocol, version: str | None, rt: RequestTrace | NoTrace
+    ) -> Response:
         started = time.perf_counter()
         slot = find_slot(model, version, protocol)
         if isinstance(slot, JSONResponse):
@@ -267,6 +314,7 @@ def create_app(settings: Settings | None = None, config: ServiceConfig | None = 
                     "_unknown" if model not in store.known_models else model, "unknown_model"
                 ).inc()
             return slot
+        rt.serving(model, slot.version)
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > config.max_body_bytes:
             metrics.errors.labels(model, "too_large").inc()
@@ -285,6 +333,7 @@ def create_app(settings: Settings | None = None, config: ServiceConfig | None = 
                 f"body larger than {config.max_body_bytes} bytes",
                 [Problem("body", "too large")],
             )
+        rt.begin(PARSE)
         try:
             body = protocol.decode(raw, request.headers)
         except PayloadError as err:
@@ -313,14 +362,19 @@ def create_app(settings: Settings | None = None, config: ServiceConfig | None = 
             return _failure(
                 protocol, 400, "body is nested too deeply", [Problem("body", "nested too deeply")]
             )
+        rt.set(ROWS, len(rows))
+        rt.begin(PREDICT, rows=len(rows))
         if len(rows) <= INLINE_ROWS:
             out = slot.predict(rows)
         else:
             out = await run_in_threadpool(slot.predict, rows)
         request_id = parsed.request_id or request.headers.get("x-request-id") or uuid.uuid4().hex
+        rt.set(REQUEST_ID, request_id)
         if config.log_predictions and request.headers.get("x-cd4ml-purpose") != "smoke-test":
+            rt.begin(LOG, rows=len(rows))
             predlog.put(Entry(model, slot.version, time.time(), request_id, slot.schema.columns, rows,
                               out["predictions"]))  # fmt: skip
+        rt.end()
         metrics.requests.labels(model, slot.version, "200").inc()
         metrics.rows.labels(model, slot.version).inc(len(rows))
         metrics.latency.labels(model, slot.version).observe(time.perf_counter() - started)

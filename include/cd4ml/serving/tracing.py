@@ -139,6 +139,9 @@ class ServiceTracing:
         self.provider = provider
         self.export = export
         self._tracer = provider.get_tracer("cd4ml.serving") if provider is not None else None
+        # The headers the configured propagators read (OTEL_PROPAGATORS; default traceparent,
+        # tracestate, baggage): most requests carry none, and then extracting is skipped.
+        self._fields = tuple(propagate.get_global_textmap().fields)
 
     @property
     def enabled(self) -> bool:
@@ -167,7 +170,8 @@ class ServiceTracing:
             return NO_TRACE
         span = self._tracer.start_span(
             f"{method} {route}",
-            context=propagate.extract(headers),  # the client's traceparent, if it sent one
+            # The client's span as parent, when it sent a traceparent.
+            context=propagate.extract(headers) if any(f in headers for f in self._fields) else None,
             kind=SpanKind.SERVER,
             attributes={"http.request.method": method, "http.route": route, "url.path": path,
                         MODEL: model, PROTOCOL: protocol},
