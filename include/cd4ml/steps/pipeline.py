@@ -543,7 +543,8 @@ def holdout_business_values(
     from cd4ml.ml.business import business_value
     from cd4ml.ml.evaluation import BusinessValues
 
-    if spec.business is None:
+    business = spec.business
+    if business is None:
         return None
     y = holdout[spec.target].to_numpy()
     x = training.features(spec, holdout)
@@ -551,13 +552,13 @@ def holdout_business_values(
     def value(model: Any) -> float:
         found = business_value(spec, y, model.predict(x))
         if found is None:  # an empty holdout: build_datasets never makes one
-            raise DataError(f"{spec.name}: the holdout has no rows to compute {spec.business.name!r} on")
+            raise DataError(f"{spec.name}: the holdout has no rows to compute {business.name!r} on")
         return found
 
     return BusinessValues(
-        name=spec.business.name,
-        unit=spec.business.unit,
-        gate=spec.business.gate,
+        name=business.name,
+        unit=business.unit,
+        gate=business.gate,
         challenger=value(challenger_model),
         champion=value(champion_model) if champion_model is not None else None,
     )
