@@ -152,22 +152,11 @@ def _finite(series: pd.Series) -> NDArray[np.float64]:
     return values[np.isfinite(values)]
 
 
-def _present(series: pd.Series) -> pd.Series:
-    """The values Evidently tests: nulls and ±inf dropped (`replace([-inf, inf], nan).dropna()`)."""
-    values = series.dropna()
-    if pd.api.types.is_float_dtype(values.dtype):
-        return values[np.isfinite(values.to_numpy(dtype=float))]
-    if not pd.api.types.is_numeric_dtype(values.dtype):  # object / category: an inf may hide inside
-        infinite = values.isin([np.inf, -np.inf])
-        if infinite.any():
-            return values[~infinite]
-    return values
-
-
-def _counts(values: pd.Series) -> pd.Series:
-    """Occurrences per observed value (a pandas Categorical also lists categories it never uses)."""
-    counts = values.value_counts(sort=False)
-    counts = counts[counts > 0]
+def _value_counts(series: pd.Series) -> pd.Series:
+    """Occurrences per value, without nulls and ±inf: the values Evidently tests
+    (`replace([-inf, inf], nan).dropna()`), counted once instead of copied first."""
+    counts = series.value_counts(sort=False)  # nulls are not counted
+    counts = counts[(counts > 0) & ~counts.index.isin([np.inf, -np.inf])]  # a Categorical lists unused values
     if isinstance(counts.index, pd.CategoricalIndex):
         counts.index = pd.Index(np.asarray(counts.index, dtype=object))
     return counts
@@ -214,10 +203,10 @@ def _distinct_sorted(values: NDArray[np.float64]) -> NDArray[np.float64]:
 
 
 def jensenshannon_frequencies(reference: pd.Series, current: pd.Series) -> float:
-    """JS distance of value frequencies (Evidently's binning for categorical / few-valued columns);
-    the series hold no nulls."""
-    ref, cur = _aligned(_counts(reference), _counts(current))
-    return float(distance.jensenshannon(ref / len(reference), cur / len(current)))
+    """JS distance of value frequencies (Evidently's binning for categorical / few-valued columns),
+    nulls left out."""
+    ref, cur = _aligned(_value_counts(reference), _value_counts(current))
+    return float(distance.jensenshannon(ref / ref.sum(), cur / cur.sum()))
 
 
 def _z_test(ref_counts: pd.Series, cur_counts: pd.Series, n_ref: int, n_cur: int) -> float:
@@ -260,7 +249,7 @@ def _no_data(
 
 def no_data_reason(reference: pd.Series, current: pd.Series, kind: str) -> str:
     """Why a column cannot be tested (all null on a side), or "" when it can."""
-    count = (lambda s: int(_finite(s).size)) if kind == "num" else (lambda s: len(_present(s)))
+    count = (lambda s: int(_finite(s).size)) if kind == "num" else (lambda s: int(_value_counts(s).sum()))
     n_ref, n_cur = count(reference), count(current)
     if n_ref and n_cur:
         return ""
@@ -283,13 +272,13 @@ def column_drift(name: str, reference: pd.Series, current: pd.Series, kind: str)
         else:
             score = _discrete_score(test, _array_counts(ref), _array_counts(cur), ref.size, cur.size)
     else:
-        ref_s, cur_s = _present(reference), _present(current)
-        if ref_s.empty or cur_s.empty:
-            return _no_data(name, kind, len(ref_s), len(cur_s), reference, current)
-        ref_counts, cur_counts = _counts(ref_s), _counts(cur_s)
+        ref_counts, cur_counts = _value_counts(reference), _value_counts(current)
+        n_ref, n_cur = int(ref_counts.sum()), int(cur_counts.sum())
+        if not n_ref or not n_cur:
+            return _no_data(name, kind, n_ref, n_cur, reference, current)
         distinct = len(ref_counts.index.union(cur_counts.index, sort=False))
-        test = default_stattest(kind, reference_values=len(ref_s), distinct_values=distinct)
-        score = _discrete_score(test, ref_counts, cur_counts, len(ref_s), len(cur_s))
+        test = default_stattest(kind, reference_values=n_ref, distinct_values=distinct)
+        score = _discrete_score(test, ref_counts, cur_counts, n_ref, n_cur)
     return ColumnDrift(name, kind, test.name, score, test.threshold, test.drifted(score))
 
 
