@@ -268,6 +268,7 @@ def live_check(
             "high": high if high is not None else (value + 0.02 if value is not None else None),
             "drop": (baseline - value) if value is not None else None, "significant": significant,
             "coverage": coverage, "labelled_rows": 400, "served_rows": 1000, "business_value": 1.25,
+            "business_baseline": 2.0,
             "reason": f"live roc_auc {value}"}  # fmt: skip
     return {"share": 0.1, "window": {"end": end}, "decision": {"drift": significant}, "live": live}
 
@@ -307,7 +308,7 @@ def test_the_models_view_shows_the_live_metric_next_to_drift_with_a_drop_as_the_
     assert charts.index("drift share over time") < charts.index("live roc_auc over time")
     assert "live roc_auc dropped by 0.1500" in page  # the status a person acts on
     live = page[page.index("<table class='live'>") :].split("</table>")[0]
-    assert "margin (EUR per prediction)" in live and "1.2500" in live
+    assert "margin (EUR per prediction)" in live and "1.2500 (2.0000 at promotion)" in live
     assert "0.7000 [0.6800, 0.7200]" in live and "(significant)" in live and "40%" in live
     assert live.index("2026-11-02T00:00:00") < live.index("t1")  # newest first
     summary = page[page.index("<table class='summary'>") :].split("</table>")[0]

@@ -8,19 +8,49 @@ current    what the prediction service received since the last check; when there
 verdicts   `cd4ml.ml.drift` on the full data; the Evidently report on a seeded, stratified sample
 decision   `cd4ml.ml.drift.decide_drift` (threshold, performance drop, min rows, cooldown)
 
-State (last window end, last retrain trigger, history) lives in `<data>/<model>/monitor/`.
+Live performance: the champion's primary metric on labelled served traffic (ground truth sent back
+by request id, `cd4ml.data.feedback`). Labels arrive late -- hours or days after the prediction --
+so a check cannot judge "the traffic since the last check". The live window of a check ending at
+`end` is instead:
+
+  * the champion version's predictions made in the trailing LIVE_WINDOW_HOURS before `end`
+    (`ts` in [end - LIVE_WINDOW_HOURS, end), as `feedback.labelled_predictions` reads them),
+  * that have a label received by `end` (`labelled_at <= end`: re-running a past check gives the
+    same answer, and a label that arrives later joins the next check's window as long as its
+    prediction is still inside it);
+  * label coverage = those labelled rows / every row the champion version served in the window.
+
+Each check reports the metric (`cd4ml.ml.evaluation.score`, the same code as the promotion gate),
+a bootstrap interval at `promotion.confidence` (each bound one-sided, as the gate's), the coverage,
+the business value when the spec has a `business` section, and the champion's holdout score at
+promotion (its decision's `challenger_score`) as the baseline. Below `promotion.min_holdout_rows`
+labelled rows nothing is judged. The drop is sign-adjusted (positive = worse); it is significant
+when even the interval's better bound is worse than the baseline by more than
+`drift.performance_drop` (by more than 0 when that is unset: reported, never acted on). A
+significant drop triggers retraining through `decide_drift`'s cooldown rules, with the evidence
+in the `drift_detected` event. Windows overlap from one check to the next on purpose: the label
+of an old prediction counts as soon as it arrives.
+
+Drift during a cooldown is not silent: the check asks for one notice per cooldown period
+(`cooldown_notice` in its summary, sent by the DAG's notifier; the last one sent is in the state).
+
+State (last window end, last retrain trigger, last cooldown notice) and the history (one JSON line
+per check, read by the Models view and /cd4ml/metrics) live in `<data>/<model>/monitor/`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-from datetime import UTC, datetime
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from cd4ml import registry
+from cd4ml.core.errors import DataError, SpecError
 from cd4ml.core.paths import ModelPaths
 from cd4ml.core.settings import Settings
 from cd4ml.core.spec import ModelSpec
@@ -28,6 +58,15 @@ from cd4ml.data import landing
 
 log = logging.getLogger(__name__)
 EVIDENTLY_SAMPLE_CAP = 20_000
+# How far back a check looks for labelled predictions of the champion (see the module docstring):
+# a week lets labels that arrive days late count, and keeps a slow weekly cycle inside one window.
+LIVE_WINDOW_HOURS = 168.0
+# Above this many labelled rows the bootstrap resamples a seeded subsample of this size and scales
+# the spread by sqrt(m/n) (the m-out-of-n bootstrap): every metric here is asymptotically normal,
+# and 1,000 resamples of a million rows would cost minutes for an interval a few 1e-4 wide.
+LIVE_BOOTSTRAP_ROWS = 20_000
+# Bootstrap draws (x rows) held in memory at once.
+_BOOTSTRAP_CELLS = 10_000_000
 
 
 def _parse(ts: str | None) -> datetime | None:
@@ -118,7 +157,8 @@ def check_drift(
         reason = f"{spec.name}: no champion yet; nothing to monitor"
         log.info(reason)
         return {"model": spec.name, "champion_version": None, "window": {"end": window_end, "rows": 0},
-                "share": 0.0, "drifted_columns": [], "report_uri": None,
+                "share": 0.0, "drifted_columns": [], "report_uri": None, "live": None,
+                "cooldown_notice": False,
                 "decision": {"drift": False, "trigger": False, "reason": reason}}  # fmt: skip
     tags = champion.tags or {}
     # Read first: without a reference there is nothing to compare, whatever the window holds.
@@ -148,12 +188,19 @@ def check_drift(
     )
     report_dir = ModelPaths.for_model(settings, spec.name).drift_report_dir(run_key(run_id))
     report_dir.mkdir(parents=True, exist_ok=True)
+    loaded: list[Any] = []
+
+    def model() -> Any:  # loaded once, and only when something needs predictions
+        if not loaded:
+            uri = f"models:/{spec.name}/{champion.version}"
+            loaded.append(registry.load_model(settings.mlflow_tracking_uri, uri))
+        return loaded[0]
+
     performance_drop = None
     if len(current) >= spec.drift.min_rows:
-        model = registry.load_model(settings.mlflow_tracking_uri, f"models:/{spec.name}/{champion.version}")
-        summary.update(_measure(spec, model, reference, current, report_dir))
+        summary.update(_measure(spec, model(), reference, current, report_dir))
         if labelled is not None and len(labelled) >= spec.promotion.min_holdout_rows:
-            summary["performance"] = _performance(spec, model, labelled, evidence.decision)
+            summary["performance"] = _performance(spec, model(), labelled, evidence.decision)
             performance_drop = summary["performance"]["drop"]
     else:
         summary.update({"share": 0.0, "drifted_columns": [], "columns": []})
@@ -161,20 +208,32 @@ def check_drift(
             f"<html><body><h1>{spec.name}: not enough data</h1><p>{len(current)} rows in the window "
             f"({source}); at least {spec.drift.min_rows} are needed to judge drift.</p></body></html>"
         )
-    decision = drift.decide_drift(
+    live, left_out = live_check(spec, settings, str(champion.version), evidence.decision, end, model)
+    summary["live"] = {**live.as_dict(), "left_out": left_out}
+    last_trigger = _parse(state.get("last_trigger_at"))
+    features_decision = drift.decide_drift(
         spec.drift,
         window_rows=len(current),
         share=float(summary["share"]),
         performance_drop=performance_drop,
         now=end,
-        last_trigger_at=_parse(state.get("last_trigger_at")),
+        last_trigger_at=last_trigger,
         window_already_trained_on=already,
     )
+    decision = decide_with_live(spec.drift, features_decision, live, now=end, last_trigger_at=last_trigger)
+    notice = cooldown_notice_due(
+        spec.drift, decision, now=end, last_trigger_at=last_trigger,
+        last_notice_at=_parse(state.get("last_cooldown_notice_at")),
+        held_for_another_reason=already and decision is features_decision,
+    )  # fmt: skip
     summary["decision"] = {"drift": decision.drift, "trigger": decision.trigger, "reason": decision.reason}
+    summary["cooldown_notice"] = notice
     summary["report_uri"] = (report_dir / "report.html").as_uri()
     (report_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     summary["mlflow_run_id"] = _log_to_mlflow(spec, settings, summary, report_dir, run_id)
     state["last_window_end"] = end.isoformat()
+    if notice:  # asked for now, so no second one in this cooldown period (sent by the DAG's notifier)
+        state["last_cooldown_notice_at"] = end.isoformat()
     save_state(settings, spec.name, state)
     keep = (
         "window",
@@ -184,11 +243,77 @@ def check_drift(
         "decision",
         "report_uri",
         "champion_version",
+        "live",
+        "performance",
     )
     with monitor_paths(settings, spec.name).monitor_history.open("a") as fh:
-        fh.write(json.dumps({k: summary[k] for k in keep}, default=str) + "\n")
+        fh.write(json.dumps({k: summary[k] for k in keep if k in summary}, default=str) + "\n")
     log.info("%s: %s", spec.name, decision.reason)
     return {k: v for k, v in summary.items() if k != "columns"}
+
+
+def live_check(
+    spec: ModelSpec, settings: Settings, version: str, decision: dict[str, Any], end: datetime, model: Any
+) -> tuple[LivePerformance, dict[str, int]]:
+    """Live performance of `version` over the window ending at `end` (see the module docstring).
+    `model` is a function returning the loaded champion; called only when there are labels."""
+    from cd4ml.data import feedback
+
+    paths = ModelPaths.for_model(settings, spec.name)
+    start = end - timedelta(hours=LIVE_WINDOW_HOURS)
+    labelled = feedback.labelled_predictions(paths, since=start, until=end)
+    rows, left_out = live_rows(labelled, version=version, start=start, end=end)
+    served = feedback.served_rows(paths, since=start, until=end, version=version)
+    number = lambda key: float(v) if isinstance(v := decision.get(key), int | float) else None  # noqa: E731
+    live = live_performance(
+        spec, model() if len(rows) else None, rows, served_rows=served, version=version,
+        baseline=number("challenger_score"), start=start, end=end,
+        business_baseline=number("challenger_business_value"),
+    )  # fmt: skip
+    log.info("%s: %s", spec.name, live.reason)
+    return live, left_out
+
+
+def cooldown_until(policy: Any, now: datetime, last_trigger_at: datetime | None) -> datetime | None:
+    """When the current cooldown ends, or None outside one (`drift.cooldown_hours`)."""
+    if last_trigger_at is None:
+        return None
+    until = last_trigger_at + timedelta(hours=policy.cooldown_hours)
+    return until if now < until else None
+
+
+def decide_with_live(
+    policy: Any, features: Any, live: LivePerformance, *, now: datetime, last_trigger_at: datetime | None
+) -> Any:
+    """The feature-drift decision, plus retraining on a significant live drop beyond
+    `drift.performance_drop` (judged on its own labelled rows, whatever the size of the drift
+    window), under the same cooldown."""
+    from cd4ml.ml.drift import DriftDecision
+
+    if policy.performance_drop is None or not live.significant:
+        return features
+    why = f"{live.reason} > drift.performance_drop {policy.performance_drop}"
+    if features.trigger:
+        return DriftDecision(True, True, f"{features.reason}; {why}")
+    also = f" (features: {features.reason})"
+    until = cooldown_until(policy, now, last_trigger_at)
+    if until is not None:
+        return DriftDecision(True, False, f"{why}; cooldown: no retrain before {until.isoformat()}{also}")
+    return DriftDecision(True, True, why + also)
+
+
+def cooldown_notice_due(
+    policy: Any, decision: Any, *, now: datetime, last_trigger_at: datetime | None,
+    last_notice_at: datetime | None, held_for_another_reason: bool = False,
+) -> bool:  # fmt: skip
+    """Drift that the cooldown keeps from retraining gets one notice per cooldown period: the
+    period starts at the last trigger, and a notice sent since then covers it. Drift held back for
+    another reason (the champion was already trained on the window) needs no one's attention."""
+    if not decision.drift or decision.trigger or held_for_another_reason:
+        return False
+    if last_trigger_at is None or cooldown_until(policy, now, last_trigger_at) is None:
+        return False
+    return last_notice_at is None or last_notice_at < last_trigger_at
 
 
 def _known_categories(
@@ -310,7 +435,11 @@ def _log_to_mlflow(
         "window_rows": float(summary["window"]["rows"]),
         "drifted_columns": float(len(summary["drifted_columns"])),
         "new_category_rows": float(sum(c["rows"] for c in summary.get("new_categories", {}).values())),
+        **_live_metrics(summary.get("live")),
     }
+    if summary.get("live"):
+        tags["cd4ml.live_metric"] = summary["live"]["metric"]
+        tags["cd4ml.live"] = summary["live"]["reason"][:500]
     with mlflow.start_run(run_name=f"drift check {run_id}", tags=tags) as run:
         mlflow.log_metrics(metrics)
         mlflow.log_artifacts(str(report_dir), artifact_path="drift_report")
@@ -318,8 +447,325 @@ def _log_to_mlflow(
     return str(run.info.run_id)
 
 
+def _live_metrics(live: dict[str, Any] | None) -> dict[str, float]:
+    """The live figures as MLflow metrics; what a check could not judge is left out, not zero."""
+    if not live:
+        return {}
+    names = {
+        "live_metric": "value", "live_metric_low": "low", "live_metric_high": "high",
+        "live_metric_baseline": "baseline", "live_metric_drop": "drop", "label_coverage": "coverage",
+        "business_value": "business_value",
+    }  # fmt: skip
+    out = {name: float(live[key]) for name, key in names.items() if live.get(key) is not None}
+    out["labelled_rows"] = float(live.get("labelled_rows") or 0)
+    out["served_rows"] = float(live.get("served_rows") or 0)
+    if live.get("value") is not None:
+        out["live_metric_drop_significant"] = 1.0 if live.get("significant") else 0.0
+    return out
+
+
 def record_trigger(settings: Settings, model: str, at: str) -> None:
     """Start the cooldown; called when the drift_detected event is emitted."""
     state = load_state(settings, model)
     state["last_trigger_at"] = at
     save_state(settings, model, state)
+
+
+# -- live performance on labelled served traffic --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LivePerformance:
+    """One check's judgement of the champion on its labelled traffic (JSON-able by `as_dict`)."""
+
+    metric: str
+    version: str
+    window_start: str
+    window_end: str
+    labelled_rows: int
+    served_rows: int
+    coverage: float | None  # labelled / served rows of the version in the window
+    value: float | None  # None: nothing judged (see `reason`)
+    low: float | None
+    high: float | None
+    confidence: float
+    baseline: float | None  # the champion's holdout score at promotion
+    drop: float | None  # sign-adjusted: positive = worse than the baseline
+    drop_at_better_bound: float | None
+    significant: bool
+    business_value: float | None
+    unusable_labels: int  # outcomes that match none of the model's classes / are no number
+    reason: str
+    business_baseline: float | None = None  # the champion's business value on its holdout
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def label_key(value: Any) -> Any:
+    """How an outcome is matched to a class: as categories are compared everywhere
+    (`tables.category_text`: 1, 1.0 and "1" are one class), and a numeric string as its number."""
+    from cd4ml.data.tables import category_text
+
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            number = float(text)
+        except ValueError:
+            return text
+        return category_text(number) if math.isfinite(number) else text
+    return category_text(value)
+
+
+def cast_outcomes(values: Any, classes: tuple[Any, ...] | None) -> tuple[Any, Any]:
+    """Outcomes as the model's own class values (classification) or floats (regression, `classes`
+    None): labels arrive as whatever JSON or a CSV made of them ("1", 1, 1.0, True). Returns
+    (values, usable mask); an outcome that is no number (regression) or matches no class of a
+    model with numeric classes is unusable. A new text class stays, as text: it is a class the
+    champion cannot predict, and leaving it out would flatter the champion."""
+    import numpy as np
+    import pandas as pd
+
+    series = pd.Series(values).reset_index(drop=True)
+    if classes is None:
+        numbers = pd.to_numeric(series, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+        return numbers, np.isfinite(numbers)
+    codes, uniques = pd.factorize(series, use_na_sentinel=True)
+    by_key = {label_key(c): c for c in classes}
+    numeric_classes = all(isinstance(c, int | float | np.integer | np.floating) for c in classes)
+    mapped: list[Any] = []
+    usable_unique: list[bool] = []
+    for u in uniques:
+        key = label_key(u)
+        if key in by_key:
+            mapped.append(by_key[key])
+            usable_unique.append(True)
+        elif numeric_classes or not isinstance(key, str):
+            mapped.append(None)
+            usable_unique.append(False)
+        else:
+            mapped.append(key)
+            usable_unique.append(True)
+    table = np.asarray([*mapped, None], dtype=object)
+    usable = np.asarray([*usable_unique, False], dtype=bool)[codes]  # code -1 (null) -> the last slot
+    out = table[codes]
+    if usable.all() and all(m in classes for m in mapped):
+        out = out.astype(np.asarray(classes).dtype)  # plain class dtype where nothing new came in
+    return out, usable
+
+
+def bootstrap_interval(
+    metric: Any,
+    y_true: Any,
+    scores: Any,
+    *,
+    resamples: int,
+    confidence: float,
+    seed: int,
+    max_rows: int = LIVE_BOOTSTRAP_ROWS,
+) -> tuple[float, float | None, float | None]:
+    """(value, low, high): the metric on all rows and its bootstrap interval, each bound one-sided
+    at `confidence` (the promotion gate's convention). Resampling weights are multinomial counts
+    (rows drawn with replacement), scored by `evaluation.weighted_metric` as the gate's paired
+    bootstrap does. Above `max_rows` rows a seeded subsample of `max_rows` is resampled and its
+    spread scaled by sqrt(m/n). (None, None) bounds: fewer than half the resamples could be scored
+    (a metric undefined on most draws, e.g. AUC of one class)."""
+    import numpy as np
+
+    from cd4ml.ml.evaluation import Scores, score, weighted_metric
+
+    y = np.asarray(y_true)
+    value = score(metric, y, scores)
+    n = len(y)
+    if n == 0 or not math.isfinite(value):
+        return value, None, None
+    rng = np.random.default_rng(seed)
+    if n > max_rows:
+        idx = np.sort(rng.choice(n, size=max_rows, replace=False))
+        y_sub = y[idx]
+        if isinstance(scores, Scores):
+            sub: Any = Scores(np.asarray(scores.values)[idx], scores.classes, scores.average)
+        else:
+            sub = np.asarray(scores)[idx]
+        centre = score(metric, y_sub, sub)
+    else:
+        y_sub, sub, centre = y, scores, value
+    m = len(y_sub)
+    width = int(np.asarray(sub).shape[1]) if np.asarray(sub).ndim == 2 else 1
+    chunk = max(1, min(200, _BOOTSTRAP_CELLS // max(1, m * width)))
+    draws = []
+    for done in range(0, resamples, chunk):
+        b = min(chunk, resamples - done)
+        # Counts of m rows drawn with replacement (a multinomial draw), for b resamples at once.
+        picks = rng.integers(0, m, size=(b, m)) + (np.arange(b) * m)[:, None]
+        weights = np.bincount(picks.ravel(), minlength=b * m).reshape(b, m).astype(float)
+        draws.append(weighted_metric(metric, y_sub, sub, weights))
+    found = np.concatenate(draws)
+    found = found[np.isfinite(found)]
+    if len(found) < resamples // 2 or not math.isfinite(centre):
+        return value, None, None
+    scale = math.sqrt(m / n)
+    alpha = 1.0 - confidence
+    low = value + scale * (float(np.quantile(found, alpha)) - centre)
+    high = value + scale * (float(np.quantile(found, 1.0 - alpha)) - centre)
+    return value, low, high
+
+
+def judge_drop(
+    *,
+    higher_is_better: bool,
+    value: float,
+    low: float | None,
+    high: float | None,
+    baseline: float | None,
+    limit: float | None,
+) -> tuple[float | None, float | None, bool]:
+    """(drop, drop at the interval's better bound, significant), drops sign-adjusted so that
+    positive = worse. Significant: even the better bound is worse than the baseline by more than
+    `limit` (more than 0 when the spec sets no `drift.performance_drop`)."""
+    if baseline is None or not math.isfinite(baseline):
+        return None, None, False
+    sign = 1.0 if higher_is_better else -1.0
+    drop = sign * (baseline - value)
+    better = high if higher_is_better else low
+    if better is None:
+        return drop, None, False
+    at_better = sign * (baseline - better)
+    return drop, at_better, at_better > (limit or 0.0)
+
+
+def live_rows(labelled: Any, *, version: str, start: datetime, end: datetime) -> tuple[Any, dict[str, int]]:
+    """The labelled predictions a check judges: the version's, predicted in [start, end) (the
+    window `feedback.served_rows` counts too), labelled by `end`. Also counts what was left out."""
+    import pandas as pd
+
+    if labelled is None or len(labelled) == 0:
+        return pd.DataFrame(), {"other_versions": 0, "labelled_after_check": 0, "outside_window": 0}
+    ts = pd.to_datetime(labelled["ts"], utc=True)
+    at = pd.to_datetime(labelled["labelled_at"], utc=True)
+    in_window = (ts >= pd.Timestamp(start)) & (ts < pd.Timestamp(end))
+    ours = labelled["model_version"].astype(str) == str(version)
+    known = at <= pd.Timestamp(end)
+    left_out = {
+        "other_versions": int((in_window & ~ours).sum()),
+        "labelled_after_check": int((in_window & ours & ~known).sum()),
+        "outside_window": int((~in_window).sum()),
+    }
+    return labelled[in_window & ours & known].reset_index(drop=True), left_out
+
+
+def live_performance(
+    spec: ModelSpec,
+    model: Any,
+    rows: Any,
+    *,
+    served_rows: int,
+    version: str,
+    baseline: float | None,
+    start: datetime,
+    end: datetime,
+    business_baseline: float | None = None,
+) -> LivePerformance:
+    """Judge the champion on the labelled rows of its window (`live_rows`). `model` re-scores the
+    logged features for the metric (probability metrics need what the log does not keep); the
+    business value is computed on what was served, the logged `prediction`."""
+    from cd4ml.ml import training
+
+    metric = spec.metric.name
+    base: dict[str, Any] = dict(
+        metric=metric, version=str(version), window_start=start.isoformat(), window_end=end.isoformat(),
+        served_rows=int(served_rows), confidence=spec.promotion.confidence, baseline=baseline,
+        value=None, low=None, high=None, drop=None, drop_at_better_bound=None, significant=False,
+        business_value=None, business_baseline=business_baseline,
+    )  # fmt: skip
+    labelled = len(rows)
+    coverage = min(1.0, labelled / served_rows) if served_rows else None
+    if labelled == 0:
+        why = f"no labels yet for version {version}'s predictions in the window"
+        return LivePerformance(labelled_rows=0, coverage=coverage, unusable_labels=0, reason=why, **base)
+    classes = None if spec.task == "regression" else tuple(model.classes_.tolist())
+    y, usable = cast_outcomes(rows["outcome"].to_numpy(), classes)
+    unusable = int((~usable).sum())
+    rows, y = rows[usable].reset_index(drop=True), y[usable]
+    need = spec.promotion.min_holdout_rows
+    if len(rows) < need:
+        return LivePerformance(labelled_rows=len(rows), coverage=coverage, unusable_labels=unusable, **base,
+                               reason=f"too few labels to judge: {len(rows)} usable labelled rows, "
+                                      f"{need} needed (promotion.min_holdout_rows)")  # fmt: skip
+    if unusable:
+        coverage = min(1.0, len(rows) / served_rows) if served_rows else None
+    value, low, high = bootstrap_interval(
+        spec.metric, y, training.metric_inputs(spec, model, rows),
+        resamples=spec.promotion.bootstrap_resamples, confidence=spec.promotion.confidence, seed=spec.seed,
+    )  # fmt: skip
+    if not math.isfinite(value):
+        return LivePerformance(labelled_rows=len(rows), coverage=coverage, unusable_labels=unusable,
+                               **{**base, "value": None},
+                               reason=f"{metric} is undefined on these {len(rows)} labelled rows "
+                                      "(one class only?)")  # fmt: skip
+    drop, at_better, significant = judge_drop(
+        higher_is_better=spec.metric.higher_is_better, value=value, low=low, high=high,
+        baseline=baseline, limit=spec.drift.performance_drop,
+    )  # fmt: skip
+    try:
+        business = _business_value(spec, rows, classes)
+    except (SpecError, DataError) as err:  # reported with the check; the ML metric still stands
+        log.warning("%s: business value not computed: %s", spec.name, err)
+        business, business_error = None, f"; business value not computed: {err}"
+    else:
+        business_error = ""
+    interval = f"[{low:.4f}, {high:.4f}]" if low is not None and high is not None else "(no interval)"
+    text = f"live {metric} {value:.4f} {interval} on {len(rows)} labelled rows"
+    if coverage is not None:
+        text += f" ({coverage:.0%} of {served_rows} served)"
+    if baseline is None:
+        text += "; no score at promotion to compare with"
+    else:
+        text += f" vs {baseline:.4f} at promotion"
+        if significant:
+            text += f": significant drop ({at_better:.4f} even at the interval's better bound)"
+    return LivePerformance(
+        labelled_rows=len(rows), coverage=coverage, unusable_labels=unusable, reason=text + business_error,
+        **{**base, "value": value, "low": low, "high": high, "drop": drop,
+           "drop_at_better_bound": at_better, "significant": significant, "business_value": business},
+    )  # fmt: skip
+
+
+def _business_value(spec: ModelSpec, rows: Any, classes: tuple[Any, ...] | None) -> float | None:
+    """The spec's business value of what was served (the logged predictions) against the outcomes."""
+    from cd4ml.ml.business import business_value
+
+    if spec.business is None:
+        return None
+    y_true, ok_true = cast_outcomes(rows["outcome"].to_numpy(), classes)
+    y_pred, ok_pred = cast_outcomes(rows["prediction"].to_numpy(), classes)
+    ok = ok_true & ok_pred
+    value = business_value(spec, y_true[ok], y_pred[ok])
+    return None if value is None else float(value)
+
+
+# -- ground truth in, and labelled traffic out as training data -----------------------------------
+
+
+def ingest_labels(spec: ModelSpec, settings: Settings, *, now: str) -> dict[str, Any]:
+    """Take in the label files dropped into `feedback/landing/` before the check judges the
+    champion (`cd4ml.data.feedback.ingest_label_files`; bad files are quarantined with a reason)."""
+    from cd4ml.data import feedback
+
+    at = _parse(now) or datetime.now(UTC)
+    result = feedback.ingest_label_files(ModelPaths.for_model(settings, spec.name), now=at)
+    if result.accepted or result.quarantined:
+        log.info("%s: %d label file(s) taken in (%d rows, %d not matching a logged request), %d "
+                 "quarantined", spec.name, len(result.accepted), result.rows, result.unmatched,
+                 len(result.quarantined))  # fmt: skip
+    for q in result.quarantined:
+        log.warning("%s: label file %s quarantined: %s", spec.name, q.name, q.reason)
+    return result.as_dict()
+
+
+def land_feedback_batch(spec: ModelSpec, settings: Settings, *, now: str) -> dict[str, Any]:
+    """`feedback.to_training`: labelled served traffic not yet exported becomes one file in the
+    model's landing/, validated like any landed file (`cd4ml.steps.feedback_batch`)."""
+    from cd4ml.steps import feedback_batch
+
+    return feedback_batch.land_feedback_batch(spec, settings, now=_parse(now) or datetime.now(UTC))

@@ -306,7 +306,7 @@ def model_overview(spec: ModelSpec, settings: Settings, *, limit: int = 25) -> M
 
 
 def _business_label(spec: ModelSpec) -> dict[str, str] | None:
-    business = getattr(spec, "business", None)
+    business = spec.business
     return None if business is None else {"name": business.name, "unit": business.unit}
 
 
