@@ -288,3 +288,14 @@ def test_regression_costs_per_unit_of_error() -> None:
     assert symmetric is not None and (symmetric.under_cost, symmetric.over_cost) == (2.5, 2.5)
     uneven = parse({**raw, "business": {"cost_per_unit_under": 4, "cost_per_unit_over": 1}}).business
     assert uneven is not None and (uneven.under_cost, uneven.over_cost) == (4.0, 1.0)
+
+
+def test_the_demo_specs_commented_business_and_feedback_example_parses_when_uncommented() -> None:
+    text = DEMO_SPEC.read_text()
+    example = text[text.index("# business:") :].splitlines()
+    yaml_lines = [line[2:] for line in example if line.startswith("# ") and not line.startswith("# Optional")]
+    spec = parse_spec(text + "\n".join(yaml_lines) + "\n", DEMO_SPEC)
+    assert spec.business is not None and spec.business.matrix == {
+        "1": {"1": 40.0, "0": -200.0}, "0": {"1": -10.0, "0": 0.0},
+    }  # fmt: skip
+    assert spec.feedback.min_rows == 200 and not spec.feedback.to_training
