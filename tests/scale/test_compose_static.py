@@ -126,7 +126,8 @@ def test_tuning_matches_the_embedded_stack(services: dict[str, compose.Service])
         mp.setenv("CD4ML_HOME", "/tmp/cd4ml-static-check-unused")
         cfg = stack.StackConfig(Path("/tmp/cd4ml-static-check-unused"), 8080, 5000, 8000, Path("/usr/bin"))
         mp.setattr(stack, "_secrets", lambda _: dict.fromkeys(
-            ("jwt_secret", "api_secret_key", "admin_password", "service_admin_token"), "x"))  # fmt: skip
+            ("jwt_secret", "api_secret_key", "admin_password", "service_admin_token", "metrics_token"),
+            "x"))  # fmt: skip
         embedded = stack.environment(cfg)
     topology_specific = {
         "AIRFLOW__CORE__EXECUTOR", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__CORE__DAGS_FOLDER",
@@ -300,3 +301,74 @@ def test_airflow_metrics_reach_the_statsd_exporter_when_switched_on() -> None:
         assert f"--statsd.listen-udp=:{env['AIRFLOW__METRICS__STATSD_PORT']}" in exporter["command"]
     off = compose.load(COMPOSE, required_vars())
     assert all(s.environment["AIRFLOW__METRICS__STATSD_ON"] == "False" for s in airflow_services(off))
+
+
+OTEL_VARIABLES = {"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_HEADERS"}
+
+
+def test_prometheus_and_alertmanager_come_with_the_monitoring_profile() -> None:
+    raw = compose.load_raw(COMPOSE)
+    services = raw["services"]
+    on_by_default = compose.load(COMPOSE, required_vars())
+    for name in ("prometheus", "alertmanager"):
+        assert services[name]["profiles"] == ["monitoring"] and name not in on_by_default, name
+        assert services[name]["image"].startswith(f"prom/{name}:v"), name  # the official images, pinned
+        for port in services[name]["ports"]:
+            assert port.startswith("127.0.0.1:"), f"{name}: publish on loopback only"
+    # Both read the committed files: the same ones `CD4ML_PROMETHEUS=1 make up` renders from.
+    prometheus, alertmanager = (compose._service(n, services[n]) for n in ("prometheus", "alertmanager"))
+    mount = next(m for m in prometheus.mounts if m.is_bind)
+    assert (REPO / mount.source).resolve() == stack.PROMETHEUS_DIR
+
+    def config_file(svc: compose.Service, flag: str) -> Path:
+        value = next(a.split("=", 1)[1] for a in svc.command or [] if a.startswith(f"{flag}="))
+        m = next(m for m in svc.mounts if value.startswith(m.target + "/"))
+        return REPO / m.source / value.removeprefix(m.target + "/")
+
+    assert config_file(prometheus, "--config.file") == REPO / "config/prometheus/prometheus.yml"
+    assert config_file(alertmanager, "--config.file") == REPO / "config/prometheus/alertmanager.yml"
+    assert "--cluster.listen-address=" in (alertmanager.command or [])
+
+    # Prometheus scrapes the services where they listen, and sends alerts where Alertmanager listens.
+    config = yaml.safe_load(stack.PROMETHEUS_CONFIG.read_text())
+    targets = {j["job_name"]: j["static_configs"][0]["targets"] for j in config["scrape_configs"]}
+    assert targets["cd4ml-service"] == ["prediction-service:8000"]
+    assert targets["cd4ml-pipeline"] == ["airflow-api-server:8080"]
+    assert on_by_default["airflow-api-server"].command[-1] == "8080"
+    assert on_by_default["prediction-service"].command[-1] == "8000"
+    alerting = config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"]
+    assert alerting == ["alertmanager:9093"] and "127.0.0.1:9093:9093" in services["alertmanager"]["ports"]
+
+    # The metrics token: one .env value, in the api-server's settings and in Prometheus's credentials file.
+    pipeline = next(j for j in config["scrape_configs"] if j["job_name"] == "cd4ml-pipeline")
+    (secret,) = services["prometheus"]["secrets"]
+    assert pipeline["authorization"]["credentials_file"] == f"/run/secrets/{secret}"
+    assert raw["secrets"][secret] == {"environment": "CD4ML_METRICS_TOKEN"}
+    # No value in the file: taken from .env when set there, unset (login required) otherwise.
+    assert "CD4ML_METRICS_TOKEN" in services["airflow-api-server"]["environment"]
+    assert services["airflow-api-server"]["environment"]["CD4ML_METRICS_TOKEN"] is None
+
+
+def test_the_otel_collector_comes_with_the_telemetry_profile_and_otel_variables_stay_unset() -> None:
+    raw = compose.load_raw(COMPOSE)
+    collector = raw["services"]["otel-collector"]
+    assert collector["profiles"] == ["telemetry"] and collector["image"].startswith(
+        "otel/opentelemetry-collector:"
+    )
+    assert sorted(collector["ports"]) == ["127.0.0.1:4317:4317", "127.0.0.1:4318:4318"]
+    svc = compose._service("otel-collector", collector)
+    value = (svc.command or [""])[0].split("=", 1)[1]
+    mount = next(m for m in svc.mounts if value.startswith(m.target + "/"))
+    config = yaml.safe_load((REPO / mount.source / value.removeprefix(mount.target + "/")).read_text())
+    protocols = config["receivers"]["otlp"]["protocols"]
+    # Inside its container the collector must listen beyond localhost (its default since 0.104).
+    assert protocols["grpc"]["endpoint"] == "0.0.0.0:4317" and protocols["http"]["endpoint"] == "0.0.0.0:4318"
+    assert config["service"]["pipelines"]["traces"]["receivers"] == ["otlp"]
+    assert set(config["service"]["pipelines"]["traces"]["exporters"]) <= set(config["exporters"])
+    # Every process that runs cd4ml code gets the OTEL_* variables, with no value: compose passes
+    # the user's (shell or .env) and leaves them unset otherwise, so tracing is off unless asked for.
+    services = compose.load(COMPOSE, required_vars())
+    for name in [*(s.name for s in airflow_services(services)), "prediction-service"]:
+        env = raw["services"][name]["environment"]
+        assert OTEL_VARIABLES <= set(env), name
+        assert all(env[key] is None for key in OTEL_VARIABLES), name
