@@ -102,6 +102,7 @@ def test_airflow_gets_the_switch_the_exporter_of_the_protocol_and_the_otel_varia
     assert env == {
         "AIRFLOW__TRACES__OTEL_ON": "True",
         "OTEL_TRACES_EXPORTER": "otlp_proto_http",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{BASE}/v1/traces",
         "OTEL_EXPORTER_OTLP_ENDPOINT": BASE,
         "OTEL_SERVICE_NAME": "cd4ml",
         "OTEL_EXPORTER_OTLP_HEADERS": "x-token=1",
@@ -113,6 +114,13 @@ def test_airflow_gets_the_switch_the_exporter_of_the_protocol_and_the_otel_varia
         {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
     )
     assert _airflow_exporter(grpc["OTEL_TRACES_EXPORTER"]).__module__.endswith("proto.grpc.trace_exporter")
+    assert grpc["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == "http://c:4317"
+    # docker-compose passes `${OTEL_EXPORTER_OTLP_TRACES_ENDPOINT:-}`: empty, which the SDK's exporter
+    # would take as its endpoint; the resolved one replaces it.
+    compose = airflow_trace_env(
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": BASE, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": ""}
+    )
+    assert compose["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == f"{BASE}/v1/traces"
     # Airflow loads one exporter only: OTLP wins over the console.
     both = airflow_trace_env({"OTEL_EXPORTER_OTLP_ENDPOINT": BASE, "OTEL_TRACES_EXPORTER": "otlp,console"})
     assert both["OTEL_TRACES_EXPORTER"] == "otlp_proto_http"

@@ -139,8 +139,11 @@ def airflow_trace_env(environ: Mapping[str, str]) -> dict[str, str]:
     - OTEL_TRACES_EXPORTER as the entry-point name of the protocol asked for (`otlp_proto_http`
       for http/protobuf, the specification's default; `otlp_proto_grpc` for grpc), or `console`;
       Airflow loads exactly one exporter, so OTLP wins over console when both are asked for;
-    - every OTEL_* variable set in `environ`, unchanged, so that the stack's processes see them
-      even when they are started with an environment of their own (supervisord, containers).
+    - OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, resolved as `trace_export` resolves it: the SDK's exporter
+      would read an empty OTEL_EXPORTER_OTLP_TRACES_ENDPOINT (docker-compose's `${VAR:-}`) as the
+      endpoint, where the specification and cd4ml read it as unset;
+    - every other OTEL_* variable set in `environ`, unchanged, so that the stack's processes see
+      them even when they are started with an environment of their own (supervisord, containers).
     """
     export = trace_export(environ)
     if export is None:
@@ -148,7 +151,9 @@ def airflow_trace_env(environ: Mapping[str, str]) -> dict[str, str]:
     env = {k: v for k, v in environ.items() if k.startswith("OTEL_") and v.strip()}
     env["AIRFLOW__TRACES__OTEL_ON"] = "True"
     if export.otlp:
+        assert export.endpoint is not None  # otlp means an endpoint was found
         env["OTEL_TRACES_EXPORTER"] = "otlp_proto_grpc" if export.protocol == GRPC else "otlp_proto_http"
+        env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = export.endpoint
     else:
         env["OTEL_TRACES_EXPORTER"] = "console"
     return env

@@ -288,11 +288,9 @@ def create_app(
         """Every protocol's prediction: read, parse (protocol), validate, predict, log, count, answer."""
         if not tracing.enabled:
             return await _score(request, model, protocol, version, NO_TRACE)
-        route = request.scope.get("route")
-        path = request.scope["path"]
-        rt = tracing.start(
-            request.method, getattr(route, "path", path), path, request.headers, model, protocol.name
-        )
+        path: str = request.scope["path"]
+        route: str = getattr(request.scope.get("route"), "path", path)  # the template: /v1/models/{model}/...
+        rt = tracing.start(request.method, route, path, request.headers, model, protocol.name)
         try:
             response = await _score(request, model, protocol, version, rt)
         except BaseException as err:  # recorded on the spans, then raised on: FastAPI answers 500

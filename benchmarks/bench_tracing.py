@@ -1,0 +1,201 @@
+"""The prediction service's throughput and latency with OpenTelemetry tracing on vs off, in one run.
+
+Same registered version (the demo spec's HistGradientBoosting pipeline, as bench_serving.py), two
+`cd4ml serve` processes started from the same environment, one with OTEL_EXPORTER_OTLP_ENDPOINT set
+to a real OTLP/HTTP receiver running in a process of its own (tests/support/otlp.py: it decodes
+every batch), one without. Same load generator as bench_serving.py (aiohttp, keep-alive, fixed
+concurrency, 20 warm-up requests per run). The two are loaded in turn, interleaved over `--rounds`
+rounds (off, on, then on, off, ...) so that a change in the machine's load hits both. Every span is
+checked in at the end: the receiver must hold 4 spans (request, parse, predict, log) per request.
+
+Usage: .venv/bin/python benchmarks/bench_tracing.py [--requests 3000] [--concurrency 8] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench_serving import load, start, stop, tree_rss_mb
+
+from cd4ml_dev.netutil import free_port, local_mlflow_server, wait_http
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SPANS_PER_REQUEST = 4  # the request span, cd4ml.parse, cd4ml.predict, cd4ml.log
+WARMUP = 20  # bench_serving.load sends these before it measures
+
+
+def start_receiver(log: Path) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.otlp"], cwd=REPO, stdout=subprocess.PIPE,
+        stderr=log.open("wb"), text=True, start_new_session=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    return proc, int(proc.stdout.readline())
+
+
+def stop_receiver(proc: subprocess.Popen[str]) -> dict[str, int]:
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    counts: dict[str, int] = json.loads(out.strip().splitlines()[-1])
+    return counts
+
+
+def summarize(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {
+        "throughput_rps": statistics.mean(r["throughput_rps"] for r in runs),
+        "p50_ms": statistics.mean(r["p50_ms"] for r in runs),
+        "p99_ms": statistics.mean(r["p99_ms"] for r in runs),
+        "failures": sum(r["failures"] for r in runs),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--batch-requests", type=int, default=600)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--train-rows", type=int, default=20_000)
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+
+    from cd4ml.core.settings import get_settings
+    from cd4ml.core.spec import load_spec
+    from cd4ml.ml.training import features
+    from cd4ml.steps.pipeline import run_training
+    from cd4ml_dev.datagen import generate_churn, write_batch
+
+    home = Path(tempfile.mkdtemp(prefix="cd4ml-bench-tracing-"))
+    specs = home / "specs"
+    specs.mkdir()
+    (specs / "bench.yaml").write_text((REPO / "include/specs/churn.yaml").read_text())
+    mlflow_port = free_port()
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    base_env.update({
+        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+        "CD4ML_HOME": str(home),
+        "CD4ML_SPECS_DIR": str(specs),
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
+    })  # fmt: skip
+    os.environ.update({k: base_env[k] for k in ("CD4ML_HOME", "CD4ML_SPECS_DIR", "MLFLOW_TRACKING_URI")})
+    procs: list[subprocess.Popen[bytes]] = []
+    receiver: subprocess.Popen[str] | None = None
+    results: dict[str, Any] = {
+        "concurrency": args.concurrency, "cpus": os.cpu_count(), "rounds": args.rounds,
+        "requests": args.requests, "batch_requests": args.batch_requests, "loadavg": [],
+    }  # fmt: skip
+    try:
+        procs.append(start(
+            local_mlflow_server(BIN, home, mlflow_port),
+            {**base_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, home / "mlflow.log",
+        ))  # fmt: skip
+        wait_http(f"http://127.0.0.1:{mlflow_port}/health", 300)
+        settings = get_settings()
+        spec = load_spec(specs / "bench.yaml")
+        write_batch(
+            generate_churn(args.train_rows, seed=41), settings.model_dir("bench") / "landing", "w0.csv"
+        )
+        assert run_training(
+            spec, settings, run_id="bench", run_time="2026-01-01T00:00:00+00:00", deploy=False
+        )["promoted"]
+        rows = features(spec, generate_churn(100, seed=42, batch=2))
+        one = json.dumps(
+            {"dataframe_split": json.loads(rows.head(1).to_json(orient="split", index=False))}
+        ).encode()
+        hundred = json.dumps(
+            {"dataframe_split": json.loads(rows.to_json(orient="split", index=False))}
+        ).encode()
+
+        receiver, receiver_port = start_receiver(home / "receiver.log")
+        tracing = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver_port}",
+                   "OTEL_SERVICE_NAME": "cd4ml-bench"}  # fmt: skip
+        services: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+        for name, extra in (("tracing off", {}), ("tracing on", tracing)):
+            port = free_port()
+            log = home / f"service-{name.split()[1]}.log"
+            proc = start([str(BIN / "cd4ml"), "serve", "--port", str(port)], {**base_env, **extra}, log)
+            procs.append(proc)
+            try:
+                wait_http(f"http://127.0.0.1:{port}/health/ready", 300)
+            except TimeoutError:
+                raise SystemExit(f"{name} did not start:\n{log.read_text()[-3000:]}") from None
+            services[name] = (proc, f"http://127.0.0.1:{port}/v1/models/bench/predict")
+
+        runs: dict[str, dict[str, list[dict[str, float]]]] = {
+            n: {"single": [], "batch100": []} for n in services
+        }
+        order = list(services)
+        for r in range(args.rounds):
+            for name in order if r % 2 == 0 else order[::-1]:
+                results["loadavg"].append(round(os.getloadavg()[0], 2))
+                url = services[name][1]
+                single = asyncio.run(load(url, one, args.requests, args.concurrency))
+                batch = asyncio.run(load(url, hundred, args.batch_requests, args.concurrency))
+                runs[name]["single"].append(single)
+                runs[name]["batch100"].append(batch)
+                print(f"round {r + 1} {name}: 1-row {single['throughput_rps']:.0f} req/s p99 "
+                      f"{single['p99_ms']:.1f} ms; 100-row {batch['throughput_rps']:.0f} req/s p99 "
+                      f"{batch['p99_ms']:.1f} ms (load {results['loadavg'][-1]})", flush=True)  # fmt: skip
+        for name, (proc, _) in services.items():
+            results[name] = {kind: summarize(rs) for kind, rs in runs[name].items()}
+            results[name]["runs"] = runs[name]
+            results[name]["rss_after_mb"] = tree_rss_mb(proc.pid)
+            stop(proc)  # the traced service flushes its last batch here
+            procs.remove(proc)
+        counts = stop_receiver(receiver)
+        receiver = None
+        sent = args.rounds * (args.requests + args.batch_requests + 2 * WARMUP)
+        results["spans"] = {"received": counts["spans"], "expected": SPANS_PER_REQUEST * sent,
+                            "export_requests": counts["requests"]}  # fmt: skip
+        for kind in ("single", "batch100"):
+            off, on = results["tracing off"][kind], results["tracing on"][kind]
+            results[f"cost_{kind}_pct"] = 100 * (1 - on["throughput_rps"] / off["throughput_rps"])
+    finally:
+        if receiver is not None:
+            stop_receiver(receiver)
+        for proc in procs:
+            stop(proc)
+        if os.environ.get("CD4ML_BENCH_KEEP") != "1":
+            shutil.rmtree(home, ignore_errors=True)
+        else:
+            print("kept", home)
+    out = REPO / "benchmarks" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tracing.json").write_text(json.dumps(results, indent=2))
+    print(report(results))
+
+
+def report(r: dict[str, Any]) -> str:
+    lines = [
+        "| service | 1-row req/s | p50 ms | p99 ms | 100-row req/s | p50 ms | p99 ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in ("tracing off", "tracing on"):
+        s, b = r[name]["single"], r[name]["batch100"]
+        lines.append(
+            f"| {name} | {s['throughput_rps']:.0f} | {s['p50_ms']:.1f} | {s['p99_ms']:.1f} | "
+            f"{b['throughput_rps']:.0f} | {b['p50_ms']:.1f} | {b['p99_ms']:.1f} |"
+        )
+    spans = r["spans"]
+    lines.append(
+        f"\nthroughput cost of tracing: {r['cost_single_pct']:.1f} % (1-row), {r['cost_batch100_pct']:.1f} % "
+        f"(100-row); spans received {spans['received']} of {spans['expected']} in {spans['export_requests']} "
+        f"OTLP requests; load average at each run start {r['loadavg']}"
+    )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
