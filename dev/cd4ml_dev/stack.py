@@ -522,20 +522,25 @@ def is_running(cfg: StackConfig) -> bool:
 
 
 def up(cfg: StackConfig) -> None:
-    if not is_running(cfg):
-        ports = (
+    running = is_running(cfg)
+    ports: list[tuple[int, str]] = []
+    if not running:
+        ports += [
             (cfg.airflow_port, "CD4ML_AIRFLOW_PORT"),
             (cfg.mlflow_port, "CD4ML_MLFLOW_PORT"),
             (cfg.service_port, "CD4ML_SERVICE_PORT"),
-        )
-        if cfg.prometheus:
-            ports += (
-                (cfg.prometheus_port, "CD4ML_PROMETHEUS_PORT"),
-                (cfg.alertmanager_port, "CD4ML_ALERTMANAGER_PORT"),
-            )
-        for port, what in ports:
-            if port_in_use(port):
-                raise SystemExit(f"cd4ml: port {port} is already in use; set {what} to a free port")
+        ]
+    # Also when monitoring is switched on for a stack that already runs without it.
+    if cfg.prometheus and not (
+        running and supervisorctl(cfg, "pid", "prometheus", check=False).stdout.strip().isdigit()
+    ):
+        ports += [
+            (cfg.prometheus_port, "CD4ML_PROMETHEUS_PORT"),
+            (cfg.alertmanager_port, "CD4ML_ALERTMANAGER_PORT"),
+        ]
+    for port, what in ports:
+        if port_in_use(port):
+            raise SystemExit(f"cd4ml: port {port} is already in use; set {what} to a free port")
     init(cfg)
     if is_running(cfg):
         supervisorctl(cfg, "reread")
