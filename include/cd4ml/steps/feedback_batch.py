@@ -223,11 +223,17 @@ def training_frame(spec: ModelSpec, batch: pd.DataFrame, *, reference: pd.DataFr
     validation refuses it with a reason), the prediction time as the timestamp."""
     import pandas as pd
 
+    from cd4ml.data.tables import category_text
+
     out = pd.DataFrame(index=batch.index)
     for col in spec.feature_names:
         # A feature the serving model did not log (the spec gained it since): all null, which
         # validation refuses by name rather than this module guessing a value.
         out[col] = batch[col] if col in batch.columns else None
+    for col in spec.categorical:
+        # As text, as validation and training compare categoricals (the service logs them so): one
+        # type per column, whatever a hand-written log part holds.
+        out[col] = out[col].map(category_text).astype(object)
     out[spec.target] = cast_outcomes(
         spec, batch["outcome_value"], None if reference is None else reference.get(spec.target)
     )
