@@ -44,6 +44,7 @@ from numpy.typing import NDArray
 from scipy import stats
 from scipy.spatial import distance
 
+from cd4ml.core.errors import Cd4mlError, DataError
 from cd4ml.core.spec import Drift
 
 log = logging.getLogger(__name__)
@@ -322,11 +323,15 @@ def evidently_drift(
         value = float(metric["value"])
         kind = "num" if column in numerical else "cat"
         by_column[column] = ColumnDrift(column, kind, test.name, value, threshold, test.drifted(value))
-    columns = [
-        by_column.get(c) or column_drift(c, reference[c], current[c], kind)
-        for kind, names in (("num", numerical), ("cat", categorical))
-        for c in names
-    ]
+    columns = []
+    for kind, names in (("num", numerical), ("cat", categorical)):
+        for c in names:
+            if c in by_column:
+                columns.append(by_column[c])
+            elif no_data_reason(reference[c], current[c], kind):  # left out of the report on purpose
+                columns.append(column_drift(c, reference[c], current[c], kind))
+            else:
+                raise Cd4mlError(f"Evidently's drift report has no result for column {c!r}, which has data")
     return DriftSummary(
         columns, len(reference), len(current), missing_rise(reference, current, numerical + categorical)
     )
@@ -341,8 +346,6 @@ def run_evidently(
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import MissingValueCount
     from evidently.presets import DataDriftPreset
-
-    from cd4ml.core.errors import DataError
 
     for side, frame in (("reference", reference), ("current", current)):
         if frame.empty:
