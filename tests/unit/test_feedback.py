@@ -200,7 +200,10 @@ def test_an_open_days_index_takes_in_new_parts_and_a_sealed_one_is_trusted(
     during = DAY0 + timedelta(hours=1)
     assert set(find_requests(paths, ["first", "second"], now=during)) == {"first"}
     log_requests(tmp_path, [("second", DAY0 + timedelta(minutes=5), [[1, "a"], [2, "b"]], "1")])
-    assert find_requests(paths, ["second"], now=during)["second"].rows == 2
+    # The index was brought up to date a moment ago: an unknown id does not make it do so again
+    # (a fresh id is in the service's memory); after `refresh_seconds` it does.
+    assert find_requests(paths, ["second"], now=during) == {}
+    assert find_requests(paths, ["second"], now=during, refresh_seconds=0)["second"].rows == 2
     after = DAY0 + timedelta(days=2)
     index = request_index(paths, day, now=after)
     assert index is not None and pq.read_metadata(index).metadata[b"cd4ml.sealed"] == b"1"
@@ -296,3 +299,58 @@ def test_files_still_being_written_are_left_alone(logged: ModelPaths) -> None:
     result = ingest_label_files(logged, now=DAY0)
     assert result.accepted == () and result.quarantined == ()
     assert sorted(p.name for p in logged.feedback_landing.iterdir()) == [".upload.csv", "big.csv.part"]
+
+
+# -- the endpoint's body parsing (the HTTP side runs in tests/system/test_feedback_api.py) ---------
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        ('{"request_id": "\\ud800", "outcome": 1}', "request_id"),
+        ('{"request_id": "r", "outcome": "\\udfff"}', "outcome"),
+        ('{"request_id": "r", "outcome": 99999999999999999999}', "outcome"),
+        ('{"request_id": "r", "outcome": NaN}', "outcome"),
+        ('{"feedback": [], "extra": 1}', "extra"),
+    ],
+)
+def test_label_bodies_that_cannot_be_stored_are_named(raw: str, field: str) -> None:
+    from cd4ml.serving.feedback_api import BadRequest, parse_labels
+
+    with pytest.raises(BadRequest) as err:
+        parse_labels(json.loads(raw), max_rows=10)
+    assert err.value.status == 422 and field in {p.field for p in err.value.problems}
+
+
+def test_label_bodies_in_their_three_shapes() -> None:
+    from cd4ml.serving.feedback_api import Label, parse_labels
+
+    one = {"request_id": "r", "outcome": "yes"}
+    assert parse_labels(one, 10) == [Label("r", 0, "yes")]
+    assert parse_labels([one, {**one, "row": 2}], 10) == [Label("r", 0, "yes"), Label("r", 2, "yes")]
+    assert parse_labels({"feedback": [one]}, 10) == [Label("r", 0, "yes")]
+
+
+def test_compaction_merges_past_days_into_one_part_and_changes_no_answer(logged: ModelPaths) -> None:
+    from cd4ml.data.feedback import compact_labels
+
+    t = DAY0 + timedelta(hours=1)
+    for i, outcome in enumerate([1, 0, 1]):  # the last one corrects the first
+        record_labels(logged, labels(("a", outcome)), source="http", received_at=t + timedelta(seconds=i))
+    record_labels(logged, labels(("b", 1, 2)), source="http", received_at=t)
+    record_labels(logged, labels(("c", 0)), source="http", received_at=t + timedelta(days=1))
+    before = labelled_predictions(logged)
+    assert compact_labels(logged, before=(t + timedelta(days=1)).date()) == 4
+    assert len(list(logged.labels_day(t.date()).glob("part-*.parquet"))) == 1
+    assert len(list(logged.labels_day((t + timedelta(days=1)).date()).glob("part-*.parquet"))) == 1
+    pd.testing.assert_frame_equal(labelled_predictions(logged), before)
+    assert compact_labels(logged, before=(t + timedelta(days=1)).date()) == 0  # nothing left to merge
+
+
+def test_a_day_with_outcomes_of_different_types_is_left_unmerged(logged: ModelPaths) -> None:
+    from cd4ml.data.feedback import compact_labels
+
+    record_labels(logged, labels(("a", 1)), source="http", received_at=DAY0)
+    record_labels(logged, labels(("b", "yes")), source="http", received_at=DAY0)
+    assert compact_labels(logged, before=(DAY0 + timedelta(days=1)).date()) == 0
+    assert sorted(labelled_predictions(logged)["outcome"].tolist(), key=str) == [1, "yes"]

@@ -20,20 +20,23 @@ type. Pandas and pyarrow are imported inside functions: DAG files import this mo
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cd4ml.core.errors import DataError
-from cd4ml.core.paths import LABEL_PART_GLOB, PREDICTION_PART_GLOB, ModelPaths
+from cd4ml.core.paths import LABEL_PART_GLOB, PART_GLOB, PREDICTION_PART_GLOB, ModelPaths
 from cd4ml.data import landing
 
 if TYPE_CHECKING:
     import pandas as pd
     import pyarrow as pa
+
+log = logging.getLogger(__name__)
 
 REQUEST_ID, ROW, OUTCOME, LABELLED_AT, SOURCE = "request_id", "row", "outcome", "labelled_at", "source"
 LABEL_COLUMNS = (REQUEST_ID, ROW, OUTCOME)
@@ -283,7 +286,42 @@ def ingest_label_files(paths: ModelPaths, *, now: datetime) -> FeedbackIngest:
         )
         seen[landed.sha256[: landing.HASH_PREFIX]] = Path(stored.path)
         accepted.append(landed.name)
+    compact_labels(paths, before=now.astimezone(UTC).date())
     return FeedbackIngest(tuple(accepted), tuple(quarantined), rows, unmatched)
+
+
+def compact_labels(paths: ModelPaths, *, before: date) -> int:
+    """Rewrite each day of the label store before `before` as one part; returns the parts removed.
+
+    Posted labels arrive a few per request, each commit one small part; reading thousands of them
+    costs more than their bytes. A day is merged only once no writer adds to it (the service
+    writes into the current UTC day). The merged part is renamed into place before the small ones
+    go, and keeps their order, so a reader sees every label at every moment (at worst twice, which
+    reading collapses). A day whose parts type outcomes differently (1 and "yes") is left as it is."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    removed = 0
+    days = sorted(d for d in paths.labels.iterdir() if d.is_dir()) if paths.labels.is_dir() else []
+    for day_dir in days:
+        if ModelPaths.partition_day(day_dir) >= before.isoformat():
+            continue
+        parts = sorted(day_dir.glob(PART_GLOB))
+        if len(parts) < 2:
+            continue
+        try:
+            merged = pa.concat_tables([pq.read_table(p) for p in parts], promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+            log.info("label parts of %s not merged (outcome types differ): %s", day_dir, err)
+            continue
+        name = f"{parts[0].stem}-merged-{len(parts)}.parquet"  # sorts where its first part did
+        tmp = day_dir / f".{name}.tmp"
+        pq.write_table(merged, tmp)
+        tmp.replace(day_dir / name)
+        for part in parts:
+            part.unlink()
+        removed += len(parts)
+    return removed
 
 
 def _quarantine(
@@ -319,10 +357,17 @@ def _latest(paths: ModelPaths) -> tuple[pa.Table, pd.Series] | None:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    parts = label_parts(paths)
-    if not parts:
-        return None
-    tables = [pq.read_table(p, columns=[REQUEST_ID, ROW, OUTCOME, LABELLED_AT]) for p in parts]
+    for attempt in range(3):
+        parts = label_parts(paths)
+        if not parts:
+            return None
+        try:
+            tables = [pq.read_table(p, columns=[REQUEST_ID, ROW, OUTCOME, LABELLED_AT]) for p in parts]
+            break
+        except FileNotFoundError:
+            # `compact_labels` replaced a day's parts between listing and reading: list again.
+            if attempt == 2:
+                raise
     if len({t.schema.field(OUTCOME).type for t in tables}) == 1:
         outcomes = pa.chunked_array([t[OUTCOME] for t in tables]).to_pandas()
     else:

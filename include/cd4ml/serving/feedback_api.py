@@ -141,6 +141,8 @@ def _label_problems(item: Any) -> list[tuple[str, str]]:
         )
     elif len(rid) > MAX_REQUEST_ID:
         out.append(("request_id", f"longer than {MAX_REQUEST_ID} characters"))
+    elif not _utf8(rid):
+        out.append(("request_id", "is not valid Unicode text (a lone surrogate escape)"))
     if "outcome" not in item:
         out.append(("outcome", "missing"))
     else:
@@ -166,10 +168,21 @@ def _outcome_problem(value: Any) -> str | None:
         return "must be a finite number"
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= _INT64:
         return "integer too large (64-bit at most)"
+    if isinstance(value, str) and not _utf8(value):
+        return "is not valid Unicode text (a lone surrogate escape)"
     if not isinstance(value, bool | int | float | str):
         kind = "object" if isinstance(value, dict) else "array"
         return f"must be a number, a text or a boolean, got a JSON {kind}"
     return None
+
+
+def _utf8(text: str) -> bool:
+    # JSON may carry "\\ud800", which Python decodes but no UTF-8 file (Parquet) can store.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class LabelWriter:
@@ -362,13 +375,13 @@ def feedback_router(
                                       "(not in its prediction log)", i)
                 for i in unknown[:MAX_PROBLEMS]
             ]  # fmt: skip
-            err = BadRequest(
+            refused = BadRequest(
                 422,
                 f"{len(names)} request id(s) unknown to model '{model}'; nothing of this batch was stored",
                 problems,
                 unknown_request_ids=names,
             )
-            return fail(model, err, len(labels), len(unknown))
+            return fail(model, refused, len(labels), len(unknown))
         problems = [
             Problem("row", f"request '{lab.request_id}' had {served[lab.request_id].rows} row(s); "
                            f"row must be below that", i)

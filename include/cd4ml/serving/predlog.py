@@ -45,6 +45,7 @@ SEALED_AFTER = timedelta(hours=1)
 INDEX_ROW_GROUP = 16_384  # ids per row group of a request index: what one lookup reads per day
 _INDEX_PARTS_KEY = b"cd4ml.parts"  # Parquet metadata: the part names an index covers
 _INDEX_SEALED_KEY = b"cd4ml.sealed"
+REFRESH_SECONDS = 10.0  # an open day's index takes in new parts at most this often (see find_requests)
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,10 @@ class PredictionLog:
         if missing:
             # One disk lookup at a time: two would bring the same open day's index up to date twice.
             with self._disk_lock:
-                found.update(find_requests(ModelPaths.in_data_dir(self.data_dir, model), missing))
+                on_disk = find_requests(ModelPaths.in_data_dir(self.data_dir, model), missing)
+            for rid, served in on_disk.items():  # the next label for the same request stays in memory
+                self._remember(model, rid, served)
+            found.update(on_disk)
         return found
 
     def close(self, timeout: float = 30.0) -> None:
@@ -287,25 +291,48 @@ def request_index(paths: ModelPaths, day: str, *, now: datetime | None = None) -
 
 
 def find_requests(
-    paths: ModelPaths, request_ids: Iterable[str], *, now: datetime | None = None
+    paths: ModelPaths,
+    request_ids: Iterable[str],
+    *,
+    now: datetime | None = None,
+    refresh_seconds: float = REFRESH_SECONDS,
 ) -> dict[str, Served]:
     """Which of `request_ids` the log on disk holds, newest day first (an id logged on several days
-    is reported as its newest request). Reads one footer and the matching row groups per day."""
+    is reported as its newest request). Reads one footer and the matching row groups per day.
+
+    A day's index is brought up to date only for ids it does not hold, and at most once every
+    `refresh_seconds` for a day still being written: ids logged since are in the service's memory,
+    and a stream of unknown ids cannot make every request rewrite the index."""
     import pyarrow.parquet as pq
 
+    now = now or datetime.now(UTC)
     wanted = set(request_ids)
     found: dict[str, Served] = {}
-    for day in prediction_days(paths):
-        if not wanted:
-            break
-        index = request_index(paths, day, now=now)
-        if index is None:
-            continue
+
+    def look(index: Path) -> None:
         hits = pq.read_table(index, filters=[("request_id", "in", sorted(wanted))]).to_pylist()
         for hit in hits:
             found[hit["request_id"]] = Served(int(hit["rows"]), str(hit["model_version"]))
             wanted.discard(hit["request_id"])
+
+    for day in prediction_days(paths):
+        if not wanted:
+            break
+        index = paths.prediction_index(day)
+        if index.exists():
+            look(index)
+            fresh = time.time() - index.stat().st_mtime < refresh_seconds
+            if not wanted or fresh or _is_sealed(index):
+                continue
+        if request_index(paths, day, now=now) is not None:
+            look(index)
     return found
+
+
+def _is_sealed(index: Path) -> bool:
+    import pyarrow.parquet as pq
+
+    return (pq.read_metadata(index).metadata or {}).get(_INDEX_SEALED_KEY) == b"1"
 
 
 def logged_request_ids(paths: ModelPaths, *, now: datetime | None = None) -> Any:
