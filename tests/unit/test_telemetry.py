@@ -14,8 +14,8 @@ import pytest
 
 from cd4ml.core.settings import SettingsError
 from cd4ml.core.telemetry import TraceExport, airflow_trace_env, trace_export
-from cd4ml.serving.tracing import LOG, NO_TRACE, PARSE, PREDICT, ServiceTracing
-from tests.support.otlp import OtlpGrpcReceiver, OtlpHttpReceiver, by_name, children
+from cd4ml.serving.tracing import LOG, NO_TRACE, PARSE, PREDICT, ServiceTracing, encode_spans
+from tests.support.otlp import OtlpGrpcReceiver, OtlpHttpReceiver, by_name, children, decode
 
 BASE = "http://collector:4318"
 
@@ -76,6 +76,9 @@ def test_the_console_exporter_needs_no_endpoint() -> None:
         ({"OTEL_EXPORTER_OTLP_ENDPOINT": BASE, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
          "OTEL_EXPORTER_OTLP_PROTOCOL"),
         ({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318"}, "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": BASE, "OTEL_TRACES_SAMPLER": "sometimes"}, "OTEL_TRACES_SAMPLER"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": BASE, "OTEL_TRACES_SAMPLER": "traceidratio",
+          "OTEL_TRACES_SAMPLER_ARG": "10%"}, "OTEL_TRACES_SAMPLER_ARG"),
         ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "collector:4318/v1/traces"},
          "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
     ],
@@ -186,15 +189,63 @@ def test_a_failing_request_records_the_exception() -> None:
     assert request.attributes["error.type"] == "ValueError" and request.resource["service.name"] == "mine"
 
 
-def test_the_service_with_tracing_off_creates_no_tracer_provider() -> None:
-    """Off costs nothing: the app holds no provider, and nothing of the SDK is imported for it."""
+def test_the_service_with_tracing_off_builds_nothing() -> None:
+    """Off costs nothing: the app holds no span processor, and nothing of the SDK is imported for it."""
     code = (
         "import sys\n"
         "from cd4ml.serving.app import create_app\n"
         "app = create_app()\n"
-        "assert app.state.tracing.provider is None and not app.state.tracing.enabled\n"
+        "assert app.state.tracing.processor is None and not app.state.tracing.enabled\n"
         "assert 'opentelemetry.sdk.trace' not in sys.modules, 'the SDK was imported'\n"
     )
     env = {"PATH": "/usr/bin:/bin", "OTEL_SERVICE_NAME": "x", "CD4ML_HOME": "/tmp/cd4ml-otel-off"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_sampler_decides_once_per_request() -> None:
+    endpoint = {"OTEL_EXPORTER_OTLP_ENDPOINT": BASE}
+    off = ServiceTracing.from_env({**endpoint, "OTEL_TRACES_SAMPLER": "always_off"})
+    assert off.enabled and off.start("POST", "/r", "/r", {}, "m", "native") is NO_TRACE
+    # A ratio sampler keeps about that share of requests.
+    tenth = ServiceTracing.from_env(
+        {**endpoint, "OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
+    )
+    kept = sum(tenth.start("POST", "/r", "/r", {}, "m", "native") is not NO_TRACE for _ in range(2000))
+    assert 100 < kept < 300, kept
+    # The default (parent-based, always on) follows a client that did not sample its trace.
+    default = ServiceTracing.from_env(endpoint)
+    unsampled = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"}
+    assert default.start("POST", "/r", "/r", unsampled, "m", "native") is NO_TRACE
+    assert default.start("POST", "/r", "/r", {}, "m", "native") is not NO_TRACE
+    for tracing in (default, off, tenth):
+        tracing.shutdown()
+
+
+def test_the_fast_encoder_writes_what_the_sdk_encoder_writes() -> None:
+    """Same spans, both encoders, both decoded by the generated classes: the same spans come out."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as sdk_encode_spans
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import Event, ReadableSpan
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+    from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+    resources = [Resource({"service.name": "a", "n": 3}), Resource({"service.name": "b", "ok": True})]
+    scope = InstrumentationScope("cd4ml.serving", "1.0")
+    remote = SpanContext(7, 8, is_remote=True, trace_flags=TraceFlags(1))
+    spans = []
+    for i, resource in enumerate(resources * 2):
+        ctx = SpanContext(7, 100 + i, is_remote=False, trace_flags=TraceFlags(1))
+        spans.append(ReadableSpan(
+            name=f"span {i}", context=ctx, parent=remote if i % 2 else None, resource=resource,
+            attributes={"s": "x", "i": 2**40, "b": False, "f": 0.25, "list": ["p", "q"], "ints": [1, 2]},
+            events=(Event("exception", {"exception.type": "ValueError"}, timestamp=5),),
+            kind=SpanKind.SERVER if i else SpanKind.INTERNAL,
+            status=Status(StatusCode.ERROR, "HTTP 500") if i == 2 else Status(StatusCode.UNSET),
+            start_time=1_000 + i, end_time=2_000 + i, instrumentation_scope=scope,
+        ))  # fmt: skip
+    ours = decode(encode_spans(spans).SerializeToString())
+    theirs = decode(sdk_encode_spans(spans).SerializeToString())
+    key = lambda s: s.span_id  # noqa: E731
+    assert sorted(ours, key=key) == sorted(theirs, key=key)
+    assert len(ours) == 4 and {s.status_code for s in ours} == {0, 2}

@@ -27,6 +27,8 @@ PROTOCOLS = (HTTP_PROTOBUF, GRPC)
 # OTEL_TRACES_EXPORTER values understood here. `otlp` follows the protocol variables; the other two
 # are the SDK's entry-point names that fix the protocol (Airflow only understands those: see below).
 EXPORTERS = ("otlp", "otlp_proto_http", "otlp_proto_grpc", "console", "none")
+SAMPLERS = ("parentbased_always_on", "parentbased_always_off", "parentbased_traceidratio", "always_on",
+            "always_off", "traceidratio")  # fmt: skip
 DEFAULT_SERVICE_NAME = "cd4ml-prediction-service"
 TRACES_PATH = "/v1/traces"
 
@@ -40,6 +42,8 @@ class TraceExport:
     protocol: str  # "http/protobuf" | "grpc"
     endpoint: str | None  # the traces endpoint the exporter posts to (None with console only)
     service_name: str | None  # OTEL_SERVICE_NAME, if set
+    sampler: str = "parentbased_always_on"  # OTEL_TRACES_SAMPLER (the specification's default)
+    sampler_ratio: float = 1.0  # OTEL_TRACES_SAMPLER_ARG, for the *traceidratio samplers
 
 
 def _get(environ: Mapping[str, str], name: str) -> str | None:
@@ -98,12 +102,33 @@ def _endpoint(environ: Mapping[str, str], protocol: str) -> str | None:
     return value
 
 
+def _sampler(environ: Mapping[str, str]) -> tuple[str, float]:
+    name = (_get(environ, "OTEL_TRACES_SAMPLER") or SAMPLERS[0]).lower()
+    if name not in SAMPLERS:
+        raise SettingsError(
+            f"OTEL_TRACES_SAMPLER={name!r} is not supported; use one of {', '.join(SAMPLERS)}"
+        )
+    raw = _get(environ, "OTEL_TRACES_SAMPLER_ARG")
+    if raw is None or not name.endswith("traceidratio"):
+        return name, 1.0
+    try:
+        ratio = float(raw)
+    except ValueError:
+        ratio = -1.0
+    if not 0.0 <= ratio <= 1.0:
+        raise SettingsError(
+            f"OTEL_TRACES_SAMPLER_ARG={raw!r} is not a ratio; use a number from 0 to 1 (e.g. 0.1)"
+        )
+    return name, ratio
+
+
 def trace_export(environ: Mapping[str, str]) -> TraceExport | None:
     """How to export traces under `environ`, or None when tracing is off.
 
     Off when OTEL_SDK_DISABLED=true, when OTEL_TRACES_EXPORTER=none, or when no OTLP endpoint is set
     (and the console exporter is not asked for). Raises SettingsError naming the variable when a
-    value cannot be used (unknown exporter, http/json, an HTTP endpoint that is not a URL).
+    value cannot be used (unknown exporter or sampler, http/json, an HTTP endpoint that is not a
+    URL, a sampler ratio outside 0..1).
     """
     if sdk_disabled(environ):
         return None
@@ -116,12 +141,15 @@ def trace_export(environ: Mapping[str, str]) -> TraceExport | None:
     console = "console" in exporters
     if not otlp and not console:
         return None
+    sampler, ratio = _sampler(environ)
     return TraceExport(
         otlp=otlp,
         console=console,
         protocol=protocol,
         endpoint=endpoint if otlp else None,
         service_name=_get(environ, "OTEL_SERVICE_NAME"),
+        sampler=sampler,
+        sampler_ratio=ratio,
     )
 
 
