@@ -61,9 +61,10 @@ _LABEL = {"type": "object", "required": ["request_id", "outcome"], "additionalPr
           "properties": {"request_id": {"type": "string", "minLength": 1},
                          "outcome": {"type": ["number", "string", "boolean"]},
                          "row": {"type": "integer", "minimum": 0}}}  # fmt: skip
+BATCH_KEY = "feedback"  # {"feedback": [labels]}
 _BODY = {"anyOf": [_LABEL, {"type": "array", "items": _LABEL},
-                   {"type": "object", "required": ["feedback"],
-                    "properties": {"feedback": {"type": "array", "items": _LABEL}}}]}  # fmt: skip
+                   {"type": "object", "required": [BATCH_KEY],
+                    "properties": {BATCH_KEY: {"type": "array", "items": _LABEL}}}]}  # fmt: skip
 
 
 @dataclass(frozen=True)
