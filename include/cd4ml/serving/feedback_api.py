@@ -376,9 +376,14 @@ def feedback_router(
                                       "(not in its prediction log)", i)
                 for i in unknown[:MAX_PROBLEMS]
             ]  # fmt: skip
+            # Without the log no id is ever known: say so, rather than blame every id.
+            hint = "" if settings.service_log_predictions else (
+                " (this service does not log predictions: CD4ML_SERVICE_LOG_PREDICTIONS=0)"
+            )  # fmt: skip
             refused = BadRequest(
                 422,
-                f"{len(names)} request id(s) unknown to model '{model}'; nothing of this batch was stored",
+                f"{len(names)} request id(s) unknown to model '{model}'; nothing of this batch was stored"
+                + hint,
                 problems,
                 unknown_request_ids=names,
             )
