@@ -92,14 +92,14 @@ def _endpoint(environ: Mapping[str, str], protocol: str) -> str | None:
     name, value = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", _get(environ, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     if value is None:
         name, value = "OTEL_EXPORTER_OTLP_ENDPOINT", _get(environ, "OTEL_EXPORTER_OTLP_ENDPOINT")
-        if value is not None and protocol == HTTP_PROTOBUF:
-            value = value.rstrip("/") + TRACES_PATH
-    if value is not None and protocol == HTTP_PROTOBUF and not value.startswith(("http://", "https://")):
+    if value is None or protocol != HTTP_PROTOBUF:
+        return value
+    if not value.startswith(("http://", "https://")):
         raise SettingsError(
             f"{name}={value!r} is not a URL; with {HTTP_PROTOBUF} it must start with http:// or https:// "
             "(e.g. http://otel-collector:4318)"
         )
-    return value
+    return value if name == "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" else value.rstrip("/") + TRACES_PATH
 
 
 def _sampler(environ: Mapping[str, str]) -> tuple[str, float]:
