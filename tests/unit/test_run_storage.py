@@ -128,17 +128,19 @@ def test_a_retried_step_after_the_copies_went_reads_mlflow_or_rebuilds_them(spec
     assert copies(spec) == []
 
 
-def test_a_sampled_snapshot_goes_too_and_the_run_end_prunes_what_older_runs_left(
+def test_a_version_keeps_no_row_copies_and_the_run_end_prunes_what_older_runs_left(
     spec: ModelSpec, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # 240 training rows are stored as a sample of 100; the 60-row holdout whole.
+    # Even with a snapshot cap below the table's size, nothing is sampled any more: the version lists
+    # the accepted files (each stored once in MLflow) and its split is rebuilt from them.
     monkeypatch.setenv("CD4ML_SNAPSHOT_MAX_ROWS", "100")
     land(spec, 0)
     assert train(spec, "r1")["version"] == "1"
-    info = registry.read_evidence(registry.client(get_settings().mlflow_tracking_uri), spec.name, "1")
-    assert info.snapshots["train"]["sampled"] and not info.snapshots["holdout"]["sampled"]
-    # A sampled training set is no record either (the split of the accepted files, rebuilt on demand):
-    # kept, it would make runs/ grow with every run of a large model.
+    client = registry.client(get_settings().mlflow_tracking_uri)
+    info = registry.read_evidence(client, spec.name, "1")
+    train_info = info.snapshots["train"]
+    assert train_info["kind"] == "rebuilt-from-batches" and not train_info["sampled"]
+    assert len(registry.reference_frame(client, spec.name, "1")) == train_info["rows"] == 240
     assert copies(spec) == []
 
     # A crashed run's left-overs, last written 10 days ago: the next run's end prunes them with the

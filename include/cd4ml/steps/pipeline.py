@@ -629,7 +629,7 @@ def register_challenger(
         manifest = registry.record_evidence(
             mlflow_client, spec.name, version,
             evidence=evidence, validation=validation_record, spec_text=spec_text(spec),
-            snapshots=snapshots, seed=spec.seed,
+            snapshots=snapshots, seed=spec.seed, batches=_training_files(spec, settings, datasets),
         )  # fmt: skip
     # The last step that reads the local copies, so they go (deploy reads the holdout from MLflow).
     # One MLflow holds whole is checked against its bytes first; a sampled one goes too: it is the
@@ -641,6 +641,19 @@ def register_challenger(
     }
     finish_run_storage(spec, settings, remove=local, why=f"evidence of {spec.name} v{version} is in MLflow")
     return Registration(version, challenger.run_id)
+
+
+def _training_files(spec: ModelSpec, settings: Settings, datasets: Datasets) -> list[Path] | None:
+    """The accepted files the run's split was built from, in the order it read them, so MLflow stores
+    each file once and the version only lists them; None (copy the snapshots instead) when the
+    accepted data changed since build_datasets (a file taken back mid-run), as the list would then
+    rebuild another split."""
+    files = landing.list_accepted(zone_for(spec, settings))
+    if landing.data_fingerprint(files) != datasets.fingerprint:
+        log.warning("%s: accepted data changed since build_datasets; the version stores copies of its "
+                    "training set and holdout instead of the list of files", spec.name)  # fmt: skip
+        return None
+    return [Path(f.path) for f in files]
 
 
 def spec_text(spec: ModelSpec) -> str:
