@@ -16,22 +16,33 @@ from cd4ml.core.spec import ModelSpec
 DOC = """\
 ### {name}: drift monitor
 
-**What it does.** Compares what the prediction service received since the last check (or, with no
-traffic, the batches accepted since then) with the data the current champion was trained on. Per
-feature drift verdicts (Evidently's default tests, computed on all rows), prediction drift, and the
-champion's performance on newly labelled data. An Evidently report (HTML + JSON) is saved under
-`reports/drift/` and logged to the MLflow experiment `{name}-monitoring`.
+**What it does.** First takes in label files dropped into `feedback/landing/` (ground truth by
+request id; bad files go to `feedback/quarantine/` with a reason){to_training}. Then compares what
+the prediction service received since the last check (or, with no traffic, the batches accepted
+since then) with the data the current champion was trained on: per feature drift verdicts
+(Evidently's default tests, computed on all rows), prediction drift, and the champion's performance
+on newly labelled batches. An Evidently report (HTML + JSON) is saved under `reports/drift/` and
+logged to the MLflow experiment `{name}-monitoring`.
 
-**Decision.** Drift when the share of drifted features reaches {threshold} (or the performance drop
-reaches the spec's limit). Then it emits `{name}.drift_detected` with the reason, and that event
-starts `{name}__train` — unless the window has fewer than {min_rows} rows ("not enough data"), the
-champion was already trained on it, or the last drift-triggered retrain was less than
-{cooldown} h ago (cooldown).
+**Live performance.** The champion's {metric} on its labelled served traffic of the last week
+(`cd4ml.steps.monitor.LIVE_WINDOW_HOURS`; labels received by the check count, however late, as
+long as their prediction is in the window), with a bootstrap interval, the label coverage and the
+business value when the spec has one, against its holdout score at promotion. Logged to the same
+MLflow run, charted in the Models view, exported on `/cd4ml/metrics`.
+
+**Decision.** Drift when the share of drifted features reaches {threshold}, or the performance
+drop reaches the spec's limit ({drop}), on newly labelled batches or significantly on live traffic
+(even the interval's better bound is that much below the score at promotion). Then it emits
+`{name}.drift_detected` with the reason and the evidence, and that event starts `{name}__train` —
+unless the window has fewer than {min_rows} rows ("not enough data"; a live drop is judged on its
+own labelled rows), the champion was already trained on it, or the last drift-triggered retrain
+was less than {cooldown} h ago (cooldown: then one notice per cooldown period goes to the spec's
+recipients instead of silence).
 
 **What starts it.** The schedule `{schedule}` or a manual trigger (form: window override in hours).
 
 **Where to look.** check_drift's *Details* tab links the *Evidently report* and the *MLflow run*;
-the *Model* tab charts the drift share of every check.
+the Models view charts the drift share and the live metric of every check.
 """
 
 
@@ -47,6 +58,13 @@ def build_monitor_dag(spec: ModelSpec, settings: Settings) -> DAG:
             min_rows=spec.drift.min_rows,
             cooldown=spec.drift.cooldown_hours,
             schedule=spec.drift.schedule,
+            metric=spec.metric.name,
+            drop=spec.drift.performance_drop if spec.drift.performance_drop is not None else "unset: never",
+            to_training=(
+                ", and turns labelled traffic into a training batch in `landing/` (`feedback.to_training`)"
+                if spec.feedback.to_training
+                else ""
+            ),
         ),
         schedule=spec.drift.schedule,
         start_date=START,
@@ -66,6 +84,18 @@ def build_monitor_dag(spec: ModelSpec, settings: Settings) -> DAG:
     )
     def monitor_pipeline() -> None:
         @task
+        def ingest_labels() -> dict[str, Any]:
+            from cd4ml.steps.monitor import ingest_labels as step
+
+            return step(spec, settings, now=run_time(context()))
+
+        @task
+        def land_feedback_batch() -> dict[str, Any]:
+            from cd4ml.steps.monitor import land_feedback_batch as step
+
+            return step(spec, settings, now=run_time(context()))
+
+        @task(on_success_callback=[Cd4mlNotifier("drift_cooldown", spec)])
         def check_drift() -> dict[str, Any]:
             from cd4ml.steps.monitor import check_drift as step
 
@@ -95,10 +125,27 @@ def build_monitor_dag(spec: ModelSpec, settings: Settings) -> DAG:
                     "performance_drop": (summary.get("performance") or {}).get("drop"),
                     "report_uri": summary["report_uri"],
                     "champion_version": summary["champion_version"],
+                    "live_performance": live_evidence(summary.get("live")),
                 },
             )
 
+        labels = ingest_labels()
         summary = check_drift()
+        labels >> summary
+        if spec.feedback.to_training:
+            labels >> land_feedback_batch()
         should_retrain(summary) >> emit_drift_detected(summary)
 
     return monitor_pipeline()
+
+
+LIVE_EVIDENCE = (
+    "metric", "version", "value", "low", "high", "confidence", "baseline", "drop", "drop_at_better_bound",
+    "significant", "labelled_rows", "served_rows", "coverage", "business_value", "business_baseline",
+    "window_start", "window_end",
+)  # fmt: skip
+
+
+def live_evidence(live: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the retrain's trigger says about live performance (small scalars for the event)."""
+    return {k: live.get(k) for k in LIVE_EVIDENCE} if live else None
