@@ -1,22 +1,26 @@
 """E-mail notifications through Airflow's notifier mechanism to a real local SMTP server (aiosmtpd),
 configured by the Airflow connection `cd4ml_smtp` and sent by the SMTP provider's hook, for a
-promotion and for a quarantine. What users get: a multipart/alternative mail, the text first, its
-HTML rendering with clickable links second, links at the public MLflow URL. That a spec without
-recipients sends nothing is asserted in test_extra_links.py, on runs it makes anyway."""
+promotion and for a quarantine, and for drift: the retrain it starts, then one notice (not silence,
+not one per check) while the cooldown holds retraining back. What users get: a
+multipart/alternative mail, the text first, its HTML rendering with clickable links second, links
+at the public MLflow URL. That a spec without recipients sends nothing is asserted in
+test_extra_links.py, on runs it makes anyway."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from email.message import Message
 from typing import Any
 
+import httpx
 import pytest
 
 from cd4ml_dev.datagen import generate_churn
 from tests.conftest import Inbox
 from tests.helpers import LOGREG, write_spec
-from tests.integration.dagtools import land, run
+from tests.integration.dagtools import land, run, run_dag
 
 pytestmark = pytest.mark.integration
 MODEL = "notified"
@@ -68,3 +72,51 @@ def test_promotion_and_quarantine_emails(env: dict[str, Any], plain_smtp: Inbox)
     text = body(quarantined)
     assert "week1.csv was rejected by validation" in text and "missing columns ['region']" in text
     assert "Version: unchanged" in text and f"/dags/{MODEL}__train/runs/" in text
+
+
+def send_drifted_traffic(env: dict[str, Any], model: str, seed: int) -> None:
+    from cd4ml.core.spec import load_spec
+    from cd4ml.ml.training import features
+
+    spec = load_spec(env["specs"] / f"{model}.yaml")
+    frame = features(spec, generate_churn(300, seed=seed, batch=seed, drift=1.0))
+    rows = json.loads(frame.to_json(orient="records"))
+    for i in range(0, len(rows), 100):
+        resp = httpx.post(f"{env['service']}/v1/models/{model}/predict", json=rows[i : i + 100], timeout=30)
+        assert resp.status_code == 200, resp.text
+    time.sleep(2.5)  # the prediction log flushes every second
+
+
+def test_drift_during_the_cooldown_sends_one_notice_per_cooldown_period(
+    env: dict[str, Any], plain_smtp: Inbox
+) -> None:
+    from cd4ml.core.settings import get_settings
+    from cd4ml.steps.monitor import load_state
+
+    inbox = plain_smtp
+    model = "cooled"
+    write_spec(env["specs"], model, estimator=LOGREG, drift__min_rows=200, drift__threshold=0.3,
+               drift__cooldown_hours=6,
+               notifications={"email": ["ml-team@example.com"], "on_promotion": False})  # fmt: skip
+    land(env, model, "week0.csv", generate_churn(1500, seed=80))
+    assert run(env, model)["__run__"] == "success" and inbox.messages == []
+
+    decisions = []
+    for seed in (81, 82, 83):  # drift every time: a retrain, then two checks inside its cooldown
+        send_drifted_traffic(env, model, seed)
+        states = run_dag(f"{model}__monitor", {"window_hours": None})
+        assert states["__run__"] == "success", states
+        decisions.append(states["emit_drift_detected"])
+    assert decisions == ["success", "skipped", "skipped"]
+
+    subjects = [m["Subject"] for m in inbox.messages]
+    assert subjects == [
+        f"[cd4ml] {model}: drift detected, retraining",
+        f"[cd4ml] {model}: drift detected during the retrain cooldown",
+    ]  # the third check is inside the same cooldown period: no second notice
+    text = body(inbox.messages[1])
+    assert "cooldown: no retrain before" in text and "only notice for this cooldown period" in text
+    assert "Version: 1 (champion)" in text and "Drifted columns: " in text
+    assert f"{PUBLIC_MLFLOW}/#/models/{model}/versions/1" in text and f"/dags/{model}__monitor/runs/" in text
+    state = load_state(get_settings(), model)
+    assert state["last_cooldown_notice_at"] > state["last_trigger_at"]

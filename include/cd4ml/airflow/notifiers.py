@@ -23,7 +23,11 @@ DEFAULT_SENDER = "cd4ml@localhost"  # when the connection has no `from_email`
 
 
 class Cd4mlNotifier(BaseNotifier):
-    """`event`: decision | quarantine | drift | rollback | failure."""
+    """`event`: decision | quarantine | drift | drift_cooldown | rollback | failure.
+
+    `drift_cooldown` sits on the monitor's check: drift that the cooldown keeps from retraining
+    sends one notice per cooldown period (the check decides, `cooldown_notice` in its summary, and
+    records it in the monitor state), where before nothing was said until the next retrain."""
 
     def __init__(self, event: str, spec: ModelSpec) -> None:
         super().__init__()
@@ -55,6 +59,10 @@ class Cd4mlNotifier(BaseNotifier):
             message = notify.quarantine(self.model, reasons, run_url)
         elif self.event == "drift" and self.settings.on_drift:
             message = notify.drift(self.model, ti.xcom_pull(task_ids="check_drift") or {}, run_url)
+        elif self.event == "drift_cooldown" and self.settings.on_drift:
+            summary = ti.xcom_pull(task_ids=ti.task_id) or {}
+            if summary.get("cooldown_notice"):
+                message = drift_in_cooldown(self.model, summary, run_url)
         elif self.event == "rollback" and self.settings.on_rollback:
             message = notify.rollback(self.model, ti.xcom_pull(task_ids=ti.task_id) or {}, run_url)
         elif self.event == "failure" and not quarantined and self.settings.on_failure:
@@ -65,6 +73,31 @@ class Cd4mlNotifier(BaseNotifier):
             log.warning("cd4ml: no '%s' connection; not sending %r", notify.SMTP_CONN_ID, message.subject)
             return
         send(message, self.recipients)
+
+
+def drift_in_cooldown(model: str, summary: dict[str, Any], run_url: str) -> notify.Message:
+    """Drift found, retraining held back by the cooldown: what was found, and when a retrain can
+    start again. (Message text beside `cd4ml.ui.notify`'s, in its skeleton.)"""
+    version = str(summary.get("champion_version"))
+    columns = ", ".join(summary.get("drifted_columns") or []) or "none"
+    live = summary.get("live") or {}
+    lines = [
+        f"Why: {summary['decision']['reason']}",
+        "No retrain now: a drift-triggered retrain ran within the cooldown (drift.cooldown_hours). "
+        "This is the only notice for this cooldown period; the next check after it retrains if "
+        "the drift is still there.",
+        f"Drifted columns: {columns}",
+    ]
+    if live.get("value") is not None:
+        lines.append(f"Live performance: {live.get('reason')}")
+    lines.append(f"Report: {summary.get('report_uri')}")
+    return notify.Message(
+        subject=f"[cd4ml] {model}: drift detected during the retrain cooldown",
+        body="\n".join([
+            f"Model: {model}", f"Version: {version} (champion)", *lines,
+            f"Model version: {notify.mlflow_version_url(model, version)}", f"Run: {run_url}",
+        ]) + "\n",
+    )  # fmt: skip
 
 
 def has_smtp_connection() -> bool:
