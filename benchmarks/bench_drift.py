@@ -161,8 +161,9 @@ def main() -> None:
                                     for m in methods}), flush=True)  # fmt: skip
     out_dir = REPO / "benchmarks" / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
-    # A one-method run writes its own file, so it does not replace the last side-by-side one.
-    name = "drift.json" if len(methods) == 2 else f"drift-{methods[0]}.json"
+    # A partial run writes its own file, so it does not replace the last complete side-by-side one.
+    complete = len(methods) == 2 and list(results) == list(SCENARIOS)
+    name = "drift.json" if complete else f"drift-partial-{'-'.join(methods)}.json"
     load = {"before": load_before, "after": os.getloadavg()}  # 1/5/15-minute load averages
     (out_dir / name).write_text(json.dumps({"rows": args.rows, "load": load, "results": results}, indent=2))
     print(f"load average before {load_before}, after {load['after']}")
