@@ -345,16 +345,15 @@ def _quarantine(
 # -- reading ------------------------------------------------------------------------------------
 
 
-def _latest(paths: ModelPaths) -> tuple[pa.Table, pd.Series] | None:
-    """The labels that count, as join keys (`request_id`, `row`, `labelled_at`, `_label`) plus every
-    stored outcome (a Series indexed by `_label`), or None when there are none.
+def _all_labels(paths: ModelPaths) -> tuple[pa.Table, pd.Series] | None:
+    """Every stored label as join keys (`request_id`, `row`, `labelled_at`, `_label`: its position
+    in the store, oldest part first) plus every outcome (a Series indexed by `_label`), or None.
 
     Outcomes stay out of the Arrow table: parts may type them differently (1 in one, "yes" in
     another), which one Arrow column cannot hold but a pandas column can."""
     import numpy as np
     import pandas as pd
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     for attempt in range(3):
@@ -368,37 +367,48 @@ def _latest(paths: ModelPaths) -> tuple[pa.Table, pd.Series] | None:
             # `compact_labels` replaced a day's parts between listing and reading: list again.
             if attempt == 2:
                 raise
-    if len({t.schema.field(OUTCOME).type for t in tables}) == 1:
-        outcomes = pa.chunked_array([t[OUTCOME] for t in tables]).to_pandas()
+    types = {t.schema.field(OUTCOME).type for t in tables}
+    if len(types) == 1:
+        # Chunks, not ChunkedArrays: given those, pa.chunked_array converts value by value in Python.
+        chunks = [chunk for t in tables for chunk in t[OUTCOME].chunks]
+        outcomes = pa.chunked_array(chunks, type=types.pop()).to_pandas()
     else:
         outcomes = pd.concat([t[OUTCOME].to_pandas().astype(object) for t in tables], ignore_index=True)
     keys = pa.concat_tables([t.select([REQUEST_ID, ROW, LABELLED_AT]) for t in tables])
     keys = keys.append_column("_label", pa.array(np.arange(keys.num_rows, dtype=np.int64)))
-    # Received last wins; parts are read oldest first and Arrow's sort is stable, so among labels
-    # received at the same instant the one written last wins.
-    keys = keys.take(pc.sort_indices(keys, sort_keys=[(LABELLED_AT, "ascending")]))
-    latest = keys.group_by([REQUEST_ID, ROW], use_threads=False).aggregate(
-        [("_label", "last"), (LABELLED_AT, "last")]
-    )
-    latest = pa.table({
-        REQUEST_ID: latest[REQUEST_ID], ROW: latest[ROW],
-        LABELLED_AT: latest[f"{LABELLED_AT}_last"], "_label": latest["_label_last"],
-    })  # fmt: skip
-    return latest, outcomes
+    return keys, outcomes
+
+
+def _last_per_key(table: pa.Table, key: list[str], order: list[str]) -> pa.Table:
+    """Per distinct `key`, the row that sorts last by `order`; the result is sorted by key.
+    (One sort, then each row is kept unless the next row has the same key.)"""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = table.sort_by([(c, "ascending") for c in [*key, *order]])
+    n = table.num_rows
+    if n < 2:
+        return table
+    same: Any = None
+    for c in key:
+        equal = pc.equal(table[c].slice(1), table[c].slice(0, n - 1))
+        same = equal if same is None else pc.and_(same, equal)
+    keep = pa.chunked_array([pc.invert(same).combine_chunks(), pa.array([True])])
+    return table.filter(keep)
 
 
 def latest_labels(paths: ModelPaths) -> pd.DataFrame:
     """One label per (request_id, row): the one received last (ties: the one written last)."""
     import pandas as pd
 
-    found = _latest(paths)
+    found = _all_labels(paths)
     if found is None:
         return pd.DataFrame(
             {REQUEST_ID: pd.Series(dtype=object), ROW: pd.Series(dtype="int64"),
              OUTCOME: pd.Series(dtype=object), LABELLED_AT: pd.Series(dtype="datetime64[us, UTC]")}
         )  # fmt: skip
     keys, outcomes = found
-    frame = keys.to_pandas()
+    frame = _last_per_key(keys, [REQUEST_ID, ROW], [LABELLED_AT, "_label"]).to_pandas()
     frame[OUTCOME] = outcomes.iloc[frame.pop("_label").to_numpy()].to_numpy()
     return frame[[REQUEST_ID, ROW, OUTCOME, LABELLED_AT]]
 
@@ -449,18 +459,19 @@ def _read_day(parts: list[Path]) -> pa.Table:
 def labelled_predictions(
     paths: ModelPaths, *, since: datetime | None = None, until: datetime | None = None
 ) -> pd.DataFrame:
-    """One row per labelled (request_id, row) predicted in [since, until): the logged features,
-    `prediction`, `model_version` (text), `request_id`, `row`, `ts` (prediction time, UTC),
-    `outcome`, `labelled_at`. A request id logged twice joins its latest prediction.
+    """One row per labelled (request_id, row) predicted in [since, until), ordered by
+    (request_id, row): the logged features, `prediction`, `model_version` (text), `request_id`,
+    `row`, `ts` (prediction time, UTC), `outcome`, `labelled_at`. The label received last counts;
+    a request id logged twice joins its latest prediction.
 
     The join runs in Arrow (a hash join on (request_id, row)) over batches of whole days of the log
-    (`JOIN_BATCH_ROWS`), so memory holds one batch plus what matched, not the whole log."""
+    (`JOIN_BATCH_ROWS`), so memory holds one batch plus what matched, not the whole log. Labels
+    are made unique after the join, on what matched: a one-day window does not sort a year of labels."""
     import pandas as pd
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     tail = ["prediction", "model_version", REQUEST_ID, ROW, "ts", OUTCOME, LABELLED_AT]
-    found = _latest(paths)
+    found = _all_labels(paths)
     if found is None:
         return pd.DataFrame(columns=tail)
     keys, outcomes = found
@@ -487,17 +498,22 @@ def labelled_predictions(
             join_pending()
     join_pending()
     joined = pa.concat_tables(matched, promote_options="permissive") if matched else None
+    matched.clear()
     if joined is None or joined.num_rows == 0:
         return pd.DataFrame(columns=tail)
-    joined = joined.sort_by([("ts", "ascending"), (REQUEST_ID, "ascending"), (ROW, "ascending")])
-    out = joined.to_pandas()
-    if pc.count_distinct(joined["_label"]).as_py() < joined.num_rows:
-        # A request id logged more than once (a client reusing ids): its latest prediction joins.
-        out = out.drop_duplicates("_label", keep="last")
-    out[OUTCOME] = outcomes.iloc[out.pop("_label").to_numpy()].to_numpy()
-    out["model_version"] = out["model_version"].astype(str)
-    features = [c for c in out.columns if c not in tail]
-    return out[features + tail].reset_index(drop=True)
+    joined = _last_per_key(joined, [REQUEST_ID, ROW], ["ts", LABELLED_AT, "_label"])
+    label_index = joined["_label"].to_numpy()
+    version = joined.schema.get_field_index("model_version")
+    joined = joined.set_column(version, "model_version", joined["model_version"].cast(pa.string()))
+    features = [c for c in joined.column_names if c not in tail and c != "_label"]
+    ordered = joined.select([*features, *tail[:-2], LABELLED_AT])
+    del joined
+    # Columns in their final order before converting, and Arrow buffers freed while converting:
+    # the frame is the only full copy held at the end.
+    out = ordered.to_pandas(self_destruct=True, split_blocks=True)
+    del ordered
+    out.insert(len(out.columns) - 1, OUTCOME, outcomes.iloc[label_index].to_numpy())
+    return out
 
 
 def served_rows(
