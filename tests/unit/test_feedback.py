@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -354,3 +355,22 @@ def test_a_day_with_outcomes_of_different_types_is_left_unmerged(logged: ModelPa
     record_labels(logged, labels(("b", "yes")), source="http", received_at=DAY0)
     assert compact_labels(logged, before=(DAY0 + timedelta(days=1)).date()) == 0
     assert sorted(labelled_predictions(logged)["outcome"].tolist(), key=str) == [1, "yes"]
+
+
+def test_posted_labels_committed_together_keep_their_types_and_resends_are_duplicates(
+    tmp_path: Path, paths: ModelPaths
+) -> None:
+    from cd4ml.serving.feedback_api import Label, LabelWriter
+
+    writer = LabelWriter(tmp_path)  # the service's writer thread, as the endpoint drives it
+    sent = [Label("a", 0, 1), Label("b", 0, "yes"), Label("c", 0, True), Label("d", 1, 2.5)]
+    new, duplicates = writer.split(MODEL, sent)
+    assert (len(new), duplicates) == (4, 0)
+    assert writer.submit(MODEL, new).result(timeout=30) == 4
+    stored = latest_labels(paths).set_index("request_id")["outcome"].to_dict()
+    assert stored == {"a": 1, "b": "yes", "c": True, "d": 2.5}
+    # (1 == True in Python: the types tell them apart)
+    assert isinstance(stored["b"], str) and isinstance(stored["c"], bool | np.bool_)
+    assert not isinstance(stored["a"], bool | np.bool_ | str)
+    again, duplicates = writer.split(MODEL, [*sent[:2], Label("a", 0, True)])
+    assert again == [Label("a", 0, True)] and duplicates == 2  # True is not the outcome 1

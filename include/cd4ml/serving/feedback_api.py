@@ -243,19 +243,22 @@ class LabelWriter:
         from cd4ml.data.feedback import outcome_array, record_labels
 
         labels = [lab for labs, _ in waiting for lab in labs]
+        # One part per kind of outcome: a client sending 1 and another sending "yes" in the same
+        # commit each keep their type (one Parquet column holds one type).
+        kinds: dict[type, list[Label]] = {}
+        for lab in labels:
+            kinds.setdefault(str if isinstance(lab.outcome, str) else bool if isinstance(lab.outcome, bool)
+                             else float, []).append(lab)  # fmt: skip
         try:
-            frame = pd.DataFrame({
-                "request_id": [lab.request_id for lab in labels],
-                "row": pd.array([lab.row for lab in labels], dtype="int64"),
-                # Typed here, so one part may mix labels from clients sending 1 and "yes".
-                "outcome": outcome_array([lab.outcome for lab in labels]).to_pandas(),
-            })  # fmt: skip
-            record_labels(
-                ModelPaths.in_data_dir(self.data_dir, model),
-                frame,
-                source="http",
-                received_at=datetime.now(UTC),
-            )
+            received_at = datetime.now(UTC)
+            for group in kinds.values():
+                frame = pd.DataFrame({
+                    "request_id": [lab.request_id for lab in group],
+                    "row": pd.array([lab.row for lab in group], dtype="int64"),
+                    "outcome": outcome_array([lab.outcome for lab in group]).to_pandas(),
+                })  # fmt: skip
+                paths = ModelPaths.in_data_dir(self.data_dir, model)
+                record_labels(paths, frame, source="http", received_at=received_at)
         # Whatever failed, every waiting request hears about it (a dead writer thread would leave
         # them waiting forever); the error reaches each request, nothing is swallowed.
         except Exception as err:  # noqa: BLE001
