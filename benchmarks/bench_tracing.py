@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import psutil
 from bench_serving import load, start, stop, tree_rss_mb
 
 from cd4ml_dev.netutil import free_port, local_mlflow_server, wait_http
@@ -52,13 +53,78 @@ def stop_receiver(proc: subprocess.Popen[str]) -> dict[str, int]:
     return counts
 
 
+def tracing_cpu_us(n: int = 5000) -> float:
+    """The CPU time tracing adds to one request, measured in this process: the service's own calls
+    (start, 3 steps, finish), the span processor, and the OTLP encoding of every span (the bytes are
+    dropped instead of posted). Process CPU time, all threads, so the export thread is counted."""
+    import time
+
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    from cd4ml.core.telemetry import trace_export
+    from cd4ml.serving.tracing import (
+        LOG,
+        PARSE,
+        PREDICT,
+        ROWS,
+        ServiceTracing,
+        _resource,
+        _sampler,
+        encode_spans,
+    )
+
+    class EncodeOnly(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            encode_spans(spans).SerializePartialToString()
+            return SpanExportResult.SUCCESS
+
+    export = trace_export({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"})
+    assert export is not None
+    processor = BatchSpanProcessor(EncodeOnly(), max_queue_size=4 * n + 8)
+    tracing = ServiceTracing(processor, export, _resource(export), _sampler(export))
+    headers = {"host": "127.0.0.1", "content-type": "application/json", "content-length": "120"}
+
+    def request() -> None:
+        rt = tracing.start("POST", "/v1/models/{model}/predict", "/v1/models/bench/predict", headers, "bench",
+                           "native")  # fmt: skip
+        rt.serving("bench", "1")
+        rt.begin(PARSE)
+        rt.set(ROWS, 1)
+        rt.begin(PREDICT, rows=1)
+        rt.begin(LOG, rows=1)
+        rt.end()
+        rt.finish(200)
+
+    started = time.process_time()
+    for _ in range(n):
+        request()
+    processor.force_flush()
+    spent = time.process_time() - started
+    processor.shutdown()
+    return 1e6 * spent / n
+
+
 def summarize(runs: list[dict[str, float]]) -> dict[str, float]:
     return {
         "throughput_rps": statistics.mean(r["throughput_rps"] for r in runs),
         "p50_ms": statistics.mean(r["p50_ms"] for r in runs),
         "p99_ms": statistics.mean(r["p99_ms"] for r in runs),
+        "cpu_ms_per_request": statistics.mean(r["cpu_ms_per_request"] for r in runs),
         "failures": sum(r["failures"] for r in runs),
     }
+
+
+def measured(pid: int, url: str, body: bytes, n: int, concurrency: int) -> dict[str, float]:
+    """`load`, plus the service's CPU time per request (user + system, all its threads, warm-up
+    included): the one-worker service is CPU-bound, so its throughput on an idle core is the inverse
+    of this, and unlike requests/s it hardly moves when other processes share the machine."""
+    proc = psutil.Process(pid)
+    before = proc.cpu_times()
+    out = asyncio.run(load(url, body, n, concurrency))
+    after = proc.cpu_times()
+    cpu = (after.user - before.user) + (after.system - before.system)
+    out["cpu_ms_per_request"] = 1000 * cpu / (n + WARMUP)
+    return out
 
 
 def main() -> None:
@@ -118,6 +184,10 @@ def main() -> None:
             {"dataframe_split": json.loads(rows.to_json(orient="split", index=False))}
         ).encode()
 
+        results["tracing_cpu_us_per_request"] = statistics.median(tracing_cpu_us() for _ in range(3))
+        print(
+            f"tracing's own CPU time: {results['tracing_cpu_us_per_request']:.0f} us per request", flush=True
+        )
         receiver, receiver_port = start_receiver(home / "receiver.log")
         tracing = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver_port}",
                    "OTEL_SERVICE_NAME": "cd4ml-bench"}  # fmt: skip
@@ -140,14 +210,16 @@ def main() -> None:
         for r in range(args.rounds):
             for name in order if r % 2 == 0 else order[::-1]:
                 results["loadavg"].append(round(os.getloadavg()[0], 2))
-                url = services[name][1]
-                single = asyncio.run(load(url, one, args.requests, args.concurrency))
-                batch = asyncio.run(load(url, hundred, args.batch_requests, args.concurrency))
+                pid, url = services[name][0].pid, services[name][1]
+                single = measured(pid, url, one, args.requests, args.concurrency)
+                batch = measured(pid, url, hundred, args.batch_requests, args.concurrency)
                 runs[name]["single"].append(single)
                 runs[name]["batch100"].append(batch)
                 print(f"round {r + 1} {name}: 1-row {single['throughput_rps']:.0f} req/s p99 "
-                      f"{single['p99_ms']:.1f} ms; 100-row {batch['throughput_rps']:.0f} req/s p99 "
-                      f"{batch['p99_ms']:.1f} ms (load {results['loadavg'][-1]})", flush=True)  # fmt: skip
+                      f"{single['p99_ms']:.1f} ms CPU {single['cpu_ms_per_request']:.3f} ms/req; 100-row "
+                      f"{batch['throughput_rps']:.0f} req/s p99 {batch['p99_ms']:.1f} ms CPU "
+                      f"{batch['cpu_ms_per_request']:.3f} ms/req (load {results['loadavg'][-1]})",
+                      flush=True)  # fmt: skip
         for name, (proc, _) in services.items():
             results[name] = {kind: summarize(rs) for kind, rs in runs[name].items()}
             results[name]["runs"] = runs[name]
@@ -162,6 +234,11 @@ def main() -> None:
         for kind in ("single", "batch100"):
             off, on = results["tracing off"][kind], results["tracing on"][kind]
             results[f"cost_{kind}_pct"] = 100 * (1 - on["throughput_rps"] / off["throughput_rps"])
+            # the throughput cost on an idle core: 1 - (1 / cpu_on) / (1 / cpu_off)
+            results[f"cpu_cost_{kind}_pct"] = 100 * (1 - off["cpu_ms_per_request"] / on["cpu_ms_per_request"])
+            # tracing's own CPU time (in-process, same machine, same minutes) over the untraced request's
+            own = results["tracing_cpu_us_per_request"] / 1000
+            results[f"own_cost_{kind}_pct"] = 100 * own / (off["cpu_ms_per_request"] + own)
     finally:
         if receiver is not None:
             stop_receiver(receiver)
@@ -179,20 +256,26 @@ def main() -> None:
 
 def report(r: dict[str, Any]) -> str:
     lines = [
-        "| service | 1-row req/s | p50 ms | p99 ms | 100-row req/s | p50 ms | p99 ms |",
-        "|---|---|---|---|---|---|---|",
+        "| service | 1-row req/s | p50 ms | p99 ms | CPU ms/req "
+        "| 100-row req/s | p50 ms | p99 ms | CPU ms/req |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in ("tracing off", "tracing on"):
         s, b = r[name]["single"], r[name]["batch100"]
         lines.append(
             f"| {name} | {s['throughput_rps']:.0f} | {s['p50_ms']:.1f} | {s['p99_ms']:.1f} | "
-            f"{b['throughput_rps']:.0f} | {b['p50_ms']:.1f} | {b['p99_ms']:.1f} |"
+            f"{s['cpu_ms_per_request']:.3f} | {b['throughput_rps']:.0f} | {b['p50_ms']:.1f} | "
+            f"{b['p99_ms']:.1f} | {b['cpu_ms_per_request']:.3f} |"
         )
     spans = r["spans"]
     lines.append(
-        f"\nthroughput cost of tracing: {r['cost_single_pct']:.1f} % (1-row), {r['cost_batch100_pct']:.1f} % "
-        f"(100-row); spans received {spans['received']} of {spans['expected']} in {spans['export_requests']} "
-        f"OTLP requests; load average at each run start {r['loadavg']}"
+        f"\nthroughput cost of tracing, measured: {r['cost_single_pct']:.1f} % (1-row), "
+        f"{r['cost_batch100_pct']:.1f} % (100-row); from the service's CPU time per request: "
+        f"{r['cpu_cost_single_pct']:.1f} % (1-row), {r['cpu_cost_batch100_pct']:.1f} % (100-row); from "
+        f"tracing's own CPU time ({r['tracing_cpu_us_per_request']:.0f} us/request, in-process): "
+        f"{r['own_cost_single_pct']:.1f} % (1-row), {r['own_cost_batch100_pct']:.1f} % (100-row); spans "
+        f"received {spans['received']} of {spans['expected']} in {spans['export_requests']} OTLP requests; "
+        f"load average at each run start {r['loadavg']}"
     )
     return "\n".join(lines)
 
