@@ -16,6 +16,7 @@
       feedback/accepted/           ingested label files, `<sha16>__<name>` + `.meta.json`
       feedback/quarantine/         rejected label files, each with `<name>.reason.json`
       feedback/labels/date=YYYY-MM-DD/ the label store (by day received), part-*.parquet
+      feedback/to_training/        labels exported as training data: state.json + exported/<seq>.parquet
 
 Pure paths, no I/O (except `ensure`): build one with `ModelPaths.for_model(settings, name)`, or
 `ModelPaths.in_data_dir(data_dir, name)` where only the data root is known (the prediction service).
@@ -162,6 +163,10 @@ class ModelPaths:
     @property
     def feedback_quarantine(self) -> Path:
         return self.feedback_zone.quarantine
+
+    @property
+    def feedback_exports(self) -> Path:
+        return self.feedback / "to_training"
 
     @property
     def labels(self) -> Path:

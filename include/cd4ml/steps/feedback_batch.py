@@ -56,7 +56,7 @@ KEEP_BATCHES = 50
 
 def export_dir(paths: ModelPaths) -> Path:
     """`<model>/feedback/to_training/`: state.json and the ledger `exported/<seq>.parquet`."""
-    return paths.feedback / "to_training"
+    return paths.feedback_exports
 
 
 def state_path(paths: ModelPaths) -> Path:
