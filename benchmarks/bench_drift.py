@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 NUMERICAL = [f"n{i}" for i in range(8)]
@@ -43,7 +44,7 @@ SCENARIOS = {
 }
 
 
-def make(rows: int, scenario: str, current: bool, seed: int):
+def make(rows: int, scenario: str, current: bool, seed: int) -> Any:  # a DataFrame
     import numpy as np
     import pandas as pd
 

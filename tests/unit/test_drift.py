@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -10,6 +11,7 @@ import pytest
 
 from cd4ml.core.spec import Drift
 from cd4ml.ml.drift import (
+    DriftDecision,
     column_drift,
     dataset_drift,
     decide_drift,
@@ -23,7 +25,9 @@ NUM = ["x", "y", "few"]
 CAT = ["c"]
 
 
-def frame(n: int, *, shift: float = 0.0, cats=(0.5, 0.3, 0.2), seed: int = 0) -> pd.DataFrame:
+def frame(
+    n: int, *, shift: float = 0.0, cats: tuple[float, ...] = (0.5, 0.3, 0.2), seed: int = 0
+) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     return pd.DataFrame({
         "x": rng.normal(shift, 1, n),
@@ -106,7 +110,7 @@ POLICY = Drift(threshold=0.3, cooldown_hours=6, min_rows=200, performance_drop=0
 NOW = datetime(2026, 3, 1, 12, tzinfo=UTC)
 
 
-def decide(**kw):
+def decide(**kw: Any) -> DriftDecision:
     args = dict(window_rows=1000, share=0.0, performance_drop=None, now=NOW, last_trigger_at=None,
                 window_already_trained_on=False)  # fmt: skip
     return decide_drift(POLICY, **{**args, **kw})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -317,7 +318,7 @@ def test_a_column_null_on_both_sides_names_both() -> None:
     assert col.note == expected
 
 
-def test_evidently_report_leaves_all_null_columns_out_and_does_not_crash(tmp_path) -> None:
+def test_evidently_report_leaves_all_null_columns_out_and_does_not_crash(tmp_path: Path) -> None:
     ref, cur = _all_null_frames()
     report = run_evidently(ref, cur, NUM_NULL, CAT_NULL)
     names = [m["metric_name"] for m in report.dict()["metrics"]]
@@ -337,7 +338,7 @@ def test_evidently_report_leaves_all_null_columns_out_and_does_not_crash(tmp_pat
     ]
 
 
-def test_evidently_report_with_every_column_null_on_a_side(tmp_path) -> None:
+def test_evidently_report_with_every_column_null_on_a_side(tmp_path: Path) -> None:
     ref, cur = _all_null_frames()
     cols = ["cur_null", "cat_cur_null"]
     report = run_evidently(ref, cur, cols[:1], cols[1:])
