@@ -6,6 +6,11 @@ import os
 import sys
 
 from cd4ml.airflow.preload import preload_if_forking_tasks
+from cd4ml.core.telemetry import airflow_trace_env
+
+# OpenTelemetry: the standard OTEL_* variables switch Airflow's traces on ([traces] otel_on, read
+# right after this module) with the exporter of their protocol; nothing when no endpoint is set.
+os.environ.update(airflow_trace_env(os.environ))
 
 # With CeleryExecutor the scheduler only queues tasks; preloading there costs a core for nothing.
 if not (sys.argv[1:2] == ["scheduler"] and os.environ.get("AIRFLOW__CORE__EXECUTOR") == "CeleryExecutor"):

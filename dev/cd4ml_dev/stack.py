@@ -138,7 +138,11 @@ def otel_environment(source: Mapping[str, str]) -> dict[str, str]:
     programs on the next `up` and `cd4ml-dev stack env` shows it. The one place to derive Airflow's
     own trace settings (AIRFLOW__TRACES__*) from these, too.
     """
-    return {key: value for key, value in source.items() if key.startswith("OTEL_")}
+    from cd4ml.core.telemetry import airflow_trace_env
+
+    # Airflow's [traces] switch and exporter follow the same variables (nothing when no endpoint).
+    return {**{key: value for key, value in source.items() if key.startswith("OTEL_")},
+            **airflow_trace_env(source)}  # fmt: skip
 
 
 def environment(cfg: StackConfig) -> dict[str, str]:
