@@ -362,10 +362,20 @@ def create_app(
             )
         rt.set(ROWS, len(rows))
         rt.begin(PREDICT, rows=len(rows))
-        if len(rows) <= INLINE_ROWS:
-            out = slot.predict(rows)
-        else:
-            out = await run_in_threadpool(slot.predict, rows)
+        try:
+            if len(rows) <= INLINE_ROWS:
+                out = slot.predict(rows)
+            else:
+                out = await run_in_threadpool(slot.predict, rows)
+        except Exception as err:  # any model failure is the service's 500, counted
+            # Counted like every other answer, so the 5xx-rate alert sees a model that throws.
+            log.exception("%s v%s: prediction failed", model, slot.version)
+            metrics.errors.labels(model, "predict_failed").inc()
+            metrics.requests.labels(model, slot.version, "500").inc()
+            return _failure(
+                protocol, 500, f"model '{model}' version {slot.version} failed to predict: "
+                f"{type(err).__name__}: {err}", [Problem("model", "prediction failed")],
+            )  # fmt: skip
         request_id = parsed.request_id or request.headers.get("x-request-id") or uuid.uuid4().hex
         rt.set(REQUEST_ID, request_id)
         if config.log_predictions and request.headers.get("x-cd4ml-purpose") != "smoke-test":
