@@ -263,6 +263,7 @@ def live_check(
     start = end - timedelta(hours=LIVE_WINDOW_HOURS)
     labelled = feedback.labelled_predictions(paths, since=start, until=end)
     rows, left_out = live_rows(labelled, version=version, start=start, end=end)
+    del labelled  # a week of labelled traffic: the rows judged are a copy, this need not stay alive
     served = feedback.served_rows(paths, since=start, until=end, version=version)
     number = lambda key: float(v) if isinstance(v := decision.get(key), int | float) else None  # noqa: E731
     live = live_performance(
@@ -562,14 +563,14 @@ def bootstrap_interval(
     resamples: int,
     confidence: float,
     seed: int,
-    max_rows: int = LIVE_BOOTSTRAP_ROWS,
+    max_rows: int | None = None,
 ) -> tuple[float, float | None, float | None]:
     """(value, low, high): the metric on all rows and its bootstrap interval, each bound one-sided
     at `confidence` (the promotion gate's convention). Resampling weights are multinomial counts
     (rows drawn with replacement), scored by `evaluation.weighted_metric` as the gate's paired
-    bootstrap does. Above `max_rows` rows a seeded subsample of `max_rows` is resampled and its
-    spread scaled by sqrt(m/n). (None, None) bounds: fewer than half the resamples could be scored
-    (a metric undefined on most draws, e.g. AUC of one class)."""
+    bootstrap does. Above `max_rows` rows (default LIVE_BOOTSTRAP_ROWS) a seeded subsample of
+    `max_rows` is resampled and its spread scaled by sqrt(m/n). (None, None) bounds: fewer than
+    half the resamples could be scored (a metric undefined on most draws, e.g. AUC of one class)."""
     import numpy as np
 
     from cd4ml.ml.evaluation import Scores, score, weighted_metric
@@ -580,6 +581,7 @@ def bootstrap_interval(
     if n == 0 or not math.isfinite(value):
         return value, None, None
     rng = np.random.default_rng(seed)
+    max_rows = LIVE_BOOTSTRAP_ROWS if max_rows is None else max_rows  # read when called: settable
     if n > max_rows:
         idx = np.sort(rng.choice(n, size=max_rows, replace=False))
         y_sub = y[idx]
@@ -686,7 +688,8 @@ def live_performance(
     classes = None if spec.task == "regression" else tuple(model.classes_.tolist())
     y, usable = cast_outcomes(rows["outcome"].to_numpy(), classes)
     unusable = int((~usable).sum())
-    rows, y = rows[usable].reset_index(drop=True), y[usable]
+    if unusable:  # (a copy of a million rows only when some must go)
+        rows, y = rows[usable].reset_index(drop=True), y[usable]
     need = spec.promotion.min_holdout_rows
     if len(rows) < need:
         return LivePerformance(labelled_rows=len(rows), coverage=coverage, unusable_labels=unusable, **base,
