@@ -138,6 +138,7 @@ def test_monitor_dag_emits_the_drift_asset_the_training_dag_listens_to(bag) -> N
     dag = bag.dags["churn__monitor"]
     downstream = {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks}
     assert downstream == {
+        "ingest_labels": ["check_drift"],
         "check_drift": ["emit_drift_detected", "should_retrain"],
         "should_retrain": ["emit_drift_detected"],
         "emit_drift_detected": [],

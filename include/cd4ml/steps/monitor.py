@@ -239,6 +239,7 @@ def check_drift(
         "window",
         "share",
         "drifted_columns",
+        "no_data_columns",
         "new_categories",
         "decision",
         "report_uri",
