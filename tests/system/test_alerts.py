@@ -21,6 +21,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -161,18 +162,16 @@ def alertmanager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
         controller.stop()
 
 
-@pytest.fixture(scope="module")
-def prometheus(
-    champion: dict[str, Any], pipeline_metrics: str, alertmanager: dict[str, Any],
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[str]:  # fmt: skip
-    root = tmp_path_factory.mktemp("prometheus")
+@contextmanager
+def running_prometheus(root: Path, service: str, pipeline: str, alertmanager: str | None) -> Iterator[str]:
+    """Debian's Prometheus on a free port with the shipped rules made test-fast (`rules_for_test`),
+    scraping `service` (its /metrics) and `pipeline` (/cd4ml/metrics) every second."""
     token = root / "metrics_token"
     token.write_text(METRICS_TOKEN)
     port = free_port()
     config = stack.prometheus_config(
-        service=champion["url"].removeprefix("http://"), pipeline=pipeline_metrics, token_file=token,
-        alertmanager=alertmanager["target"], self_target=f"127.0.0.1:{port}",
+        service=service.removeprefix("http://"), pipeline=pipeline, token_file=token,
+        alertmanager=alertmanager, self_target=f"127.0.0.1:{port}",
         rule_files=[rules_for_test(root / "cd4ml.rules.yml")], interval="1s",
     )  # fmt: skip
     (root / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -189,6 +188,16 @@ def prometheus(
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def prometheus(
+    champion: dict[str, Any], pipeline_metrics: str, alertmanager: dict[str, Any],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[str]:  # fmt: skip
+    with running_prometheus(tmp_path_factory.mktemp("prometheus"), champion["url"], pipeline_metrics,
+                            alertmanager["target"]) as url:  # fmt: skip
+        yield url
 
 
 def query(prom: str, expr: str) -> list[dict[str, Any]]:

@@ -108,7 +108,7 @@ def url(service: dict[str, Any], model: str = MODEL) -> str:
 
 def predict(service: dict[str, Any], rows: list[dict[str, Any]], request_id: str | None = None) -> str:
     headers = {"x-request-id": request_id} if request_id else {}
-    r = httpx.post(f"{service['svc'].url}/v1/models/{MODEL}/predict", json=rows, headers=headers)
+    r = httpx.post(f"{service['svc'].url}/v1/models/{MODEL}/predict", json=rows, headers=headers, timeout=60)
     assert r.status_code == 200, r.text
     return str(r.json()["request_id"])
 
@@ -139,7 +139,7 @@ def joined(service: dict[str, Any], request_id: str, count: int) -> Any:
 def test_one_label_for_a_served_prediction_joins_it(service: dict[str, Any]) -> None:
     rid = predict(service, service["rows"][:1])
     before = counter(service, "accepted")
-    r = httpx.post(url(service), json={"request_id": rid, "outcome": 1})
+    r = httpx.post(url(service), timeout=60, json={"request_id": rid, "outcome": 1})
     assert r.status_code == 200, r.text
     assert r.json() == {"model": MODEL, "labels": 1, "accepted": 1, "duplicates": 0}
     out = joined(service, rid, 1)
@@ -152,9 +152,9 @@ def test_a_batch_names_rows_inside_a_multi_row_request(service: dict[str, Any]) 
     rows = service["rows"][1:6]
     rid = predict(service, rows)
     labels = [{"request_id": rid, "row": i, "outcome": i % 2} for i in range(5)]
-    r = httpx.post(url(service), json={"feedback": labels[:3]})
+    r = httpx.post(url(service), timeout=60, json={"feedback": labels[:3]})
     assert r.status_code == 200 and r.json()["accepted"] == 3
-    r = httpx.post(url(service), json=labels[3:])  # a plain list works as well
+    r = httpx.post(url(service), timeout=60, json=labels[3:])  # a plain list works as well
     assert r.status_code == 200 and r.json()["accepted"] == 2
     out = joined(service, rid, 5)
     assert out["row"].tolist() == [0, 1, 2, 3, 4] and out["outcome"].tolist() == [0, 1, 0, 1, 0]
@@ -165,8 +165,8 @@ def test_sending_the_same_label_twice_is_harmless(service: dict[str, Any]) -> No
     rid = predict(service, service["rows"][6:8])
     body = [{"request_id": rid, "outcome": "yes"}, {"request_id": rid, "row": 1, "outcome": "no"}]
     dup_before = counter(service, "duplicate")
-    assert httpx.post(url(service), json=body).json()["accepted"] == 2
-    again = httpx.post(url(service), json=body)
+    assert httpx.post(url(service), timeout=60, json=body).json()["accepted"] == 2
+    again = httpx.post(url(service), timeout=60, json=body)
     assert again.status_code == 200 and again.json() == {
         "model": MODEL,
         "labels": 2,
@@ -175,7 +175,10 @@ def test_sending_the_same_label_twice_is_harmless(service: dict[str, Any]) -> No
     }
     assert counter(service, "duplicate") == dup_before + 2
     # A corrected outcome replaces the earlier one.
-    assert httpx.post(url(service), json={"request_id": rid, "outcome": "no"}).json()["accepted"] == 1
+    assert (
+        httpx.post(url(service), timeout=60, json={"request_id": rid, "outcome": "no"}).json()["accepted"]
+        == 1
+    )
     assert joined(service, rid, 2)["outcome"].tolist() == ["no", "no"]
 
 
@@ -185,7 +188,7 @@ def test_unknown_request_ids_are_named_and_the_batch_is_not_stored(service: dict
     unknown_before = counter(service, "unknown")
     body = [{"request_id": "never-1", "outcome": 1}, {"request_id": rid, "outcome": 1},
             {"request_id": "never-2", "outcome": 0}]  # fmt: skip
-    r = httpx.post(url(service), json=body)
+    r = httpx.post(url(service), timeout=60, json=body)
     assert r.status_code == 422
     assert r.json()["unknown_request_ids"] == ["never-1", "never-2"]
     assert {(p["field"], p["row"]) for p in r.json()["problems"]} == {("request_id", 0), ("request_id", 2)}
@@ -216,7 +219,7 @@ def test_unknown_request_ids_are_named_and_the_batch_is_not_stored(service: dict
 def test_bad_fields_get_a_4xx_naming_the_field(
     service: dict[str, Any], body: Any, field: str, status: int
 ) -> None:
-    r = httpx.post(url(service), json=body)
+    r = httpx.post(url(service), timeout=60, json=body)
     assert r.status_code == status, r.text
     assert field in {p["field"] for p in r.json()["problems"]}, r.json()
 
@@ -225,7 +228,7 @@ def test_not_json_and_a_row_beyond_the_request_are_named(service: dict[str, Any]
     r = httpx.post(url(service), content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["problems"][0]["field"] == "body"
     rid = predict(service, service["rows"][9:11])
-    r = httpx.post(url(service), json={"request_id": rid, "row": 2, "outcome": 1})
+    r = httpx.post(url(service), timeout=60, json={"request_id": rid, "row": 2, "outcome": 1})
     assert r.status_code == 422
     assert r.json()["problems"] == [
         {"field": "row", "problem": f"request '{rid}' had 2 row(s); row must be below that", "row": 0}
@@ -235,11 +238,11 @@ def test_not_json_and_a_row_beyond_the_request_are_named(service: dict[str, Any]
 def test_size_limits_work_as_on_predict(service: dict[str, Any]) -> None:
     rid = predict(service, service["rows"][11:12])
     too_many = [{"request_id": rid, "outcome": 1}] * (MAX_ROWS + 1)
-    r = httpx.post(url(service), json=too_many)
+    r = httpx.post(url(service), timeout=60, json=too_many)
     assert r.status_code == 413 and r.json()["problems"][0]["field"] == "feedback"
     assert "CD4ML_SERVICE_MAX_ROWS" in r.json()["problems"][0]["problem"]
     huge = {"request_id": rid, "outcome": "x" * (MAX_BODY + 10)}
-    r = httpx.post(url(service), json=huge)
+    r = httpx.post(url(service), timeout=60, json=huge)
     assert r.status_code == 413 and r.json()["problems"] == [{"field": "body", "problem": "too large"}]
 
     def chunks() -> Iterator[bytes]:  # no content-length: the limit applies while reading
@@ -265,11 +268,11 @@ def test_unknown_model_is_404_as_on_predict(service: dict[str, Any]) -> None:
 def test_ids_served_before_a_restart_are_found_on_disk(service: dict[str, Any]) -> None:
     old = predict(service, service["rows"][12:15], request_id="before-restart")
     service["svc"].restart()  # a clean stop flushes the prediction log; the new process has no memory of it
-    r = httpx.post(url(service), json={"request_id": old, "row": 2, "outcome": 0})
+    r = httpx.post(url(service), timeout=60, json={"request_id": old, "row": 2, "outcome": 0})
     assert r.status_code == 200 and r.json()["accepted"] == 1, r.text
-    r = httpx.post(url(service), json={"request_id": old, "row": 3, "outcome": 0})
+    r = httpx.post(url(service), timeout=60, json={"request_id": old, "row": 3, "outcome": 0})
     assert r.status_code == 422 and r.json()["problems"][0]["field"] == "row"
-    assert httpx.post(url(service), json={"request_id": "never", "outcome": 0}).status_code == 422
+    assert httpx.post(url(service), timeout=60, json={"request_id": "never", "outcome": 0}).status_code == 422
     out = joined(service, old, 1)
     assert out[["row", "outcome"]].values.tolist() == [[2, 0]]
     assert out["tenure_months"].tolist() == [service["rows"][14]["tenure_months"]]

@@ -25,7 +25,6 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from cd4ml.core.paths import ModelPaths
 from cd4ml.core.settings import get_settings
@@ -34,11 +33,9 @@ from cd4ml.data import landing
 from cd4ml.steps import monitor
 from cd4ml.steps.feedback_batch import land_feedback_batch
 from cd4ml.steps.pipeline import run_training
-from cd4ml_dev import stack
 from cd4ml_dev.datagen import generate_churn, write_batch
-from cd4ml_dev.netutil import free_port
 from tests.helpers import LOGREG, write_spec
-from tests.system.test_alerts import METRICS_TOKEN, query, rules_for_test, start, wait_for
+from tests.system.test_alerts import METRICS_TOKEN, query, running_prometheus, wait_for
 from tests.system.test_alerts import pipeline_metrics as pipeline_metrics
 
 pytestmark = pytest.mark.system
@@ -74,26 +71,9 @@ def champion(
 def prometheus(
     champion: dict[str, Any], pipeline_metrics: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("prometheus-loop")
-    token = root / "metrics_token"
-    token.write_text(METRICS_TOKEN)
-    port = free_port()
-    config = stack.prometheus_config(
-        service=champion["url"].removeprefix("http://"), pipeline=pipeline_metrics, token_file=token,
-        alertmanager=None, self_target=f"127.0.0.1:{port}",
-        rule_files=[rules_for_test(root / "cd4ml.rules.yml")], interval="1s",
-    )  # fmt: skip
-    (root / "prometheus.yml").write_text(yaml.safe_dump(config))
-    proc = start(
-        ["prometheus", f"--config.file={root / 'prometheus.yml'}", f"--storage.tsdb.path={root / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        root / "prometheus.log", f"http://127.0.0.1:{port}/-/ready",
-    )  # fmt: skip
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with running_prometheus(tmp_path_factory.mktemp("prometheus-loop"), champion["url"], pipeline_metrics,
+                            alertmanager=None) as url:  # fmt: skip
+        yield url
 
 
 def serve(url: str, frame: Any) -> list[dict[str, Any]]:

@@ -48,7 +48,7 @@ from starlette.concurrency import run_in_threadpool
 from cd4ml.core.settings import Settings, get_settings
 from cd4ml.serving.feedback_api import feedback_router
 from cd4ml.serving.models import ModelStore, Slot
-from cd4ml.serving.payload import PayloadError, Problem, check
+from cd4ml.serving.payload import PayloadError, Problem, check, read_limited
 from cd4ml.serving.predlog import Entry, PredictionLog
 from cd4ml.serving.protocols import MLFLOW, MODEL_HEADER, NATIVE, OIP, Protocol, choose_model, oip_metadata
 from cd4ml.serving.tracing import (
@@ -322,7 +322,7 @@ def create_app(
                 f"body of {declared} bytes; at most {config.max_body_bytes}",
                 [Problem("body", "too large")],
             )
-        raw = await _read_limited(request, config.max_body_bytes)
+        raw = await read_limited(request, config.max_body_bytes)
         if raw is None:  # a chunked body has no length up front: stop reading once it is too big
             metrics.errors.labels(model, "too_large").inc()
             return _failure(
@@ -531,18 +531,6 @@ def create_app(
         return JSONResponse({"serving": serving, "refused": refused})
 
     return app
-
-
-async def _read_limited(request: Request, limit: int) -> bytes | None:
-    """The whole body, or None as soon as it exceeds `limit` bytes (never buffering more)."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def serve(host: str, port: int) -> None:

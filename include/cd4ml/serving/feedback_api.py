@@ -46,7 +46,7 @@ from starlette.concurrency import run_in_threadpool
 
 from cd4ml.core.paths import ModelPaths
 from cd4ml.core.settings import Settings
-from cd4ml.serving.payload import MAX_PROBLEMS, Problem
+from cd4ml.serving.payload import MAX_PROBLEMS, Problem, read_limited
 from cd4ml.serving.predlog import PredictionLog
 
 log = logging.getLogger(__name__)
@@ -291,17 +291,6 @@ def _count(body: Any) -> int:
     return len(items) if isinstance(items, list) else 1
 
 
-async def _read_limited(request: Request, limit: int) -> bytes | None:
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def feedback_router(
     settings: Settings,
     *,
@@ -351,7 +340,7 @@ def feedback_router(
         )
         if declared and declared.isdigit() and int(declared) > max_body_bytes:
             return fail(model, too_large)
-        raw = await _read_limited(request, max_body_bytes)
+        raw = await read_limited(request, max_body_bytes)
         if raw is None:
             return fail(model, too_large)
         try:

@@ -10,9 +10,12 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cd4ml.data.tables import category_text
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
 
 MAX_PROBLEMS = 20
 _FLOAT_MAX = sys.float_info.max
@@ -145,3 +148,16 @@ def check(schema: FeatureSchema, columns: list[str], data: list[list[Any]], max_
     if problems:
         raise PayloadError(problems)
     return out
+
+
+async def read_limited(request: Request, limit: int) -> bytes | None:
+    """The whole body, or None as soon as it exceeds `limit` bytes (never buffering more): a chunked
+    body has no length up front, so predict and feedback stop reading once it is too big."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
