@@ -8,6 +8,16 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-for script in ("bench_training.py", "bench_serving.py", "bench_drift.py"):
-    print(f"== {script}", flush=True)
-    subprocess.run([sys.executable, str(HERE / script)], check=True)
+RUNS: tuple[tuple[str, ...], ...] = (
+    ("bench_training.py",),
+    ("bench_serving.py",),
+    ("bench_drift.py",),
+    ("bench_feedback.py",),
+    ("bench_tracing.py",),
+    # The full 1M-row bootstrap variant alone takes ~8 minutes: run it by hand with --methods.
+    ("bench_live_performance.py", "--methods", "cd4ml,naive"),
+)
+
+for script, *args in RUNS:
+    print(f"== {script} {' '.join(args)}", flush=True)
+    subprocess.run([sys.executable, str(HERE / script), *args], check=True)
