@@ -219,3 +219,37 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         if remove is not None:
             shutil.rmtree(remove, ignore_errors=True)
     shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+
+
+# The slowest files first (a real stack, dag.test() stories, Prometheus, whole trainings): with
+# `--dist loadfile` each file runs on one worker, so starting them last leaves one worker busy long
+# after the others ran out of work. Rough order, longest first; everything else keeps its order.
+SLOW_FIRST = (
+    "tests/integration/test_monitor_dag.py",
+    "tests/system/test_embedded_stack.py",
+    "tests/integration/test_train_dag.py",
+    "tests/reliability/test_faults.py",
+    "tests/integration/test_monitor_live.py",
+    "tests/integration/test_notifications.py",
+    "tests/integration/test_retract.py",
+    "tests/system/test_feedback_loop.py",
+    "tests/system/test_alerts.py",
+    "tests/system/test_tracing.py",
+    "tests/scale/test_celery_topology.py",
+    "tests/integration/test_extra_links.py",
+    "tests/unit/test_steps.py",
+    "tests/reliability/test_bad_data.py",
+    "tests/zoo/test_zoo.py",
+    "tests/integration/test_deploy_bugs.py",
+    "tests/system/test_feedback_api.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {path: i for i, path in enumerate(SLOW_FIRST)}
+    root = Path(str(config.rootpath))
+
+    def key(item: pytest.Item) -> int:
+        return rank.get(Path(str(item.path)).relative_to(root).as_posix(), len(SLOW_FIRST))
+
+    items.sort(key=key)  # stable: the order inside a file, and of the other files, is kept

@@ -17,6 +17,7 @@ real traffic crosses it. Scrapes and evaluations every second.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import threading
 import time
@@ -70,10 +71,22 @@ def rules_for_test(path: Path) -> Path:
     return path
 
 
+def own_specs(
+    mp: pytest.MonkeyPatch, shared_specs: Path, model: str, factory: pytest.TempPathFactory
+) -> None:
+    """The session's service serves every spec in `shared_specs`; this process (the /cd4ml/metrics
+    app Prometheus scrapes) sees only `model`'s, so a scrape reads MLflow for one model, not for
+    every model the whole test session wrote."""
+    own = factory.mktemp(f"specs-{model}")
+    shutil.copy(shared_specs / f"{model}.yaml", own / f"{model}.yaml")
+    mp.setenv("CD4ML_SPECS_DIR", str(own))
+
+
 @pytest.fixture(scope="module")
 def champion(
-    prediction_service: dict[str, str], mlflow_server: str, shared_specs: Path
-) -> Iterator[dict[str, Any]]:
+    prediction_service: dict[str, str], mlflow_server: str, shared_specs: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[dict[str, Any]]:  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CD4ML_SPECS_DIR", str(shared_specs))
         mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
@@ -82,6 +95,7 @@ def champion(
         mp.setenv("CD4ML_METRICS_TOKEN", METRICS_TOKEN)
         write_spec(shared_specs, MODEL, estimator=LOGREG, drift__min_rows=100, drift__threshold=0.3,
                    notifications__email=[TEAM])  # fmt: skip
+        own_specs(mp, shared_specs, MODEL, tmp_path_factory)
         settings = get_settings()
         spec = load_spec(shared_specs / f"{MODEL}.yaml")
         write_batch(generate_churn(1200, seed=71), settings.model_dir(MODEL) / "landing", "w0.csv")
@@ -174,6 +188,10 @@ def running_prometheus(root: Path, service: str, pipeline: str, alertmanager: st
         alertmanager=alertmanager, self_target=f"127.0.0.1:{port}",
         rule_files=[rules_for_test(root / "cd4ml.rules.yml")], interval="1s",
     )  # fmt: skip
+    for job in config["scrape_configs"]:
+        if job["job_name"] == "cd4ml-pipeline":
+            # /cd4ml/metrics reads MLflow for every spec in CD4ML_SPECS_DIR: give it more than 1 s.
+            job["scrape_interval"] = job["scrape_timeout"] = "3s"
     (root / "prometheus.yml").write_text(yaml.safe_dump(config))
     check = subprocess.run(["promtool", "check", "config", str(root / "prometheus.yml")], capture_output=True,
                            text=True)  # fmt: skip

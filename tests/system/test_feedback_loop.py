@@ -35,7 +35,7 @@ from cd4ml.steps.feedback_batch import land_feedback_batch
 from cd4ml.steps.pipeline import run_training
 from cd4ml_dev.datagen import generate_churn, write_batch
 from tests.helpers import LOGREG, write_spec
-from tests.system.test_alerts import METRICS_TOKEN, query, running_prometheus, wait_for
+from tests.system.test_alerts import METRICS_TOKEN, own_specs, query, running_prometheus, wait_for
 from tests.system.test_alerts import pipeline_metrics as pipeline_metrics
 
 pytestmark = pytest.mark.system
@@ -45,8 +45,9 @@ SERVED = 1600  # rows served and labelled in the changed world; the champion saw
 
 @pytest.fixture(scope="module")
 def champion(
-    prediction_service: dict[str, str], mlflow_server: str, shared_specs: Path
-) -> Iterator[dict[str, Any]]:
+    prediction_service: dict[str, str], mlflow_server: str, shared_specs: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[dict[str, Any]]:  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CD4ML_SPECS_DIR", str(shared_specs))
         mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
@@ -57,6 +58,7 @@ def champion(
             shared_specs, MODEL, estimator=LOGREG, drift__min_rows=100, drift__performance_drop=0.05,
             feedback={"to_training": True, "min_rows": 500},
         )  # fmt: skip
+        own_specs(mp, shared_specs, MODEL, tmp_path_factory)
         settings = get_settings()
         spec = load_spec(shared_specs / f"{MODEL}.yaml")
         write_batch(generate_churn(500, seed=91), settings.model_dir(MODEL) / "landing", "w0.csv")

@@ -217,6 +217,14 @@ def test_oip_binary_data_id_and_unknown_outputs_are_refused() -> None:
     assert problem_of(err)[0] == "body"
 
 
+@pytest.mark.parametrize("datatype", [{"shape": None}, ["FP64"], 64, None])
+def test_oip_a_datatype_that_is_not_a_name_is_named_not_a_500(datatype: Any) -> None:
+    # Found by schemathesis: a dict datatype is unhashable, so the membership test itself raised.
+    with pytest.raises(PayloadError) as err:
+        oip_parse({"inputs": [{**tensor("age", [30], "FP64"), "datatype": datatype}]}, slot())
+    assert problem_of(err)[0] == "inputs.age.datatype"
+
+
 def test_oip_response_tensors_and_requested_outputs() -> None:
     out = {"model": "churn", "version": "3", "predictions": [0, 1], "classes": [0, 1],
            "probabilities": [[0.9, 0.1], [0.2, 0.8]]}  # fmt: skip

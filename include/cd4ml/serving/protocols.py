@@ -317,7 +317,7 @@ def _tensor(raw: Any, i: int) -> _Tensor:
                                               for d in shape):  # fmt: skip
         raise PayloadError([Problem(f"{where}.shape", "must be a list of non-negative integers")])
     datatype = raw.get("datatype")
-    if datatype not in OIP_DATATYPES:
+    if not isinstance(datatype, str) or datatype not in OIP_DATATYPES:  # a dict is not even hashable
         raise PayloadError(
             [Problem(f"{where}.datatype", f"got {datatype!r}; one of {sorted(OIP_DATATYPES)}"[:300])]
         )
