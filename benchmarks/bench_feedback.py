@@ -27,7 +27,6 @@ import json
 import os
 import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from bench_serving import start, stop
+
 from cd4ml_dev.netutil import free_port, local_mlflow_server, wait_http
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,17 +47,6 @@ MODEL = "fbbench"
 ROWS_PER_PREDICT = 100
 BATCH = 100
 START = datetime(2026, 3, 1, tzinfo=UTC)
-
-
-def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        cmd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
-    )
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=60)
 
 
 def load_avg() -> list[float]:

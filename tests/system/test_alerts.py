@@ -82,28 +82,40 @@ def own_specs(
     mp.setenv("CD4ML_SPECS_DIR", str(own))
 
 
+@contextmanager
+def served_champion(
+    model: str, *, rows: int, seed: int, service: dict[str, str], mlflow_server: str, shared_specs: Path,
+    factory: pytest.TempPathFactory, **spec: Any,
+) -> Iterator[dict[str, Any]]:  # fmt: skip
+    """A champion trained by the pipeline's own steps on `rows` demo rows and served by the session's
+    service, with this process's settings pointed at it (and at only this model's spec)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CD4ML_SPECS_DIR", str(shared_specs))
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        mp.setenv("CD4ML_SERVICE_URL", service["url"])
+        mp.setenv("CD4ML_SERVICE_ADMIN_TOKEN", service["token"])
+        mp.setenv("CD4ML_METRICS_TOKEN", METRICS_TOKEN)
+        write_spec(shared_specs, model, estimator=LOGREG, **spec)
+        own_specs(mp, shared_specs, model, factory)
+        settings = get_settings()
+        loaded = load_spec(shared_specs / f"{model}.yaml")
+        write_batch(generate_churn(rows, seed=seed), settings.model_dir(model) / "landing", "w0.csv")
+        result = run_training(loaded, settings, run_id=f"{model}_1", run_time="2026-01-01T00:00:00+00:00")
+        assert result["promoted"] and result["deployment"]["deployed"], result
+        url = service["url"]
+        wait_for(lambda: httpx.get(f"{url}/v1/models/{model}").status_code == 200, "model served")
+        yield {"url": url, "spec": loaded, "settings": settings, "version": result["version"]}
+
+
 @pytest.fixture(scope="module")
 def champion(
     prediction_service: dict[str, str], mlflow_server: str, shared_specs: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[dict[str, Any]]:  # fmt: skip
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CD4ML_SPECS_DIR", str(shared_specs))
-        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-        mp.setenv("CD4ML_SERVICE_URL", prediction_service["url"])
-        mp.setenv("CD4ML_SERVICE_ADMIN_TOKEN", prediction_service["token"])
-        mp.setenv("CD4ML_METRICS_TOKEN", METRICS_TOKEN)
-        write_spec(shared_specs, MODEL, estimator=LOGREG, drift__min_rows=100, drift__threshold=0.3,
-                   notifications__email=[TEAM])  # fmt: skip
-        own_specs(mp, shared_specs, MODEL, tmp_path_factory)
-        settings = get_settings()
-        spec = load_spec(shared_specs / f"{MODEL}.yaml")
-        write_batch(generate_churn(1200, seed=71), settings.model_dir(MODEL) / "landing", "w0.csv")
-        result = run_training(spec, settings, run_id="alerts_1", run_time="2026-01-01T00:00:00+00:00")
-        assert result["promoted"] and result["deployment"]["deployed"], result
-        url = prediction_service["url"]
-        wait_for(lambda: httpx.get(f"{url}/v1/models/{MODEL}").status_code == 200, "model served")
-        yield {"url": url, "spec": spec, "settings": settings}
+    with served_champion(MODEL, rows=1200, seed=71, service=prediction_service, mlflow_server=mlflow_server,
+                         shared_specs=shared_specs, factory=tmp_path_factory, drift__min_rows=100,
+                         drift__threshold=0.3, notifications__email=[TEAM]) as served:  # fmt: skip
+        yield served
 
 
 @pytest.fixture(scope="module")

@@ -27,16 +27,13 @@ import httpx
 import pytest
 
 from cd4ml.core.paths import ModelPaths
-from cd4ml.core.settings import get_settings
-from cd4ml.core.spec import load_spec
 from cd4ml.data import landing
 from cd4ml.steps import monitor
 from cd4ml.steps.feedback_batch import land_feedback_batch
 from cd4ml.steps.pipeline import run_training
-from cd4ml_dev.datagen import generate_churn, write_batch
-from tests.helpers import LOGREG, write_spec
-from tests.system.test_alerts import METRICS_TOKEN, own_specs, query, running_prometheus, wait_for
+from cd4ml_dev.datagen import generate_churn
 from tests.system.test_alerts import pipeline_metrics as pipeline_metrics
+from tests.system.test_alerts import query, running_prometheus, served_champion, wait_for
 
 pytestmark = pytest.mark.system
 MODEL = "looped"
@@ -48,25 +45,12 @@ def champion(
     prediction_service: dict[str, str], mlflow_server: str, shared_specs: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[dict[str, Any]]:  # fmt: skip
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CD4ML_SPECS_DIR", str(shared_specs))
-        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-        mp.setenv("CD4ML_SERVICE_URL", prediction_service["url"])
-        mp.setenv("CD4ML_SERVICE_ADMIN_TOKEN", prediction_service["token"])
-        mp.setenv("CD4ML_METRICS_TOKEN", METRICS_TOKEN)
-        write_spec(
-            shared_specs, MODEL, estimator=LOGREG, drift__min_rows=100, drift__performance_drop=0.05,
-            feedback={"to_training": True, "min_rows": 500},
-        )  # fmt: skip
-        own_specs(mp, shared_specs, MODEL, tmp_path_factory)
-        settings = get_settings()
-        spec = load_spec(shared_specs / f"{MODEL}.yaml")
-        write_batch(generate_churn(500, seed=91), settings.model_dir(MODEL) / "landing", "w0.csv")
-        result = run_training(spec, settings, run_id="loop_1", run_time="2026-01-01T00:00:00+00:00")
-        assert result["promoted"] and result["deployment"]["deployed"], result
-        url = prediction_service["url"]
-        wait_for(lambda: httpx.get(f"{url}/v1/models/{MODEL}").status_code == 200, "model served")
-        yield {"url": url, "spec": spec, "settings": settings, "version": result["version"]}
+    with served_champion(
+        MODEL, rows=500, seed=91, service=prediction_service, mlflow_server=mlflow_server,
+        shared_specs=shared_specs, factory=tmp_path_factory,
+        drift__min_rows=100, drift__performance_drop=0.05, feedback={"to_training": True, "min_rows": 500},
+    ) as served:  # fmt: skip
+        yield served
 
 
 @pytest.fixture(scope="module")
