@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_SPEC = REPO / "include" / "specs" / "churn.yaml"
+SOAK = os.environ.get("CD4ML_SOAK") == "1"
+# A long variant of a story `make test` already covers another way: run by `make soak` (CD4ML_SOAK=1).
+soak_only = pytest.mark.skipif(not SOAK, reason="long variant: make soak (CD4ML_SOAK=1)")
 
 
 def spec_dict(**overrides: Any) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from cd4ml import registry
 from cd4ml_dev.datagen import generate_churn
 from cd4ml_dev.netutil import free_port, wait_http
 from tests.conftest import SERVICE_TOKEN, start_service
-from tests.helpers import LOGREG, WEAK, write_spec
+from tests.helpers import LOGREG, WEAK, soak_only, write_spec
 from tests.integration.dagtools import champion, land, run, served, task_tries, versions
 
 pytestmark = pytest.mark.integration
@@ -336,6 +336,7 @@ def test_service_down_during_deploy_is_retried_then_rolls_champion_back_and_reco
     assert str(body["version"]) == "1"
 
 
+@soak_only  # the retry itself is covered by the rollback case above; this is its happy ending
 def test_service_back_before_the_retry_deploys_the_new_champion(
     env: dict[str, Any],
     own_service: dict[str, Any],
