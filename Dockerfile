@@ -3,20 +3,10 @@
 #
 # BASE_IMAGE is any Debian bookworm image with Python 3.11 and `python3 -m venv`: the official
 # python:3.11-slim-bookworm by default; scripts/compose/build-images.sh passes a locally built one
-# where no registry is reachable. If .cd4ml/compose/wheels/ holds a wheelhouse (`make wheelhouse`),
-# pip installs from it offline; otherwise from the package index.
+# where no registry is reachable. WHEELHOUSE_URL: a pip --find-links page to install from offline
+# instead of the package index (build-images.sh serves its wheelhouse on 127.0.0.1 during the build,
+# so the wheels never become a layer and the venv is built where it stays: one stage, no 1.5 GB copy).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
-
-FROM ${BASE_IMAGE} AS deps
-RUN python3 -m venv /opt/venv
-COPY requirements.txt constraints.txt /opt/cd4ml/
-# The glob matches nothing when there is no wheelhouse; constraints.txt keeps the COPY valid.
-COPY constraints.txt .cd4ml/compose/wheel[s] /opt/wheelhouse/
-RUN set -eu; \
-    if ls /opt/wheelhouse/*.whl >/dev/null 2>&1; then src="--no-index --find-links /opt/wheelhouse"; \
-    else src="--no-cache-dir"; fi; \
-    /opt/venv/bin/pip install --quiet $src -c /opt/cd4ml/constraints.txt \
-        -r /opt/cd4ml/requirements.txt "setuptools>=68"
 
 FROM ${BASE_IMAGE}
 # curl: the health checks; dumb-init: PID 1 that forwards signals (Celery's warm shutdown).
@@ -30,7 +20,15 @@ RUN useradd --uid 50000 --gid 0 --home-dir /opt/airflow --no-create-home --shell
        /opt/airflow/config /opt/cd4ml \
     && chown -R airflow:0 /data /mlflow-artifacts /opt/airflow /opt/cd4ml \
     && chmod -R g+rwX /data /mlflow-artifacts /opt/airflow /opt/cd4ml
-COPY --from=deps /opt/venv /opt/venv
+COPY requirements.txt constraints.txt /opt/cd4ml/
+ARG WHEELHOUSE_URL=""
+RUN set -eu; python3 -m venv /opt/venv; \
+    if [ -n "$WHEELHOUSE_URL" ]; then \
+      host=$(echo "$WHEELHOUSE_URL" | sed -E 's#^[a-z]+://([^/:]+).*#\1#'); \
+      src="--no-index --find-links $WHEELHOUSE_URL --trusted-host $host"; \
+    else src=""; fi; \
+    /opt/venv/bin/pip install --quiet --no-cache-dir $src -c /opt/cd4ml/constraints.txt \
+        -r /opt/cd4ml/requirements.txt "setuptools>=68"
 ENV PATH=/opt/venv/bin:$PATH \
     AIRFLOW_HOME=/opt/airflow \
     PYTHONUNBUFFERED=1
