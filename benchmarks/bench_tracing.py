@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -53,35 +54,21 @@ def stop_receiver(proc: subprocess.Popen[str]) -> dict[str, int]:
     return counts
 
 
-def tracing_cpu_us(n: int = 5000) -> float:
-    """The CPU time tracing adds to one request, measured in this process: the service's own calls
-    (start, 3 steps, finish), the span processor, and the OTLP encoding of every span (the bytes are
-    dropped instead of posted). Process CPU time, all threads, so the export thread is counted."""
+def tracing_cpu_us(endpoint: str, n: int = 5000) -> tuple[float, float]:
+    """The CPU time tracing adds to one request, in microseconds: (in the service's process, in the
+    exporter process). The service's own calls (start, 3 steps, finish) and its sender thread are
+    measured in this process (process CPU time, all threads); the exporter child's (span objects,
+    processor, OTLP encoding, the posts to `endpoint`) from its own CPU times."""
     import time
 
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+    from cd4ml.serving.span_export import ExporterProcess
+    from cd4ml.serving.tracing import LOG, PARSE, PREDICT, ROWS, ServiceTracing
 
-    from cd4ml.core.telemetry import trace_export
-    from cd4ml.serving.tracing import (
-        LOG,
-        PARSE,
-        PREDICT,
-        ROWS,
-        ServiceTracing,
-        _resource,
-        _sampler,
-        encode_spans,
-    )
-
-    class EncodeOnly(SpanExporter):
-        def export(self, spans: Any) -> SpanExportResult:
-            encode_spans(spans).SerializePartialToString()
-            return SpanExportResult.SUCCESS
-
-    export = trace_export({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"})
-    assert export is not None
-    processor = BatchSpanProcessor(EncodeOnly(), max_queue_size=4 * n + 8)
-    tracing = ServiceTracing(processor, export, _resource(export), _sampler(export))
+    # A short export delay, so that the child has exported nearly everything when it is measured.
+    tracing = ServiceTracing.from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_SERVICE_NAME": "cpu",
+                                       "OTEL_BSP_SCHEDULE_DELAY": "200"})  # fmt: skip
+    sink = tracing.sink
+    assert isinstance(sink, ExporterProcess)
     headers = {"host": "127.0.0.1", "content-type": "application/json", "content-length": "120"}
 
     def request() -> None:
@@ -95,13 +82,21 @@ def tracing_cpu_us(n: int = 5000) -> float:
         rt.end()
         rt.finish(200)
 
+    request()  # starts the exporter child (not counted)
+    time.sleep(2)
+    assert sink.pid is not None
+    child = psutil.Process(sink.pid)
+    child_before = sum(child.cpu_times()[:2])
     started = time.process_time()
-    for _ in range(n):
+    for i in range(n):
         request()
-    processor.force_flush()
+        if i % 200 == 0:
+            time.sleep(0.01)  # as a service between requests: the sender thread gets its turns
     spent = time.process_time() - started
-    processor.shutdown()
-    return 1e6 * spent / n
+    time.sleep(2)  # sent, and exported in the child
+    child_cpu = sum(child.cpu_times()[:2]) - child_before
+    tracing.shutdown()  # the child exports the rest and exits
+    return 1e6 * spent / n, 1e6 * child_cpu / n
 
 
 def summarize(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -115,15 +110,23 @@ def summarize(runs: list[dict[str, float]]) -> dict[str, float]:
 
 
 def measured(pid: int, url: str, body: bytes, n: int, concurrency: int) -> dict[str, float]:
-    """`load`, plus the service's CPU time per request (user + system, all its threads, warm-up
-    included): the one-worker service is CPU-bound, so its throughput on an idle core is the inverse
-    of this, and unlike requests/s it hardly moves when other processes share the machine."""
+    """`load`, plus the CPU time per request of the service and its children (the span exporter
+    process, when tracing is on; user + system, all threads, warm-up included): the one-worker
+    service is CPU-bound, so its throughput on an idle core is the inverse of this, and unlike
+    requests/s it hardly moves when other processes share the machine."""
     proc = psutil.Process(pid)
-    before = proc.cpu_times()
+
+    def cpu() -> float:
+        total = 0.0
+        for p in [proc, *proc.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                t = p.cpu_times()
+                total += t.user + t.system
+        return total
+
+    before = cpu()
     out = asyncio.run(load(url, body, n, concurrency))
-    after = proc.cpu_times()
-    cpu = (after.user - before.user) + (after.system - before.system)
-    out["cpu_ms_per_request"] = 1000 * cpu / (n + WARMUP)
+    out["cpu_ms_per_request"] = 1000 * (cpu() - before) / (n + WARMUP)
     return out
 
 
@@ -184,11 +187,13 @@ def main() -> None:
             {"dataframe_split": json.loads(rows.to_json(orient="split", index=False))}
         ).encode()
 
-        results["tracing_cpu_us_per_request"] = statistics.median(tracing_cpu_us() for _ in range(3))
-        print(
-            f"tracing's own CPU time: {results['tracing_cpu_us_per_request']:.0f} us per request", flush=True
-        )
         receiver, receiver_port = start_receiver(home / "receiver.log")
+        own = [tracing_cpu_us(f"http://127.0.0.1:{receiver_port}") for _ in range(3)]
+        results["tracing_cpu_us_per_request"] = statistics.median(o[0] for o in own)
+        results["exporter_cpu_us_per_request"] = statistics.median(o[1] for o in own)
+        print(f"tracing's own CPU time per request: {results['tracing_cpu_us_per_request']:.0f} us in the "
+              f"service's process, {results['exporter_cpu_us_per_request']:.0f} us in the exporter process",
+              flush=True)  # fmt: skip
         tracing = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver_port}",
                    "OTEL_SERVICE_NAME": "cd4ml-bench"}  # fmt: skip
         services: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
@@ -228,7 +233,8 @@ def main() -> None:
             procs.remove(proc)
         counts = stop_receiver(receiver)
         receiver = None
-        sent = args.rounds * (args.requests + args.batch_requests + 2 * WARMUP)
+        # every benchmark request, and the 3 x (5,000 + 1) of tracing_cpu_us
+        sent = args.rounds * (args.requests + args.batch_requests + 2 * WARMUP) + 3 * 5001
         results["spans"] = {"received": counts["spans"], "expected": SPANS_PER_REQUEST * sent,
                             "export_requests": counts["requests"]}  # fmt: skip
         for kind in ("single", "batch100"):
@@ -272,7 +278,8 @@ def report(r: dict[str, Any]) -> str:
         f"\nthroughput cost of tracing, measured: {r['cost_single_pct']:.1f} % (1-row), "
         f"{r['cost_batch100_pct']:.1f} % (100-row); from the service's CPU time per request: "
         f"{r['cpu_cost_single_pct']:.1f} % (1-row), {r['cpu_cost_batch100_pct']:.1f} % (100-row); from "
-        f"tracing's own CPU time ({r['tracing_cpu_us_per_request']:.0f} us/request, in-process): "
+        f"tracing's own CPU time ({r['tracing_cpu_us_per_request']:.0f} us/request in the service's process, "
+        f"{r.get('exporter_cpu_us_per_request', float('nan')):.0f} us in the exporter process): "
         f"{r['own_cost_single_pct']:.1f} % (1-row), {r['own_cost_batch100_pct']:.1f} % (100-row); spans "
         f"received {spans['received']} of {spans['expected']} in {spans['export_requests']} OTLP requests; "
         f"load average at each run start {r['loadavg']}"

@@ -6,14 +6,21 @@ over gRPC; the exporters are the SDK's own.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from importlib.metadata import entry_points
+from typing import Any
 
+import psutil
 import pytest
 
 from cd4ml.core.settings import SettingsError
 from cd4ml.core.telemetry import TraceExport, airflow_trace_env, trace_export
+from cd4ml.serving import span_export
 from cd4ml.serving.tracing import LOG, NO_TRACE, PARSE, PREDICT, ServiceTracing, encode_spans
 from tests.support.otlp import OtlpGrpcReceiver, OtlpHttpReceiver, by_name, children, decode
 
@@ -195,7 +202,7 @@ def test_the_service_with_tracing_off_builds_nothing() -> None:
         "import sys\n"
         "from cd4ml.serving.app import create_app\n"
         "app = create_app()\n"
-        "assert app.state.tracing.processor is None and not app.state.tracing.enabled\n"
+        "assert app.state.tracing.sink is None and not app.state.tracing.enabled\n"
         "assert 'opentelemetry.sdk.trace' not in sys.modules, 'the SDK was imported'\n"
     )
     env = {"PATH": "/usr/bin:/bin", "OTEL_SERVICE_NAME": "x", "CD4ML_HOME": "/tmp/cd4ml-otel-off"}
@@ -249,3 +256,122 @@ def test_the_fast_encoder_writes_what_the_sdk_encoder_writes() -> None:
     key = lambda s: s.span_id  # noqa: E731
     assert sorted(ours, key=key) == sorted(theirs, key=key)
     assert len(ours) == 4 and {s.status_code for s in ours} == {0, 2}
+
+
+def _wait(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_spans_are_exported_by_a_child_process_that_is_restarted_when_it_dies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The service's process only records; a child exports. Killed, the child comes back (rate-
+    limited) and later requests arrive; the batch that was in flight is counted as dropped."""
+    monkeypatch.setattr(span_export, "RESPAWN_S", 0.0)
+    with OtlpHttpReceiver() as rec:
+        tracing = ServiceTracing.from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": rec.endpoint,
+                                           "OTEL_BSP_SCHEDULE_DELAY": "100"})  # fmt: skip
+        sink = tracing.sink
+        assert isinstance(sink, span_export.ExporterProcess)
+        _one_request(tracing, {})
+        _wait(lambda: sink.pid is not None)
+        first = sink.pid
+        assert first is not None and first != os.getpid()
+        rec.wait_for(lambda s: len(s) >= 4)
+        os.kill(first, signal.SIGKILL)
+        _wait(lambda: not psutil.pid_exists(first) or psutil.Process(first).status() == psutil.STATUS_ZOMBIE)
+        for _ in range(3):  # the first send after the kill may hit the dead pipe; later ones respawn
+            _one_request(tracing, {})
+            time.sleep(0.7)
+        spans = rec.wait_for(lambda s: len(s) >= 8)
+        second = sink.pid
+        tracing.shutdown()
+    assert second is not None and second != first
+    assert 8 <= len(spans) <= 16 and sink.sent + sink.dropped == 4
+    assert sink.sent * 4 == len(spans)
+
+
+def test_the_exporter_process_does_not_outlive_a_killed_service() -> None:
+    """SIGKILL the service: its end of the pipe closes, and the exporter flushes and exits."""
+    code = (
+        "import sys, time\n"
+        "from cd4ml.serving.tracing import ServiceTracing\n"
+        "t = ServiceTracing.from_env({'OTEL_EXPORTER_OTLP_ENDPOINT': 'http://127.0.0.1:9',\n"
+        "                             'OTEL_EXPORTER_OTLP_TIMEOUT': '2'})\n"
+        "rt = t.start('POST', '/r', '/r', {}, 'm', 'native'); rt.finish(200)\n"
+        "while t.sink.pid is None: time.sleep(0.05)\n"
+        "print(t.sink.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    service = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert service.stdout is not None
+    exporter = psutil.Process(int(service.stdout.readline()))
+    service.kill()
+    service.wait(30)
+    # It exits once its export to a port where nothing listens gives up (OTEL_EXPORTER_OTLP_TIMEOUT).
+    exporter.wait(60)
+
+
+def test_a_full_queue_drops_and_counts_instead_of_blocking_the_request() -> None:
+    sink = span_export.ExporterProcess({"OTEL_EXPORTER_OTLP_ENDPOINT": BASE}, max_pending=3)
+    sink._closing = True  # the sender stops: nothing leaves the queue
+    sink._wake.set()
+    sink._thread.join(5)
+    started = time.monotonic()
+    for i in range(10):
+        sink.add((i,))
+    assert time.monotonic() - started < 1
+    assert len(sink._pending) == 3 and sink.dropped == 7
+
+
+def test_records_encode_as_their_spans_do() -> None:
+    """The exporter process's direct path (records -> OTLP, no span objects) writes what the span
+    path writes: a client-parented 200 with its steps, a refused 422, and a request that raised."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    from cd4ml.serving.tracing import SCOPE, _sampler, encode_records, record, spans_of
+
+    records: list[tuple[object, ...]] = []
+
+    class Keep:
+        def add(self, r: tuple[object, ...]) -> None:
+            records.append(r)
+
+        def shutdown(self) -> None:
+            return None
+
+    export = trace_export({"OTEL_EXPORTER_OTLP_ENDPOINT": BASE})
+    assert export is not None
+    tracing = ServiceTracing(Keep(), _sampler(export))
+    _one_request(tracing, {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                           "tracestate": "vendor=x"})  # fmt: skip
+    _one_request(tracing, {}, status=422)
+    rt = tracing.start("POST", "/invocations", "/invocations", {}, "m", "mlflow")
+    rt.begin(PREDICT, rows=1)
+    rt.fail(ValueError("boom"))
+    assert len(records) == 3 and record  # one record per finished request
+    resource, scope = Resource({"service.name": "s", "n": 1}), InstrumentationScope(SCOPE)
+    # Span ids of steps are drawn when encoding: compare everything else, and the tree's shape.
+    direct = decode(encode_records(records, resource, scope).SerializeToString())
+    spans = decode(
+        encode_spans([s for r in records for s in spans_of(r, resource, scope)]).SerializeToString()
+    )
+
+    def shape(received: list[Any]) -> list[tuple[Any, ...]]:
+        ids = {s.span_id: s.name for s in received}
+        return sorted(
+            (s.name, s.trace_id, ids.get(s.parent_span_id, s.parent_span_id), s.kind, s.status_code,
+             sorted(s.attributes.items(), key=str), sorted(s.resource.items()), s.scope, s.events)
+            for s in received
+        )  # fmt: skip
+
+    assert len(direct) == len(spans) == 3 + 1 + 1 + 2 + 1 and shape(direct) == shape(spans)
+    raw = encode_records(records[:1], resource, scope).resource_spans[0].scope_spans[0].spans
+    via = encode_spans(spans_of(records[0], resource, scope)).resource_spans[0].scope_spans[0].spans
+    assert [(s.flags, s.trace_state, s.start_time_unix_nano) for s in raw] == [
+        (s.flags, s.trace_state, s.start_time_unix_nano) for s in via
+    ]
