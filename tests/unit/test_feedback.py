@@ -5,6 +5,7 @@ real `PredictionLog` writer thread, as the service writes it."""
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -191,6 +192,23 @@ def test_a_request_is_known_the_moment_it_is_queued(tmp_path: Path) -> None:
     for rid in ("r1", "r2"):
         small.put(Entry(MODEL, "4", DAY0.timestamp(), rid, COLUMNS, [[1, "a"]], [1]))
     assert set(small.lookup(MODEL, ["r1", "r2"])) == {"r2"}  # bounded: r1 is left to the disk index
+
+
+def test_a_restarted_log_finds_ids_served_after_the_last_index_refresh(tmp_path: Path) -> None:
+    """The day's index was refreshed a moment before the restart and misses the last requests: the
+    new process does not remember them, so it must bring the index up to date (found by CI as a 422
+    for an id served just before a restart)."""
+    now = time.time()
+    before = PredictionLog(tmp_path, flush_seconds=0.05)
+    before.start()
+    before.put(Entry(MODEL, "1", now, "early", COLUMNS, [[1, "a"]], [1]))
+    time.sleep(0.3)  # on disk
+    assert before.lookup(MODEL, ["unknown"]) == {}  # a miss refreshes today's index: now it is fresh
+    before.put(Entry(MODEL, "1", now, "late", COLUMNS, [[2, "b"], [3, "c"]], [0, 1]))
+    before.close()  # flushed, but the (fresh) index does not list it
+    after = PredictionLog(tmp_path)
+    found = after.lookup(MODEL, ["late", "early"])
+    assert set(found) == {"late", "early"} and found["late"].rows == 2
 
 
 def test_an_open_days_index_takes_in_new_parts_and_a_sealed_one_is_trusted(

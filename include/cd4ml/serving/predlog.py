@@ -90,6 +90,10 @@ class PredictionLog:
         self.written_rows = 0
         self._stop = threading.Event()
         self._seq = 0
+        # Since when memory holds every id this log took: its start, or just after its last eviction
+        # (an evicted id is on disk within a flush or two). An index written before that may lack ids
+        # memory does not have (this process before a restart, or evicted ones): see find_requests.
+        self._memory_since = time.time()
         self._thread = threading.Thread(target=self._run, name="cd4ml-prediction-log", daemon=True)
 
     def start(self) -> None:
@@ -113,6 +117,7 @@ class PredictionLog:
             self._recent[key] = served
             while len(self._recent) > self.max_recent:
                 self._recent.popitem(last=False)
+                self._memory_since = time.time() + 2 * self.flush_seconds
 
     def _forget(self, entries: Iterable[Entry]) -> None:
         with self._recent_lock:
@@ -134,7 +139,9 @@ class PredictionLog:
         if missing:
             # One disk lookup at a time: two would bring the same open day's index up to date twice.
             with self._disk_lock:
-                on_disk = find_requests(ModelPaths.in_data_dir(self.data_dir, model), missing)
+                on_disk = find_requests(
+                    ModelPaths.in_data_dir(self.data_dir, model), missing, memory_since=self._memory_since
+                )
             for rid, served in on_disk.items():  # the next label for the same request stays in memory
                 self._remember(model, rid, served)
             found.update(on_disk)
@@ -296,13 +303,17 @@ def find_requests(
     *,
     now: datetime | None = None,
     refresh_seconds: float = REFRESH_SECONDS,
+    memory_since: float = 0.0,
 ) -> dict[str, Served]:
     """Which of `request_ids` the log on disk holds, newest day first (an id logged on several days
     is reported as its newest request). Reads one footer and the matching row groups per day.
 
     A day's index is brought up to date only for ids it does not hold, and at most once every
-    `refresh_seconds` for a day still being written: ids logged since are in the service's memory,
-    and a stream of unknown ids cannot make every request rewrite the index."""
+    `refresh_seconds` for a day still being written: ids logged since are in the caller's memory,
+    and a stream of unknown ids cannot make every request rewrite the index. That holds only for an
+    index written after `memory_since` (epoch seconds: since when the caller remembers every id it
+    logged); an older one is brought up to date whatever its age, or a service restarted a moment
+    after an index refresh would call the ids it served just before the restart unknown."""
     import pyarrow.parquet as pq
 
     now = now or datetime.now(UTC)
@@ -321,7 +332,8 @@ def find_requests(
         index = paths.prediction_index(day)
         if index.exists():
             look(index)
-            fresh = time.time() - index.stat().st_mtime < refresh_seconds
+            written = index.stat().st_mtime
+            fresh = written >= memory_since and time.time() - written < refresh_seconds
             if not wanted or fresh or _is_sealed(index):
                 continue
         if request_index(paths, day, now=now) is not None:
