@@ -122,8 +122,8 @@ def test_the_service_exports_request_spans_with_model_and_version(
     with OtlpHttpReceiver() as receiver:
         env = {**champion["env"], "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
                "OTEL_SERVICE_NAME": "cd4ml-traced-test",
-               # Nothing is exported before shutdown (a batch is 512 spans; the delay 10 min): every span
-               # below arrives because the service's lifespan flushes the batch when it stops.
+               # Nothing is sent before shutdown (the service sends at 512 waiting requests or after the
+               # delay, 10 min): every span below arrives because the service's lifespan flushes it.
                "OTEL_BSP_SCHEDULE_DELAY": "600000"}  # fmt: skip
         service = service_factory(env)
         # The standard process and GC series sit beside the service's own.
@@ -135,6 +135,10 @@ def test_the_service_exports_request_spans_with_model_and_version(
             r.text for r in answers.values()
         ]
         assert receiver.snapshot() == []  # still batched
+        # Nothing dropped, and nothing sent to the exporter process yet (its delay is 10 min).
+        metrics = httpx.get(f"{service.url}/metrics").text
+        assert "\ncd4ml_tracing_requests_dropped_total 0.0" in metrics
+        assert "\ncd4ml_tracing_requests_sent_total 0.0" in metrics
         service.stop()
         spans = receiver.wait_for(lambda s: len(s) >= 14, timeout=30)  # 3 x (1 + 3 steps) + (1 + 1)
     assert len(spans) == 14, sorted(s.name for s in spans)

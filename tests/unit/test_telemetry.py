@@ -325,6 +325,14 @@ def test_a_full_queue_drops_and_counts_instead_of_blocking_the_request() -> None
         sink.add((i,))
     assert time.monotonic() - started < 1
     assert len(sink._pending) == 3 and sink.dropped == 7
+    # ... and the counts are on /metrics as counters.
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    registry.register(span_export.ExporterMetrics(sink))
+    text = generate_latest(registry).decode()
+    assert "cd4ml_tracing_requests_dropped_total 7.0" in text
+    assert "cd4ml_tracing_requests_sent_total 0.0" in text
 
 
 def test_records_encode_as_their_spans_do() -> None:

@@ -51,6 +51,7 @@ from cd4ml.serving.models import ModelStore, Slot
 from cd4ml.serving.payload import PayloadError, Problem, check, read_limited
 from cd4ml.serving.predlog import Entry, PredictionLog
 from cd4ml.serving.protocols import MLFLOW, MODEL_HEADER, NATIVE, OIP, Protocol, choose_model, oip_metadata
+from cd4ml.serving.span_export import ExporterMetrics, ExporterProcess
 from cd4ml.serving.tracing import (
     LOG,
     NO_TRACE,
@@ -208,6 +209,8 @@ def create_app(
     app.state.store = store
     app.state.predlog = predlog
     app.state.metrics = metrics
+    if isinstance(tracing.sink, ExporterProcess):
+        metrics.registry.register(ExporterMetrics(tracing.sink))
     app.state.tracing = tracing
     app.include_router(
         feedback_router(settings, max_body_bytes=config.max_body_bytes, max_rows=config.max_rows,

@@ -23,6 +23,8 @@ The child runs at nice `NICE`: on a busy machine predictions come first. It exit
 closes: at the service's shutdown after a flush, and also when the service dies (its end of the
 pipe closes with it), so no exporter outlives its service. A child that dies is started again, at
 most once per `RESPAWN_S`; the batch in flight is lost and counted, and the service keeps serving.
+Both counts are on the service's `/metrics` (`ExporterMetrics`): cd4ml_tracing_requests_sent_total and
+cd4ml_tracing_requests_dropped_total.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -149,6 +151,23 @@ class ExporterProcess:
     def pid(self) -> int | None:
         """The exporter child's pid, once one runs (benchmarks count its CPU time)."""
         return self._proc.pid if self._proc is not None else None
+
+
+class ExporterMetrics:
+    """`/metrics` counters of an ExporterProcess (a prometheus_client collector): requests handed to
+    the exporter and requests whose spans were dropped (queue full, or the exporter restarting)."""
+
+    def __init__(self, exporter: ExporterProcess) -> None:
+        self._exporter = exporter
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        yield CounterMetricFamily("cd4ml_tracing_requests_sent", "Traced requests handed to the span "
+                                  "exporter process", value=self._exporter.sent)  # fmt: skip
+        yield CounterMetricFamily("cd4ml_tracing_requests_dropped", "Traced requests whose spans were "
+                                  "dropped (queue full, or the exporter process restarting)",
+                                  value=self._exporter.dropped)  # fmt: skip
 
 
 def _read_exact(stream: Any, n: int) -> bytes | None:
