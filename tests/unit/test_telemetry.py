@@ -383,3 +383,21 @@ def test_records_encode_as_their_spans_do() -> None:
     assert [(s.flags, s.trace_state, s.start_time_unix_nano) for s in raw] == [
         (s.flags, s.trace_state, s.start_time_unix_nano) for s in via
     ]
+
+
+def test_a_record_that_cannot_be_sent_costs_its_batch_not_the_sender() -> None:
+    """A value marshal cannot carry (a bug in an attribute) drops that batch, counted; the sender
+    thread lives on and the next requests are exported."""
+    with OtlpHttpReceiver() as rec:
+        tracing = ServiceTracing.from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": rec.endpoint,
+                                           "OTEL_BSP_SCHEDULE_DELAY": "50"})  # fmt: skip
+        sink = tracing.sink
+        assert isinstance(sink, span_export.ExporterProcess)
+        rt = tracing.start("POST", "/r", "/r", {}, "m", "native")
+        rt.set("cd4ml.rows", object())  # type: ignore[arg-type]
+        rt.finish(200)
+        _wait(lambda: sink.dropped == 1)
+        _one_request(tracing, {})
+        spans = rec.wait_for(lambda s: len(s) >= 4)
+        tracing.shutdown()
+    assert len(spans) == 4 and sink.sent == 1 and sink.dropped == 1

@@ -97,7 +97,12 @@ class ExporterProcess:
         if not n:
             return
         batch = [pending.popleft() for _ in range(n)]  # popleft is atomic: add() may run meanwhile
-        data = marshal.dumps(batch)
+        try:
+            data = marshal.dumps(batch)
+        except ValueError as err:  # an attribute value of a type marshal cannot carry: a bug here
+            self.dropped += n
+            log.error("%d traced requests not exported: a span attribute cannot be sent (%s)", n, err)
+            return
         proc = self._child()
         if proc is None or proc.stdin is None:
             self.dropped += n
@@ -123,9 +128,13 @@ class ExporterProcess:
         if self._started_at and now - self._started_at < RESPAWN_S:
             return None  # started recently and died again: drop, try later
         self._started_at = now
-        self._proc = subprocess.Popen(  # stdout/stderr: the service's own (console exporter, errors)
-            [sys.executable, "-m", "cd4ml.serving.span_export"], stdin=subprocess.PIPE, env=self._env
-        )
+        try:
+            self._proc = subprocess.Popen(  # stdout/stderr: the service's own (console exporter, errors)
+                [sys.executable, "-m", "cd4ml.serving.span_export"], stdin=subprocess.PIPE, env=self._env
+            )
+        except OSError as err:
+            log.error("the span exporter process could not start (%s); spans are dropped until it can", err)
+            return None
         return self._proc
 
     def shutdown(self, timeout: float = 60.0) -> None:
