@@ -122,9 +122,18 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float =
     raise TimeoutError(f"{what}: not within {timeout:.0f} s")
 
 
-def wait_until_idle(stack: dict[str, str], token: str, timeout: float = 240) -> None:
+def wait_until_idle(
+    stack: dict[str, str], token: str, timeout: float = 240, first_run_within: float = 60
+) -> None:
+    """No churn__train run left to finish. A fresh stack creates the missed nightly run a little
+    after it starts: until that run exists (or `first_run_within` has passed without one), the DAG
+    is not idle, or a file landed now would be taken by that run instead of starting its own."""
+    started = time.monotonic()
+
     def idle() -> bool:
         runs = train_runs(stack, token)
+        if not runs:
+            return time.monotonic() - started > first_run_within
         return all(r["state"] in {"success", "failed"} for r in runs)
 
     wait_for("churn__train idle", idle, timeout)
