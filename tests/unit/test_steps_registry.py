@@ -122,6 +122,27 @@ def test_first_model_then_same_data_then_forced_equal_model(workspace: Path, mod
     with pytest.raises(registry.Cd4mlError, match="refusing to promote on a stale decision"):
         registry.move_champion(client(), model, "1", expected_current=None)
 
+    # The tags a service reads when it loads a champion are there before the alias moves (the
+    # service may load it within a poll); a refused move puts them back as they were.
+    v1_tags = dict(client().get_model_version(model, "1").tags)
+    with pytest.raises(registry.Cd4mlError, match="stale decision"):
+        registry.promote_with_tags(client(), model, "1", expected_current=None,
+                                   tags={"cd4ml.promoted_at": "later", "cd4ml.new_tag": "x"})  # fmt: skip
+    assert dict(client().get_model_version(model, "1").tags) == v1_tags
+    assert champion(model) == "2"
+    seen: list[dict[str, str]] = []
+    real_move = registry.move_champion
+
+    def move_and_look(*args: Any, **kwargs: Any) -> str | None:
+        seen.append(dict(client().get_model_version(model, "1").tags))
+        return real_move(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(registry, "move_champion", move_and_look)
+        assert registry.promote_with_tags(client(), model, "1", expected_current="2",
+                                          tags={"cd4ml.promoted_at": "now"}) == "2"  # fmt: skip
+    assert seen[0]["cd4ml.promoted_at"] == "now" and champion(model) == "1"
+
 
 def test_evaluate_only_records_a_winning_decision_and_leaves_the_champion(
     workspace: Path, model: str

@@ -374,6 +374,34 @@ def move_champion(
     return current_version
 
 
+def promote_with_tags(
+    mlflow_client: MlflowClient,
+    name: str,
+    version: str,
+    *,
+    expected_current: str | None,
+    tags: dict[str, str],
+) -> str | None:
+    """`move_champion`, with `tags` on the version *before* the alias moves.
+
+    The service loads a new champion within a poll of the alias move and reads its tags then
+    (champion since); tags written after the move could be missed for as long as it serves the
+    version. If the move is refused or fails, the tags go back to what they were.
+    """
+    mv = mlflow_client.get_model_version(name, version)
+    before = {key: (mv.tags or {}).get(key) for key in tags}
+    set_tags(mlflow_client, name, version, tags)
+    try:
+        return move_champion(mlflow_client, name, version, expected_current=expected_current)
+    except BaseException:
+        for key, value in before.items():
+            if value is None:
+                mlflow_client.delete_model_version_tag(name, version, key)
+            else:
+                mlflow_client.set_model_version_tag(name, version, key, value)
+        raise
+
+
 # Evidence and history live in their own modules; `from cd4ml import registry` reaches them here.
 from cd4ml.registry.evidence import Evidence as Evidence  # noqa: E402
 from cd4ml.registry.evidence import EvidenceMissingError as EvidenceMissingError  # noqa: E402

@@ -216,7 +216,10 @@ class ModelStore:
                 name=name,
                 version=version,
                 run_id=mv.run_id or "",
-                champion_since=tags.get("cd4ml.promoted_at") or tags.get("cd4ml.rolled_back_at") or "",
+                # The later of the two: a version rolled back to was usually promoted before.
+                champion_since=max(
+                    (tags.get(key) or "" for key in ("cd4ml.promoted_at", "cd4ml.rolled_back_at")), default=""
+                ),
                 data_fingerprint=tags.get("cd4ml.data_fingerprint", ""),
                 loaded_at=time.time(),
                 model=bundle.model,

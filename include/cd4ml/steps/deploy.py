@@ -395,13 +395,13 @@ def rollback(
         raise DeployError(f"{spec.name}: version {target} is already the champion")
     forced = {"forced": True, "overrode": objections} if objections else {}
     before = {key: (mv.tags or {}).get(key) for key in ROLLBACK_TAGS}
-    registry.move_champion(client, spec.name, target, expected_current=current_version)
+    # Small scalars the service (champion since) and the next rollback (its default target) read;
+    # written before the alias moves, so the service sees them when it loads the target.
+    registry.promote_with_tags(client, spec.name, target, expected_current=current_version, tags={
+        "cd4ml.rolled_back_at": when, "cd4ml.previous_champion": current_version or "none",
+    })  # fmt: skip
     record = {"kind": "rollback", "who": who, "when": when, "why": reason}
     try:
-        # Small scalars the service (champion since) and the next rollback (its default target) read.
-        registry.set_tags(client, spec.name, target, {
-            "cd4ml.rolled_back_at": when, "cd4ml.previous_champion": current_version or "none",
-        })  # fmt: skip
         wait_until_serving(endpoint, spec.name, target)
         golden: str | pd.DataFrame | None = holdout_path
         if golden is None:

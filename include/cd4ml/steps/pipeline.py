@@ -683,12 +683,11 @@ def promote_champion(
     if evaluate_only:
         registry.set_tags(mlflow_client, spec.name, version, {"cd4ml.promotion": "skipped: evaluate_only"})
         return Promotion(False, version, "evaluate_only: decision recorded, champion untouched")
-    previous = registry.move_champion(
-        mlflow_client, spec.name, version, expected_current=evaluation.champion_version
-    )
-    registry.set_tags(
-        mlflow_client, spec.name, version,
-        {"cd4ml.promoted_at": run_time, "cd4ml.previous_champion": previous or "none"},
+    # On success the previous champion is the one the challenger was evaluated against.
+    expected = evaluation.champion_version
+    previous = registry.promote_with_tags(
+        mlflow_client, spec.name, version, expected_current=expected,
+        tags={"cd4ml.promoted_at": run_time, "cd4ml.previous_champion": str(expected or "none")},
     )  # fmt: skip
     registry.append_event(
         mlflow_client, spec.name, kind="promotion", version=version, who=who, why=evaluation.reason,
