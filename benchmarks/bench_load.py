@@ -106,14 +106,20 @@ def register(tracking_uri: str, spec: Any, fitted: tuple[Any, Any], label: str) 
 
 
 def promote(tracking_uri: str, spec: Any, version: str) -> None:
-    """Move `champion` to `version` (what a promoting run does); the service's poller does the rest."""
+    """Move `champion` to `version` as a promoting run does (signed with CD4ML_SERVICE_ADMIN_TOKEN
+    when set: a service with a token serves no unsigned champion); the service's poller does the rest."""
+    from datetime import UTC, datetime
+
     from cd4ml import registry
+    from cd4ml.core.settings import get_settings
 
     client = registry.client(tracking_uri)
     current = registry.version_by_alias(client, spec.name, registry.CHAMPION)
-    registry.move_champion(
-        client, spec.name, version, expected_current=str(current.version) if current else None
-    )
+    when = datetime.now(UTC).isoformat()
+    registry.promote_with_tags(
+        client, spec.name, version, expected_current=str(current.version) if current else None,
+        tags={"cd4ml.promoted_at": when}, sign_with=get_settings().service_admin_token, when=when,
+    )  # fmt: skip
 
 
 def request_bodies(spec: Any) -> dict[int, bytes]:

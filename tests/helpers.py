@@ -38,3 +38,16 @@ def write_spec(specs_dir: Path, name: str, **overrides: Any) -> Path:
 
 WEAK = {"class": "sklearn.dummy.DummyClassifier", "params": {"strategy": "prior"}}
 LOGREG = {"class": "sklearn.linear_model.LogisticRegression", "params": {"max_iter": 500}}
+
+
+def make_champion(
+    client: Any, model: str, version: str | int, when: str = "2026-01-01T00:00:00+00:00"
+) -> None:
+    """Move `champion` by hand as cd4ml's promotion does: with its champion record signed by the
+    admin token the test services hold (a service with a token serves no unsigned champion)."""
+    from cd4ml import registry
+    from tests.conftest import SERVICE_TOKEN
+
+    signed = registry.champion_signature(SERVICE_TOKEN, model, str(version), when)
+    client.set_model_version_tag(model, str(version), registry.SIGNATURE_TAG, signed)
+    client.set_registered_model_alias(model, registry.CHAMPION, str(version))

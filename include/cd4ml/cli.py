@@ -154,6 +154,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_champion_sign(args: argparse.Namespace) -> int:
+    """Sign the current champion's record by hand: for champions promoted before cd4ml signed its
+    promotions, which a service holding the admin token would not serve. Recorded with who and why."""
+    import getpass
+    from datetime import UTC, datetime
+
+    from cd4ml import registry
+
+    settings = get_settings()
+    token = settings.service_admin_token
+    if not token:
+        raise Cd4mlError(
+            "CD4ML_SERVICE_ADMIN_TOKEN is not set: the champion record is signed with the prediction "
+            "service's admin token (the cd4ml_service connection's password); set it to that token"
+        )
+    client = registry.client(settings.mlflow_tracking_uri)
+    mv = registry.version_by_alias(client, args.model, registry.CHAMPION)
+    if mv is None:
+        raise Cd4mlError(f"{args.model}: no champion to sign (its champion alias is not set)")
+    version, now = str(mv.version), datetime.now(UTC).isoformat()
+    record = registry.champion_signature(token, args.model, version, now)
+    registry.set_tags(client, args.model, version, {registry.SIGNATURE_TAG: record})
+    registry.append_event(
+        client, args.model, kind="promotion", version=version, who=f"{getpass.getuser()} via cd4ml CLI",
+        why=f"champion record signed by hand: {args.reason}", when=now, details={"signed_by_hand": True},
+    )  # fmt: skip
+    print(f"cd4ml: {args.model} version {version} now carries cd4ml's signed champion record")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from cd4ml.serving.app import serve
 
@@ -192,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reason", default="cd4ml train", help="why; recorded on the version and the run outcome")
     p.add_argument("--no-deploy", action="store_true", help="register and promote, but do not roll out")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("champion", help="manage a model's champion record")
+    p.add_argument("action", choices=["sign"])
+    p.add_argument("model")
+    p.add_argument("--reason", required=True, help="why; recorded with who and when")
+    p.set_defaults(func=cmd_champion_sign)
 
     p = sub.add_parser("serve", help="run the prediction service in the foreground")
     p.add_argument("--host", default=None, help="default: CD4ML_SERVICE_HOST (127.0.0.1)")

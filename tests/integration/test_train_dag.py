@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import httpx
 import pytest
 
 from cd4ml import registry
 from cd4ml_dev.datagen import generate_churn
-from tests.helpers import LOGREG, WEAK, write_spec
+from tests.helpers import LOGREG, WEAK, make_champion, write_spec
 from tests.integration.dagtools import champion, land, run, run_dag, served, task_tries, versions
 
 pytestmark = pytest.mark.integration
@@ -160,7 +161,7 @@ def test_nothing_to_train_on_short_circuits_and_records_why(env: dict[str, Any])
     )
 
 
-def test_failed_deploy_rolls_back_and_the_service_serves_the_previous_champion(
+def test_a_challenger_that_fails_in_staging_never_reaches_live_traffic(
     env: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     write_spec(env["specs"], "deployfail", estimator=WEAK, promotion__floor=None)
@@ -169,18 +170,22 @@ def test_failed_deploy_rolls_back_and_the_service_serves_the_previous_champion(
     assert served(env, "deployfail") == "1"
 
     write_spec(env["specs"], "deployfail", estimator=LOGREG, promotion__floor=None)
-    # More golden rows than the service accepts per request: the smoke test itself fails (HTTP 413).
+    # More golden rows than the service accepts per request: the staged smoke test fails (HTTP 413).
     monkeypatch.setenv("CD4ML_DEPLOY_GOLDEN_ROWS", "250")
     states = run(env, "deployfail")
-    assert states["__run__"] == "failed" and states["deploy_champion"] == "failed"
-    assert states["promote_champion"] == "success"
-    assert champion(env, "deployfail") == "1"
+    assert states["__run__"] == "failed" and states["stage_challenger"] == "failed", states
+    assert states["promote_champion"] == states["deploy_champion"] == "upstream_failed", states
+    # A deterministic failure: not retried.
+    assert task_tries(states["__run_id__"], "deployfail__train")["stage_challenger"] == 1
+    assert champion(env, "deployfail") == "1"  # the alias never moved
     assert served(env, "deployfail") == "1"
     v2 = env["mlflow"].get_model_version("deployfail", "2")
-    deployment = last_event(env, "deployfail", "deployment", "2").details
-    assert deployment["outcome"] == "failed" and "HTTP 413" in deployment["error"]
-    assert deployment["rollback"] == "champion rolled back to 1, which the service serves again"
-    assert v2.tags["cd4ml.rolled_back"] == "to 1"
+    staging = last_event(env, "deployfail", "deployment", "2").details
+    assert staging["outcome"] == "staging failed" and "HTTP 413" in staging["error"], staging
+    assert staging["champion"] == "1"
+    assert v2.tags["cd4ml.staging"].startswith("failed: ") and "cd4ml.rolled_back" not in v2.tags
+    staged = httpx.get(f"{env['service']}/v1/models/deployfail", timeout=10).json()["staged_version"]
+    assert staged is None  # the failed version was dropped from the staging slot
 
 
 def test_a_version_the_service_refuses_is_recorded_as_refused_not_unreachable(env: dict[str, Any]) -> None:
@@ -206,7 +211,7 @@ def test_a_version_the_service_refuses_is_recorded_as_refused_not_unreachable(en
     with mlflow.start_run():
         info = mlflow.sklearn.log_model(DummyClassifier().fit([[0], [1]], [0, 1]), name="model")
     bad = str(mlflow.register_model(info.model_uri, model).version)
-    env["mlflow"].set_registered_model_alias(model, "champion", bad)  # as promote_champion does
+    make_champion(env["mlflow"], model, bad)  # as promote_champion does
 
     started = time.monotonic()
     with pytest.raises(ServiceRefusedError) as caught:

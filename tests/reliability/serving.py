@@ -16,7 +16,7 @@ from cd4ml import registry
 from cd4ml.core.spec import load_spec
 from cd4ml.ml import training
 from cd4ml_dev.datagen import generate_churn
-from tests.helpers import LOGREG, write_spec
+from tests.helpers import LOGREG, make_champion, write_spec
 
 
 def serve_champion(name: str, *, specs_dir: Path, tracking_uri: str, service_url: str) -> str:
@@ -35,7 +35,7 @@ def serve_champion(name: str, *, specs_dir: Path, tracking_uri: str, service_url
     )
     mlflow_client = registry.client(tracking_uri)
     mv = registry.register_version(mlflow_client, name=name, description="", logged=logged, tags={})
-    mlflow_client.set_registered_model_alias(name, registry.CHAMPION, mv.version)
+    make_champion(mlflow_client, name, mv.version)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         resp = httpx.get(f"{service_url}/v1/models/{name}", timeout=10)

@@ -292,6 +292,25 @@ def own_service(
             state["proc"].wait(timeout=60)
 
 
+def kill_after_staging(own_service: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """SIGKILL the service the moment the staged smoke test has passed: the service dies between
+    staging and the switch, so the deploy after `champion` moved is what finds it gone."""
+    from cd4ml.steps import deploy
+
+    real_smoke_test = deploy.smoke_test
+    killed: list[str] = []
+
+    def smoke_test_then_kill(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        checked = real_smoke_test(*args, **kwargs)
+        if kwargs.get("staged") and not killed:
+            own_service["kill"]()
+            killed.append(str(checked["version"]))
+        return checked
+
+    monkeypatch.setattr(deploy, "smoke_test", smoke_test_then_kill)
+    return killed
+
+
 def test_service_down_during_deploy_is_retried_then_rolls_champion_back_and_records_it(
     env: dict[str, Any],
     own_service: dict[str, Any],
@@ -304,14 +323,16 @@ def test_service_down_during_deploy_is_retried_then_rolls_champion_back_and_reco
     assert champion(env, model) == "1"
     wait_http(f"{own_service['url']}/v1/models/{model}", 30)  # not /health/ready: other tests' models
 
-    own_service["kill"]()  # SIGKILL: no goodbye, the port just stops answering
+    # SIGKILL once v2 passed staging: no goodbye, the port just stops answering.
+    killed = kill_after_staging(own_service, monkeypatch)
     # A dead port refuses at once; the 8 s that let a live service load a version would only be
     # waited out 4 times (3 tries and the rollback's check) before the same verdict.
     monkeypatch.setenv("CD4ML_DEPLOY_WAIT_SECONDS", "2")
     write_spec(env["specs"], model, estimator=LOGREG, promotion__floor=None)
     states = run(env, model)
 
-    assert states["promote_champion"] == "success", states
+    assert killed == ["2"]
+    assert states["stage_challenger"] == states["promote_champion"] == "success", states
     assert states["deploy_champion"] == "failed" and states["__run__"] == "failed", states
     # Unreachable is transient: retried (1 + 2 retries), and only the last try rolls back.
     assert task_tries(states["__run_id__"], f"{model}__train")["deploy_champion"] == 3
@@ -321,7 +342,7 @@ def test_service_down_during_deploy_is_retried_then_rolls_champion_back_and_reco
     assert v2.tags["cd4ml.rolled_back"] == "to 1"
     # Every try is its own event: the first two leave the champion for the retry, the last rolls back.
     attempts = deployments(env, model, "2")
-    assert [a["outcome"] for a in attempts] == ["retrying", "retrying", "failed"], attempts
+    assert [a["outcome"] for a in attempts] == ["staged", "retrying", "retrying", "failed"], attempts
     deployment = attempts[-1]
     assert f"the prediction service at {own_service['url']} is unreachable" in deployment["error"]
     assert "refused version" not in deployment["error"]  # not a refusal by the service
@@ -350,7 +371,7 @@ def test_service_back_before_the_retry_deploys_the_new_champion(
     assert run(env, model)["__run__"] == "success"
     wait_http(f"{own_service['url']}/v1/models/{model}", 30)
 
-    own_service["kill"]()
+    kill_after_staging(own_service, monkeypatch)
     monkeypatch.setenv("CD4ML_DEPLOY_WAIT_SECONDS", "15")
     write_spec(env["specs"], model, estimator=LOGREG, promotion__floor=None)
     restarted: list[float] = []
@@ -373,7 +394,7 @@ def test_service_back_before_the_retry_deploys_the_new_champion(
     assert states["__run__"] == "success" and states["deploy_champion"] == "success", states
     assert task_tries(states["__run_id__"], f"{model}__train")["deploy_champion"] == 2
     attempts = deployments(env, model, "2")
-    assert [a["outcome"] for a in attempts] == ["retrying", "deployed"], attempts
+    assert [a["outcome"] for a in attempts] == ["staged", "retrying", "deployed"], attempts
     assert attempts[-1]["golden_rows"] == 20
     assert champion(env, model) == "2"
     import httpx

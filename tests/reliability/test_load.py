@@ -41,10 +41,14 @@ def bench_module() -> ModuleType:
 
 @pytest.fixture
 def served_model(
-    prediction_service: dict[str, str], mlflow_server: str, shared_specs: Path
+    prediction_service: dict[str, str],
+    mlflow_server: str,
+    shared_specs: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> dict[str, Any]:
     """Two versions of the bench's model behind the session's service (one fewer service start-up;
     the RSS bound below is on growth, so the other models it already serves do not count)."""
+    monkeypatch.setenv("CD4ML_SERVICE_ADMIN_TOKEN", prediction_service["token"])  # its promotions sign
     bench = bench_module()
     from cd4ml.core.spec import load_spec
 

@@ -28,7 +28,7 @@ from cd4ml.serving.app import ServiceConfig, create_app
 from cd4ml_dev import stack
 from cd4ml_dev.netutil import free_port
 from tests.conftest import start_service
-from tests.helpers import REPO
+from tests.helpers import REPO, make_champion
 from tests.reliability.serving import serve_champion
 
 # -- the service's admin endpoints ------------------------------------------------------------------
@@ -39,18 +39,23 @@ def test_admin_endpoints_refuse_a_missing_or_wrong_token(prediction_service: dic
     admin_routes = [r for r in create_app().routes if getattr(r, "path", "").startswith("/admin")]
     assert admin_routes
     for route in admin_routes:
-        for headers in (
-            {},
-            {"Authorization": "Bearer wrong"},
-            {"Authorization": f"Bearer {token}x"},
-            {"Authorization": f"Bearer {token[:-1]}"},
-            {"Authorization": b"Bearer \xff\xfe"},
-        ):
-            resp = httpx.post(f"{url}{route.path}", headers=headers, timeout=30)  # type: ignore[arg-type]
-            assert resp.status_code == 401, (route.path, headers, resp.text)
-            assert resp.json()["error"] == "admin token missing or wrong"
-        resp = httpx.post(f"{url}{route.path}", headers={"Authorization": f"Bearer {token}"}, timeout=60)
-        assert resp.status_code == 200, resp.text
+        path = route.path.replace("{model}", MALICIOUS)  # type: ignore[attr-defined]
+        for method in sorted(route.methods):  # type: ignore[attr-defined]
+            for headers in (
+                {},
+                {"Authorization": "Bearer wrong"},
+                {"Authorization": f"Bearer {token}x"},
+                {"Authorization": f"Bearer {token[:-1]}"},
+                {"Authorization": b"Bearer \xff\xfe"},
+            ):
+                resp = httpx.request(method, f"{url}{path}", headers=headers, timeout=30)  # type: ignore[arg-type]
+                assert resp.status_code == 401, (method, path, headers, resp.text)
+                assert resp.json()["error"] == "admin token missing or wrong"
+            # With the token: reload answers 200; staging asks for a body naming the version.
+            resp = httpx.request(
+                method, f"{url}{path}", headers={"Authorization": f"Bearer {token}"}, timeout=60
+            )
+            assert resp.status_code == (422 if method == "PUT" else 200), (method, path, resp.text)
 
 
 def test_admin_endpoints_are_off_when_no_token_is_configured() -> None:
@@ -258,13 +263,18 @@ def safe_champion(prediction_service: dict[str, str], mlflow_server: str, shared
 
 
 def test_generated_secrets_never_reach_the_service_log(
-    stack_service: dict[str, Any], safe_champion: str
+    stack_service: dict[str, Any], safe_champion: str, mlflow_server: str
 ) -> None:
     import psutil
 
     url, secrets = stack_service["url"], stack_service["secrets"]
     assert set(secrets) >= {"admin_password", "jwt_secret", "api_secret_key", "service_admin_token"}
     token = secrets["service_admin_token"]
+    # This service holds the stack's own token: the champion's record must be signed with it (as
+    # the stack's Airflow does); the session's service keeps the version it already serves.
+    client = registry.client(mlflow_server)
+    record = registry.champion_signature(token, MALICIOUS, safe_champion, "2026-01-01T00:00:00+00:00")
+    client.set_model_version_tag(MALICIOUS, safe_champion, registry.SIGNATURE_TAG, record)
     assert httpx.post(f"{url}/admin/reload", timeout=30).status_code == 401
     wrong = httpx.post(f"{url}/admin/reload", headers={"Authorization": f"Bearer {token}!"}, timeout=30)
     assert wrong.status_code == 401
@@ -409,7 +419,7 @@ def test_malicious_model_versions_are_refused_and_never_executed(
                 registry.load_bundle(mlflow_server, f"models:/{MALICIOUS}/{version}")
             assert words in str(err.value), (name, str(err.value))
             # The service, told that this version is now the champion:
-            mlflow_client.set_registered_model_alias(MALICIOUS, registry.CHAMPION, str(version))
+            make_champion(mlflow_client, MALICIOUS, version)
             reload = httpx.post(
                 f"{url}/admin/reload", headers={"Authorization": f"Bearer {token}"}, timeout=120
             )
@@ -420,7 +430,7 @@ def test_malicious_model_versions_are_refused_and_never_executed(
             assert served["version"] == safe_champion, (name, served)  # still the safe champion
             assert not marker.exists(), f"{name}: the payload ran"
     finally:
-        mlflow_client.set_registered_model_alias(MALICIOUS, registry.CHAMPION, safe_champion)
+        make_champion(mlflow_client, MALICIOUS, safe_champion)
     assert not marker.exists()
 
 

@@ -26,7 +26,7 @@ from cd4ml.ml.training import features
 from cd4ml.steps.pipeline import run_training
 from cd4ml_dev.datagen import generate_churn, write_batch
 from tests.conftest import SERVICE_MAX_ROWS, free_port, start_service
-from tests.helpers import LOGREG, write_spec
+from tests.helpers import LOGREG, make_champion, write_spec
 
 pytestmark = pytest.mark.system
 MODEL = "svc"
@@ -170,7 +170,7 @@ def test_champion_swap_under_load_loses_no_request_and_broken_versions_are_refus
         spec, settings, run_id="svc_2", run_time="2026-01-02T00:00:00+00:00", force=True, deploy=False
     )
     v2 = max(int(v.version) for v in client.search_model_versions(f"name = '{MODEL}'"))
-    client.set_registered_model_alias(MODEL, "champion", "1")  # whatever the gate said: start from v1
+    make_champion(client, MODEL, "1")  # whatever the gate said: start from v1
     # The reload waits for any load already in flight, so nothing stale can swap in after this.
     httpx.post(
         f"{url}/admin/reload", headers={"Authorization": f"Bearer {served_model['token']}"}, timeout=60
@@ -191,7 +191,7 @@ def test_champion_swap_under_load_loses_no_request_and_broken_versions_are_refus
     for t in threads:
         t.start()
     time.sleep(1.5)
-    client.set_registered_model_alias(MODEL, "champion", str(v2))
+    make_champion(client, MODEL, v2)
     wait_for(lambda: httpx.get(f"{url}/v1/models/{MODEL}").json()["version"] == str(v2), timeout=30)
     time.sleep(1.5)
     stop.set()
@@ -210,7 +210,7 @@ def test_champion_swap_under_load_loses_no_request_and_broken_versions_are_refus
 
     # A version that must not be loaded is refused; the current one keeps serving.
     bad = _register_unsafe_version(served_model["mlflow"])
-    client.set_registered_model_alias(MODEL, "champion", bad)
+    make_champion(client, MODEL, bad)
     httpx.post(
         f"{url}/admin/reload", headers={"Authorization": f"Bearer {served_model['token']}"}, timeout=60
     )
@@ -220,7 +220,7 @@ def test_champion_swap_under_load_loses_no_request_and_broken_versions_are_refus
     resp = httpx.post(f"{url}/v1/models/{MODEL}/predict", json=body)
     assert resp.status_code == 200 and resp.json()["version"] == str(v2)
     assert f'outcome="refused",version="{bad}"' in httpx.get(f"{url}/metrics").text
-    client.set_registered_model_alias(MODEL, "champion", str(v2))
+    make_champion(client, MODEL, v2)
 
 
 def test_prediction_log_keeps_every_request_through_a_clean_shutdown(

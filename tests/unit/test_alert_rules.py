@@ -26,12 +26,12 @@ CONTRACT = {
     "cd4ml_drift_detected", "cd4ml_files_received_total", "cd4ml_last_drift_check_timestamp_seconds",
     "cd4ml_live_metric", "cd4ml_live_metric_baseline", "cd4ml_live_metric_drop",
     "cd4ml_live_metric_drop_significant", "cd4ml_live_label_coverage", "cd4ml_business_value",
-    "cd4ml_champion_promoted_timestamp_seconds",
+    "cd4ml_champion_promoted_timestamp_seconds", "cd4ml_champion_unrecorded",
 }  # fmt: skip
 ALERTS = {
     "Cd4mlDriftDetected", "Cd4mlLiveMetricDrop", "Cd4mlLiveMetricSlowLeak", "Cd4mlNoChampion",
     "Cd4mlQuarantineRate", "Cd4mlService5xxRate", "Cd4mlServiceLatencyP99High", "Cd4mlModelAge",
-    "Cd4mlMetricsDown",
+    "Cd4mlMetricsDown", "Cd4mlChampionMovedOutsideCd4ml",
 }  # fmt: skip
 
 

@@ -135,7 +135,8 @@ def test_the_step_order_is_the_dags_and_every_input_comes_from_an_earlier_step()
     names = [s.name for s in TRAINING_STEPS]
     assert names == [
         "collect_landed_files", "validate_batches", "build_datasets", "needs_training", "train_challenger",
-        "evaluate_against_champion", "register_challenger", "promote_champion", "deploy_champion",
+        "evaluate_against_champion", "register_challenger", "stage_challenger", "promote_champion",
+        "deploy_champion",
     ]  # fmt: skip
     for i, step in enumerate(TRAINING_STEPS):
         assert set(step.inputs) <= set(names[:i]), step.name
@@ -316,11 +317,14 @@ def test_validation_learns_its_reference_from_per_file_profiles_and_survives_a_r
     assert reference_from_profile(spec, merged) == learn_reference(spec, rows(kept))
 
 
-def test_only_the_deploy_task_looks_up_the_service_connection() -> None:
-    from cd4ml.airflow.train_dag import SERVICE_STEP
+def test_only_the_staging_and_deploy_tasks_look_up_the_service_connection() -> None:
+    from cd4ml.steps.pipeline import SERVICE_STEPS
 
-    assert SERVICE_STEP in [s.name for s in TRAINING_STEPS]
-    assert SERVICE_STEP == TRAINING_STEPS[-1].name  # the rollout: the one step that calls the service
+    names = [s.name for s in TRAINING_STEPS]
+    assert SERVICE_STEPS == {"stage_challenger", "deploy_champion"}
+    # Staging comes before the alias moves; the rollout is the last step.
+    assert names.index("stage_challenger") < names.index("promote_champion") < names.index("deploy_champion")
+    assert names[-1] == "deploy_champion"
 
 
 # -- the business value of both models on the holdout ---------------------------------------------------

@@ -28,7 +28,7 @@ from cd4ml.core.paths import ModelPaths
 from cd4ml.core.settings import Settings
 from cd4ml.core.spec import ModelSpec
 from cd4ml.steps.contracts import NothingAccepted, RunContext, TrainingGate, XCom
-from cd4ml.steps.pipeline import RETRIES, RETRY_DELAY_S, TRAINING_STEPS, Step, load_inputs
+from cd4ml.steps.pipeline import CONNECTION_STEPS, RETRIES, RETRY_DELAY_S, TRAINING_STEPS, Step, load_inputs
 
 DOC = """\
 ### {name}: training pipeline
@@ -112,10 +112,6 @@ def _trigger_reason(ctx: dict[str, Any]) -> str:
     if sources:
         return "asset " + " | ".join(sources)[:400]
     return f"{run_type}: nightly schedule"
-
-
-# The one step that talks to the prediction service; only its task looks up the connection.
-SERVICE_STEP = "deploy_champion"
 
 
 def run_context(ctx: dict[str, Any], *, with_service: bool = False) -> RunContext:
@@ -223,7 +219,7 @@ def _task(step: Step, spec: ModelSpec, settings: Settings) -> Task[[Mapping[str,
         inputs = load_inputs(step, {name: xcom_dict(name, value) for name, value in upstream.items()})
         try:
             result = step.run(
-                spec, settings, run_context(ctx, with_service=step.name == SERVICE_STEP), inputs
+                spec, settings, run_context(ctx, with_service=step.name in CONNECTION_STEPS), inputs
             )
         except NothingAccepted as err:
             # The task fails, so it has no return value: keep the Data Docs link reachable.

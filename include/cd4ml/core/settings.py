@@ -105,8 +105,12 @@ class Settings(BaseSettings):
     service_admin_token: str | None = Field(
         None,
         repr=False,
-        description="Bearer token of the service's `/admin/reload`; the service requires it when set, "
-        "deployment sends it when there is no `cd4ml_service` connection.",
+        description="Bearer token of the service's `/admin/*` endpoints (reload, staging slot); the service "
+        "requires it when set, deployment sends it when there is no `cd4ml_service` connection. It also "
+        "keys cd4ml's signed champion record: a service with a token serves no champion without a record "
+        "signed with the same token, so Airflow's `cd4ml_service` password and the service's token must "
+        "match. Without it, nothing is staged (the smoke test runs after the switch only) and champion "
+        "moves are not verified.",
     )
     service_max_rows: int = Field(10_000, gt=0, description="Most rows one prediction request may carry.")
     service_max_body_bytes: int = Field(

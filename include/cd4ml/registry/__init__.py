@@ -6,6 +6,8 @@ tags (`cd4ml.*`) so any served model can be traced to its data, spec, code and d
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -374,6 +376,33 @@ def move_champion(
     return current_version
 
 
+SIGNATURE_TAG = "cd4ml.champion_signature"
+
+
+def champion_signature(key: str, name: str, version: str, when: str) -> str:
+    """cd4ml's record that it made `version` of `name` champion at `when`: an HMAC (SHA-256) keyed
+    with the service's admin token, which only cd4ml's tasks and the service hold. Someone who can
+    write to MLflow but does not hold the key can move the alias, but cannot write this record."""
+    message = f"cd4ml-champion\n{name}\n{version}\n{when}".encode()
+    digest = hmac.new(key.encode(), message, hashlib.sha256).hexdigest()
+    return f"v1 {when} {digest}"
+
+
+def signature_problem(key: str, name: str, version: str, tags: dict[str, str]) -> str | None:
+    """None if the version carries a valid cd4ml champion record for this key; else what is wrong."""
+    record = tags.get(SIGNATURE_TAG, "")
+    if not record:
+        return f"version {version} carries no cd4ml promotion record (tag {SIGNATURE_TAG})"
+    scheme, _, rest = record.partition(" ")
+    when, _, digest = rest.rpartition(" ")
+    if scheme != "v1" or not when or not digest:
+        return f"version {version}'s promotion record is malformed"
+    expected = champion_signature(key, name, version, when)
+    if not hmac.compare_digest(expected.encode(), record.encode()):
+        return f"version {version}'s promotion record is not signed with this service's admin token"
+    return None
+
+
 def promote_with_tags(
     mlflow_client: MlflowClient,
     name: str,
@@ -381,13 +410,19 @@ def promote_with_tags(
     *,
     expected_current: str | None,
     tags: dict[str, str],
+    sign_with: str | None = None,
+    when: str = "",
 ) -> str | None:
     """`move_champion`, with `tags` on the version *before* the alias moves.
 
     The service loads a new champion within a poll of the alias move and reads its tags then
     (champion since); tags written after the move could be missed for as long as it serves the
+    version. With `sign_with` (the service's admin token), the tags include cd4ml's signed
+    champion record for `when`, without which a service holding that token will not serve the
     version. If the move is refused or fails, the tags go back to what they were.
     """
+    if sign_with:
+        tags = {**tags, SIGNATURE_TAG: champion_signature(sign_with, name, str(version), when)}
     mv = mlflow_client.get_model_version(name, version)
     before = {key: (mv.tags or {}).get(key) for key in tags}
     set_tags(mlflow_client, name, version, tags)

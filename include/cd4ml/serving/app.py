@@ -47,7 +47,7 @@ from starlette.concurrency import run_in_threadpool
 
 from cd4ml.core.settings import Settings, get_settings
 from cd4ml.serving.feedback_api import feedback_router
-from cd4ml.serving.models import ModelStore, Slot
+from cd4ml.serving.models import ModelStore, Slot, StagingRefusedError
 from cd4ml.serving.payload import PayloadError, Problem, check, read_limited
 from cd4ml.serving.predlog import Entry, PredictionLog
 from cd4ml.serving.protocols import MLFLOW, MODEL_HEADER, NATIVE, OIP, Protocol, choose_model, oip_metadata
@@ -110,6 +110,11 @@ class Metrics:
         self.reloads = Counter(
             "cd4ml_model_reloads", "Model load events", ["model", "version", "outcome"], registry=r
         )
+        self.unrecorded = Gauge(
+            "cd4ml_champion_unrecorded",
+            "1 while the champion alias points to a version without cd4ml's signed record (not served)",
+            ["model"], registry=r,
+        )  # fmt: skip
         self.log_dropped = Gauge(
             "cd4ml_prediction_log_dropped_rows", "Rows not logged (queue full)", registry=r
         )
@@ -187,7 +192,9 @@ def create_app(
             with contextlib.suppress(KeyError):
                 metrics.serving.remove(model)
 
-    store = ModelStore(settings, poll_seconds=config.poll_seconds, on_event=on_event)
+    store = ModelStore(
+        settings, poll_seconds=config.poll_seconds, on_event=on_event, signing_key=config.admin_token
+    )
     predlog = PredictionLog(settings.data_dir)
 
     @asynccontextmanager
@@ -229,6 +236,8 @@ def create_app(
             "serving": {name: slot.version for name, slot in store.slots.items()},
             "waiting_for_champion": missing,
             "last_poll_error": store.last_poll_error,
+            # Alias moves cd4ml did not make (not served): model -> what the alias points to and why.
+            "unrecorded_champions": {m: why for m, (_, why) in list(store.unrecorded.items())},
         }
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
@@ -240,8 +249,13 @@ def create_app(
         }
 
     def refused_versions(model: str) -> dict[str, str]:
-        """Versions of `model` this service will not serve, with its own reason for each."""
-        return {v: why for (m, v), why in list(store.refused.items()) if m == model}
+        """Versions of `model` this service will not serve, with its own reason for each (a champion
+        without cd4ml's signed record too: a deploy reads this and fails at once, saying why)."""
+        refused = {v: why for (m, v), why in list(store.refused.items()) if m == model}
+        unrecorded = store.unrecorded.get(model)
+        if unrecorded is not None:
+            refused[unrecorded[0]] = unrecorded[1]
+        return refused
 
     @app.get("/v1/models/{model}")
     def model_metadata(model: str) -> JSONResponse:
@@ -250,6 +264,8 @@ def create_app(
             return _failure(NATIVE, *_unknown_or_waiting(model))
         body = slot.metadata()
         body["refused_versions"] = refused_versions(model)
+        staged = store.staged.get(model)
+        body["staged_version"] = staged.version if staged else None
         return JSONResponse(body)
 
     def _unknown_or_waiting(model: str) -> tuple[int, str, list[Problem], dict[str, Any]]:
@@ -287,6 +303,21 @@ def create_app(
             )
         return slot
 
+    def staged_slot(request: Request, model: str, slot: str) -> Slot | JSONResponse:
+        """The staged (not live) version of `model`, for the deploy's smoke test: admin token only."""
+        if slot != "staging":
+            return _error(400, f"header x-cd4ml-slot must be 'staging' (or absent), not {slot[:50]!r}",
+                          [Problem("x-cd4ml-slot", "only 'staging' is a slot")])  # fmt: skip
+        denied = admin_denied(request)
+        if denied is not None:
+            return denied
+        staged = store.staged.get(model)
+        if staged is None:
+            where = "" if model in store.known_models else f" (and model '{model}' is not served here)"
+            return _error(404, f"no version of model '{model}' is staged{where}",
+                          [Problem("x-cd4ml-slot", "nothing staged")])  # fmt: skip
+        return staged
+
     async def score(request: Request, model: str, protocol: Protocol, version: str | None = None) -> Response:
         """Every protocol's prediction: read, parse (protocol), validate, predict, log, count, answer."""
         if not tracing.enabled:
@@ -306,7 +337,13 @@ def create_app(
         request: Request, model: str, protocol: Protocol, version: str | None, rt: RequestTrace | NoTrace
     ) -> Response:
         started = time.perf_counter()
-        slot = find_slot(model, version, protocol)
+        staging = request.headers.get("x-cd4ml-slot")
+        slot = (
+            find_slot(model, version, protocol) if staging is None else staged_slot(request, model, staging)
+        )
+        if isinstance(slot, JSONResponse) and staging is not None:
+            metrics.errors.labels(model if model in store.known_models else "_unknown", "staging").inc()
+            return slot
         if isinstance(slot, JSONResponse):
             if model in store.slots:
                 metrics.errors.labels(model, "unknown_version").inc()
@@ -381,6 +418,11 @@ def create_app(
             )  # fmt: skip
         request_id = parsed.request_id or request.headers.get("x-request-id") or uuid.uuid4().hex
         rt.set(REQUEST_ID, request_id)
+        if staging is not None:  # a smoke test of a staged version: not live traffic, not logged
+            rt.end()
+            answer = json.dumps(protocol.respond(out, parsed, request_id))
+            return Response(answer, media_type="application/json",
+                            headers={"x-model-version": slot.version, "x-cd4ml-slot": "staging"})  # fmt: skip
         if config.log_predictions and request.headers.get("x-cd4ml-purpose") != "smoke-test":
             rt.begin(LOG, rows=len(rows))
             predlog.put(Entry(model, slot.version, time.time(), request_id, slot.schema.columns, rows,
@@ -516,12 +558,13 @@ def create_app(
 
     @app.get("/metrics")
     def prometheus() -> Response:
+        for model in store.known_models:
+            metrics.unrecorded.labels(model).set(1.0 if model in store.unrecorded else 0.0)
         metrics.log_dropped.set(predlog.dropped)
         metrics.log_written.set(predlog.written_rows)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/admin/reload")
-    async def reload(request: Request) -> JSONResponse:
+    def admin_denied(request: Request) -> JSONResponse | None:
         if config.admin_token is None:
             return _error(403, "admin actions are disabled: CD4ML_SERVICE_ADMIN_TOKEN is not set")
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
@@ -529,6 +572,47 @@ def create_app(
             return _error(
                 401, "admin token missing or wrong", [Problem("authorization", "Bearer token required")]
             )
+        return None
+
+    @app.put("/admin/models/{model}/staging")
+    async def stage(model: str, request: Request) -> JSONResponse:
+        """Load a version into the model's staging slot (not live): body {"version": "<n>"}."""
+        denied = admin_denied(request)
+        if denied is not None:
+            return denied
+        try:
+            body = json.loads(await request.body() or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            return _error(400, "body is not valid JSON", [Problem("body", f"invalid JSON: {err}")])
+        version = body.get("version") if isinstance(body, dict) else None
+        if not isinstance(version, (str, int)) or isinstance(version, bool) or not str(version).strip():
+            return _error(422, 'body must be {"version": "<registered version>"}',
+                          [Problem("version", "required: the registered version to stage")])  # fmt: skip
+        try:
+            slot = await run_in_threadpool(store.stage, model, str(version).strip())
+        except LookupError as err:
+            return _error(404, str(err), [Problem("version", "not found")])
+        except StagingRefusedError as err:
+            return _error(422, f"model '{model}' version {version} refused: {err}",
+                          [Problem("version", "refused: never served")])  # fmt: skip
+        except Exception as err:  # noqa: BLE001 - MLflow unreachable: the caller may retry
+            return _error(
+                503, f"could not load model '{model}' version {version}: {type(err).__name__}: {err}"
+            )
+        return JSONResponse({"staged": slot.metadata()})
+
+    @app.delete("/admin/models/{model}/staging")
+    async def unstage(model: str, request: Request) -> JSONResponse:
+        denied = admin_denied(request)
+        if denied is not None:
+            return denied
+        return JSONResponse({"dropped": store.unstage(model)})
+
+    @app.post("/admin/reload")
+    async def reload(request: Request) -> JSONResponse:
+        denied = admin_denied(request)
+        if denied is not None:
+            return denied
         serving = await run_in_threadpool(store.reload_now)
         refused = {f"{m}/{v}": why for (m, v), why in store.refused.items()}
         return JSONResponse({"serving": serving, "refused": refused})

@@ -5,6 +5,9 @@ sanity-checked off the request path; only then is the slot replaced (one referen
 requests already running finish on the model they started with and no request waits for a load.
 A version that fails to load or fails its sanity check is remembered and never swapped in. When
 the alias is removed, the model's slot goes too: nothing is served for it and readiness says so.
+With an admin token, a champion must carry cd4ml's record signed with it (`registry.
+champion_signature`, written by the promotion and the rollback): an alias moved any other way is
+reported (metrics, readiness, the model's metadata) and the version is not served.
 """
 
 from __future__ import annotations
@@ -96,6 +99,15 @@ class SanityError(Exception):
     pass
 
 
+class StagingRefusedError(Exception):
+    """The version failed to load or its sanity check: the service will never serve it."""
+
+
+def _champion_since(tags: dict[str, str]) -> str:
+    # The later of the two: a version rolled back to was usually promoted before.
+    return max((tags.get(key) or "" for key in ("cd4ml.promoted_at", "cd4ml.rolled_back_at")), default="")
+
+
 def _transient(err: Exception) -> bool:
     """MLflow briefly unreachable is not the version's fault: retry it on the next poll."""
     from cd4ml.core.errors import is_transient
@@ -139,6 +151,11 @@ class ModelStore:
     poll_seconds: float = 2.0
     on_event: Callable[[str, str, str], None] = lambda model, version, outcome: None
     slots: dict[str, Slot] = field(default_factory=dict)
+    staged: dict[str, Slot] = field(default_factory=dict)  # loaded and checked, not live (staged deploy)
+    # With a key (the admin token), a champion must carry cd4ml's signed record to be served; an
+    # alias moved any other way is reported here (model -> (version, why)) and not served.
+    signing_key: str | None = None
+    unrecorded: dict[str, tuple[str, str]] = field(default_factory=dict)
     refused: dict[tuple[str, str], str] = field(default_factory=dict)
     known_models: list[str] = field(default_factory=list)
     last_poll_error: str | None = None
@@ -178,8 +195,7 @@ class ModelStore:
                 log.warning("model poll failed: %s", self.last_poll_error)
 
     def _refresh(self) -> None:
-        specs, _ = load_specs(spec_files(self.settings.specs_dir))
-        self.known_models = sorted(s.name for s in specs)
+        self._refresh_known()
         mlflow_client = registry.client(self.settings.mlflow_tracking_uri)
         for name in self.known_models:
             champion = registry.version_by_alias(mlflow_client, name, registry.CHAMPION)
@@ -195,51 +211,134 @@ class ModelStore:
             version = str(champion.version)
             current = self.slots.get(name)
             if (current and current.version == version) or (name, version) in self.refused:
+                self.unrecorded.pop(name, None)
+                continue
+            if self.signing_key:
+                problem = registry.signature_problem(self.signing_key, name, version, champion.tags or {})
+                if problem:
+                    self._report_unrecorded(name, version, problem)
+                    continue
+            self.unrecorded.pop(name, None)
+            staged = self.staged.get(name)
+            if staged is not None and staged.version == version:
+                # Loaded and smoke-tested before the alias moved: go live without loading it again.
+                del self.staged[name]
+                self._swap(name, replace(staged, champion_since=_champion_since(champion.tags or {})))
                 continue
             self._load(name, champion)
+
+    def _report_unrecorded(self, name: str, version: str, problem: str) -> None:
+        serving = self.slots.get(name)
+        why = (
+            f"champion points to version {version}, which cd4ml did not promote: {problem}; "
+            f"{f'still serving version {serving.version}' if serving else 'serving nothing'}. Promote "
+            f"through {name}__train or {name}__rollback (they sign the record), or give this service "
+            "the admin token Airflow's cd4ml_service connection holds"
+        )
+        if self.unrecorded.get(name) != (version, why):
+            self.unrecorded[name] = (version, why)
+            log.error("%s: %s", name, why)
+            self.on_event(name, version, "unrecorded")
+
+    def stage(self, name: str, version: str) -> Slot:
+        """Load `version` of `name` into the model's staging slot (not live traffic) and return it.
+
+        A smoke test then reaches it with the `x-cd4ml-slot: staging` header; when `champion` moves
+        to this version, the poller swaps the staged slot in as it is. Raises `LookupError` for an
+        unknown model or version, `StagingRefusedError` when the version fails to load or its sanity
+        check (remembered: the service will never serve it), and MLflow's error when MLflow is
+        unreachable (transient).
+        """
+        with self._lock:
+            if name not in self.known_models:
+                self._refresh_known()
+            if name not in self.known_models:
+                raise LookupError(
+                    f"model '{name}' is not served here (no spec for it in {self.settings.specs_dir})"
+                )
+            mlflow_client = registry.client(self.settings.mlflow_tracking_uri)
+            try:
+                mv = mlflow_client.get_model_version(name, version)
+            except Exception as err:
+                if _transient(err):
+                    raise
+                raise LookupError(f"model '{name}' has no version '{version}' in MLflow") from None
+            if (name, version) in self.refused:
+                raise StagingRefusedError(self.refused[(name, version)])
+            current = self.staged.get(name)
+            if current is not None and current.version == version:
+                return current
+            slot = self._build(name, mv)
+            self.staged[name] = slot
+            log.info("%s: v%s staged (not live)", name, version)
+            self.on_event(name, version, "staged")
+            return slot
+
+    def unstage(self, name: str) -> str | None:
+        """Drop the model's staged version (a failed smoke test, say); returns which one it was."""
+        with self._lock:
+            dropped = self.staged.pop(name, None)
+        return dropped.version if dropped else None
+
+    def _refresh_known(self) -> None:
+        specs, _ = load_specs(spec_files(self.settings.specs_dir))
+        self.known_models = sorted(s.name for s in specs)
+
+    def _build(self, name: str, mv: Any) -> Slot:
+        """Load a version and check it; `StagingRefusedError` (remembered) if it must never serve."""
+        version = str(mv.version)
+        try:
+            return self._build_slot(name, mv)
+        except Exception as err:  # any failure but a transient one means: never serve this version
+            if _transient(err):
+                raise
+            reason = f"{type(err).__name__}: {err}"[:500]
+            self.refused[(name, version)] = reason
+            log.error("refusing %s v%s: %s", name, version, reason)
+            self.on_event(name, version, "refused")
+            raise StagingRefusedError(reason) from None
+
+    def _build_slot(self, name: str, mv: Any) -> Slot:
+        version = str(mv.version)
+        bundle = registry.load_bundle(self.settings.mlflow_tracking_uri, f"models:/{name}/{version}")
+        if not bundle.numerical and not bundle.categorical:
+            raise SanityError(f"{name} v{version}: the model has no input signature")
+        classes = getattr(bundle.model, "classes_", None)
+        # SVC without probability=True, say, predicts labels but has no predict_proba to serve.
+        served_classes = (
+            [c.item() if hasattr(c, "item") else c for c in classes]
+            if classes is not None and hasattr(bundle.model, "predict_proba")
+            else None
+        )
+        slot = Slot(
+            name=name,
+            version=version,
+            run_id=mv.run_id or "",
+            champion_since=_champion_since(mv.tags or {}),
+            data_fingerprint=(mv.tags or {}).get("cd4ml.data_fingerprint", ""),
+            loaded_at=time.time(),
+            model=bundle.model,
+            schema=FeatureSchema(tuple(bundle.numerical), tuple(bundle.categorical)),
+            classes=served_classes,
+            classifier=classes is not None,
+        )
+        sanity_check(slot, bundle.example)
+        fast = _fast_path(slot, bundle.example)
+        if fast is not None:
+            slot = replace(slot, fast=fast)
+            sanity_check(slot, bundle.example)
+        return slot
 
     def _load(self, name: str, mv: Any) -> None:
         version = str(mv.version)
         try:
-            bundle = registry.load_bundle(self.settings.mlflow_tracking_uri, f"models:/{name}/{version}")
-            if not bundle.numerical and not bundle.categorical:
-                raise SanityError(f"{name} v{version}: the model has no input signature")
-            tags = mv.tags or {}
-            classes = getattr(bundle.model, "classes_", None)
-            # SVC without probability=True, say, predicts labels but has no predict_proba to serve.
-            served_classes = (
-                [c.item() if hasattr(c, "item") else c for c in classes]
-                if classes is not None and hasattr(bundle.model, "predict_proba")
-                else None
+            slot = self._build(name, mv)
+        except StagingRefusedError:
+            return  # remembered and reported by _build
+        except Exception as err:  # noqa: BLE001 - transient: retried on the next poll
+            log.warning(
+                "could not fetch %s v%s yet (%s: %s); will retry", name, version, type(err).__name__, err
             )
-            slot = Slot(
-                name=name,
-                version=version,
-                run_id=mv.run_id or "",
-                # The later of the two: a version rolled back to was usually promoted before.
-                champion_since=max(
-                    (tags.get(key) or "" for key in ("cd4ml.promoted_at", "cd4ml.rolled_back_at")), default=""
-                ),
-                data_fingerprint=tags.get("cd4ml.data_fingerprint", ""),
-                loaded_at=time.time(),
-                model=bundle.model,
-                schema=FeatureSchema(tuple(bundle.numerical), tuple(bundle.categorical)),
-                classes=served_classes,
-                classifier=classes is not None,
-            )
-            sanity_check(slot, bundle.example)
-            fast = _fast_path(slot, bundle.example)
-            if fast is not None:
-                slot = replace(slot, fast=fast)
-                sanity_check(slot, bundle.example)
-        except Exception as err:  # noqa: BLE001 - any failure means: do not serve this version
-            reason = f"{type(err).__name__}: {err}"[:500]
-            if _transient(err):
-                log.warning("could not fetch %s v%s yet (%s); will retry", name, version, reason)
-                return
-            self.refused[(name, version)] = reason
-            log.error("refusing %s v%s: %s", name, version, reason)
-            self.on_event(name, version, "refused")
             return
         # Loading takes a while; if `champion` moved meanwhile (a rollback, say), this version must
         # not go live: the next poll loads whatever the alias points to now.
@@ -249,6 +348,10 @@ class ModelStore:
         if now is None or str(now.version) != version:
             log.info("%s: champion moved while v%s was loading; not swapping it in", name, version)
             return
+        self._swap(name, slot)
+
+    def _swap(self, name: str, slot: Slot) -> None:
+        version = slot.version
         previous = self.slots.get(name)
         self.slots[name] = slot  # the atomic swap
         log.info("%s: now serving v%s (was %s)", name, version, previous.version if previous else None)

@@ -8,7 +8,7 @@ extra links, the notifications and the REST API's readers see, so they change on
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Protocol, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self
 
 from cd4ml.core.errors import QuarantinedError
 from cd4ml.data.landing import AcceptedFile, LandedFile
@@ -321,14 +321,25 @@ class Promotion:
 
 
 @dataclass(frozen=True)
-class Deployment:
-    """deploy_champion: the rollout record `cd4ml.steps.deploy` writes (outcome, smoke test, rollback)."""
+class ServiceRecord:
+    """What a step that talks to the prediction service recorded, as `cd4ml.steps.deploy` wrote it."""
 
     record: dict[str, Any]
+    required: ClassVar[tuple[str, ...]] = ()
 
     def to_xcom(self) -> XCom:
         return dict(self.record)
 
     @classmethod
     def from_xcom(cls, xcom: Any) -> Self:
-        return cls(dict(_require(cls.__name__, xcom)))
+        return cls(dict(_require(cls.__name__, xcom, *cls.required)))
+
+
+class Staging(ServiceRecord):
+    """stage_challenger: whether the challenger was smoke-tested in the service's staging slot."""
+
+    required = ("staged",)
+
+
+class Deployment(ServiceRecord):
+    """deploy_champion: the rollout record (outcome, smoke test, rollback)."""

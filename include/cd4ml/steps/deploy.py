@@ -1,5 +1,7 @@
 """Deployment: make the prediction service serve the champion, prove it, or roll back by itself.
 
+Before `champion` moves (`stage_challenger`): the service loads the challenger into a staging slot
+that no live request reaches, and the smoke test runs there; a failure leaves live traffic alone.
 After `champion` moves: ask the service to reload, wait (bounded) until it reports the new version,
 then smoke-test it with golden rows from the holdout — the service's answers must equal the offline
 predictions of the registered version, exactly. On any failure `champion` goes back to the previous
@@ -10,6 +12,7 @@ and the outcome, never overwritten by the next attempt.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -189,18 +192,21 @@ def smoke_test(
     endpoint: ServiceEndpoint,
     version: str,
     holdout: str | pd.DataFrame | None = None,
+    *,
+    staged: bool = False,
 ) -> dict[str, Any]:
-    """Service predictions must equal the registered version's offline predictions on golden rows."""
+    """Service predictions must equal the registered version's offline predictions on golden rows
+    (`staged`: the version in the service's staging slot, which no live request reaches)."""
     golden = _golden_rows(spec, settings, version, holdout)
     model = registry.load_model(settings.mlflow_tracking_uri, f"models:/{spec.name}/{version}")
     expected = model.predict(golden).tolist()
     payload = {"dataframe_split": json.loads(golden.to_json(orient="split", index=False))}
+    headers = {"x-cd4ml-purpose": "smoke-test"}  # not real traffic: kept out of the drift window
+    if staged:
+        headers |= {"x-cd4ml-slot": "staging", "Authorization": f"Bearer {endpoint.admin_token}"}
     try:
         resp = httpx.post(
-            f"{endpoint.url}/v1/models/{spec.name}/predict",
-            json=payload,
-            headers={"x-cd4ml-purpose": "smoke-test"},  # not real traffic: kept out of the drift window
-            timeout=30,
+            f"{endpoint.url}/v1/models/{spec.name}/predict", json=payload, headers=headers, timeout=30
         )
     except httpx.HTTPError as err:
         raise ServiceUnreachableError(
@@ -223,6 +229,92 @@ def smoke_test(
             f"{got[i] if i < len(got) else None!r} vs offline {expected[i] if i < len(expected) else None!r})"
         )
     return {"golden_rows": len(expected), "version": version}
+
+
+def stage_version(endpoint: ServiceEndpoint, model: str, version: str) -> None:
+    """Have the service load `version` into its staging slot (no live traffic reaches it)."""
+    where = f"{model}: the prediction service at {endpoint.url}"
+    try:
+        resp = httpx.put(
+            f"{endpoint.url}/admin/models/{model}/staging",
+            json={"version": version},
+            headers={"Authorization": f"Bearer {endpoint.admin_token}"},
+            timeout=max(endpoint.wait_seconds, 30.0),
+        )
+    except httpx.HTTPError as err:
+        raise ServiceUnreachableError(f"{where} is unreachable ({type(err).__name__}: {err})") from None
+    error = _json(resp).get("error") or resp.text[:300]
+    if resp.status_code == 200:
+        return
+    if resp.status_code == 422:
+        raise ServiceRefusedError(f"{where} refused version {version}: {error}")
+    if resp.status_code == 404:
+        raise DeployError(f"{where} cannot stage version {version}: {error}; it serves the specs in its "
+                          f"own CD4ML_SPECS_DIR and reads the MLflow registry it was given")  # fmt: skip
+    if resp.status_code in (401, 403):
+        raise DeployError(f"{where} rejected the admin token ({error}): the cd4ml_service connection's "
+                          "password (or CD4ML_SERVICE_ADMIN_TOKEN) must match the service's")  # fmt: skip
+    raise ServiceUnreachableError(
+        f"{where} could not stage version {version}: HTTP {resp.status_code}: {error}"
+    )
+
+
+def unstage_version(endpoint: ServiceEndpoint, model: str) -> None:
+    with contextlib.suppress(httpx.HTTPError):  # best effort: the next stage replaces it anyway
+        httpx.delete(f"{endpoint.url}/admin/models/{model}/staging",
+                     headers={"Authorization": f"Bearer {endpoint.admin_token}"}, timeout=10)  # fmt: skip
+
+
+def stage_challenger(
+    spec: ModelSpec,
+    settings: Settings,
+    *,
+    version: str,
+    promote: bool,
+    champion: str | None,
+    holdout_path: str | None = None,
+    who: str,
+    when: str,
+    endpoint: ServiceEndpoint | None = None,
+    last_attempt: bool = True,
+) -> dict[str, Any]:
+    """Before `champion` moves: the service loads the challenger into its staging slot and the smoke
+    test runs there, so live traffic only ever switches to a version that already answered right.
+
+    A failure leaves the champion (and live traffic) untouched, is a `deployment` event with
+    outcome "staging failed", and fails the run; a transient one before the last attempt is raised
+    as it is, for the retry. Without an admin token the service cannot be asked to stage: the
+    smoke test then runs after the switch only (deploy_champion), and the record says so.
+    """
+    if not promote:
+        return {"staged": False, "why": "not to be promoted; nothing to stage"}
+    endpoint = endpoint or ServiceEndpoint.from_env()
+    if not endpoint.admin_token:
+        why = ("no admin token for the prediction service (the cd4ml_service connection's password or "
+               "CD4ML_SERVICE_ADMIN_TOKEN): not staged; smoke-tested after the switch only")  # fmt: skip
+        log.warning("%s v%s: %s", spec.name, version, why)
+        return {"staged": False, "why": why}
+    record = {"kind": "deployment", "who": who, "when": when}
+    try:
+        stage_version(endpoint, spec.name, version)
+        checked = smoke_test(spec, settings, endpoint, version, holdout_path, staged=True)
+    except Exception as failure:
+        error = str(failure) if isinstance(failure, DeployError) else f"{type(failure).__name__}: {failure}"
+        if is_transient(failure) and not last_attempt:
+            raise
+        unstage_version(endpoint, spec.name)
+        left = f"champion left at version {champion}" if champion else "nothing was served before"
+        note = f"version {version} failed in staging, before any live traffic: {error}; {left}"
+        with contextlib.suppress(Exception):  # MLflow down: the raised error still says it all
+            registry.set_tags(registry.client(settings.mlflow_tracking_uri), spec.name, version,
+                              {"cd4ml.staging": f"failed: {error}"[:500]})  # fmt: skip
+        with contextlib.suppress(Exception):
+            _record(settings, spec.name, version, **record, why=error,
+                    details={"outcome": "staging failed", "error": error, "champion": champion})  # fmt: skip
+        raise DeployError(f"{spec.name}: {note}") from (None if isinstance(failure, DeployError) else failure)
+    why = f"staged; smoke test passed on {checked['golden_rows']} golden rows before any live traffic"
+    _record(settings, spec.name, version, **record, why=why, details={"outcome": "staged", **checked})
+    return {"staged": True, "why": why, **checked}
 
 
 def _record(
@@ -286,7 +378,7 @@ def deploy_champion(
                     details={"outcome": "retrying", "error": error, "previous": previous})  # fmt: skip
             raise
         try:
-            rollback_note = _roll_back_after_failure(spec, settings, endpoint, version, previous)
+            rollback_note = _roll_back_after_failure(spec, settings, endpoint, version, previous, when)
         except Exception as err:  # noqa: BLE001 - say so; the deploy failure is what is raised
             rollback_note = (
                 f"the automatic rollback failed too ({type(err).__name__}: {err}); champion may still be "
@@ -309,14 +401,22 @@ def deploy_champion(
 
 
 def _roll_back_after_failure(
-    spec: ModelSpec, settings: Settings, endpoint: ServiceEndpoint, failed: str, previous: str | None
+    spec: ModelSpec,
+    settings: Settings,
+    endpoint: ServiceEndpoint,
+    failed: str,
+    previous: str | None,
+    when: str,
 ) -> str:
     client = registry.client(settings.mlflow_tracking_uri)
     if previous is None:
         client.delete_registered_model_alias(spec.name, registry.CHAMPION)
         removed = "there was no previous champion; the champion alias was removed"
         return removed + _unserved(endpoint, spec.name)
-    registry.move_champion(client, spec.name, previous, expected_current=failed)
+    # Signed afresh: the previous champion's own record may predate signing (or another token).
+    registry.promote_with_tags(client, spec.name, previous, expected_current=failed,
+                               tags={"cd4ml.rolled_back_at": when}, sign_with=endpoint.admin_token,
+                               when=when)  # fmt: skip
     registry.set_tags(client, spec.name, failed, {"cd4ml.rolled_back": f"to {previous}"})
     try:
         wait_until_serving(endpoint, spec.name, previous)
@@ -334,7 +434,7 @@ def _unserved(endpoint: ServiceEndpoint, model: str) -> str:
     return f" (the service at {endpoint.url} still serves version {state.version} until it polls MLflow)"
 
 
-ROLLBACK_TAGS = ("cd4ml.rolled_back_at", "cd4ml.previous_champion")
+ROLLBACK_TAGS = ("cd4ml.rolled_back_at", "cd4ml.previous_champion", registry.SIGNATURE_TAG)
 
 
 def rollback_objections(mlflow_client: Any, name: str, mv: Any) -> list[str]:
@@ -399,7 +499,7 @@ def rollback(
     # written before the alias moves, so the service sees them when it loads the target.
     registry.promote_with_tags(client, spec.name, target, expected_current=current_version, tags={
         "cd4ml.rolled_back_at": when, "cd4ml.previous_champion": current_version or "none",
-    })  # fmt: skip
+    }, sign_with=endpoint.admin_token, when=when)  # fmt: skip
     record = {"kind": "rollback", "who": who, "when": when, "why": reason}
     try:
         wait_until_serving(endpoint, spec.name, target)

@@ -34,6 +34,7 @@ from cd4ml.steps.contracts import (
     Rejected,
     RunContext,
     RunOutcome,
+    Staging,
     TrainingGate,
     Validated,
 )
@@ -673,8 +674,13 @@ def promote_champion(
     run_time: str,
     who: str,
     run_id: str,
+    signing_key: str | None = None,
 ) -> Promotion:
-    """Move `champion` if the decision says so; a rejected challenger changes nothing that serves."""
+    """Move `champion` if the decision says so; a rejected challenger changes nothing that serves.
+
+    `signing_key` (the prediction service's admin token) signs cd4ml's champion record on the
+    version: a service holding that token serves no champion without one.
+    """
     from cd4ml import registry
 
     mlflow_client = registry.client(settings.mlflow_tracking_uri)
@@ -688,6 +694,7 @@ def promote_champion(
     previous = registry.promote_with_tags(
         mlflow_client, spec.name, version, expected_current=expected,
         tags={"cd4ml.promoted_at": run_time, "cd4ml.previous_champion": str(expected or "none")},
+        sign_with=signing_key, when=run_time,
     )  # fmt: skip
     registry.append_event(
         mlflow_client, spec.name, kind="promotion", version=version, who=who, why=evaluation.reason,
@@ -806,7 +813,21 @@ def _promote(spec: ModelSpec, settings: Settings, run: RunContext, got: Results)
         version=got.of("register_challenger", Registration).version,
         evaluation=got.of("evaluate_against_champion", Evaluation),
         evaluate_only=run.evaluate_only, run_time=run.run_time, who=run.who, run_id=run.run_id,
+        signing_key=(run.service.admin_token if run.service else settings.service_admin_token),
     )  # fmt: skip
+
+
+def _stage(spec: ModelSpec, settings: Settings, run: RunContext, got: Results) -> Staging:
+    from cd4ml.steps.deploy import stage_challenger
+
+    evaluation = got.of("evaluate_against_champion", Evaluation)
+    return Staging(stage_challenger(
+        spec, settings,
+        version=got.of("register_challenger", Registration).version,
+        promote=evaluation.promote and not run.evaluate_only, champion=evaluation.champion_version,
+        holdout_path=_local_or_none(got.of("build_datasets", Datasets).holdout_path),
+        who=run.who, when=run.run_time, last_attempt=run.last_attempt, endpoint=run.service,
+    ))  # fmt: skip
 
 
 def _local_or_none(path: str) -> str | None:
@@ -842,14 +863,25 @@ TRAINING_STEPS: tuple[Step, ...] = (
         Registration.from_xcom,
     ),
     Step(
+        "stage_challenger",
+        ("register_challenger", "evaluate_against_champion", "build_datasets"),
+        _stage,
+        Staging.from_xcom,
+    ),
+    # Reads nothing from stage_challenger, but runs only after it passed (the edge).
+    Step(
         "promote_champion",
-        ("register_challenger", "evaluate_against_champion"),
+        ("register_challenger", "evaluate_against_champion", "stage_challenger"),
         _promote,
         Promotion.from_xcom,
     ),
     Step("deploy_champion", ("promote_champion", "build_datasets"), _deploy, Deployment.from_xcom),
 )
 STEPS_BY_NAME: dict[str, Step] = {s.name: s for s in TRAINING_STEPS}
+# The steps that talk to the prediction service (left out by `run_training(deploy=False)`).
+SERVICE_STEPS = frozenset({"stage_challenger", "deploy_champion"})
+# The steps that need the service's connection: those, and the promotion, which signs with its token.
+CONNECTION_STEPS = SERVICE_STEPS | {"promote_champion"}
 # The DAG's default_args use these too: a transient error is retried the same way in and out of Airflow.
 RETRIES = 2
 RETRY_DELAY_S = 10.0
@@ -918,7 +950,7 @@ def run_training(
     Returns the promotion's XCom (plus `deployment`), or `{"trained": False, "why": ...}` when the
     gate found nothing to train; the run outcome is recorded either way, as the DAG records it.
     """
-    steps = TRAINING_STEPS if deploy else tuple(s for s in TRAINING_STEPS if s.name != "deploy_champion")
+    steps = TRAINING_STEPS if deploy else tuple(s for s in TRAINING_STEPS if s.name not in SERVICE_STEPS)
     run = RunContext(run_id=run_id, run_time=run_time, trigger=trigger, who=who or run_id, force=force,
                      evaluate_only=evaluate_only)  # fmt: skip
     results = run_steps(spec, settings, run, steps, retries=retries)

@@ -67,9 +67,10 @@ class Event:
     kind: str = ""  # promotion, deployment, rollback, retraction (registry.history kinds)
 
 
-# Not counted as deployment outcomes: "retrying" has not settled (the same deployment ends deployed
-# or failed later); "rollback requested" is an old tag's note beside the rollback's own record.
-_UNCOUNTED = frozenset({"retrying", "rollback requested"})
+# Not counted as deployment outcomes: "retrying" and "staged" have not settled (the same deployment
+# ends deployed or failed later); "rollback requested" is an old tag's note beside the rollback's
+# own record. "staging failed" is settled: the challenger never reached live traffic.
+_UNCOUNTED = frozenset({"retrying", "staged", "rollback requested"})
 
 
 @dataclass
@@ -382,7 +383,8 @@ class PipelineCollector(Collector):
         )
         deployments = CounterMetricFamily(
             "cd4ml_deployments",
-            "Versions by settled deployment outcome (deployed, failed, rolled back, rollback failed).",
+            "Versions by settled deployment outcome "
+            "(deployed, staging failed, failed, rolled back, rollback failed).",
             labels=["model", "outcome"],
         )
         files = GaugeMetricFamily(
