@@ -8,6 +8,7 @@ switches when the alias moves, to the slot already loaded, and never sees a vers
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -254,3 +255,86 @@ def test_a_champion_moved_outside_cd4ml_is_reported_and_not_served(env: dict[str
     assert champion(env, model) == served(env, model) == "2"
     assert model not in httpx.get(f"{url}/health/ready", timeout=10).json()["unrecorded_champions"]
     assert exported("cd4ml_champion_unrecorded") == "0.0"
+
+
+def test_a_shadow_answers_a_copy_of_live_traffic_that_clients_never_see(env: dict[str, Any]) -> None:
+    """`deployment.strategy: shadow`: a better challenger gets the `shadow` alias instead of
+    `champion`; the service answers a copy of live traffic with it off the request path, logs both
+    predictions and counts agreement, latency and errors; clients only get the champion's answers."""
+    from cd4ml.data.shadow_log import read_shadow_log
+    from cd4ml.ml.training import features
+    from cd4ml.steps.deploy import rollback
+    from cd4ml.ui.overview import model_overview, render_html
+
+    model, url = "stg_shadow", env["service"]
+    land(env, model, "week0.csv", generate_churn(ROWS, seed=44))
+
+    def shadow_train(estimator: dict[str, Any], run: str, **kw: Any) -> dict[str, Any]:
+        spec = load_spec(write_spec(env["specs"], model, estimator=estimator, promotion__floor=None,
+                                    deployment={"strategy": "shadow"}))  # fmt: skip
+        return run_training(spec, get_settings(), run_id=f"{model}-{run}", run_time=WHEN,
+                            trigger="shadow test", **kw)  # fmt: skip
+
+    first = shadow_train(WEAK, "r1")  # no champion yet: the first version is promoted directly
+    assert first["promoted"] and first["deployment"]["deployed"], first
+    second = shadow_train(LOGREG, "r2", force=True)
+    assert not second["promoted"] and second["version"] == "2", second
+    assert second["why"].startswith("shadow: version 2 answers a copy of live traffic, champion stays 1")
+    assert second["deployment"] == {"deployed": False, "shadow": "2", "why": second["deployment"]["why"]}
+    assert champion(env, model) == "1" and outcomes(env, model, "2") == ["staged", "shadowing"]
+    meta = httpx.get(f"{url}/v1/models/{model}", timeout=10).json()
+    assert meta["version"] == "1" and meta["shadow_version"] == "2"
+
+    spec = load_spec(env["specs"] / f"{model}.yaml")
+    rows = features(spec, generate_churn(40, seed=45, batch=2))
+    uri = get_settings().mlflow_tracking_uri
+    offline = {v: registry.load_model(uri, f"models:/{model}/{v}").predict(rows) for v in ("1", "2")}
+    assert list(offline["1"]) != list(offline["2"]), "the two versions must disagree somewhere"
+    ids = []
+    for i in range(len(rows)):
+        body = {"dataframe_records": [json.loads(rows.iloc[[i]].to_json(orient="records"))[0]]}
+        answer = httpx.post(f"{url}/v1/models/{model}/predict", json=body, timeout=10)
+        assert answer.status_code == 200 and answer.headers["x-model-version"] == "1"
+        assert answer.json()["predictions"] == [offline["1"][i].item()]  # the champion's, unchanged
+        ids.append(answer.headers["x-request-id"])
+
+    def logged() -> Any:
+        frame = read_shadow_log(env["data"], model, "2")
+        return frame if len(frame) >= len(ids) else None
+
+    deadline = time.monotonic() + 30
+    while (frame := logged()) is None:
+        assert time.monotonic() < deadline, "the shadow log did not get every request"
+        time.sleep(0.5)
+    assert sorted(frame["request_id"]) == sorted(ids) and set(frame["champion_version"]) == {"1"}
+    by_id = frame.set_index("request_id")
+    for i, rid in enumerate(ids):
+        assert json.loads(by_id.loc[rid, "champion_predictions"]) == [offline["1"][i].item()]
+        assert json.loads(by_id.loc[rid, "shadow_predictions"]) == [offline["2"][i].item()]
+    agree = int(sum(a == b for a, b in zip(offline["1"], offline["2"], strict=True)))
+    assert int(frame["agreed"].sum()) == agree and (frame["error"] == "").all()
+    exported = httpx.get(f"{url}/metrics", timeout=10).text
+    series = rf'cd4ml_shadow_rows_total{{agreement="(\w+)",model="{model}",version="2"}} (\S+)'
+    counted = dict(re.findall(series, exported))
+    assert counted == {"agree": f"{float(agree)}", "disagree": f"{float(len(ids) - agree)}"}, counted
+    assert (
+        f'cd4ml_shadow_requests_total{{model="{model}",outcome="ok",version="2"}} {float(len(ids))}'
+        in exported
+    )
+    assert f'cd4ml_shadow_version{{model="{model}"}} 2.0' in exported
+    # The Models view shows it: agreement, latency, errors.
+    overview = model_overview(spec, get_settings())
+    assert overview.shadow is not None and overview.shadow["requests"] == len(ids)
+    assert overview.shadow["agreement"] == agree / len(ids) and overview.shadow["errors"] == 0
+    page = render_html([overview], get_settings(), "http://mlflow", [])
+    assert "Shadow: version 2 answers a copy of live traffic" in page
+    assert f"{100 * agree / len(ids):.1f} %" in page
+
+    # Promoted by hand (the rollback DAG's move): the shadow becomes the champion and stops shadowing.
+    done = rollback(spec, get_settings(), target="2", reason="the shadow agrees well", who="test", when=WHEN)
+    assert done["rolled_back"] and champion(env, model) == served(env, model) == "2"
+    deadline = time.monotonic() + 20
+    while httpx.get(f"{url}/v1/models/{model}", timeout=10).json()["shadow_version"] is not None:
+        assert time.monotonic() < deadline, "the promoted shadow still shadows"
+        time.sleep(0.5)
+    assert model_overview(spec, get_settings()).shadow is None

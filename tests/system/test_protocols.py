@@ -60,6 +60,7 @@ def service(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
             with pytest.MonkeyPatch.context() as mp:
                 mp.setenv("CD4ML_SPECS_DIR", str(specs))
                 mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+                mp.setenv("CD4ML_SERVICE_ADMIN_TOKEN", SERVICE_TOKEN)  # signs the champion record
                 settings = get_settings()
                 spec = load_spec(specs / f"{MODEL}.yaml")
                 write_batch(generate_churn(1500, seed=41), settings.model_dir(MODEL) / "landing", "w0.csv")

@@ -124,6 +124,10 @@ def test_spec_hash_is_stable_and_sensitive() -> None:
         ),
         ({"feedback": {"min_rows": 100, "max_rows": 60}}, "feedback.max_rows", "no batch could be landed"),
         ({"feedback": {"min_rows": 0}}, "feedback.min_rows", "greater than or equal to 1"),
+        # deployment: a strategy cd4ml does not have, a fraction that copies nothing or too much
+        ({"deployment": {"strategy": "canary"}}, "deployment.strategy", "'direct' or 'shadow'"),
+        ({"deployment": {"shadow_fraction": 0}}, "deployment.shadow_fraction", "greater than 0"),
+        ({"deployment": {"shadow_fraction": 1.5}}, "deployment.shadow_fraction", "less than or equal to 1"),
     ],
 )
 def test_bad_spec_names_file_and_field(overrides: dict, field: str, words: str) -> None:
@@ -247,17 +251,21 @@ def test_accepted_schedules_are_what_airflow_runs() -> None:
 # -- business value and feedback to training ---------------------------------------------------------
 
 
-def test_business_and_feedback_are_optional_and_change_no_existing_specs_hash() -> None:
+def test_business_feedback_and_deployment_are_optional_and_change_no_existing_specs_hash() -> None:
     """Specs without the new sections hash as before them: an upgrade retrains nothing by itself."""
     import hashlib
     import json
 
     spec = load_spec(DEMO_SPEC)
     assert spec.business is None and spec.feedback.to_training is False
+    assert spec.deployment.strategy == "direct" and spec.deployment.shadow_fraction == 1.0
     before = spec.model_dump(mode="json", by_alias=True)
-    del before["business"], before["feedback"]
+    del before["business"], before["feedback"], before["deployment"]
     assert spec.spec_hash() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
     assert parse(spec_dict(feedback={"to_training": True})).spec_hash() != spec.spec_hash()
+    plain = parse(spec_dict()).spec_hash()
+    assert parse(spec_dict(deployment={"strategy": "shadow"})).spec_hash() != plain
+    assert parse(spec_dict(deployment={"strategy": "direct", "shadow_fraction": 1})).spec_hash() == plain
     assert (
         parse(spec_dict(business={"matrix": {1: {1: 1, 0: 0}, 0: {1: 0, 0: 0}}})).spec_hash()
         != spec.spec_hash()

@@ -50,8 +50,12 @@ moves only on a promotion.
 
 **What it produces.** Files moved to `accepted/` or `quarantine/`, GX Data Docs, an MLflow run and
 model version with the decision and its evidence, and the `challenger` / `champion` aliases.
-After a promotion, `deploy_champion` waits until the prediction service serves the new version,
-smoke-tests it on golden holdout rows, and rolls `champion` back by itself if anything fails.
+Before `champion` moves, `stage_challenger` has the prediction service load the challenger into a
+staging slot no client reaches and smoke-tests it there on golden holdout rows: a failure stops the
+run with live traffic untouched. After a promotion, `deploy_champion` waits until the service
+serves the new version, smoke-tests it again, and rolls `champion` back by itself if anything
+fails. With `deployment.strategy: shadow` in the spec, a better challenger gets the `shadow` alias
+instead and answers a copy of live traffic (promote it with `{name}__rollback`).
 
 **When a task fails.** Only transient errors (MLflow or the prediction service unreachable) are
 retried. A spec, data or training error fails its task at once with a message that names the

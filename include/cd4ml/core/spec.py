@@ -545,6 +545,20 @@ class Feedback(_Strict):
     )
 
 
+class DeploymentPolicy(_Strict):
+    """How a challenger that beat the champion reaches live traffic.
+
+    `direct`: staged smoke test, then `champion` moves and all traffic switches. `shadow`: the
+    challenger (smoke-tested in staging) gets the `shadow` alias instead; the service answers a copy
+    of `shadow_fraction` of live requests with it off the request path, logs both predictions and
+    counts agreement, latency and errors; clients only ever get the champion's answers. Promote a
+    shadow by hand with `<model>__rollback` (version: the shadow's).
+    """
+
+    strategy: Literal["direct", "shadow"] = "direct"
+    shadow_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
+
+
 class ModelSpec(_Strict):
     name: str
     description: str = ""
@@ -562,6 +576,7 @@ class ModelSpec(_Strict):
     notifications: Notifications = Field(default_factory=Notifications)
     business: Business | None = None
     feedback: Feedback = Field(default_factory=Feedback)
+    deployment: DeploymentPolicy = Field(default_factory=DeploymentPolicy)
     seed: int = 42
     owner: str = "cd4ml"
 
@@ -650,6 +665,8 @@ class ModelSpec(_Strict):
             del out["business"]
         if self.feedback == Feedback():
             del out["feedback"]
+        if self.deployment == DeploymentPolicy():
+            del out["deployment"]
         return out
 
     def spec_hash(self) -> str:

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+SHADOW = "shadow"  # a candidate answering a copy of live traffic (deployment.strategy: shadow)
 TAG = "cd4ml."
 # Types a model artefact may reference. Anything else (os.system, builtins.eval, a custom class
 # smuggled into the file) makes loading fail before any object is built.

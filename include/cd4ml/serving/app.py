@@ -19,7 +19,6 @@ the same OpenTelemetry spans when the OTEL_* variables name an endpoint (`cd4ml.
 from __future__ import annotations
 
 import contextlib
-import hmac
 import json
 import logging
 import os
@@ -46,11 +45,13 @@ from prometheus_client import (
 from starlette.concurrency import run_in_threadpool
 
 from cd4ml.core.settings import Settings, get_settings
+from cd4ml.serving.admin_api import Admin
 from cd4ml.serving.feedback_api import feedback_router
-from cd4ml.serving.models import ModelStore, Slot, StagingRefusedError
+from cd4ml.serving.models import ModelStore, Slot
 from cd4ml.serving.payload import PayloadError, Problem, check, read_limited
 from cd4ml.serving.predlog import Entry, PredictionLog
 from cd4ml.serving.protocols import MLFLOW, MODEL_HEADER, NATIVE, OIP, Protocol, choose_model, oip_metadata
+from cd4ml.serving.shadow import ShadowJob, ShadowMetrics, ShadowRunner
 from cd4ml.serving.span_export import ExporterMetrics, ExporterProcess
 from cd4ml.serving.tracing import (
     LOG,
@@ -126,13 +127,6 @@ class Metrics:
         GCCollector(registry=r)
 
 
-def _error(status: int, message: str, problems: list[Problem] | None = None) -> JSONResponse:
-    body: dict[str, Any] = {"error": message}
-    if problems:
-        body["problems"] = [p.as_dict() for p in problems]
-    return JSONResponse(body, status_code=status)
-
-
 # Request bodies as the OpenAPI document shows them (and schemathesis fuzzes them).
 # anyOf with required keys: with oneOf and no `required`, every object matched several
 # alternatives at once, so no object body was valid against the document.
@@ -184,9 +178,17 @@ def create_app(
     tracing = tracing or ServiceTracing.from_env(os.environ)
     metrics = Metrics()
 
+    shadow_metrics = ShadowMetrics(metrics.registry)
+    shadows = ShadowRunner(settings.data_dir, shadow_metrics)
+
     def on_event(model: str, version: str, outcome: str) -> None:
         metrics.reloads.labels(model, version, outcome).inc()
-        if outcome == "loaded":
+        if outcome == "shadowing":
+            shadow_metrics.version.labels(model).set(float(version))
+        elif outcome == "unshadowed":
+            with contextlib.suppress(KeyError):
+                shadow_metrics.version.remove(model)
+        elif outcome == "loaded":
             metrics.serving.labels(model).set(float(version))
         elif outcome == "unloaded":  # the champion alias is gone: nothing is served for this model
             with contextlib.suppress(KeyError):
@@ -204,11 +206,13 @@ def create_app(
         # One request is tiny: OpenMP/BLAS thread pools only add spin-up and contention here.
         limits = threadpool_limits(limits=1)
         predlog.start()
+        shadows.start()
         await run_in_threadpool(store.refresh)  # serve what already exists before the first request
         store.start()
         yield
         store.stop()
         predlog.close()  # every queued prediction reaches disk on a clean shutdown
+        await run_in_threadpool(shadows.close)  # and every shadow record
         await run_in_threadpool(tracing.shutdown)  # and every finished span reaches the collector
         limits.restore_original_limits()
 
@@ -219,6 +223,8 @@ def create_app(
     if isinstance(tracing.sink, ExporterProcess):
         metrics.registry.register(ExporterMetrics(tracing.sink))
     app.state.tracing = tracing
+    admin = Admin(store, config.admin_token)
+    app.include_router(admin.router())
     app.include_router(
         feedback_router(settings, max_body_bytes=config.max_body_bytes, max_rows=config.max_rows,
                         predlog=predlog, registry=metrics.registry)
@@ -264,8 +270,10 @@ def create_app(
             return _failure(NATIVE, *_unknown_or_waiting(model))
         body = slot.metadata()
         body["refused_versions"] = refused_versions(model)
-        staged = store.staged.get(model)
+        staged = store.candidates.staged.get(model)
         body["staged_version"] = staged.version if staged else None
+        shadow = store.candidates.shadows.get(model)
+        body["shadow_version"] = shadow.version if shadow else None
         return JSONResponse(body)
 
     def _unknown_or_waiting(model: str) -> tuple[int, str, list[Problem], dict[str, Any]]:
@@ -303,21 +311,6 @@ def create_app(
             )
         return slot
 
-    def staged_slot(request: Request, model: str, slot: str) -> Slot | JSONResponse:
-        """The staged (not live) version of `model`, for the deploy's smoke test: admin token only."""
-        if slot != "staging":
-            return _error(400, f"header x-cd4ml-slot must be 'staging' (or absent), not {slot[:50]!r}",
-                          [Problem("x-cd4ml-slot", "only 'staging' is a slot")])  # fmt: skip
-        denied = admin_denied(request)
-        if denied is not None:
-            return denied
-        staged = store.staged.get(model)
-        if staged is None:
-            where = "" if model in store.known_models else f" (and model '{model}' is not served here)"
-            return _error(404, f"no version of model '{model}' is staged{where}",
-                          [Problem("x-cd4ml-slot", "nothing staged")])  # fmt: skip
-        return staged
-
     async def score(request: Request, model: str, protocol: Protocol, version: str | None = None) -> Response:
         """Every protocol's prediction: read, parse (protocol), validate, predict, log, count, answer."""
         if not tracing.enabled:
@@ -339,7 +332,9 @@ def create_app(
         started = time.perf_counter()
         staging = request.headers.get("x-cd4ml-slot")
         slot = (
-            find_slot(model, version, protocol) if staging is None else staged_slot(request, model, staging)
+            find_slot(model, version, protocol)
+            if staging is None
+            else admin.staged_slot(request, model, staging)
         )
         if isinstance(slot, JSONResponse) and staging is not None:
             metrics.errors.labels(model if model in store.known_models else "_unknown", "staging").inc()
@@ -423,10 +418,16 @@ def create_app(
             answer = json.dumps(protocol.respond(out, parsed, request_id))
             return Response(answer, media_type="application/json",
                             headers={"x-model-version": slot.version, "x-cd4ml-slot": "staging"})  # fmt: skip
-        if config.log_predictions and request.headers.get("x-cd4ml-purpose") != "smoke-test":
+        live = request.headers.get("x-cd4ml-purpose") != "smoke-test"
+        if config.log_predictions and live:
             rt.begin(LOG, rows=len(rows))
             predlog.put(Entry(model, slot.version, time.time(), request_id, slot.schema.columns, rows,
                               out["predictions"]))  # fmt: skip
+        shadow = store.candidates.shadows.get(model)
+        if shadow is not None and live:  # a copy for the shadow, answered off the request path
+            spec = store.specs.get(model)
+            shadows.offer(ShadowJob(shadow, slot.version, request_id, rows, out["predictions"]),
+                          spec.deployment.shadow_fraction if spec else 1.0)  # fmt: skip
         rt.end()
         metrics.requests.labels(model, slot.version, "200").inc()
         metrics.rows.labels(model, slot.version).inc(len(rows))
@@ -563,59 +564,6 @@ def create_app(
         metrics.log_dropped.set(predlog.dropped)
         metrics.log_written.set(predlog.written_rows)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    def admin_denied(request: Request) -> JSONResponse | None:
-        if config.admin_token is None:
-            return _error(403, "admin actions are disabled: CD4ML_SERVICE_ADMIN_TOKEN is not set")
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), config.admin_token.encode()):
-            return _error(
-                401, "admin token missing or wrong", [Problem("authorization", "Bearer token required")]
-            )
-        return None
-
-    @app.put("/admin/models/{model}/staging")
-    async def stage(model: str, request: Request) -> JSONResponse:
-        """Load a version into the model's staging slot (not live): body {"version": "<n>"}."""
-        denied = admin_denied(request)
-        if denied is not None:
-            return denied
-        try:
-            body = json.loads(await request.body() or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            return _error(400, "body is not valid JSON", [Problem("body", f"invalid JSON: {err}")])
-        version = body.get("version") if isinstance(body, dict) else None
-        if not isinstance(version, (str, int)) or isinstance(version, bool) or not str(version).strip():
-            return _error(422, 'body must be {"version": "<registered version>"}',
-                          [Problem("version", "required: the registered version to stage")])  # fmt: skip
-        try:
-            slot = await run_in_threadpool(store.stage, model, str(version).strip())
-        except LookupError as err:
-            return _error(404, str(err), [Problem("version", "not found")])
-        except StagingRefusedError as err:
-            return _error(422, f"model '{model}' version {version} refused: {err}",
-                          [Problem("version", "refused: never served")])  # fmt: skip
-        except Exception as err:  # noqa: BLE001 - MLflow unreachable: the caller may retry
-            return _error(
-                503, f"could not load model '{model}' version {version}: {type(err).__name__}: {err}"
-            )
-        return JSONResponse({"staged": slot.metadata()})
-
-    @app.delete("/admin/models/{model}/staging")
-    async def unstage(model: str, request: Request) -> JSONResponse:
-        denied = admin_denied(request)
-        if denied is not None:
-            return denied
-        return JSONResponse({"dropped": store.unstage(model)})
-
-    @app.post("/admin/reload")
-    async def reload(request: Request) -> JSONResponse:
-        denied = admin_denied(request)
-        if denied is not None:
-            return denied
-        serving = await run_in_threadpool(store.reload_now)
-        refused = {f"{m}/{v}": why for (m, v), why in store.refused.items()}
-        return JSONResponse({"serving": serving, "refused": refused})
 
     return app
 

@@ -24,7 +24,7 @@ import pandas as pd
 
 from cd4ml import registry
 from cd4ml.core.settings import Settings
-from cd4ml.core.spec import load_specs, spec_files
+from cd4ml.core.spec import ModelSpec, load_specs, spec_files
 from cd4ml.serving.fastpath import FastPipeline, split_rows, verified
 from cd4ml.serving.payload import FeatureSchema
 
@@ -145,23 +145,56 @@ def _fast_path(slot: Slot, example: pd.DataFrame | None) -> FastPipeline | None:
         return None
 
 
+def load_slot(settings: Settings, name: str, mv: Any) -> Slot:
+    """Load a registered version into a slot, sanity-checked on its own input example, with the
+    fast path when it reproduces sklearn exactly; raises whatever went wrong."""
+    version = str(mv.version)
+    bundle = registry.load_bundle(settings.mlflow_tracking_uri, f"models:/{name}/{version}")
+    if not bundle.numerical and not bundle.categorical:
+        raise SanityError(f"{name} v{version}: the model has no input signature")
+    classes = getattr(bundle.model, "classes_", None)
+    # SVC without probability=True, say, predicts labels but has no predict_proba to serve.
+    served_classes = (
+        [c.item() if hasattr(c, "item") else c for c in classes]
+        if classes is not None and hasattr(bundle.model, "predict_proba")
+        else None
+    )
+    slot = Slot(
+        name=name,
+        version=version,
+        run_id=mv.run_id or "",
+        champion_since=_champion_since(mv.tags or {}),
+        data_fingerprint=(mv.tags or {}).get("cd4ml.data_fingerprint", ""),
+        loaded_at=time.time(),
+        model=bundle.model,
+        schema=FeatureSchema(tuple(bundle.numerical), tuple(bundle.categorical)),
+        classes=served_classes,
+        classifier=classes is not None,
+    )
+    sanity_check(slot, bundle.example)
+    fast = _fast_path(slot, bundle.example)
+    if fast is not None:
+        slot = replace(slot, fast=fast)
+        sanity_check(slot, bundle.example)
+    return slot
+
+
+def unrecorded_reason(name: str, version: str, problem: str, serving: Slot | None) -> str:
+    return (
+        f"champion points to version {version}, which cd4ml did not promote: {problem}; "
+        f"{f'still serving version {serving.version}' if serving else 'serving nothing'}. Promote "
+        f"through {name}__train or {name}__rollback (they sign the record), or give this service "
+        "the admin token Airflow's cd4ml_service connection holds"
+    )
+
+
 @dataclass
-class ModelStore:
-    settings: Settings
-    poll_seconds: float = 2.0
-    on_event: Callable[[str, str, str], None] = lambda model, version, outcome: None
-    slots: dict[str, Slot] = field(default_factory=dict)
-    staged: dict[str, Slot] = field(default_factory=dict)  # loaded and checked, not live (staged deploy)
-    # With a key (the admin token), a champion must carry cd4ml's signed record to be served; an
-    # alias moved any other way is reported here (model -> (version, why)) and not served.
-    signing_key: str | None = None
-    unrecorded: dict[str, tuple[str, str]] = field(default_factory=dict)
-    refused: dict[tuple[str, str], str] = field(default_factory=dict)
-    known_models: list[str] = field(default_factory=list)
-    last_poll_error: str | None = None
-    _wake: threading.Event = field(default_factory=threading.Event)
+class Poller:
+    """Calls `work` every `every` seconds on a daemon thread, until stopped."""
+
+    work: Callable[[], None]
+    every: float
     _stop: threading.Event = field(default_factory=threading.Event)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
     _thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -170,20 +203,47 @@ class ModelStore:
 
     def stop(self) -> None:
         self._stop.set()
-        self._wake.set()
         if self._thread:
             self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.work()
+            self._stop.wait(self.every)
+
+
+@dataclass
+class ModelStore:
+    settings: Settings
+    poll_seconds: float = 2.0
+    on_event: Callable[[str, str, str], None] = lambda model, version, outcome: None
+    slots: dict[str, Slot] = field(default_factory=dict)
+    # With a key (the admin token), a champion must carry cd4ml's signed record to be served; an
+    # alias moved any other way is reported here (model -> (version, why)) and not served.
+    signing_key: str | None = None
+    unrecorded: dict[str, tuple[str, str]] = field(default_factory=dict)
+    refused: dict[tuple[str, str], str] = field(default_factory=dict)
+    known_models: list[str] = field(default_factory=list)
+    last_poll_error: str | None = None
+    specs: dict[str, ModelSpec] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _poller: Poller | None = None
+
+    def __post_init__(self) -> None:
+        self.candidates = Candidates(self)
+
+    def start(self) -> None:
+        self._poller = Poller(self.refresh, self.poll_seconds)
+        self._poller.start()
+
+    def stop(self) -> None:
+        if self._poller:
+            self._poller.stop()
 
     def reload_now(self) -> dict[str, str]:
         """Check every model now (admin action); returns the serving versions."""
         self.refresh()
         return {name: slot.version for name, slot in self.slots.items()}
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.refresh()
-            self._wake.wait(self.poll_seconds)
-            self._wake.clear()
 
     def refresh(self) -> None:
         with self._lock:  # the poller and an admin reload never load the same version twice
@@ -198,97 +258,56 @@ class ModelStore:
         self._refresh_known()
         mlflow_client = registry.client(self.settings.mlflow_tracking_uri)
         for name in self.known_models:
-            champion = registry.version_by_alias(mlflow_client, name, registry.CHAMPION)
-            if champion is None:
-                # No champion (a failed first deploy removed the alias, or someone did): serve
-                # nothing for this model, so requests get "no champion loaded yet" and readiness
-                # lists it as waiting. MLflow errors raise above and keep what is served.
-                dropped = self.slots.pop(name, None)
-                if dropped is not None:
-                    log.warning("%s: champion alias gone; no longer serving v%s", name, dropped.version)
-                    self.on_event(name, dropped.version, "unloaded")
-                continue
-            version = str(champion.version)
-            current = self.slots.get(name)
-            if (current and current.version == version) or (name, version) in self.refused:
-                self.unrecorded.pop(name, None)
-                continue
-            if self.signing_key:
-                problem = registry.signature_problem(self.signing_key, name, version, champion.tags or {})
-                if problem:
-                    self._report_unrecorded(name, version, problem)
-                    continue
+            self._refresh_champion(name, registry.version_by_alias(mlflow_client, name, registry.CHAMPION))
+            served = self.slots.get(name)
+            shadow = registry.version_by_alias(mlflow_client, name, registry.SHADOW)
+            self.candidates.refresh_shadow(name, shadow, served.version if served else None)
+
+    def _refresh_champion(self, name: str, champion: Any) -> None:
+        if champion is None:
+            # No champion (a failed first deploy removed the alias, or someone did): serve nothing
+            # for this model, so requests get "no champion loaded yet" and readiness lists it as
+            # waiting. MLflow errors raise above and keep what is served.
+            dropped = self.slots.pop(name, None)
+            if dropped is not None:
+                log.warning("%s: champion alias gone; no longer serving v%s", name, dropped.version)
+                self.on_event(name, dropped.version, "unloaded")
+            return
+        version = str(champion.version)
+        current = self.slots.get(name)
+        if (current and current.version == version) or (name, version) in self.refused:
             self.unrecorded.pop(name, None)
-            staged = self.staged.get(name)
-            if staged is not None and staged.version == version:
-                # Loaded and smoke-tested before the alias moved: go live without loading it again.
-                del self.staged[name]
-                self._swap(name, replace(staged, champion_since=_champion_since(champion.tags or {})))
-                continue
-            self._load(name, champion)
+            return
+        if self.signing_key:
+            problem = registry.signature_problem(self.signing_key, name, version, champion.tags or {})
+            if problem:
+                self._report_unrecorded(name, version, problem)
+                return
+        self.unrecorded.pop(name, None)
+        staged = self.candidates.take_staged(name, version)
+        if staged is not None:
+            # Loaded and smoke-tested before the alias moved: go live without loading it again.
+            self._swap(name, replace(staged, champion_since=_champion_since(champion.tags or {})))
+            return
+        self._load(name, champion)
 
     def _report_unrecorded(self, name: str, version: str, problem: str) -> None:
-        serving = self.slots.get(name)
-        why = (
-            f"champion points to version {version}, which cd4ml did not promote: {problem}; "
-            f"{f'still serving version {serving.version}' if serving else 'serving nothing'}. Promote "
-            f"through {name}__train or {name}__rollback (they sign the record), or give this service "
-            "the admin token Airflow's cd4ml_service connection holds"
-        )
+        why = unrecorded_reason(name, version, problem, self.slots.get(name))
         if self.unrecorded.get(name) != (version, why):
             self.unrecorded[name] = (version, why)
             log.error("%s: %s", name, why)
             self.on_event(name, version, "unrecorded")
 
-    def stage(self, name: str, version: str) -> Slot:
-        """Load `version` of `name` into the model's staging slot (not live traffic) and return it.
-
-        A smoke test then reaches it with the `x-cd4ml-slot: staging` header; when `champion` moves
-        to this version, the poller swaps the staged slot in as it is. Raises `LookupError` for an
-        unknown model or version, `StagingRefusedError` when the version fails to load or its sanity
-        check (remembered: the service will never serve it), and MLflow's error when MLflow is
-        unreachable (transient).
-        """
-        with self._lock:
-            if name not in self.known_models:
-                self._refresh_known()
-            if name not in self.known_models:
-                raise LookupError(
-                    f"model '{name}' is not served here (no spec for it in {self.settings.specs_dir})"
-                )
-            mlflow_client = registry.client(self.settings.mlflow_tracking_uri)
-            try:
-                mv = mlflow_client.get_model_version(name, version)
-            except Exception as err:
-                if _transient(err):
-                    raise
-                raise LookupError(f"model '{name}' has no version '{version}' in MLflow") from None
-            if (name, version) in self.refused:
-                raise StagingRefusedError(self.refused[(name, version)])
-            current = self.staged.get(name)
-            if current is not None and current.version == version:
-                return current
-            slot = self._build(name, mv)
-            self.staged[name] = slot
-            log.info("%s: v%s staged (not live)", name, version)
-            self.on_event(name, version, "staged")
-            return slot
-
-    def unstage(self, name: str) -> str | None:
-        """Drop the model's staged version (a failed smoke test, say); returns which one it was."""
-        with self._lock:
-            dropped = self.staged.pop(name, None)
-        return dropped.version if dropped else None
-
     def _refresh_known(self) -> None:
         specs, _ = load_specs(spec_files(self.settings.specs_dir))
-        self.known_models = sorted(s.name for s in specs)
+        self.specs = {s.name: s for s in specs}
+        self.known_models = sorted(self.specs)
 
     def _build(self, name: str, mv: Any) -> Slot:
         """Load a version and check it; `StagingRefusedError` (remembered) if it must never serve."""
         version = str(mv.version)
         try:
-            return self._build_slot(name, mv)
+            return load_slot(self.settings, name, mv)
         except Exception as err:  # any failure but a transient one means: never serve this version
             if _transient(err):
                 raise
@@ -297,37 +316,6 @@ class ModelStore:
             log.error("refusing %s v%s: %s", name, version, reason)
             self.on_event(name, version, "refused")
             raise StagingRefusedError(reason) from None
-
-    def _build_slot(self, name: str, mv: Any) -> Slot:
-        version = str(mv.version)
-        bundle = registry.load_bundle(self.settings.mlflow_tracking_uri, f"models:/{name}/{version}")
-        if not bundle.numerical and not bundle.categorical:
-            raise SanityError(f"{name} v{version}: the model has no input signature")
-        classes = getattr(bundle.model, "classes_", None)
-        # SVC without probability=True, say, predicts labels but has no predict_proba to serve.
-        served_classes = (
-            [c.item() if hasattr(c, "item") else c for c in classes]
-            if classes is not None and hasattr(bundle.model, "predict_proba")
-            else None
-        )
-        slot = Slot(
-            name=name,
-            version=version,
-            run_id=mv.run_id or "",
-            champion_since=_champion_since(mv.tags or {}),
-            data_fingerprint=(mv.tags or {}).get("cd4ml.data_fingerprint", ""),
-            loaded_at=time.time(),
-            model=bundle.model,
-            schema=FeatureSchema(tuple(bundle.numerical), tuple(bundle.categorical)),
-            classes=served_classes,
-            classifier=classes is not None,
-        )
-        sanity_check(slot, bundle.example)
-        fast = _fast_path(slot, bundle.example)
-        if fast is not None:
-            slot = replace(slot, fast=fast)
-            sanity_check(slot, bundle.example)
-        return slot
 
     def _load(self, name: str, mv: Any) -> None:
         version = str(mv.version)
@@ -356,3 +344,82 @@ class ModelStore:
         self.slots[name] = slot  # the atomic swap
         log.info("%s: now serving v%s (was %s)", name, version, previous.version if previous else None)
         self.on_event(name, version, "loaded")
+
+
+class Candidates:
+    """Versions loaded beside the champions that never answer clients: the staging slot (a deploy's
+    smoke test before `champion` moves) and the shadow (the `shadow` alias: a copy of live traffic,
+    `cd4ml.serving.shadow`)."""
+
+    def __init__(self, store: ModelStore) -> None:
+        self.store = store
+        self.staged: dict[str, Slot] = {}
+        self.shadows: dict[str, Slot] = {}
+
+    def stage(self, name: str, version: str) -> Slot:
+        """Load `version` of `name` into the model's staging slot (not live traffic); when `champion`
+        moves to it, the poller swaps this slot in as it is. `LookupError`: unknown model or version;
+        `StagingRefusedError`: it failed to load or its sanity check (never served); MLflow's error
+        when MLflow is unreachable (transient)."""
+        store = self.store
+        with store._lock:
+            if name not in store.known_models:
+                store._refresh_known()
+            if name not in store.known_models:
+                raise LookupError(
+                    f"model '{name}' is not served here (no spec for it in {store.settings.specs_dir})"
+                )
+            mlflow_client = registry.client(store.settings.mlflow_tracking_uri)
+            try:
+                mv = mlflow_client.get_model_version(name, version)
+            except Exception as err:
+                if _transient(err):
+                    raise
+                raise LookupError(f"model '{name}' has no version '{version}' in MLflow") from None
+            if (name, version) in store.refused:
+                raise StagingRefusedError(store.refused[(name, version)])
+            current = self.staged.get(name)
+            if current is not None and current.version == version:
+                return current
+            slot = store._build(name, mv)
+            self.staged[name] = slot
+            log.info("%s: v%s staged (not live)", name, version)
+            store.on_event(name, version, "staged")
+            return slot
+
+    def unstage(self, name: str) -> str | None:
+        """Drop the model's staged version (a failed smoke test, say); returns which one it was."""
+        with self.store._lock:
+            dropped = self.staged.pop(name, None)
+        return dropped.version if dropped else None
+
+    def take_staged(self, name: str, version: str) -> Slot | None:
+        """The staged slot of `name` if it holds `version` (it leaves the staging slot)."""
+        staged = self.staged.get(name)
+        if staged is None or staged.version != version:
+            return None
+        del self.staged[name]
+        return staged
+
+    def refresh_shadow(self, name: str, shadow: Any, champion_version: str | None) -> None:
+        """Follow the `shadow` alias (called by the poller, under the store's lock). No shadow while
+        nothing is served, or when the shadow is the champion (it was promoted)."""
+        version = str(shadow.version) if shadow is not None else None
+        current = self.shadows.get(name)
+        if version is None or champion_version is None or version == champion_version:
+            if current is not None:
+                del self.shadows[name]
+                log.info("%s: v%s no longer shadows live traffic", name, current.version)
+                self.store.on_event(name, current.version, "unshadowed")
+            return
+        if (current is not None and current.version == version) or (name, version) in self.store.refused:
+            return
+        slot = self.take_staged(name, version)
+        if slot is None:
+            try:
+                slot = self.store._build(name, shadow)
+            except Exception:  # noqa: BLE001 - refused (remembered) or transient (the next poll)
+                return
+        self.shadows[name] = slot
+        log.info("%s: v%s now answers a copy of live traffic (shadow)", name, version)
+        self.store.on_event(name, version, "shadowing")

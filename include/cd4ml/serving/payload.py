@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from cd4ml.data.tables import category_text
 
 if TYPE_CHECKING:
+    from fastapi.responses import JSONResponse
     from starlette.requests import Request
 
 MAX_PROBLEMS = 20
@@ -42,6 +43,16 @@ class Problem:
         if self.row is not None:
             out["row"] = self.row
         return out
+
+
+def error_response(status: int, message: str, problems: list[Problem] | None = None) -> JSONResponse:
+    """The service's JSON error body: the message, and each problem naming its field."""
+    from fastapi.responses import JSONResponse
+
+    body: dict[str, Any] = {"error": message}
+    if problems:
+        body["problems"] = [p.as_dict() for p in problems]
+    return JSONResponse(body, status_code=status)
 
 
 class PayloadError(Exception):

@@ -303,11 +303,14 @@ class Promotion:
     version: str
     why: str
     previous: str | None = None
+    shadow: bool = False  # not promoted: given the `shadow` alias (deployment.strategy: shadow)
 
     def to_xcom(self) -> XCom:
         out: XCom = {"promoted": self.promoted, "version": self.version}
         if self.promoted:
             out["previous"] = self.previous
+        if self.shadow:
+            out["shadow"] = True
         out["why"] = self.why
         return out
 
@@ -316,7 +319,11 @@ class Promotion:
         d = _require(cls.__name__, xcom, "promoted", "version", "why")
         previous = d.get("previous")
         return cls(
-            bool(d["promoted"]), str(d["version"]), str(d["why"]), None if previous is None else str(previous)
+            bool(d["promoted"]),
+            str(d["version"]),
+            str(d["why"]),
+            None if previous is None else str(previous),
+            shadow=bool(d.get("shadow")),
         )
 
 

@@ -354,6 +354,11 @@ def deploy_champion(
     `details.outcome` one of retrying, failed, deployed. Without `holdout_path` the golden rows
     come from the version's holdout snapshot in MLflow.
     """
+    if promoted.get("shadow"):
+        return deploy_shadow(
+            spec, settings, version=str(promoted["version"]), who=who, when=when,
+            endpoint=endpoint or ServiceEndpoint.from_env(), last_attempt=last_attempt,
+        )  # fmt: skip
     if not promoted.get("promoted"):
         return {"deployed": False, "why": "champion unchanged; nothing to deploy"}
     endpoint = endpoint or ServiceEndpoint.from_env()
@@ -398,6 +403,55 @@ def deploy_champion(
     _record(settings, spec.name, version, **record, why=why,
             details={"outcome": "deployed", "previous": previous, **checked})  # fmt: skip
     return {"deployed": True, "version": version, **checked}
+
+
+def deploy_shadow(
+    spec: ModelSpec,
+    settings: Settings,
+    *,
+    version: str,
+    who: str,
+    when: str,
+    endpoint: ServiceEndpoint,
+    last_attempt: bool = True,
+) -> dict[str, Any]:
+    """Wait (bounded) until the service answers a copy of live traffic with `version` (the `shadow`
+    alias); on failure the alias is removed, so nothing half-configured stays behind."""
+    deadline = time.monotonic() + endpoint.wait_seconds
+    where = f"{spec.name}: the prediction service at {endpoint.url}"
+    while True:
+        refused = _reload(endpoint, spec.name)
+        try:
+            body = _json(httpx.get(f"{endpoint.url}/v1/models/{spec.name}", timeout=5))
+        except httpx.HTTPError as err:
+            body = {"error": f"unreachable ({type(err).__name__}: {err})"}
+        reason = refused.get(version) or (body.get("refused_versions") or {}).get(version)
+        if str(body.get("shadow_version")) == version or reason or time.monotonic() >= deadline:
+            break
+        time.sleep(1.0)
+    record = {"kind": "deployment", "who": who, "when": when}
+    if str(body.get("shadow_version")) == version:
+        why = f"version {version} answers a copy of live traffic (shadow); champion unchanged"
+        _record(settings, spec.name, version, **record, why=why, details={"outcome": "shadowing"})
+        return {"deployed": False, "shadow": version, "why": why}
+    unreachable = "error" in body and not reason
+    if unreachable and not last_attempt:
+        raise ServiceUnreachableError(f"{where} {body['error']}")
+    error = (
+        reason
+        or body.get("error")
+        or (
+            f"it did not take version {version} as its shadow within {endpoint.wait_seconds:.0f}s "
+            "(CD4ML_DEPLOY_WAIT_SECONDS sets the wait)"
+        )
+    )
+    client = registry.client(settings.mlflow_tracking_uri)
+    with contextlib.suppress(Exception):  # the alias may be gone already
+        client.delete_registered_model_alias(spec.name, registry.SHADOW)
+    with contextlib.suppress(Exception):
+        _record(settings, spec.name, version, **record, why=str(error),
+                details={"outcome": "shadow failed", "error": str(error)})  # fmt: skip
+    raise DeployError(f"{where} does not shadow version {version}: {error}; the shadow alias was removed")
 
 
 def _roll_back_after_failure(

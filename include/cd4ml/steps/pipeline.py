@@ -689,8 +689,20 @@ def promote_champion(
     if evaluate_only:
         registry.set_tags(mlflow_client, spec.name, version, {"cd4ml.promotion": "skipped: evaluate_only"})
         return Promotion(False, version, "evaluate_only: decision recorded, champion untouched")
-    # On success the previous champion is the one the challenger was evaluated against.
     expected = evaluation.champion_version
+    if spec.deployment.strategy == "shadow" and expected is not None:
+        # A copy of live traffic first; a person promotes it with <model>__rollback once its
+        # agreement, latency and errors (Models view, /metrics) look right.
+        mlflow_client.set_registered_model_alias(spec.name, registry.SHADOW, version)
+        shadow_tags = {"cd4ml.promotion": f"shadow: since {run_time}", "cd4ml.shadow_since": run_time}
+        registry.set_tags(mlflow_client, spec.name, version, shadow_tags)
+        why = (
+            f"shadow: version {version} answers a copy of live traffic, champion stays {expected}; "
+            f"promote it with {spec.name}__rollback (version {version}) when the shadow's numbers look right"
+        )
+        log.info("%s: %s", spec.name, why)
+        return Promotion(False, version, why, shadow=True)
+    # On success the previous champion is the one the challenger was evaluated against.
     previous = registry.promote_with_tags(
         mlflow_client, spec.name, version, expected_current=expected,
         tags={"cd4ml.promoted_at": run_time, "cd4ml.previous_champion": str(expected or "none")},

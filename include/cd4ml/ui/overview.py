@@ -132,6 +132,7 @@ class ModelOverview:
     retractions: list[dict[str, Any]] = field(default_factory=list)
     totals: Totals | None = None  # None: count the lists given (tests build overviews by hand)
     business: dict[str, str] | None = None  # the spec's business value: {"name", "unit"}
+    shadow: dict[str, Any] | None = None  # the shadow version's agreement, latency, errors
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -277,8 +278,8 @@ def model_overview(spec: ModelSpec, settings: Settings, *, limit: int = 25) -> M
         found = []
     history = registry.events(client, spec.name) if found else []
     versions = sorted((_version_info(mv) for mv in found), key=lambda v: int(v.version), reverse=True)
-    # Search results carry no aliases; ask for the two cd4ml moves.
-    for alias in (registry.CHAMPION, registry.CHALLENGER):
+    # Search results carry no aliases; ask for the ones cd4ml moves.
+    for alias in (registry.CHAMPION, registry.CHALLENGER, registry.SHADOW):
         mv = registry.version_by_alias(client, spec.name, alias) if versions else None
         for v in versions:
             if mv is not None and v.version == str(mv.version) and alias not in v.aliases:
@@ -303,7 +304,19 @@ def model_overview(spec: ModelSpec, settings: Settings, *, limit: int = 25) -> M
         retractions=_retractions(spec, settings, limit),
         totals=totals_of(versions, drift, runs, files, history),
         business=_business_label(spec),
+        shadow=_shadow(settings, spec.name, versions),
     )
+
+
+def _shadow(settings: Settings, name: str, versions: list[VersionInfo]) -> dict[str, Any] | None:
+    """The version holding the `shadow` alias and what the service logged of it, if any."""
+    from cd4ml.data.shadow_log import read_shadow_log, shadow_summary
+
+    shadow = next((v for v in versions if registry.SHADOW in v.aliases), None)
+    if shadow is None or registry.CHAMPION in shadow.aliases:
+        return None
+    summary = shadow_summary(read_shadow_log(settings.data_dir, name, shadow.version))
+    return {"version": shadow.version, "since": shadow.tags.get("cd4ml.shadow_since", ""), **summary}
 
 
 def _business_label(spec: ModelSpec) -> dict[str, str] | None:
