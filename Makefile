@@ -63,7 +63,7 @@ prometheus:
 # most of a system test's time is spent waiting on servers, so more workers than cores still help.
 TEST_WORKERS ?= 4
 test: $(STAMP) chromium prometheus lint typecheck
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --durations=30
 
 # docker-compose.yaml's services as local processes: CeleryExecutor on this machine's PostgreSQL and
 # Redis, two workers, MLflow on PostgreSQL, the prediction service (README "Scaling out").

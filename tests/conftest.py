@@ -242,6 +242,11 @@ SLOW_FIRST = (
     "tests/zoo/test_zoo.py",
     "tests/integration/test_deploy_bugs.py",
     "tests/system/test_feedback_api.py",
+    "tests/system/test_prediction_service.py",
+    "tests/system/test_protocols.py",
+    "tests/reliability/test_security.py",
+    "tests/integration/test_feature_mix.py",
+    "tests/reliability/test_load.py",
 )
 
 

@@ -113,7 +113,7 @@ def test_training_dag_structure_schedule_and_form(bag) -> None:
         "train_challenger": ["evaluate_against_champion", "register_challenger"],
         "evaluate_against_champion": ["promote_champion", "register_challenger", "stage_challenger"],
         "register_challenger": ["promote_champion", "stage_challenger"],
-        "stage_challenger": ["promote_champion"],
+        "stage_challenger": ["deploy_champion", "promote_champion"],
         "promote_champion": ["deploy_champion"],
         "deploy_champion": [],
     }

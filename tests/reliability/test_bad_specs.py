@@ -36,6 +36,7 @@ BASE = spec_dict(
     # Optional sections are in the base so that each of their fields is broken in turn too.
     business={"name": "margin", "unit": "EUR", "matrix": {1: {1: 40, 0: -200}, 0: {1: -10, 0: 0}}},
     feedback={"to_training": True, "min_rows": 100, "max_rows": 1000},
+    deployment={"strategy": "shadow", "shadow_fraction": 0.5},
 )
 # Where a list of models is walked, its first element stands for all of them.
 FIRST = 0
@@ -158,7 +159,7 @@ def test_the_base_spec_is_valid_and_cases_cover_every_field(tmp_path: Path) -> N
                     "features.numerical.0.name", "validation.expectations.0.expectation",
                     "drift.threshold", "notifications.email", "schedule.retrain_cron", "business.matrix",
                     "business.gate", "business.cost_per_unit", "feedback.to_training",
-                    "feedback.min_rows"):  # fmt: skip
+                    "feedback.min_rows", "deployment.strategy", "deployment.shadow_fraction"):  # fmt: skip
         assert section in covered, section
     assert sum(c.value is MISSING for c in CASES) >= 6
     assert len(CASES) >= 80

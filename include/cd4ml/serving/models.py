@@ -260,7 +260,9 @@ class ModelStore:
         for name in self.known_models:
             self._refresh_champion(name, registry.version_by_alias(mlflow_client, name, registry.CHAMPION))
             served = self.slots.get(name)
-            shadow = registry.version_by_alias(mlflow_client, name, registry.SHADOW)
+            # Only a shadow-strategy model has a shadow to look up (one MLflow call per model per poll).
+            shadowing = self.specs[name].deployment.strategy == "shadow"
+            shadow = registry.version_by_alias(mlflow_client, name, registry.SHADOW) if shadowing else None
             self.candidates.refresh_shadow(name, shadow, served.version if served else None)
 
     def _refresh_champion(self, name: str, champion: Any) -> None:

@@ -194,12 +194,19 @@ def smoke_test(
     holdout: str | pd.DataFrame | None = None,
     *,
     staged: bool = False,
+    expected: list[Any] | None = None,
 ) -> dict[str, Any]:
     """Service predictions must equal the registered version's offline predictions on golden rows
-    (`staged`: the version in the service's staging slot, which no live request reaches)."""
+    (`staged`: the version in the service's staging slot, which no live request reaches).
+
+    `expected`: those offline predictions, computed already by the staged smoke test of the same
+    golden rows (loading the model again would only repeat them). The result carries them as
+    `expected` for that reuse; callers keep them out of records.
+    """
     golden = _golden_rows(spec, settings, version, holdout)
-    model = registry.load_model(settings.mlflow_tracking_uri, f"models:/{spec.name}/{version}")
-    expected = model.predict(golden).tolist()
+    if expected is None or len(expected) != len(golden):
+        model = registry.load_model(settings.mlflow_tracking_uri, f"models:/{spec.name}/{version}")
+        expected = model.predict(golden).tolist()
     payload = {"dataframe_split": json.loads(golden.to_json(orient="split", index=False))}
     headers = {"x-cd4ml-purpose": "smoke-test"}  # not real traffic: kept out of the drift window
     if staged:
@@ -228,7 +235,7 @@ def smoke_test(
             f"{len(mismatches)} of {len(expected)} golden rows (row {i}: service "
             f"{got[i] if i < len(got) else None!r} vs offline {expected[i] if i < len(expected) else None!r})"
         )
-    return {"golden_rows": len(expected), "version": version}
+    return {"golden_rows": len(expected), "version": version, "expected": expected}
 
 
 def stage_version(endpoint: ServiceEndpoint, model: str, version: str) -> None:
@@ -313,8 +320,9 @@ def stage_challenger(
                     details={"outcome": "staging failed", "error": error, "champion": champion})  # fmt: skip
         raise DeployError(f"{spec.name}: {note}") from (None if isinstance(failure, DeployError) else failure)
     why = f"staged; smoke test passed on {checked['golden_rows']} golden rows before any live traffic"
+    expected = checked.pop("expected")
     _record(settings, spec.name, version, **record, why=why, details={"outcome": "staged", **checked})
-    return {"staged": True, "why": why, **checked}
+    return {"staged": True, "why": why, **checked, "expected": expected}
 
 
 def _record(
@@ -344,6 +352,7 @@ def deploy_champion(
     when: str,
     endpoint: ServiceEndpoint | None = None,
     last_attempt: bool = True,
+    staged: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Roll out a freshly promoted champion; roll back to the previous one if anything fails.
 
@@ -375,7 +384,9 @@ def deploy_champion(
     record = {"kind": "deployment", "who": who, "when": when}
     try:
         wait_until_serving(endpoint, spec.name, version)
-        checked = smoke_test(spec, settings, endpoint, version, holdout_path)
+        reuse = (staged or {}).get("expected") if str((staged or {}).get("version")) == version else None
+        checked = smoke_test(spec, settings, endpoint, version, holdout_path, expected=reuse)
+        checked.pop("expected")
     except Exception as failure:  # whatever broke, the alias has moved: roll it back
         error = str(failure) if isinstance(failure, DeployError) else f"{type(failure).__name__}: {failure}"
         if is_transient(failure) and not last_attempt:
@@ -566,6 +577,7 @@ def rollback(
                     f"{spec.name}: version {target} has no holdout to smoke-test with: {err}"
                 ) from None
         checked = smoke_test(spec, settings, endpoint, target, golden)
+        checked.pop("expected")
     except Exception as failure:  # whatever broke, put back exactly what was there
         error = str(failure) if isinstance(failure, DeployError) else f"{type(failure).__name__}: {failure}"
         note = _restore(client, endpoint, spec.name, target, current_version, before)

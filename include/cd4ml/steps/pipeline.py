@@ -855,6 +855,7 @@ def _deploy(spec: ModelSpec, settings: Settings, run: RunContext, got: Results) 
         promoted=got.of("promote_champion", Promotion).to_xcom(),
         holdout_path=_local_or_none(got.of("build_datasets", Datasets).holdout_path),
         who=run.who, when=run.run_time, last_attempt=run.last_attempt, endpoint=run.service,
+        staged=got.of("stage_challenger", Staging).record if "stage_challenger" in got else None,
     ))  # fmt: skip
 
 
@@ -887,7 +888,12 @@ TRAINING_STEPS: tuple[Step, ...] = (
         _promote,
         Promotion.from_xcom,
     ),
-    Step("deploy_champion", ("promote_champion", "build_datasets"), _deploy, Deployment.from_xcom),
+    Step(
+        "deploy_champion",
+        ("promote_champion", "build_datasets", "stage_challenger"),
+        _deploy,
+        Deployment.from_xcom,
+    ),
 )
 STEPS_BY_NAME: dict[str, Step] = {s.name: s for s in TRAINING_STEPS}
 # The steps that talk to the prediction service (left out by `run_training(deploy=False)`).
