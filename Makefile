@@ -61,9 +61,13 @@ prometheus:
 # dataset zoo's quick five. CI then runs `make test-compose` (the Celery topology on real containers).
 # pytest-xdist runs test files side by side (one file per worker, so module fixtures stay shared):
 # most of a system test's time is spent waiting on servers, so more workers than cores still help.
+# mypy runs beside pytest (whose first minute mostly waits for servers to start); both must pass.
 TEST_WORKERS ?= 4
-test: $(STAMP) chromium prometheus lint typecheck
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --durations=30
+test: $(STAMP) chromium prometheus lint
+	@mkdir -p .cd4ml; $(BIN)/mypy > .cd4ml/mypy.log 2>&1 & typecheck=$$!; \
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --durations=30; tests=$$?; \
+	wait $$typecheck; types=$$?; echo "mypy:"; cat .cd4ml/mypy.log; \
+	[ $$tests -eq 0 ] && [ $$types -eq 0 ]
 
 # docker-compose.yaml's services as local processes: CeleryExecutor on this machine's PostgreSQL and
 # Redis, two workers, MLflow on PostgreSQL, the prediction service (README "Scaling out").
