@@ -16,6 +16,11 @@ from typing import Any
 
 import pytest
 
+# Before anything imports MLflow (in this process and the servers it starts): its telemetry thread
+# sets and unsets an environment variable while other threads read os.environ (a KeyError in a
+# task, seen once in a clean-clone run).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 from cd4ml_dev.netutil import free_port, local_mlflow_server, wait_http
 
 REPO = Path(__file__).resolve().parents[1]

@@ -29,6 +29,10 @@ if TYPE_CHECKING:
     from mlflow.models import ModelSignature
 
 log = logging.getLogger(__name__)
+# MLflow's usage telemetry sets and unsets an environment variable from its own thread; a thread
+# that reads os.environ at that moment (requests does, on every call) fails with KeyError. cd4ml's
+# processes run without it unless MLFLOW_DISABLE_TELEMETRY says otherwise (set before MLflow loads).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
