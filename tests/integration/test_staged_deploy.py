@@ -338,3 +338,4 @@ def test_a_shadow_answers_a_copy_of_live_traffic_that_clients_never_see(env: dic
         assert time.monotonic() < deadline, "the promoted shadow still shadows"
         time.sleep(0.5)
     assert model_overview(spec, get_settings()).shadow is None
+    assert registry.version_by_alias(env["mlflow"], model, registry.SHADOW) is None  # not again later

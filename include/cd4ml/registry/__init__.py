@@ -432,7 +432,7 @@ def promote_with_tags(
     before = {key: (mv.tags or {}).get(key) for key in tags}
     set_tags(mlflow_client, name, version, tags)
     try:
-        return move_champion(mlflow_client, name, version, expected_current=expected_current)
+        previous = move_champion(mlflow_client, name, version, expected_current=expected_current)
     except BaseException:
         for key, value in before.items():
             if value is None:
@@ -440,6 +440,12 @@ def promote_with_tags(
             else:
                 mlflow_client.set_model_version_tag(name, version, key, value)
         raise
+    # A shadow that became the champion stops being the shadow (else it would shadow again as soon
+    # as `champion` moved on).
+    shadow = version_by_alias(mlflow_client, name, SHADOW)
+    if shadow is not None and str(shadow.version) == str(version):
+        mlflow_client.delete_registered_model_alias(name, SHADOW)
+    return previous
 
 
 # Evidence and history live in their own modules; `from cd4ml import registry` reaches them here.
