@@ -68,18 +68,22 @@ def test_a_shadow_that_throws_is_counted_and_logged_and_a_full_queue_drops(tmp_p
     runner = ShadowRunner(tmp_path, ShadowMetrics(registry), max_queue=2, flush_seconds=0.1)
     broken = slot(regressor, "3", classifier=False)
     broken_rows = [["not a number"]]
+    # A shadow answering 1 row where the champion answered 2 is counted as its error, and the
+    # runner keeps going (the agreement check used to raise outside the guarded prediction).
+    mismatched = ShadowJob(broken, "1", "m0", [[1.0]], [0.0, 0.0])
     # Not started yet: two jobs fill the queue, the third is dropped and counted.
     for i in range(3):
         runner.offer(ShadowJob(broken, "1", f"b{i}", broken_rows, [0.0]), fraction=1.0)
     assert sample(registry, "cd4ml_shadow_requests_total", model="m", version="3", outcome="dropped") == 1
     runner.start()
+    runner._queue.put(mismatched)
     runner.close()
     frame = read_shadow_log(tmp_path, "m")
-    assert len(frame) == 2 and all(e.startswith("ValueError") for e in frame["error"])
-    assert sample(registry, "cd4ml_shadow_requests_total", model="m", version="3", outcome="error") == 2
+    assert len(frame) == 3 and all(e.startswith("ValueError") for e in frame["error"])
+    assert sample(registry, "cd4ml_shadow_requests_total", model="m", version="3", outcome="error") == 3
     summary = shadow_summary(frame)
     assert (
-        summary["errors"] == 2
+        summary["errors"] == 3
         and summary["agreement"] is None
         and summary["last_error"].startswith("ValueError")
     )

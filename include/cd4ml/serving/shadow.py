@@ -92,7 +92,6 @@ class ShadowRunner:
         self._queue: queue.Queue[ShadowJob | None] = queue.Queue(maxsize=max_queue)
         self._pending: dict[str, list[dict[str, Any]]] = {}
         self._thread: threading.Thread | None = None
-        self.handled = 0  # jobs finished (ok or error), for tests and /metrics readers
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="cd4ml-shadow", daemon=True)
@@ -134,18 +133,19 @@ class ShadowRunner:
     def _handle(self, job: ShadowJob) -> None:
         shadow = job.shadow
         started = time.perf_counter()
-        error, predictions = "", []
+        error, predictions, agreed, diff = "", [], 0, 0.0
         try:
             predictions = shadow.predict(job.rows)["predictions"]
+            # In the try: a shadow answering a different number of rows is its error, and an
+            # exception here would end the runner's thread (and with it every later copy).
+            agreed, diff = agreement(job.predictions, predictions, shadow.classifier)
         except Exception as err:  # noqa: BLE001 - a failing shadow is counted and logged, never raised
             error = f"{type(err).__name__}: {err}"[:500]
         seconds = time.perf_counter() - started
         m = self.metrics
-        agreed, diff = (0, 0.0)
         if error:
             m.requests.labels(shadow.name, shadow.version, "error").inc()
         else:
-            agreed, diff = agreement(job.predictions, predictions, shadow.classifier)
             m.requests.labels(shadow.name, shadow.version, "ok").inc()
             m.rows.labels(shadow.name, shadow.version, "agree").inc(agreed)
             m.rows.labels(shadow.name, shadow.version, "disagree").inc(len(job.rows) - agreed)
@@ -158,7 +158,6 @@ class ShadowRunner:
             "champion_predictions": json.dumps(job.predictions),
             "shadow_predictions": json.dumps(predictions),
         })  # fmt: skip
-        self.handled += 1
 
     def _flush(self) -> None:
         import pandas as pd
