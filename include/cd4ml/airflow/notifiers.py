@@ -23,7 +23,7 @@ DEFAULT_SENDER = "cd4ml@localhost"  # when the connection has no `from_email`
 
 
 class Cd4mlNotifier(BaseNotifier):
-    """`event`: decision | quarantine | drift | drift_cooldown | rollback | failure.
+    """`event`: decision | quarantine | drift | drift_cooldown | rollback | canary | failure.
 
     `drift_cooldown` sits on the monitor's check: drift that the cooldown keeps from retraining
     sends one notice per cooldown period (the check decides, `cooldown_notice` in its summary, and
@@ -50,7 +50,9 @@ class Cd4mlNotifier(BaseNotifier):
             result = ti.xcom_pull(task_ids=ti.task_id) or {}
             if result.get("promoted") and self.settings.on_promotion:
                 message = notify.promotion(self.model, result, run_url)
-            elif not result.get("promoted") and self.settings.on_reject:
+            elif not result.get("promoted") and self.settings.on_reject and not (
+                result.get("canary") or result.get("shadow")  # not a rejection: a trial on live traffic
+            ):
                 message = notify.rejection(self.model, result, run_url)
         elif self.event == "quarantine" and isinstance(exception, QuarantinedError):
             if not self.settings.on_quarantine:
@@ -65,6 +67,11 @@ class Cd4mlNotifier(BaseNotifier):
                 message = drift_in_cooldown(self.model, summary, run_url)
         elif self.event == "rollback" and self.settings.on_rollback:
             message = notify.rollback(self.model, ti.xcom_pull(task_ids=ti.task_id) or {}, run_url)
+        elif self.event == "canary":
+            result = (ti.xcom_pull(task_ids=ti.task_id) or {}).get("canary") or {}
+            promoted = result.get("outcome") == "promoted"
+            if result and (self.settings.on_promotion if promoted else self.settings.on_rollback):
+                message = notify.canary(self.model, result, run_url)
         elif self.event == "failure" and not quarantined and self.settings.on_failure:
             message = notify.failure(self.model, ti.task_id, error, run_url)
         if message is None:

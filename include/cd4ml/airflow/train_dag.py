@@ -212,6 +212,8 @@ def _callbacks(step: str, spec: ModelSpec) -> dict[str, Any]:
         return {"on_failure_callback": [Cd4mlNotifier("quarantine", spec), Cd4mlNotifier("failure", spec)]}
     if step == "promote_champion":
         return {"on_success_callback": [Cd4mlNotifier("decision", spec)]}
+    if step == "deploy_champion" and spec.deployment.strategy == "canary":
+        return {"on_success_callback": [Cd4mlNotifier("canary", spec)]}
     return {}
 
 

@@ -160,6 +160,12 @@ class Promotion(_Strict):
     )
     bootstrap_resamples: int = Field(default=1000, ge=1000, le=100_000)
     min_holdout_rows: int = Field(default=30, ge=1)
+    approval: Literal["none", "required"] = Field(
+        default="none",
+        description="required: a challenger that won waits for a person to approve it in Airflow "
+        "(task approve_promotion) before champion moves; a rejection or the time-out promotes nothing.",
+    )
+    approval_timeout_hours: float = Field(default=24.0, gt=0.0, le=24.0 * 30)
 
 
 class Expectation(_Strict):
@@ -545,6 +551,28 @@ class Feedback(_Strict):
     )
 
 
+class CanaryPolicy(_Strict):
+    """`deployment.strategy: canary`: the challenger answers `fraction` of live requests for real.
+
+    Routing is sticky: a request carrying `sticky_key` (a column of the request rows, feature or
+    not: the first row's value) or the header `x-cd4ml-route-key` always lands on the same side.
+    cd4ml judges once the canary has answered `min_requests` (or `max_duration_minutes` passed):
+    it promotes when the canary is no worse than the champion on error rate (by more than
+    `max_error_rate_increase`), on p99 latency (at most `max_p99_ratio` times the champion's) and,
+    where at least `min_labels` labels have arrived for both, on the primary metric (by more than
+    `max_metric_drop`); otherwise, or with too little traffic by the deadline, it rolls back.
+    """
+
+    fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    min_requests: int = Field(default=200, ge=1)
+    max_duration_minutes: float = Field(default=60.0, gt=0.0, le=7 * 24 * 60.0)
+    sticky_key: str | None = Field(default=None, min_length=1)
+    max_error_rate_increase: float = Field(default=0.01, ge=0.0, le=1.0)
+    max_p99_ratio: float = Field(default=1.5, ge=1.0)
+    max_metric_drop: float = Field(default=0.0, ge=0.0)
+    min_labels: int = Field(default=30, ge=1)
+
+
 class DeploymentPolicy(_Strict):
     """How a challenger that beat the champion reaches live traffic.
 
@@ -555,8 +583,9 @@ class DeploymentPolicy(_Strict):
     shadow by hand with `<model>__rollback` (version: the shadow's).
     """
 
-    strategy: Literal["direct", "shadow"] = "direct"
+    strategy: Literal["direct", "shadow", "canary"] = "direct"
     shadow_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
+    canary: CanaryPolicy = Field(default_factory=CanaryPolicy)
 
 
 class ModelSpec(_Strict):
@@ -667,6 +696,11 @@ class ModelSpec(_Strict):
             del out["feedback"]
         if self.deployment == DeploymentPolicy():
             del out["deployment"]
+        elif self.deployment.strategy != "canary" and self.deployment.canary == CanaryPolicy():
+            del out["deployment"]["canary"]
+        if self.promotion.approval == "none" and self.promotion.approval_timeout_hours == 24.0:
+            for key in ("approval", "approval_timeout_hours"):
+                del out["promotion"][key]
         return out
 
     def spec_hash(self) -> str:

@@ -37,6 +37,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 SHADOW = "shadow"  # a candidate answering a copy of live traffic (deployment.strategy: shadow)
+CANARY = "canary"  # a candidate answering a share of live traffic for real (deployment.strategy: canary)
 TAG = "cd4ml."
 # Types a model artefact may reference. Anything else (os.system, builtins.eval, a custom class
 # smuggled into the file) makes loading fail before any object is built.
@@ -382,29 +383,36 @@ def move_champion(
 
 
 SIGNATURE_TAG = "cd4ml.champion_signature"
+CANARY_SIGNATURE_TAG = "cd4ml.canary_signature"
+_SIGNATURE_TAGS = {CHAMPION: SIGNATURE_TAG, CANARY: CANARY_SIGNATURE_TAG}
 
 
-def champion_signature(key: str, name: str, version: str, when: str) -> str:
-    """cd4ml's record that it made `version` of `name` champion at `when`: an HMAC (SHA-256) keyed
-    with the service's admin token, which only cd4ml's tasks and the service hold. Someone who can
-    write to MLflow but does not hold the key can move the alias, but cannot write this record."""
-    message = f"cd4ml-champion\n{name}\n{version}\n{when}".encode()
+def champion_signature(key: str, name: str, version: str, when: str, role: str = CHAMPION) -> str:
+    """cd4ml's record that it made `version` of `name` champion (or canary: `role`) at `when`: an
+    HMAC (SHA-256) keyed with the service's admin token, which only cd4ml's tasks and the service
+    hold. Someone who can write to MLflow but does not hold the key can move the alias, but cannot
+    write this record (and a canary record does not pass for a champion's)."""
+    message = f"cd4ml-{role}\n{name}\n{version}\n{when}".encode()
     digest = hmac.new(key.encode(), message, hashlib.sha256).hexdigest()
     return f"v1 {when} {digest}"
 
 
-def signature_problem(key: str, name: str, version: str, tags: dict[str, str]) -> str | None:
-    """None if the version carries a valid cd4ml champion record for this key; else what is wrong."""
-    record = tags.get(SIGNATURE_TAG, "")
+def signature_problem(
+    key: str, name: str, version: str, tags: dict[str, str], role: str = CHAMPION
+) -> str | None:
+    """None if the version carries a valid cd4ml record for `role` and this key; else what is wrong."""
+    tag = _SIGNATURE_TAGS[role]
+    record = tags.get(tag, "")
+    what = "promotion" if role == CHAMPION else role
     if not record:
-        return f"version {version} carries no cd4ml promotion record (tag {SIGNATURE_TAG})"
+        return f"version {version} carries no cd4ml {what} record (tag {tag})"
     scheme, _, rest = record.partition(" ")
     when, _, digest = rest.rpartition(" ")
     if scheme != "v1" or not when or not digest:
-        return f"version {version}'s promotion record is malformed"
-    expected = champion_signature(key, name, version, when)
+        return f"version {version}'s {what} record is malformed"
+    expected = champion_signature(key, name, version, when, role)
     if not hmac.compare_digest(expected.encode(), record.encode()):
-        return f"version {version}'s promotion record is not signed with this service's admin token"
+        return f"version {version}'s {what} record is not signed with this service's admin token"
     return None
 
 
@@ -440,11 +448,12 @@ def promote_with_tags(
             else:
                 mlflow_client.set_model_version_tag(name, version, key, value)
         raise
-    # A shadow that became the champion stops being the shadow (else it would shadow again as soon
-    # as `champion` moved on).
-    shadow = version_by_alias(mlflow_client, name, SHADOW)
-    if shadow is not None and str(shadow.version) == str(version):
-        mlflow_client.delete_registered_model_alias(name, SHADOW)
+    # A shadow or canary that became the champion stops being one (else it would shadow or take a
+    # share of traffic again as soon as `champion` moved on).
+    for alias in (SHADOW, CANARY):
+        held = version_by_alias(mlflow_client, name, alias)
+        if held is not None and str(held.version) == str(version):
+            mlflow_client.delete_registered_model_alias(name, alias)
     return previous
 
 

@@ -1,4 +1,4 @@
-"""An append-only history per model: promotions, deployments, rollbacks and retractions.
+"""An append-only history per model: promotions, deployments, rollbacks, retractions, approvals, canaries.
 
 Each event is its own MLflow run in the experiment `<model>-history`, created once and never
 written again: its small fields (kind, version, who, when, why) are run tags, its full record is the
@@ -27,7 +27,9 @@ PROMOTION = "promotion"
 DEPLOYMENT = "deployment"
 ROLLBACK = "rollback"
 RETRACTION = "retraction"
-KINDS = frozenset({PROMOTION, DEPLOYMENT, ROLLBACK, RETRACTION})
+APPROVAL = "approval"  # a person approved, rejected or let time out a promotion (promotion.approval)
+CANARY = "canary"  # a canary started, was promoted or was rolled back (deployment.strategy: canary)
+KINDS = frozenset({PROMOTION, DEPLOYMENT, ROLLBACK, RETRACTION, APPROVAL, CANARY})
 
 _PREFIX = "cd4ml.event."
 _DETAILS_TAG = f"{_PREFIX}details"

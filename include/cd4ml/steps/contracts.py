@@ -48,6 +48,27 @@ class RunContext:
     # The prediction service to deploy to: Airflow's `cd4ml_service` connection in a DAG run; None
     # (the settings' CD4ML_SERVICE_URL / token) for `cd4ml train`.
     service: ServiceEndpoint | None = None
+    # promotion.approval: required: the approval task's answer (`Approval`), None where there is none
+    # (outside Airflow, or the task did not ask).
+    approval: Approval | None = None
+
+
+@dataclass(frozen=True)
+class Approval:
+    """A person's answer to `approve_promotion`: approved or not, who, when (ISO 8601 UTC)."""
+
+    approved: bool
+    who: str
+    when: str
+    note: str = ""  # e.g. "timed out after 24 h"
+
+    def to_xcom(self) -> XCom:
+        return asdict(self)
+
+    @classmethod
+    def from_xcom(cls, xcom: Any) -> Self:
+        d = _require(cls.__name__, xcom, "approved", "who", "when")
+        return cls(bool(d["approved"]), str(d["who"]), str(d["when"]), str(d.get("note") or ""))
 
 
 @dataclass(frozen=True)
@@ -304,6 +325,7 @@ class Promotion:
     why: str
     previous: str | None = None
     shadow: bool = False  # not promoted: given the `shadow` alias (deployment.strategy: shadow)
+    canary: bool = False  # not promoted yet: given the `canary` alias (deployment.strategy: canary)
 
     def to_xcom(self) -> XCom:
         out: XCom = {"promoted": self.promoted, "version": self.version}
@@ -311,6 +333,8 @@ class Promotion:
             out["previous"] = self.previous
         if self.shadow:
             out["shadow"] = True
+        if self.canary:
+            out["canary"] = True
         out["why"] = self.why
         return out
 
@@ -324,6 +348,7 @@ class Promotion:
             str(d["why"]),
             None if previous is None else str(previous),
             shadow=bool(d.get("shadow")),
+            canary=bool(d.get("canary")),
         )
 
 

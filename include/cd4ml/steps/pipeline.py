@@ -23,6 +23,7 @@ from cd4ml.core.spec import ModelSpec
 from cd4ml.data import landing
 from cd4ml.steps.contracts import (
     AcceptedBatch,
+    Approval,
     Challenger,
     Collected,
     Contract,
@@ -675,11 +676,13 @@ def promote_champion(
     who: str,
     run_id: str,
     signing_key: str | None = None,
+    approval: Approval | None = None,
 ) -> Promotion:
     """Move `champion` if the decision says so; a rejected challenger changes nothing that serves.
 
     `signing_key` (the prediction service's admin token) signs cd4ml's champion record on the
-    version: a service holding that token serves no champion without one.
+    version: a service holding that token serves no champion without one. With
+    `promotion.approval: required`, nothing moves without an `approval` that says approved.
     """
     from cd4ml import registry
 
@@ -689,7 +692,23 @@ def promote_champion(
     if evaluate_only:
         registry.set_tags(mlflow_client, spec.name, version, {"cd4ml.promotion": "skipped: evaluate_only"})
         return Promotion(False, version, "evaluate_only: decision recorded, champion untouched")
+    approval_tags: dict[str, str] = {}
+    if spec.promotion.approval == "required":
+        if approval is None or not approval.approved:
+            why = (
+                f"approval required (promotion.approval): not approved ({approval.note or 'rejected'} "
+                f"by {approval.who} at {approval.when})"
+                if approval is not None
+                else "approval required (promotion.approval): no approval was given; only an Airflow "
+                f"run of {spec.name}__train asks for one (task approve_promotion)"
+            )
+            registry.set_tags(mlflow_client, spec.name, version, {"cd4ml.promotion": f"not approved: {why}"})
+            return Promotion(False, version, why)
+        approval_tags = {"cd4ml.approved_by": approval.who, "cd4ml.approved_at": approval.when}
     expected = evaluation.champion_version
+    if spec.deployment.strategy == "canary" and expected is not None:
+        return _start_canary(spec, mlflow_client, version, evaluation, approval_tags, approval,
+                             run_time=run_time, who=who, run_id=run_id, signing_key=signing_key)  # fmt: skip
     if spec.deployment.strategy == "shadow" and expected is not None:
         # A copy of live traffic first; a person promotes it with <model>__rollback once its
         # agreement, latency and errors (Models view, /metrics) look right.
@@ -705,16 +724,58 @@ def promote_champion(
     # On success the previous champion is the one the challenger was evaluated against.
     previous = registry.promote_with_tags(
         mlflow_client, spec.name, version, expected_current=expected,
-        tags={"cd4ml.promoted_at": run_time, "cd4ml.previous_champion": str(expected or "none")},
+        tags={"cd4ml.promoted_at": run_time, "cd4ml.previous_champion": str(expected or "none"),
+              **approval_tags},
         sign_with=signing_key, when=run_time,
     )  # fmt: skip
     registry.append_event(
         mlflow_client, spec.name, kind="promotion", version=version, who=who, why=evaluation.reason,
-        when=run_time, details={"previous": previous, "evidence": evaluation.to_xcom()},
+        when=run_time, details={"previous": previous, "evidence": evaluation.to_xcom(),
+                                **({"approval": approval.to_xcom()} if approval_tags and approval else {})},
         key=f"promotion:{run_key(run_id)}:{version}",  # a retried task records it once
     )  # fmt: skip
     log.info("%s: champion is now version %s (was %s)", spec.name, version, previous)
     return Promotion(True, version, evaluation.reason, previous)
+
+
+def _start_canary(
+    spec: ModelSpec,
+    mlflow_client: Any,
+    version: str,
+    evaluation: Evaluation,
+    approval_tags: dict[str, str],
+    approval: Approval | None,
+    *,
+    run_time: str,
+    who: str,
+    run_id: str,
+    signing_key: str | None,
+) -> Promotion:
+    """Give the challenger the `canary` alias (with cd4ml's signed canary record): the service
+    answers `deployment.canary.fraction` of live traffic with it; deploy_champion judges it."""
+    from cd4ml import registry
+
+    canary = spec.deployment.canary
+    tags = {"cd4ml.promotion": f"canary: since {run_time}", "cd4ml.canary_since": run_time, **approval_tags}
+    if signing_key:
+        tags[registry.CANARY_SIGNATURE_TAG] = registry.champion_signature(
+            signing_key, spec.name, version, run_time, registry.CANARY
+        )
+    registry.set_tags(mlflow_client, spec.name, version, tags)  # before the alias: the service reads them
+    mlflow_client.set_registered_model_alias(spec.name, registry.CANARY, version)
+    why = (
+        f"canary: version {version} answers {canary.fraction:.0%} of live traffic beside champion "
+        f"{evaluation.champion_version}; judged after {canary.min_requests} canary requests or "
+        f"{canary.max_duration_minutes:g} min"
+    )
+    registry.append_event(
+        mlflow_client, spec.name, kind="canary", version=version, who=who, why=why, when=run_time,
+        details={"phase": "started", "champion": evaluation.champion_version, "policy": canary.model_dump(),
+                 "evidence": evaluation.to_xcom(), **({"approval": approval.to_xcom()} if approval else {})},
+        key=f"canary:{run_key(run_id)}:{version}",
+    )  # fmt: skip
+    log.info("%s: %s", spec.name, why)
+    return Promotion(False, version, why, canary=True)
 
 
 # -- the one order of steps ------------------------------------------------------------------------
@@ -826,6 +887,7 @@ def _promote(spec: ModelSpec, settings: Settings, run: RunContext, got: Results)
         evaluation=got.of("evaluate_against_champion", Evaluation),
         evaluate_only=run.evaluate_only, run_time=run.run_time, who=run.who, run_id=run.run_id,
         signing_key=(run.service.admin_token if run.service else settings.service_admin_token),
+        approval=run.approval,
     )  # fmt: skip
 
 

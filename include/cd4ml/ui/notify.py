@@ -102,3 +102,29 @@ def failure(model: str, task_id: str, error: str, run_url: str) -> Message:
         f"{task_id} failed", model, "see the run", [f"Task: {task_id}", f"Error: {error[:4000]}"],
         [f"Run: {run_url}"],
     )  # fmt: skip
+
+
+def approval_needed(model: str, version: str, evidence: list[str], approve_url: str, run_url: str) -> Message:
+    """promotion.approval: required: a challenger that won waits for a person."""
+    return _message(
+        f"version {version} waits for your approval", model, f"{version} (challenger; champion unchanged)",
+        ["Approve or reject it in Airflow (the run's approve_promotion task):", *evidence],
+        [f"Approve or reject: {approve_url}", f"Model version: {mlflow_version_url(model, version)}",
+         f"Run: {run_url}"],
+    )  # fmt: skip
+
+
+def canary(model: str, result: dict[str, Any], run_url: str) -> Message:
+    """deployment.strategy: canary: how the canary ended (promoted or rolled back), and why."""
+    version = str(result.get("version"))
+    promoted = result.get("outcome") == "promoted"
+    subject = (
+        f"canary version {version} promoted to champion" if promoted
+        else f"canary version {version} rolled back"
+    )  # fmt: skip
+    champion = result.get("champion")
+    return _message(
+        subject, model, f"{version} (champion {'now ' + version if promoted else 'stays ' + str(champion)})",
+        [f"Why: {result.get('why')}", *[f"{arm}: {line}" for arm, line in (result.get("arms") or {}).items()]],
+        [f"Model version: {mlflow_version_url(model, version)}", f"Run: {run_url}"],
+    )  # fmt: skip
