@@ -128,6 +128,9 @@ class Settings(BaseSettings):
     deploy_wait_seconds: float = Field(
         60.0, gt=0, description="How long deployment waits for the service to report the new version."
     )
+    canary_poll_seconds: float = Field(
+        10.0, gt=0, description="How often deploy_champion reads a running canary's counts to judge it."
+    )
     snapshot_max_rows: int = Field(
         200_000,
         gt=0,

@@ -558,7 +558,8 @@ class CanaryPolicy(_Strict):
     not: the first row's value) or the header `x-cd4ml-route-key` always lands on the same side.
     cd4ml judges once the canary has answered `min_requests` (or `max_duration_minutes` passed):
     it promotes when the canary is no worse than the champion on error rate (by more than
-    `max_error_rate_increase`), on p99 latency (at most `max_p99_ratio` times the champion's) and,
+    `max_error_rate_increase`), on p99 latency (at most `max_p99_ratio` times the champion's, or
+    within `min_p99_difference_ms` of it) and,
     where at least `min_labels` labels have arrived for both, on the primary metric (by more than
     `max_metric_drop`); otherwise, or with too little traffic by the deadline, it rolls back.
     """
@@ -569,6 +570,7 @@ class CanaryPolicy(_Strict):
     sticky_key: str | None = Field(default=None, min_length=1)
     max_error_rate_increase: float = Field(default=0.01, ge=0.0, le=1.0)
     max_p99_ratio: float = Field(default=1.5, ge=1.0)
+    min_p99_difference_ms: float = Field(default=5.0, ge=0.0)  # p99s closer than this are equal
     max_metric_drop: float = Field(default=0.0, ge=0.0)
     min_labels: int = Field(default=30, ge=1)
 

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -27,6 +27,9 @@ from cd4ml.core.settings import Settings
 from cd4ml.core.spec import ModelSpec, load_specs, spec_files
 from cd4ml.serving.fastpath import FastPipeline, split_rows, verified
 from cd4ml.serving.payload import FeatureSchema
+
+if TYPE_CHECKING:
+    from cd4ml.serving.canary import CanaryState
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +267,11 @@ class ModelStore:
             shadowing = self.specs[name].deployment.strategy == "shadow"
             shadow = registry.version_by_alias(mlflow_client, name, registry.SHADOW) if shadowing else None
             self.candidates.refresh_shadow(name, shadow, served.version if served else None)
+            canary_strategy = self.specs[name].deployment.strategy == "canary"
+            canary = (
+                registry.version_by_alias(mlflow_client, name, registry.CANARY) if canary_strategy else None
+            )
+            self.candidates.refresh_canary(name, canary, served.version if served else None)
 
     def _refresh_champion(self, name: str, champion: Any) -> None:
         if champion is None:
@@ -286,7 +294,7 @@ class ModelStore:
                 self._report_unrecorded(name, version, problem)
                 return
         self.unrecorded.pop(name, None)
-        staged = self.candidates.take_staged(name, version)
+        staged = self.candidates.take_staged(name, version) or self.candidates.take_canary(name, version)
         if staged is not None:
             # Loaded and smoke-tested before the alias moved: go live without loading it again.
             self._swap(name, replace(staged, champion_since=_champion_since(champion.tags or {})))
@@ -349,14 +357,18 @@ class ModelStore:
 
 
 class Candidates:
-    """Versions loaded beside the champions that never answer clients: the staging slot (a deploy's
-    smoke test before `champion` moves) and the shadow (the `shadow` alias: a copy of live traffic,
-    `cd4ml.serving.shadow`)."""
+    """Versions loaded beside the champions: the staging slot (a deploy's smoke test before
+    `champion` moves) and the shadow (the `shadow` alias: a copy of live traffic,
+    `cd4ml.serving.shadow`) never answer clients; the canary (the `canary` alias, with cd4ml's
+    signed canary record) answers a share of live traffic (`cd4ml.serving.canary`)."""
 
     def __init__(self, store: ModelStore) -> None:
         self.store = store
         self.staged: dict[str, Slot] = {}
         self.shadows: dict[str, Slot] = {}
+        self.canaries: dict[str, CanaryState] = {}
+        # model -> (version, why): a `canary` alias this service will not route to (no valid record).
+        self.refused_canaries: dict[str, tuple[str, str]] = {}
 
     def stage(self, name: str, version: str) -> Slot:
         """Load `version` of `name` into the model's staging slot (not live traffic); when `champion`
@@ -425,3 +437,62 @@ class Candidates:
         self.shadows[name] = slot
         log.info("%s: v%s now answers a copy of live traffic (shadow)", name, version)
         self.store.on_event(name, version, "shadowing")
+
+    def take_canary(self, name: str, version: str) -> Slot | None:
+        """The canary's slot if it is `version` (promoted: it becomes the champion's slot as it is)."""
+        state = self.canaries.get(name)
+        if state is None or state.slot.version != version:
+            return None
+        del self.canaries[name]
+        self.store.on_event(name, version, "uncanaried")
+        return state.slot
+
+    def refresh_canary(self, name: str, canary: Any, champion_version: str | None) -> None:
+        """Follow the `canary` alias (called by the poller, under the store's lock). No canary while
+        nothing is served or when it is the champion; with an admin token, only a version carrying
+        cd4ml's signed canary record takes live traffic. A new champion restarts the counts."""
+        version = str(canary.version) if canary is not None else None
+        current = self.canaries.get(name)
+        if version is None or champion_version is None or version == champion_version:
+            self.refused_canaries.pop(name, None)
+            if current is not None:
+                del self.canaries[name]
+                log.info("%s: v%s no longer takes live traffic (canary ended)", name, current.slot.version)
+                self.store.on_event(name, current.slot.version, "uncanaried")
+            return
+        store = self.store
+        if store.signing_key:
+            problem = registry.signature_problem(store.signing_key, name, version, canary.tags or {},
+                                                 registry.CANARY)  # fmt: skip
+            if problem:
+                if current is not None:
+                    del self.canaries[name]
+                    store.on_event(name, current.slot.version, "uncanaried")
+                if self.refused_canaries.get(name, ("", ""))[0] != version:
+                    why = f"canary points to version {version}, which cd4ml did not start: {problem}"
+                    self.refused_canaries[name] = (version, why)
+                    log.error("%s: %s; no live traffic goes to it", name, why)
+                    store.on_event(name, version, "unrecorded")
+                return
+        self.refused_canaries.pop(name, None)
+        if current is not None and current.slot.version == version:
+            if current.champion_version != champion_version:  # compare with the champion serving now
+                self.canaries[name] = self._state(name, current.slot, champion_version)
+            return
+        if (name, version) in store.refused:
+            return
+        slot = self.take_staged(name, version)
+        if slot is None:
+            try:
+                slot = store._build(name, canary)
+            except Exception:  # noqa: BLE001 - refused (remembered) or transient (the next poll)
+                return
+        self.canaries[name] = self._state(name, slot, champion_version)
+        log.info("%s: v%s now answers a share of live traffic (canary)", name, version)
+        store.on_event(name, version, "canary")
+
+    def _state(self, name: str, slot: Slot, champion_version: str) -> CanaryState:
+        from cd4ml.serving.canary import CanaryState
+
+        policy = self.store.specs[name].deployment.canary
+        return CanaryState(slot, champion_version, policy.fraction, policy.sticky_key)

@@ -368,6 +368,13 @@ def deploy_champion(
             spec, settings, version=str(promoted["version"]), who=who, when=when,
             endpoint=endpoint or ServiceEndpoint.from_env(), last_attempt=last_attempt,
         )  # fmt: skip
+    if promoted.get("canary"):
+        from cd4ml.steps.canary import watch_canary
+
+        return watch_canary(
+            spec, settings, promoted=promoted, holdout_path=holdout_path, who=who, when=when,
+            endpoint=endpoint or ServiceEndpoint.from_env(), last_attempt=last_attempt, staged=staged,
+        )  # fmt: skip
     if not promoted.get("promoted"):
         return {"deployed": False, "why": "champion unchanged; nothing to deploy"}
     endpoint = endpoint or ServiceEndpoint.from_env()

@@ -122,9 +122,10 @@ def canary(model: str, result: dict[str, Any], run_url: str) -> Message:
         f"canary version {version} promoted to champion" if promoted
         else f"canary version {version} rolled back"
     )  # fmt: skip
-    champion = result.get("champion")
+    champion = version if promoted else result.get("champion")
+    arms = [f"{arm}: {line}" for arm, line in (result.get("arms") or {}).items()]
     return _message(
-        subject, model, f"{version} (champion {'now ' + version if promoted else 'stays ' + str(champion)})",
-        [f"Why: {result.get('why')}", *[f"{arm}: {line}" for arm, line in (result.get("arms") or {}).items()]],
+        subject, model, f"{version} (champion {'now' if promoted else 'stays'} {champion})",
+        [f"Why: {result.get('why')}", *arms],
         [f"Model version: {mlflow_version_url(model, version)}", f"Run: {run_url}"],
     )  # fmt: skip

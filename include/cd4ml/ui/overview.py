@@ -133,6 +133,7 @@ class ModelOverview:
     totals: Totals | None = None  # None: count the lists given (tests build overviews by hand)
     business: dict[str, str] | None = None  # the spec's business value: {"name", "unit"}
     shadow: dict[str, Any] | None = None  # the shadow version's agreement, latency, errors
+    canary: dict[str, Any] | None = None  # the canary version, its policy and both sides' live counts
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -168,6 +169,8 @@ def _version_info(mv: Any) -> VersionInfo:
 def _history_event(e: registry.HistoryEvent) -> Event:
     d = e.details
     what = {"promotion": "promoted", "retraction": "retracted"}.get(e.kind, e.outcome)
+    if e.kind in ("canary", "approval") and e.outcome == e.kind:  # their details say `phase` / `decision`
+        what = f"{e.kind} {d.get('phase') or d.get('decision') or ''}".strip()
     if e.kind == "promotion":
         detail = f"previous champion: {d.get('previous') or 'none'}" + (f"; {e.why}" if e.why else "")
     elif e.kind == "rollback":
@@ -279,7 +282,7 @@ def model_overview(spec: ModelSpec, settings: Settings, *, limit: int = 25) -> M
     history = registry.events(client, spec.name) if found else []
     versions = sorted((_version_info(mv) for mv in found), key=lambda v: int(v.version), reverse=True)
     # Search results carry no aliases; ask for the ones cd4ml moves.
-    for alias in (registry.CHAMPION, registry.CHALLENGER, registry.SHADOW):
+    for alias in (registry.CHAMPION, registry.CHALLENGER, registry.SHADOW, registry.CANARY):
         mv = registry.version_by_alias(client, spec.name, alias) if versions else None
         for v in versions:
             if mv is not None and v.version == str(mv.version) and alias not in v.aliases:
@@ -305,6 +308,7 @@ def model_overview(spec: ModelSpec, settings: Settings, *, limit: int = 25) -> M
         totals=totals_of(versions, drift, runs, files, history),
         business=_business_label(spec),
         shadow=_shadow(settings, spec.name, versions),
+        canary=_canary(spec, settings, versions),
     )
 
 
@@ -317,6 +321,36 @@ def _shadow(settings: Settings, name: str, versions: list[VersionInfo]) -> dict[
         return None
     summary = shadow_summary(read_shadow_log(settings.data_dir, name, shadow.version))
     return {"version": shadow.version, "since": shadow.tags.get("cd4ml.shadow_since", ""), **summary}
+
+
+def _canary(spec: ModelSpec, settings: Settings, versions: list[VersionInfo]) -> dict[str, Any] | None:
+    """The version holding the `canary` alias, its policy, and the service's live counts of both
+    sides (`/v1/models/{m}/canary`; "service unreachable" if it does not answer within 2 s)."""
+    import httpx
+
+    canary = next((v for v in versions if registry.CANARY in v.aliases), None)
+    if canary is None or registry.CHAMPION in canary.aliases:
+        return None
+    policy = spec.deployment.canary
+    out: dict[str, Any] = {
+        "version": canary.version, "since": canary.tags.get("cd4ml.canary_since", ""),
+        "fraction": policy.fraction, "min_requests": policy.min_requests,
+        "max_duration_minutes": policy.max_duration_minutes, "sticky_key": policy.sticky_key,
+        "arms": None, "service_error": None,
+    }  # fmt: skip
+    try:
+        resp = httpx.get(f"{settings.service_url}/v1/models/{spec.name}/canary", timeout=2)
+        body = resp.json() if resp.status_code == 200 else {}
+        live = body.get("canary") or {}
+        if str(live.get("version")) == canary.version:
+            out["arms"] = live.get("arms")
+            out["seconds"] = live.get("seconds")
+        else:
+            refused = (body.get("refused_canary") or {}).get("why")
+            out["service_error"] = refused or f"the service does not route to it (HTTP {resp.status_code})"
+    except (httpx.HTTPError, ValueError) as err:
+        out["service_error"] = f"service unreachable at {settings.service_url} ({type(err).__name__})"
+    return out
 
 
 def _business_label(spec: ModelSpec) -> dict[str, str] | None:
