@@ -126,6 +126,34 @@ def test_training_dag_structure_schedule_and_form(bag) -> None:
     (watcher,) = next(a for a in timetable.asset_condition.objects if a.name == "churn.new_data").watchers
     assert type(watcher.trigger).__name__ == "LandingZoneTrigger"
     assert set(dag.params) == {"reason", "evaluate_only", "force"}
+    assert "**Approval.** Not asked (`promotion.approval: none`)" in dag.doc_md
+
+
+def test_approval_required_puts_a_person_between_the_staged_challenger_and_the_promotion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.providers.standard.operators.hitl import ApprovalOperator
+
+    (tmp_path / "gated.yaml").write_text(
+        yaml.safe_dump(spec_dict(promotion__approval="required", promotion__approval_timeout_hours=8))
+    )
+    monkeypatch.setenv("CD4ML_SPECS_DIR", str(tmp_path))
+    dag = DagBag(dag_folder=str(REPO / "dags")).dags["gated__train"]
+    downstream = {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks}
+    assert downstream["stage_challenger"] == ["approve_promotion", "deploy_champion", "promote_champion"]
+    assert downstream["approve_promotion"] == ["promote_champion"]
+    assert downstream["promote_champion"] == ["deploy_champion"]
+    # Nothing else changes: the same graph as without approval, plus the one task and its edges.
+    assert len(dag.tasks) == 11
+    task = dag.get_task("approve_promotion")
+    assert isinstance(task, ApprovalOperator) and type(task).__name__ == "PromotionApproval"
+    # A time-out answers Reject (promotes nothing) after the spec's hours; a rejection skips the
+    # promotion and the deploy, not the run: the DAG run still succeeds.
+    assert task.defaults == ["Reject"] and task.response_timeout.total_seconds() == 8 * 3600
+    assert not task.fail_on_reject and task.params == {}  # the run's form stays off the approval form
+    assert "**Approval.** Required (`promotion.approval: required`)" in dag.doc_md
+    assert "no answer within 8 h" in dag.doc_md
 
 
 def test_rollback_dag_is_manual_with_a_version_and_reason_form(bag) -> None:

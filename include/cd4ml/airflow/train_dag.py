@@ -8,6 +8,7 @@ record's XCom. Only the Airflow parts live here: callbacks, the short circuit, t
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from airflow.sdk import (
@@ -22,6 +23,8 @@ from airflow.sdk import (
 from airflow.sdk.bases.decorator import Task
 
 from cd4ml.airflow import assets
+from cd4ml.airflow.approval import TASK_ID as APPROVAL_TASK
+from cd4ml.airflow.approval import PromotionApproval, approval_of
 from cd4ml.airflow.common import START, context, default_args, last_attempt, run_time, who, xcom_dict
 from cd4ml.airflow.notifiers import Cd4mlNotifier
 from cd4ml.core.paths import ModelPaths
@@ -57,6 +60,8 @@ serves the new version, smoke-tests it again, and rolls `champion` back by itsel
 fails. With `deployment.strategy: shadow` in the spec, a better challenger gets the `shadow` alias
 instead and answers a copy of live traffic (promote it with `{name}__rollback`).
 
+**Approval.** {approval}
+
 **When a task fails.** Only transient errors (MLflow or the prediction service unreachable) are
 retried. A spec, data or training error fails its task at once with a message that names the
 file, column or spec field. Retrying would fail the same way. A quarantine fails
@@ -69,6 +74,18 @@ place, and only the last try rolls back.
 run* (train_challenger), *Model version* (register, promote, deploy). The *Model* tab of this DAG
 (and *Models* in the nav bar) shows the champion, its lineage, every decision and why, and drift.
 """
+
+APPROVAL_DOC = {
+    "none": "Not asked (`promotion.approval: none`): a challenger that wins is promoted at once. With "
+    "`promotion.approval: required` in the spec, a person approves every promotion in Airflow.",
+    "required": "Required (`promotion.approval: required`). A challenger that wins waits, staged and "
+    "smoke-tested, in `approve_promotion` until a person answers in Airflow (*Browse > Required "
+    "Actions*, or the task's *Required Actions* tab). The form shows both scores, the bootstrap "
+    "interval of the improvement, the last drift check and how the challenger differs from the "
+    "champion. *Approve* promotes and deploys it; *Reject*, or no answer within {hours:g} h, skips "
+    "`promote_champion` and `deploy_champion`: champion stays. Who answered and when is recorded in "
+    "{name}'s history (Models view) and on the version. See docs/approval.md.",
+}
 
 
 def _readable(value: Any) -> str:
@@ -151,6 +168,9 @@ def build_train_dag(spec: ModelSpec, settings: Settings) -> DAG:
         min_improvement=spec.promotion.min_improvement,
         floor=spec.promotion.floor,
         cron=spec.schedule.retrain_cron,
+        approval=APPROVAL_DOC[spec.promotion.approval].format(
+            name=spec.name, hours=spec.promotion.approval_timeout_hours
+        ),
     )
 
     @dag(
@@ -194,7 +214,13 @@ def build_train_dag(spec: ModelSpec, settings: Settings) -> DAG:
         tasks: dict[str, XComArg] = {}
         gate: str | None = None
         for step in TRAINING_STEPS:
-            made = _task(step, spec, settings)({name: tasks[name] for name in step.inputs})
+            upstream = {name: tasks[name] for name in step.inputs}
+            if step.name == "promote_champion" and spec.promotion.approval == "required":
+                # After the staged smoke test, a person approves; promote_champion reads the answer.
+                approval = PromotionApproval(spec=spec, settings=settings)
+                tasks["stage_challenger"] >> approval
+                upstream[APPROVAL_TASK] = approval.output
+            made = _task(step, spec, settings)(upstream)
             if gate is not None:
                 # Skipped with everything after it when the gate says no (it reads no gate output).
                 tasks[gate] >> made
@@ -222,11 +248,12 @@ def _task(step: Step, spec: ModelSpec, settings: Settings) -> Task[[Mapping[str,
 
     def adapter(upstream: Mapping[str, XComArg | XCom]) -> Any:
         ctx = context()
-        inputs = load_inputs(step, {name: xcom_dict(name, value) for name, value in upstream.items()})
+        xcoms = {name: xcom_dict(name, value) for name, value in upstream.items()}
+        approval = approval_of(xcoms.pop(APPROVAL_TASK, None))  # promotion.approval: required
+        inputs = load_inputs(step, xcoms)
+        run = replace(run_context(ctx, with_service=step.name in CONNECTION_STEPS), approval=approval)
         try:
-            result = step.run(
-                spec, settings, run_context(ctx, with_service=step.name in CONNECTION_STEPS), inputs
-            )
+            result = step.run(spec, settings, run, inputs)
         except NothingAccepted as err:
             # The task fails, so it has no return value: keep the Data Docs link reachable.
             ctx["ti"].xcom_push(key="report", value={"docs_url": err.docs_url})
