@@ -21,6 +21,9 @@ import pytest
 from cd4ml import registry
 from cd4ml.core.settings import get_settings
 from cd4ml.core.spec import ModelSpec, load_spec
+from cd4ml.data.feedback import labelled_predictions
+from cd4ml.serving.canary import canary_share
+from cd4ml.steps.monitor import monitor_paths
 from cd4ml.steps.pipeline import run_training
 from cd4ml_dev.datagen import generate_churn
 from tests.helpers import LOGREG, WEAK, write_spec
@@ -40,6 +43,8 @@ def canary_spec(env: dict[str, Any], model: str, estimator: dict[str, Any], **ca
         "min_requests": 60,
         "max_duration_minutes": 5,
         "sticky_key": "customer_id",
+        "min_labels": 5,
+        "max_metric_drop": 0.5,
         **canary,
     }
     return load_spec(write_spec(env["specs"], model, estimator=estimator, promotion__floor=None,
@@ -102,20 +107,37 @@ def test_a_canary_no_worse_than_the_champion_is_promoted_by_itself_under_load(
     assert meta["version"] == "1" and meta["canary"]["fraction"] == 0.3 and champion(env, model) == "1"
 
     # Sticky: a caller (the row's customer_id, or the x-cd4ml-route-key header) always lands on
-    # the same side; across callers both sides answer.
-    sides: dict[str, set[str]] = {}
-    for i in range(12):
-        body = {"dataframe_records": [{**one_row()["dataframe_records"][0], "customer_id": f"c-{i}"}]}
-        for _ in range(3):
-            resp = httpx.post(predict, json=body, timeout=10)
+    # the same side. The split is a stable hash, so the test knows each caller's side up front.
+    keys = [f"c-{i}" for i in range(400)]
+    picked = [k for k in keys if canary_share(model, k) < 0.3][:6] + [
+        k for k in keys if canary_share(model, k) >= 0.3
+    ][:6]
+    frame = generate_churn(400, seed=53)
+    positive, negative = frame[frame["churned"] == 1], frame[frame["churned"] == 0]
+    labels, sides = [], {}  # type: list[dict[str, Any]], dict[str, set[str]]
+    for i, key in enumerate(picked):
+        for row in (positive.iloc[2 * i], negative.iloc[2 * i], positive.iloc[2 * i + 1]):  # both classes
+            record = {**row.drop("churned").to_dict(), "customer_id": key}
+            resp = httpx.post(predict, json={"dataframe_records": [record]}, timeout=10)
             assert resp.status_code == 200, resp.text
-            sides.setdefault(f"c-{i}", set()).add(resp.headers["x-model-version"])
-        header = {"x-cd4ml-route-key": f"h-{i}"}
-        for _ in range(2):
-            resp = httpx.post(predict, json=one_row(), headers=header, timeout=10)
-            sides.setdefault(f"h-{i}", set()).add(resp.headers["x-model-version"])
-    assert all(len(v) == 1 for v in sides.values()), sides
-    assert set().union(*sides.values()) == {"1", "2"}, sides
+            sides.setdefault(key, set()).add(resp.headers["x-model-version"])
+            labels.append({"request_id": resp.headers["x-request-id"], "outcome": int(row["churned"])})
+        header = {"x-cd4ml-route-key": key}  # the header routes the same way as the column
+        resp = httpx.post(predict, json=one_row(), headers=header, timeout=10)
+        sides[key].add(resp.headers["x-model-version"])
+    assert {k: v for k, v in sides.items()} == {k: {"2" if k in picked[:6] else "1"} for k in picked}, sides
+    # Labels for those answers arrive (the feedback API knows a request id once it is logged).
+    deadline = time.monotonic() + 30
+    while (
+        fed := httpx.post(f"{url}/v1/models/{model}/feedback", json=labels, timeout=30)
+    ).status_code != 200:
+        assert time.monotonic() < deadline, fed.text
+        time.sleep(0.5)
+    ids = {label["request_id"] for label in labels}
+    paths = monitor_paths(get_settings(), model)
+    while len(set(labelled_predictions(paths)["request_id"]) & ids) < len(ids):  # on disk, joinable
+        assert time.monotonic() < deadline + 30, "the labels never joined their predictions"
+        time.sleep(0.5)
     # While it runs, the Models view shows the canary with both sides' counts.
     overview = model_overview(spec, get_settings())
     assert overview.canary is not None and overview.canary["version"] == "2", overview.canary
@@ -138,6 +160,11 @@ def test_a_canary_no_worse_than_the_champion_is_promoted_by_itself_under_load(
     decision = result["deployment"]["canary"]
     assert decision["outcome"] == "promoted" and result["deployment"]["deployed"], result
     assert "no worse than the champion" in decision["why"]
+    # Judged on the live metric too: 18 labels per side (min_labels 5).
+    assert "live roc_auc" in decision["arms"]["canary"] and "on 18 labels" in decision["arms"]["canary"], (
+        decision
+    )
+    assert "on 18 labels" in decision["arms"]["champion"], decision
     assert champion(env, model) == served(env, model) == "2"
     assert httpx.get(f"{url}/v1/models/{model}", timeout=10).json()["canary_version"] is None
     tail = [v for _, v in answers[-20:]]

@@ -169,9 +169,14 @@ def canary_status(endpoint: ServiceEndpoint, model: str) -> dict[str, Any]:
 
 def live_metrics(spec: ModelSpec, settings: Settings, snapshot: dict[str, Any]) -> dict[str, LiveMetric]:
     """Each side's primary metric on its labelled live predictions since the canary began, where at
-    least `min_labels` have arrived (the models are loaded only then)."""
+    least `deployment.canary.min_labels` usable labels have arrived (the models are loaded only then).
+    The metric is re-scored from the logged features, as the monitor's live check does."""
+    import numpy as np
+
     from cd4ml.data import feedback
-    from cd4ml.steps.monitor import live_performance, live_rows, monitor_paths
+    from cd4ml.ml import training
+    from cd4ml.ml.evaluation import score
+    from cd4ml.steps.monitor import cast_outcomes, live_rows, monitor_paths
 
     start = datetime.fromtimestamp(float(snapshot["since"]), UTC)
     end = datetime.now(UTC)
@@ -183,17 +188,14 @@ def live_metrics(spec: ModelSpec, settings: Settings, snapshot: dict[str, Any]) 
             out[arm] = LiveMetric(None, len(rows))
             continue
         model = registry.load_model(settings.mlflow_tracking_uri, f"models:/{spec.name}/{version}")
-        judged = live_performance(
-            spec,
-            model,
-            rows,
-            served_rows=len(rows),
-            version=str(version),
-            baseline=None,
-            start=start,
-            end=end,
-        )
-        out[arm] = LiveMetric(judged.value, judged.labelled_rows)
+        classes = None if spec.task == "regression" else tuple(model.classes_.tolist())
+        y, usable = cast_outcomes(rows["outcome"].to_numpy(), classes)
+        rows, y = rows[usable].reset_index(drop=True), y[usable]
+        if len(rows) < spec.deployment.canary.min_labels:
+            out[arm] = LiveMetric(None, len(rows))
+            continue
+        value = float(score(spec.metric, np.asarray(y), training.metric_inputs(spec, model, rows)))
+        out[arm] = LiveMetric(value if math.isfinite(value) else None, len(rows))
     return out
 
 
@@ -262,15 +264,14 @@ def watch_canary(
     try:
         snapshot = _wait_for_canary(endpoint, spec.name, version)
         champion = str(snapshot["champion_version"])
+        metrics: dict[str, LiveMetric] = {}
         while True:
-            metrics = live_metrics(spec, settings, snapshot)
-            verdict = judge(
-                policy,
-                snapshot,
-                metric_name=spec.metric.name,
-                higher_is_better=spec.metric.higher_is_better,
-                metrics=metrics,
-            )
+            verdict = judge(policy, snapshot)
+            if verdict is not None and verdict.promote:
+                # Only a canary about to be promoted needs the labels (read, and models loaded, once).
+                metrics = live_metrics(spec, settings, snapshot)
+                verdict = judge(policy, snapshot, metric_name=spec.metric.name,
+                                higher_is_better=spec.metric.higher_is_better, metrics=metrics)  # fmt: skip
             if verdict is not None:
                 break
             time.sleep(settings.canary_poll_seconds)
