@@ -34,7 +34,10 @@ DECISION = {
     "ci_low": 0.18, "ci_high": 0.24, "confidence": 0.95, "min_improvement": 0.0, "floor": 0.7, "n": 420,
     "resamples": 1000, "average": None,
 }  # fmt: skip
-SPEC_V3 = "task: classification\nestimator:\n  class: sklearn.dummy.DummyClassifier\n  params:\n    strategy: prior\n"
+SPEC_V3 = (
+    "task: classification\nestimator:\n  class: sklearn.dummy.DummyClassifier\n  params:\n"
+    "    strategy: prior\n"
+)
 SPEC_V4 = (
     "task: classification\nestimator:\n  class: sklearn.linear_model.LogisticRegression\n  params:\n"
     "    max_iter: 500\n"
@@ -94,8 +97,9 @@ def test_the_form_shows_scores_interval_drift_and_the_diff_against_the_champion(
 
 def test_a_first_model_and_no_drift_check_say_so_and_a_long_spec_diff_is_cut(tmp_path: Path) -> None:
     spec = gated(tmp_path)
-    first = dict(DECISION, champion_version=None, champion_score=None, difference=None, ci_low=None,
-                 ci_high=None, resamples=0, reason="first model: roc_auc=0.8100 vs floor 0.7 met")  # fmt: skip
+    first = {**DECISION, "champion_version": None, "champion_score": None, "difference": None,
+             "ci_low": None, "ci_high": None, "resamples": 0,
+             "reason": "first model: roc_auc=0.8100 vs floor 0.7 met"}  # fmt: skip
     request = ap.approval_request(spec, first, facts("1", SPEC_V4, 800), None, None)
     assert request.subject.endswith("roc_auc 0.8100 vs no champion")
     assert "challenger 0.8100, no champion yet" in request.body
@@ -135,7 +139,9 @@ def test_answers_become_approvals_with_who_and_when() -> None:
     )
     assert timed_out == Approval(False, "timeout", "2026-03-02T09:30:00+00:00", "timed out after 6 h")
     assert ap.version_tags(approved) == {"cd4ml.approval": "approved by admin at 2026-03-02T09:30:00+00:00"}
-    assert ap.version_tags(rejected)["cd4ml.approval"] == "rejected by Ann (id 7) at 2026-03-02T09:30:00+00:00"
+    assert (
+        ap.version_tags(rejected)["cd4ml.approval"] == "rejected by Ann (id 7) at 2026-03-02T09:30:00+00:00"
+    )
     assert ap.version_tags(timed_out)["cd4ml.promotion"].startswith("not approved: timed out after 6 h at ")
     # promote_champion's view: an answer, or None when the task did not ask.
     assert ap.approval_of(approved.to_xcom()) == approved
@@ -173,8 +179,10 @@ def test_a_winning_challenger_is_asked_with_real_evidence_and_each_answer_is_rec
     generate_churn(400, seed=5).to_csv(pipeline.zone_for(weak, settings).landing / "week0.csv", index=False)
     when = "2026-03-01T00:00:00+00:00"
     assert run_training(weak, settings, run_id="r1", run_time=when, deploy=False)["promoted"]
-    spec = load_spec(write_spec(workspace / "specs", "asked", estimator=LOGREG, promotion__floor=None,
-                                promotion__approval="required", promotion__approval_timeout_hours=6))  # fmt: skip
+    spec = load_spec(write_spec(
+        workspace / "specs", "asked", estimator=LOGREG, promotion__floor=None,
+        promotion__approval="required", promotion__approval_timeout_hours=6,
+    ))  # fmt: skip
     # Without an answer (`cd4ml train`, outside Airflow) nothing moves.
     unasked = run_training(spec, settings, run_id="r2", run_time=when, deploy=False, force=True)
     assert not unasked["promoted"] and "no approval was given" in unasked["why"]
@@ -191,7 +199,9 @@ def test_a_winning_challenger_is_asked_with_real_evidence_and_each_answer_is_rec
     assert request.subject.startswith("asked: promote v2 to champion? roc_auc ")
     assert f"challenger {evaluation.decision.challenger_score:.4f}, champion v1 " in request.body
     assert "drifted share 0.43" in request.body
-    assert "Estimator: sklearn.dummy.DummyClassifier -> sklearn.linear_model.LogisticRegression" in request.body
+    assert (
+        "Estimator: sklearn.dummy.DummyClassifier -> sklearn.linear_model.LogisticRegression" in request.body
+    )
     assert "spec_hash: " in request.body and "Lineage unchanged: data_fingerprint" in request.body
     assert "Train rows: 320 -> 320" in request.body and "New accepted files" not in request.body
     assert "+    max_iter: 500" in request.body and "+  approval: required" in request.body
@@ -208,8 +218,8 @@ def test_a_winning_challenger_is_asked_with_real_evidence_and_each_answer_is_rec
     assert op.execute(ctx) == {
         "asked": False, "version": "2", "why": "evaluate_only: the champion does not move, nothing to approve"
     }  # fmt: skip
-    losing = TaskInstance({**ti.xcoms, "evaluate_against_champion": {**evaluation.to_xcom(), "promote": False,
-                                                                     "reason": "rejected: worse"}})  # fmt: skip
+    lost = {**evaluation.to_xcom(), "promote": False, "reason": "rejected: worse"}
+    losing = TaskInstance({**ti.xcoms, "evaluate_against_champion": lost})
     assert op.execute({"ti": losing, "params": {}, "run_id": "r3"})["why"] == (
         "the challenger did not win: rejected: worse"
     )
