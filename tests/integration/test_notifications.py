@@ -19,7 +19,7 @@ import pytest
 
 from cd4ml_dev.datagen import generate_churn
 from tests.conftest import Inbox
-from tests.helpers import LOGREG, write_spec
+from tests.helpers import LOGREG, WEAK, write_spec
 from tests.integration.dagtools import land, run, run_dag
 
 pytestmark = pytest.mark.integration
@@ -120,3 +120,37 @@ def test_drift_during_the_cooldown_sends_one_notice_per_cooldown_period(
     assert f"{PUBLIC_MLFLOW}/#/models/{model}/versions/1" in text and f"/dags/{model}__monitor/runs/" in text
     state = load_state(get_settings(), model)
     assert state["last_cooldown_notice_at"] > state["last_trigger_at"]
+
+
+def test_a_canary_through_the_training_dag_mails_its_decision(
+    env: dict[str, Any], plain_smtp: Inbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real DAG (dag.test) with `deployment.strategy: canary`: deploy_champion watches the canary
+    while live traffic flows, promotes it by itself and mails the decision with both sides' figures;
+    promote_champion's own mail does not call a canary "rejected"."""
+    from tests.integration.test_staged_deploy import Load
+
+    monkeypatch.setenv("CD4ML_CANARY_POLL_SECONDS", "0.5")
+    inbox, model = plain_smtp, "notified_canary"
+    canary = {
+        "strategy": "canary",
+        "canary": {"fraction": 0.5, "min_requests": 30, "max_duration_minutes": 5},
+    }
+    write_spec(env["specs"], model, estimator=WEAK, promotion__floor=None, deployment=canary,
+               notifications={"email": ["ml-team@example.com"]})  # fmt: skip
+    land(env, model, "week0.csv", generate_churn(1500, seed=72))
+    assert run(env, model)["__run__"] == "success"
+    assert [m["Subject"] for m in inbox.messages] == [f"[cd4ml] {model}: version 1 is the new champion"]
+
+    write_spec(env["specs"], model, estimator=LOGREG, promotion__floor=None, deployment=canary,
+               notifications={"email": ["ml-team@example.com"]})  # fmt: skip
+    with Load(f"{env['service']}/v1/models/{model}/predict") as load:
+        states = run(env, model, force=True)
+    assert states["__run__"] == "success" and states["deploy_champion"] == "success", states
+    assert all(code == 200 for code, _ in load.answers) and {v for _, v in load.answers} == {"1", "2"}
+    assert [m["Subject"] for m in inbox.messages[1:]] == [
+        f"[cd4ml] {model}: canary version 2 promoted to champion"
+    ]
+    text = body(inbox.messages[1])
+    assert "Version: 2 (champion now 2)" in text and "Why: canary no worse than the champion" in text
+    assert "canary: " in text and "champion: " in text and " requests, 0 errors" in text
