@@ -235,6 +235,7 @@ SLOW_FIRST = (
     "tests/integration/test_train_dag.py",
     "tests/reliability/test_faults.py",
     "tests/integration/test_staged_deploy.py",
+    "tests/integration/test_canary.py",
     "tests/reliability/test_bad_requests.py",
     "tests/integration/test_notifications.py",
     "tests/integration/test_retract.py",
