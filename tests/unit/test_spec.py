@@ -125,7 +125,13 @@ def test_spec_hash_is_stable_and_sensitive() -> None:
         ({"feedback": {"min_rows": 100, "max_rows": 60}}, "feedback.max_rows", "no batch could be landed"),
         ({"feedback": {"min_rows": 0}}, "feedback.min_rows", "greater than or equal to 1"),
         # deployment: a strategy cd4ml does not have, a fraction that copies nothing or too much
-        ({"deployment": {"strategy": "canary"}}, "deployment.strategy", "'direct' or 'shadow'"),
+        ({"deployment": {"strategy": "blue-green"}}, "deployment.strategy", "'direct', 'shadow' or 'canary'"),
+        (
+            {"deployment": {"strategy": "canary", "canary": {"fraction": 1}}},
+            "deployment.canary.fraction",
+            "less than 1",
+        ),
+        ({"promotion": {"approval": "yes"}}, "promotion.approval", "'none' or 'required'"),
         ({"deployment": {"shadow_fraction": 0}}, "deployment.shadow_fraction", "greater than 0"),
         ({"deployment": {"shadow_fraction": 1.5}}, "deployment.shadow_fraction", "less than or equal to 1"),
     ],
@@ -261,11 +267,15 @@ def test_business_feedback_and_deployment_are_optional_and_change_no_existing_sp
     assert spec.deployment.strategy == "direct" and spec.deployment.shadow_fraction == 1.0
     before = spec.model_dump(mode="json", by_alias=True)
     del before["business"], before["feedback"], before["deployment"]
+    del before["promotion"]["approval"], before["promotion"]["approval_timeout_hours"]
     assert spec.spec_hash() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
     assert parse(spec_dict(feedback={"to_training": True})).spec_hash() != spec.spec_hash()
     plain = parse(spec_dict()).spec_hash()
     assert parse(spec_dict(deployment={"strategy": "shadow"})).spec_hash() != plain
     assert parse(spec_dict(deployment={"strategy": "direct", "shadow_fraction": 1})).spec_hash() == plain
+    assert parse(spec_dict(deployment={"strategy": "canary"})).spec_hash() != plain
+    assert parse(spec_dict(promotion__approval="required")).spec_hash() != plain
+    assert parse(spec_dict(promotion__approval="none")).spec_hash() == plain
     assert (
         parse(spec_dict(business={"matrix": {1: {1: 1, 0: 0}, 0: {1: 0, 0: 0}}})).spec_hash()
         != spec.spec_hash()
