@@ -50,8 +50,12 @@ class Cd4mlNotifier(BaseNotifier):
             result = ti.xcom_pull(task_ids=ti.task_id) or {}
             if result.get("promoted") and self.settings.on_promotion:
                 message = notify.promotion(self.model, result, run_url)
-            elif not result.get("promoted") and self.settings.on_reject and not (
-                result.get("canary") or result.get("shadow")  # not a rejection: a trial on live traffic
+            elif (
+                not result.get("promoted")
+                and self.settings.on_reject
+                and not (
+                    result.get("canary") or result.get("shadow")  # not a rejection: a trial on live traffic
+                )
             ):
                 message = notify.rejection(self.model, result, run_url)
         elif self.event == "quarantine" and isinstance(exception, QuarantinedError):

@@ -46,7 +46,7 @@ from starlette.concurrency import run_in_threadpool
 
 from cd4ml.core.settings import Settings, get_settings
 from cd4ml.serving.admin_api import Admin
-from cd4ml.serving.canary import CANARY, CHAMPION, ROUTE_HEADER, CanaryMetrics, CanaryState, route_key
+from cd4ml.serving.canary import CHAMPION, CanaryRouting
 from cd4ml.serving.feedback_api import feedback_router
 from cd4ml.serving.models import ModelStore, Slot
 from cd4ml.serving.payload import PayloadError, Problem, check, read_limited
@@ -68,6 +68,10 @@ from cd4ml.serving.tracing import (
 
 log = logging.getLogger(__name__)
 INLINE_ROWS = 16  # small requests predict on the event loop; larger ones in the thread pool
+
+
+async def _predict(slot: Slot, rows: list[list[Any]]) -> dict[str, Any]:
+    return slot.predict(rows) if len(rows) <= INLINE_ROWS else await run_in_threadpool(slot.predict, rows)
 
 
 @dataclass(frozen=True)
@@ -181,19 +185,11 @@ def create_app(
 
     shadow_metrics = ShadowMetrics(metrics.registry)
     shadows = ShadowRunner(settings.data_dir, shadow_metrics)
-    canaries: dict[str, CanaryState] = {}  # the store's (bound below): read by the metrics collector
-    canary_metrics = CanaryMetrics(metrics.registry, canaries)
 
     def on_event(model: str, version: str, outcome: str) -> None:
         metrics.reloads.labels(model, version, outcome).inc()
-        if outcome == "canary":
-            canary_metrics.version.labels(model).set(float(version))
-            canary_metrics.fraction.labels(model).set(store.candidates.canaries[model].fraction)
-        elif outcome == "uncanaried":
-            for gauge in (canary_metrics.version, canary_metrics.fraction):
-                with contextlib.suppress(KeyError):
-                    gauge.remove(model)
-        elif outcome == "shadowing":
+        canary.on_event(model, outcome, version)
+        if outcome == "shadowing":
             shadow_metrics.version.labels(model).set(float(version))
         elif outcome == "unshadowed":
             with contextlib.suppress(KeyError):
@@ -207,7 +203,8 @@ def create_app(
     store = ModelStore(
         settings, poll_seconds=config.poll_seconds, on_event=on_event, signing_key=config.admin_token
     )
-    store.candidates.canaries = canaries
+    canary = CanaryRouting(store.candidates.canaries, metrics.registry, config.max_rows, _predict)
+    canary.refused = store.candidates.refused_canaries
     predlog = PredictionLog(settings.data_dir)
 
     @asynccontextmanager
@@ -285,12 +282,8 @@ def create_app(
         body["staged_version"] = staged.version if staged else None
         shadow = store.candidates.shadows.get(model)
         body["shadow_version"] = shadow.version if shadow else None
-        canary = store.candidates.canaries.get(model)
-        body["canary_version"] = canary.slot.version if canary else None
-        body["canary"] = canary.snapshot() if canary else None
-        refused_canary = store.candidates.refused_canaries.get(model)
-        if refused_canary:
-            body["refused_canary"] = {"version": refused_canary[0], "why": refused_canary[1]}
+        body |= canary.status(model)
+        body["canary_version"] = body["canary"]["version"] if body["canary"] else None
         return JSONResponse(body)
 
     def _unknown_or_waiting(model: str) -> tuple[int, str, list[Problem], dict[str, Any]]:
@@ -319,9 +312,9 @@ def create_app(
         slot = store.slots.get(model)  # a request finishes on this slot, whatever swaps meanwhile
         if slot is None:
             return _failure(protocol, *_unknown_or_waiting(model))
-        canary = store.candidates.canaries.get(model)
-        if version is not None and canary is not None and version == canary.slot.version:
-            return canary.slot  # asked for by version: the canary answers it (not counted as routed)
+        pinned = canary.pinned(model, version)
+        if pinned is not None:
+            return pinned
         if version is not None and version != slot.version:
             return _failure(
                 protocol,
@@ -418,32 +411,28 @@ def create_app(
         rt.set(ROWS, len(rows))
         rt.begin(PREDICT, rows=len(rows))
         live = request.headers.get("x-cd4ml-purpose") != "smoke-test"
-        canary = (
-            store.candidates.canaries.get(model) if staging is None and version is None and live else None
+        routed, to_canary = (
+            canary.chosen(model, request.headers, parsed.columns, parsed.data)
+            if staging is None and version is None and live
+            else (None, False)
         )
         out: dict[str, Any] | None = None
-        if canary is not None:
-            key = route_key(canary.sticky_key, parsed.columns, parsed.data, request.headers.get(ROUTE_HEADER))
-            if canary.chooses_canary(model, key):
-                answered = await _canary_answer(canary, parsed.columns, parsed.data, rows)
-                if answered is not None:
-                    out, rows = answered
-                    slot = canary.slot
-                else:
-                    canary = None  # the champion answers for the failed canary, uncounted
+        if routed is not None and to_canary:
+            answered = await canary.answer(routed, slot.schema, parsed.columns, parsed.data, rows)
+            if answered is not None:
+                (out, rows), slot = answered, routed.slot
+            routed = None  # the canary's own outcome is counted; a champion answering for it is not
         try:
             if out is None:
                 began = time.perf_counter()
                 out = await _predict(slot, rows)
-                if canary is not None:
-                    canary.count(CHAMPION, time.perf_counter() - began)
-                    canary_metrics.requests.labels(model, slot.version, CHAMPION, "ok").inc()
+                if routed is not None:
+                    canary.count(routed, CHAMPION, time.perf_counter() - began)
         except Exception as err:  # any model failure is the service's 500, counted
             # Counted like every other answer, so the 5xx-rate alert sees a model that throws.
             log.exception("%s v%s: prediction failed", model, slot.version)
-            if canary is not None:
-                canary.count(CHAMPION, 0.0, error=True)
-                canary_metrics.requests.labels(model, slot.version, CHAMPION, "error").inc()
+            if routed is not None:
+                canary.count(routed, CHAMPION, 0.0, error=True)
             metrics.errors.labels(model, "predict_failed").inc()
             metrics.requests.labels(model, slot.version, "500").inc()
             return _failure(
@@ -476,41 +465,12 @@ def create_app(
             headers={"x-model-version": slot.version, "x-request-id": request_id},
         )
 
-    async def _predict(slot: Slot, rows: list[list[Any]]) -> dict[str, Any]:
-        return slot.predict(rows) if len(rows) <= INLINE_ROWS else await run_in_threadpool(slot.predict, rows)
-
-    async def _canary_answer(
-        canary: CanaryState, columns: list[str], data: list[list[Any]], rows: list[list[Any]]
-    ) -> tuple[dict[str, Any], list[list[Any]]] | None:
-        """The canary's answer and the rows it read, or None (counted as its error) if it refused
-        the payload the champion accepted or failed to predict: the champion answers instead."""
-        model, version = canary.slot.name, canary.slot.version
-        began = time.perf_counter()
-        try:
-            if canary.slot.schema != store.slots[model].schema:
-                rows = check(canary.slot.schema, columns, data, config.max_rows)
-            out = await _predict(canary.slot, rows)
-        except Exception as err:  # noqa: BLE001 - a canary's failure never reaches the client
-            log.warning("%s v%s (canary) failed, the champion answers: %s: %s",
-                        model, version, type(err).__name__, err)  # fmt: skip
-            canary.count(CANARY, 0.0, error=True)
-            canary_metrics.requests.labels(model, version, CANARY, "error").inc()
-            return None
-        canary.count(CANARY, time.perf_counter() - began)
-        canary_metrics.requests.labels(model, version, CANARY, "ok").inc()
-        return out, rows
-
     @app.get("/v1/models/{model}/canary")
     def canary_status(model: str) -> JSONResponse:
         """The model's canary: version, share, sticky key, both sides' requests, errors, p50/p99."""
         if model not in store.known_models:
             return JSONResponse({"error": f"model '{model}' is not served here"}, status_code=404)
-        canary = store.candidates.canaries.get(model)
-        refused = store.candidates.refused_canaries.get(model)
-        body: dict[str, Any] = {"model": model, "canary": canary.snapshot() if canary else None}
-        if refused:
-            body["refused_canary"] = {"version": refused[0], "why": refused[1]}
-        return JSONResponse(body)
+        return JSONResponse({"model": model, **canary.status(model)})
 
     @app.post("/v1/models/{model}/predict", openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": {"anyOf": [*_MLFLOW_BODIES[:3],

@@ -14,13 +14,15 @@ and exported on /metrics; cd4ml's deploy step (`cd4ml.steps.canary`) reads them 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import math
 import random
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +32,7 @@ from prometheus_client.registry import Collector
 
 from cd4ml.serving.models import Slot
 
+log = logging.getLogger(__name__)
 CHAMPION, CANARY = "champion", "canary"
 ARMS = (CHAMPION, CANARY)
 ROUTE_HEADER = "x-cd4ml-route-key"
@@ -166,3 +169,82 @@ class _Percentiles(Collector):
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         return iter(())
+
+
+Predict = Callable[[Slot, list[list[Any]]], Awaitable[dict[str, Any]]]
+
+
+class CanaryRouting:
+    """The service's canary side: which requests the canary answers, its answers (or its failure,
+    the champion answering instead), both sides' counts, its gauges and `GET /v1/models/{m}/canary`.
+
+    `canaries` is the model store's (`Candidates.canaries`), which the poller fills from the alias."""
+
+    def __init__(
+        self, canaries: dict[str, CanaryState], registry: CollectorRegistry, max_rows: int, predict: Predict
+    ) -> None:
+        self.canaries = canaries
+        self.refused: dict[str, tuple[str, str]] = {}  # bound to Candidates.refused_canaries by the app
+        self.metrics = CanaryMetrics(registry, canaries)
+        self.max_rows = max_rows
+        self.predict = predict
+
+    def on_event(self, model: str, outcome: str, version: str) -> None:
+        if outcome == "canary":
+            self.metrics.version.labels(model).set(float(version))
+            self.metrics.fraction.labels(model).set(self.canaries[model].fraction)
+        elif outcome == "uncanaried":
+            for gauge in (self.metrics.version, self.metrics.fraction):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(model)
+
+    def status(self, model: str) -> dict[str, Any]:
+        """`canary` (its snapshot or None) and `refused_canary` (a canary alias it will not route to)."""
+        canary = self.canaries.get(model)
+        body: dict[str, Any] = {"canary": canary.snapshot() if canary else None}
+        refused = self.refused.get(model)
+        if refused:
+            body["refused_canary"] = {"version": refused[0], "why": refused[1]}
+        return body
+
+    def pinned(self, model: str, version: str | None) -> Slot | None:
+        """The canary's slot when a request names its version (answered, not counted as routed)."""
+        canary = self.canaries.get(model)
+        return canary.slot if canary is not None and version == canary.slot.version else None
+
+    def chosen(
+        self, model: str, headers: Mapping[str, str], columns: list[str], data: list[list[Any]]
+    ) -> tuple[CanaryState | None, bool]:
+        """(the model's canary or None, whether it answers this request)."""
+        canary = self.canaries.get(model)
+        if canary is None:
+            return None, False
+        key = route_key(canary.sticky_key, columns, data, headers.get(ROUTE_HEADER))
+        return canary, canary.chooses_canary(model, key)
+
+    async def answer(
+        self, canary: CanaryState, champion_schema: Any, columns: list[str], data: list[list[Any]],
+        rows: list[list[Any]],
+    ) -> tuple[dict[str, Any], list[list[Any]]] | None:  # fmt: skip
+        """The canary's answer and the rows it read, or None (counted as its error) if it refused
+        the payload the champion accepted or failed to predict: the champion answers instead."""
+        from cd4ml.serving.payload import check
+
+        slot = canary.slot
+        began = time.perf_counter()
+        try:
+            if slot.schema != champion_schema:
+                rows = check(slot.schema, columns, data, self.max_rows)
+            out = await self.predict(slot, rows)
+        except Exception as err:  # noqa: BLE001 - a canary's failure never reaches the client
+            log.warning("%s v%s (canary) failed, the champion answers: %s: %s",
+                        slot.name, slot.version, type(err).__name__, err)  # fmt: skip
+            self.count(canary, CANARY, 0.0, error=True)
+            return None
+        self.count(canary, CANARY, time.perf_counter() - began)
+        return out, rows
+
+    def count(self, canary: CanaryState, arm: str, seconds: float, *, error: bool = False) -> None:
+        version = canary.slot.version if arm == CANARY else canary.champion_version
+        canary.count(arm, seconds, error=error)
+        self.metrics.requests.labels(canary.slot.name, version, arm, "error" if error else "ok").inc()

@@ -239,6 +239,46 @@ def _wait_routed_away(endpoint: ServiceEndpoint, model: str, version: str) -> No
         time.sleep(1.0)
 
 
+def _judged(
+    spec: ModelSpec, settings: Settings, endpoint: ServiceEndpoint, version: str
+) -> tuple[Verdict, dict[str, Any], dict[str, LiveMetric]]:
+    """Read the canary's counts every `canary_poll_seconds` until `judge` decides."""
+    policy = spec.deployment.canary
+    snapshot = _wait_for_canary(endpoint, spec.name, version)
+    while True:
+        verdict = judge(policy, snapshot)
+        if verdict is not None and verdict.promote:
+            # Only a canary about to be promoted needs the labels (read, and models loaded, once).
+            metrics = live_metrics(spec, settings, snapshot)
+            promote = judge(policy, snapshot, metric_name=spec.metric.name,
+                            higher_is_better=spec.metric.higher_is_better, metrics=metrics)  # fmt: skip
+            assert promote is not None  # enough requests: it decides either way
+            return promote, snapshot, metrics
+        if verdict is not None:
+            return verdict, snapshot, {}
+        time.sleep(settings.canary_poll_seconds)
+        snapshot = canary_status(endpoint, spec.name).get("canary") or {}
+        if str(snapshot.get("version")) != version:
+            raise DeployError(f"{spec.name}: the service stopped routing to canary version {version} (now: "
+                              f"{snapshot.get('version') or 'no canary'}); was the alias moved?")  # fmt: skip
+
+
+def _failed(spec: ModelSpec, settings: Settings, version: str, who: str, failure: Exception) -> DeployError:
+    """End a canary that could not be judged (best effort: MLflow may be what failed); say why."""
+    error = str(failure) if isinstance(failure, DeployError) else f"{type(failure).__name__}: {failure}"
+    with contextlib.suppress(Exception):
+        client = registry.client(settings.mlflow_tracking_uri)
+        _end_canary(client, spec.name, version)
+        registry.set_tags(client, spec.name, version, {"cd4ml.canary": f"failed: {error}"[:500]})
+    with contextlib.suppress(Exception):
+        _record(settings, spec.name, version, kind="canary", who=who, when=_now(), why=error,
+                details={"phase": "failed", "error": error})  # fmt: skip
+    return DeployError(
+        f"{spec.name}: canary of version {version} failed and was ended, the champion keeps all "
+        f"traffic: {error}"
+    )
+
+
 def watch_canary(
     spec: ModelSpec,
     settings: Settings,
@@ -254,159 +294,56 @@ def watch_canary(
     """Watch the canary `promoted["version"]` until judged, then promote or roll it back.
 
     Returns the deployment result with `canary`: outcome (promoted / rolled back), why, both sides'
-    figures. A canary the service never routes to is rolled back and fails the run (a deterministic
-    error), as is an MLflow or service failure on the last attempt; before it, a transient one is
+    figures. A canary the service never routes to is ended and fails the run (a deterministic
+    error), as does an MLflow or service failure on the last attempt; before it, a transient one is
     raised for the retry, which resumes watching (the counts live in the service)."""
-    version = str(promoted["version"])
-    mlflow_client = registry.client(settings.mlflow_tracking_uri)
-    policy = spec.deployment.canary
-    record = {"kind": "canary", "who": who}
-    try:
-        snapshot = _wait_for_canary(endpoint, spec.name, version)
-        champion = str(snapshot["champion_version"])
-        metrics: dict[str, LiveMetric] = {}
-        while True:
-            verdict = judge(policy, snapshot)
-            if verdict is not None and verdict.promote:
-                # Only a canary about to be promoted needs the labels (read, and models loaded, once).
-                metrics = live_metrics(spec, settings, snapshot)
-                verdict = judge(policy, snapshot, metric_name=spec.metric.name,
-                                higher_is_better=spec.metric.higher_is_better, metrics=metrics)  # fmt: skip
-            if verdict is not None:
-                break
-            time.sleep(settings.canary_poll_seconds)
-            snapshot = canary_status(endpoint, spec.name).get("canary") or {}
-            if str(snapshot.get("version")) != version:
-                raise DeployError(
-                    f"{spec.name}: the service stopped routing to canary version {version} "
-                    f"(now: {snapshot.get('version') or 'no canary'}); was the alias moved?"
-                )
-    except Exception as failure:
-        from cd4ml.core.errors import is_transient
+    from cd4ml.core.errors import is_transient
 
+    version = str(promoted["version"])
+    try:
+        verdict, snapshot, metrics = _judged(spec, settings, endpoint, version)
+    except Exception as failure:
         if is_transient(failure) and not last_attempt:
             raise
-        error = str(failure) if isinstance(failure, DeployError) else f"{type(failure).__name__}: {failure}"
-        with contextlib.suppress(Exception):
-            _end_canary(mlflow_client, spec.name, version)
-            registry.set_tags(mlflow_client, spec.name, version, {"cd4ml.canary": f"failed: {error}"[:500]})
-        with contextlib.suppress(Exception):
-            _record(
-                settings,
-                spec.name,
-                version,
-                **record,
-                when=_now(),
-                why=error,
-                details={"phase": "failed", "error": error},
-            )
-        raise DeployError(
-            f"{spec.name}: canary of version {version} failed and was ended, the champion keeps "
-            f"all traffic: {error}"
-        ) from (None if isinstance(failure, DeployError) else failure)
-    figures = {
-        arm: {**snapshot["arms"][arm], **({"live_metric": asdict(metrics[arm])} if arm in metrics else {})}
-        for arm in ("champion", "canary")
-    }
+        raise _failed(spec, settings, version, who, failure) from (
+            None if isinstance(failure, DeployError) else failure
+        )
+    champion = str(snapshot["champion_version"])
+    arms = ("champion", "canary")
+    figures = {a: {**snapshot["arms"][a], **({"live_metric": asdict(metrics[a])} if a in metrics else {})}
+               for a in arms}  # fmt: skip
     result: dict[str, Any] = {
-        "version": version,
-        "champion": champion,
-        "why": verdict.why,
+        "version": version, "champion": champion, "why": verdict.why,
         "minutes": round(float(snapshot.get("seconds") or 0) / 60, 2),
-        "arms": {
-            arm: _arm_line(snapshot["arms"][arm], metrics.get(arm), spec.metric.name)
-            for arm in ("champion", "canary")
-        },
-    }
+        "arms": {a: _arm_line(snapshot["arms"][a], metrics.get(a), spec.metric.name) for a in arms},
+    }  # fmt: skip
+    client = registry.client(settings.mlflow_tracking_uri)
     decided_at = _now()
+    event = {"kind": "canary", "who": who, "when": decided_at, "why": verdict.why}
     if not verdict.promote:
-        _end_canary(mlflow_client, spec.name, version)
-        registry.set_tags(
-            mlflow_client,
-            spec.name,
-            version,
-            {"cd4ml.canary": f"rolled back: {verdict.why}"[:500], "cd4ml.promotion": "canary rolled back"},
-        )
-        _record(
-            settings,
-            spec.name,
-            version,
-            **record,
-            when=decided_at,
-            why=verdict.why,
-            details={"phase": "rolled back", "champion": champion, "figures": figures},
-        )
+        _end_canary(client, spec.name, version)
+        registry.set_tags(client, spec.name, version, {"cd4ml.canary": f"rolled back: {verdict.why}"[:500],
+                                                       "cd4ml.promotion": "canary rolled back"})  # fmt: skip
+        _record(settings, spec.name, version, **event,
+                details={"phase": "rolled back", "champion": champion, "figures": figures})  # fmt: skip
         _wait_routed_away(endpoint, spec.name, version)
         log.warning("%s: canary v%s rolled back: %s", spec.name, version, verdict.why)
-        return {
-            "deployed": False,
-            "version": version,
-            "why": verdict.why,
-            "canary": {**result, "outcome": "rolled back"},
-        }
-    approval = {
-        k: v
-        for k, v in (mlflow_client.get_model_version(spec.name, version).tags or {}).items()
-        if k in ("cd4ml.approved_by", "cd4ml.approved_at")
-    }
+        return {"deployed": False, "version": version, "why": verdict.why,
+                "canary": {**result, "outcome": "rolled back"}}  # fmt: skip
     previous = registry.promote_with_tags(
-        mlflow_client,
-        spec.name,
-        version,
-        expected_current=champion,
-        tags={
-            "cd4ml.promoted_at": decided_at,
-            "cd4ml.previous_champion": champion,
-            "cd4ml.canary": f"promoted: {verdict.why}"[:500],
-            **approval,
-        },
-        sign_with=endpoint.admin_token,
+        client, spec.name, version, expected_current=champion, sign_with=endpoint.admin_token,
         when=decided_at,
-    )
-    _record(
-        settings,
-        spec.name,
-        version,
-        **record,
-        when=decided_at,
-        why=verdict.why,
-        details={"phase": "promoted", "champion": champion, "figures": figures},
-    )
-    registry.append_event(
-        mlflow_client,
-        spec.name,
-        kind="promotion",
-        version=version,
-        who=who,
-        why=f"canary: {verdict.why}",
-        when=decided_at,
-        details={"previous": previous, "canary": figures},
-    )
+        tags={"cd4ml.promoted_at": decided_at, "cd4ml.previous_champion": champion,
+              "cd4ml.canary": f"promoted: {verdict.why}"[:500]},
+    )  # fmt: skip
+    _record(settings, spec.name, version, **event,
+            details={"phase": "promoted", "champion": champion, "figures": figures})  # fmt: skip
+    registry.append_event(client, spec.name, kind="promotion", version=version, who=who,
+                          when=decided_at, why=f"canary: {verdict.why}",
+                          details={"previous": previous, "canary": figures})  # fmt: skip
     log.info("%s: canary v%s promoted: %s", spec.name, version, verdict.why)
     deployed = deploy_champion(
-        spec,
-        settings,
-        promoted={"promoted": True, "version": version, "previous": previous},
-        holdout_path=holdout_path,
-        who=who,
-        when=decided_at,
-        endpoint=endpoint,
-        last_attempt=True,
-        staged=staged,
-    )
+        spec, settings, promoted={"promoted": True, "version": version, "previous": previous},
+        holdout_path=holdout_path, who=who, when=decided_at, endpoint=endpoint, staged=staged,
+    )  # fmt: skip
     return {**deployed, "canary": {**result, "outcome": "promoted"}}
-
-
-def describe(snapshot: dict[str, Any] | None) -> str:
-    """One line for the Models view: `v7 takes 10% since 12 min: canary 120 req ... vs champion ...`."""
-    if not snapshot:
-        return ""
-    arms = snapshot.get("arms") or {}
-    minutes = float(snapshot.get("seconds") or 0) / 60
-    if not math.isfinite(minutes):
-        minutes = 0.0
-    return (
-        f"v{snapshot.get('version')} takes {float(snapshot.get('fraction') or 0):.0%} of live traffic "
-        f"for {minutes:.1f} min; canary {_arm_line(arms.get('canary') or {}, None, '')}; "
-        f"champion {_arm_line(arms.get('champion') or {}, None, '')}"
-    )
