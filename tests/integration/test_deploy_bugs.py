@@ -21,7 +21,7 @@ import pytest
 from cd4ml import registry
 from cd4ml.core.settings import get_settings
 from cd4ml.core.spec import ModelSpec, load_spec
-from cd4ml.steps.deploy import DeployError, deploy_champion, rollback
+from cd4ml.steps.deploy import DeployError, ServiceEndpoint, deploy_champion, rollback
 from cd4ml.steps.pipeline import run_training
 from cd4ml_dev.datagen import generate_churn
 from tests.helpers import LOGREG, WEAK, write_spec
@@ -107,18 +107,32 @@ def test_a_failed_first_deploy_serves_nothing_then_a_failed_rollback_removes_the
     exported = httpx.get(f"{url}/metrics", timeout=10).text  # nor does the serving-version gauge say so
     assert f'cd4ml_serving_version{{model="{model}"}}' not in exported
 
-    # Bug 3: a rollback that fails while there is no champion puts back exactly that: no alias.
+    # A rollback whose target fails the smoke test fails in the staging slot: nothing moves.
     before = dict(env["mlflow"].get_model_version(model, "1").tags)
     with pytest.raises(DeployError) as caught:
         rollback(spec, get_settings(), target="1", reason="try v1 again", who="test", when=WHEN)
     message = str(caught.value)
-    assert "HTTP 413" in message and "left unchanged" not in message
+    assert "HTTP 413" in message and "nothing moved: version 1 failed in staging" in message
+    assert champion(env, model) is None and served(env, model) is None
+    (staged,) = events(env, model, "rollback", "1")
+    assert staged.details["outcome"] == "rollback failed" and staged.details["from"] is None
+
+    # Bug 3: a rollback that fails *after* the alias moved while there was no champion puts back
+    # exactly that: no alias. (Without the admin token nothing is staged and the record is not
+    # signed, so the service never serves the target and the wait after the switch fails.)
+    unsigned = ServiceEndpoint(url, None, wait_seconds=4)
+    with pytest.raises(DeployError) as caught:
+        rollback(
+            spec, get_settings(), target="1", reason="try v1 again", who="test", when=WHEN, endpoint=unsigned
+        )
+    message = str(caught.value)
+    assert "left unchanged" not in message
     assert "there was no champion before; the champion alias was removed again" in message
     assert champion(env, model) is None
     after = env["mlflow"].get_model_version(model, "1").tags
     for key in ("cd4ml.rolled_back_at", "cd4ml.previous_champion"):
         assert after.get(key) == before.get(key), key
-    (failed,) = events(env, model, "rollback", "1")
+    failed = events(env, model, "rollback", "1")[-1]
     assert failed.details["outcome"] == "rollback failed" and failed.details["from"] is None
     assert failed.details["restored"].startswith("there was no champion before")
     assert wait_for(lambda: served(env, model) is None)

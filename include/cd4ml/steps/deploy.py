@@ -532,7 +532,8 @@ def rollback(
     endpoint: ServiceEndpoint | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Move `champion` to `target` (default: the previous champion), then the same smoke test.
+    """Move `champion` to `target` (default: the previous champion), smoke-tested in the service's
+    staging slot before the move (with an admin token) and on live traffic after it.
 
     A version the gate rejected, or whose data never passed validation, is refused unless `force`
     is given with a non-empty `reason`. On any failure after the alias moved, the state before is
@@ -566,24 +567,25 @@ def rollback(
     if target == current_version:
         raise DeployError(f"{spec.name}: version {target} is already the champion")
     forced = {"forced": True, "overrode": objections} if objections else {}
+    record = {"kind": "rollback", "who": who, "when": when, "why": reason}
+    golden: str | pd.DataFrame | None = holdout_path
+    if golden is None:
+        try:
+            golden = registry.reference_frame(client, spec.name, mv, "holdout")
+        except registry.EvidenceMissingError as err:
+            raise DeployError(
+                f"{spec.name}: version {target} has no holdout to smoke-test with: {err}"
+            ) from None
+    expected = _staged_for_rollback(spec, settings, endpoint, target, golden, current_version, record, forced)
     before = {key: (mv.tags or {}).get(key) for key in ROLLBACK_TAGS}
     # Small scalars the service (champion since) and the next rollback (its default target) read;
     # written before the alias moves, so the service sees them when it loads the target.
     registry.promote_with_tags(client, spec.name, target, expected_current=current_version, tags={
         "cd4ml.rolled_back_at": when, "cd4ml.previous_champion": current_version or "none",
     }, sign_with=endpoint.admin_token, when=when)  # fmt: skip
-    record = {"kind": "rollback", "who": who, "when": when, "why": reason}
     try:
         wait_until_serving(endpoint, spec.name, target)
-        golden: str | pd.DataFrame | None = holdout_path
-        if golden is None:
-            try:
-                golden = registry.reference_frame(client, spec.name, mv, "holdout")
-            except registry.EvidenceMissingError as err:
-                raise DeployError(
-                    f"{spec.name}: version {target} has no holdout to smoke-test with: {err}"
-                ) from None
-        checked = smoke_test(spec, settings, endpoint, target, golden)
+        checked = smoke_test(spec, settings, endpoint, target, golden, expected=expected)
         checked.pop("expected")
     except Exception as failure:  # whatever broke, put back exactly what was there
         error = str(failure) if isinstance(failure, DeployError) else f"{type(failure).__name__}: {failure}"
@@ -598,6 +600,39 @@ def rollback(
     _record(settings, spec.name, target, **record,
             details={"outcome": "rolled back", "from": current_version, **forced, **checked})  # fmt: skip
     return {"rolled_back": True, "from": current_version, "to": target, **forced, **checked}
+
+
+def _staged_for_rollback(
+    spec: ModelSpec,
+    settings: Settings,
+    endpoint: ServiceEndpoint,
+    target: str,
+    golden: str | pd.DataFrame,
+    current: str | None,
+    record: dict[str, Any],
+    forced: dict[str, Any],
+) -> list[Any] | None:
+    """Before a rollback moves `champion`: the target in the service's staging slot, smoke-tested
+    there (no live request reaches it); returns its offline predictions for the check after the
+    switch. A failure moves nothing: recorded as "rollback failed" and raised. Without an admin
+    token nothing can be staged (None): the check runs after the switch only."""
+    if not endpoint.admin_token:
+        return None
+    try:
+        stage_version(endpoint, spec.name, target)
+        return list(smoke_test(spec, settings, endpoint, target, golden, staged=True)["expected"])
+    except Exception as failure:  # noqa: BLE001 - every failure is recorded and raised as a DeployError
+        unstage_version(endpoint, spec.name)
+        error = str(failure) if isinstance(failure, DeployError) else f"{type(failure).__name__}: {failure}"
+        left = f"champion left at version {current}" if current else "no champion, as before"
+        note = f"nothing moved: version {target} failed in staging, before any live traffic; {left}"
+        with contextlib.suppress(Exception):  # MLflow down: the raised error still says it all
+            _record(settings, spec.name, target, **record,
+                    details={"outcome": "rollback failed", "error": error, "from": current, "restored": note,
+                             **forced})  # fmt: skip
+        raise DeployError(f"rollback of {spec.name} to v{target} failed: {error}; {note}") from (
+            None if isinstance(failure, DeployError) else failure
+        )
 
 
 def _restore(
