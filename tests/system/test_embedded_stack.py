@@ -7,7 +7,10 @@
    form, watch the run succeed, follow the "MLflow run" extra link, open the Models view.
 4. A drifted stream of requests -> the (every-minute) monitor emits drift -> a retrain runs by itself and
    records its decision; the service keeps serving the champion.
-5. Soak only (`make soak`, CD4ML_SOAK=1; ~1 min more on 2 cores): labelled data from the drifted world
+5. A second model, `gated` (the demo spec with `promotion.approval: required`): two challengers win, a
+   person approves the first and rejects the second in the browser (Browse > Required Actions); the
+   champion moves and is served only after the approval, and the history records who and when.
+6. Soak only (`make soak`, CD4ML_SOAK=1; ~1 min more on 2 cores): labelled data from the drifted world
    lands -> a new challenger is judged and the service serves whatever is champion. `make test` proves
    the same judgement with dag.test() (tests/integration/test_train_dag.py: promote, reject, equal).
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -26,6 +30,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +47,7 @@ SOAK = os.environ.get("CD4ML_SOAK") == "1"
 CLI = str(Path(sys.executable).parent / "cd4ml-dev")
 CHROMIUM = "/usr/bin/chromium"
 FEATURES = ["tenure_months", "monthly_charges", "support_calls", "age", "contract", "plan", "region"]
+GATED = "gated"  # a second model on the stack, whose promotions a person approves
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +58,9 @@ def stack() -> Iterator[dict[str, str]]:
     spec = yaml.safe_load((PROJECT_ROOT / "include" / "specs" / "churn.yaml").read_text())
     spec["drift"]["schedule"] = "* * * * *"  # the demo's hourly monitor, every minute for the test
     (specs / "churn.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    gated = yaml.safe_load((PROJECT_ROOT / "include" / "specs" / "churn.yaml").read_text())
+    gated["promotion"].update(approval="required", floor=None)  # its first model learns from noise
+    (specs / f"{GATED}.yaml").write_text(yaml.safe_dump(gated, sort_keys=False))
     env = {
         **os.environ,
         "CD4ML_HOME": str(home),
@@ -107,8 +116,8 @@ def airflow_token(stack: dict[str, str]) -> str:
     return str(http_json(f"{airflow(stack)}/auth/token", body=body)["access_token"])
 
 
-def train_runs(stack: dict[str, str], token: str) -> list[dict[str, Any]]:
-    url = f"{airflow(stack)}/api/v2/dags/churn__train/dagRuns?order_by=-run_after&limit=50"
+def train_runs(stack: dict[str, str], token: str, model: str = "churn") -> list[dict[str, Any]]:
+    url = f"{airflow(stack)}/api/v2/dags/{model}__train/dagRuns?order_by=-run_after&limit=50"
     return list(http_json(url, token=token)["dag_runs"])
 
 
@@ -139,8 +148,8 @@ def wait_until_idle(
     wait_for("churn__train idle", idle, timeout)
 
 
-def champion(stack: dict[str, str]) -> str | None:
-    query = urllib.parse.urlencode({"name": "churn", "alias": "champion"})
+def champion(stack: dict[str, str], model: str = "churn") -> str | None:
+    query = urllib.parse.urlencode({"name": model, "alias": "champion"})
     try:
         body = http_json(f"{mlflow_url(stack)}/api/2.0/mlflow/registered-models/alias?{query}")
     except urllib.error.HTTPError:
@@ -148,13 +157,14 @@ def champion(stack: dict[str, str]) -> str | None:
     return str(body["model_version"]["version"])
 
 
-def served(stack: dict[str, str]) -> str | None:
-    resp = httpx.get(f"{service(stack)}/v1/models/churn", timeout=10)
+def served(stack: dict[str, str], model: str = "churn") -> str | None:
+    resp = httpx.get(f"{service(stack)}/v1/models/{model}", timeout=10)
     return str(resp.json()["version"]) if resp.status_code == 200 else None
 
 
-def models_api(stack: dict[str, str], token: str) -> dict[str, Any]:
-    return dict(http_json(f"{airflow(stack)}/cd4ml/api/models", token=token)["models"][0])
+def models_api(stack: dict[str, str], token: str, model: str = "churn") -> dict[str, Any]:
+    models = http_json(f"{airflow(stack)}/cd4ml/api/models", token=token)["models"]
+    return dict(next(m for m in models if m["name"] == model))
 
 
 # -- 1. start-up and login --------------------------------------------------------------------------
@@ -303,7 +313,7 @@ def test_browser_trigger_with_form_follow_extra_link_and_see_models_view(
     # The Models view, from the nav bar, inside the Airflow UI.
     page.goto(f"{base}/")
     page.get_by_role("link", name="Models").click()
-    frame = page.frame_locator("iframe").first
+    frame = page.frame_locator("iframe").first.locator("#model-churn")  # the stack serves two models
     champion_now = champion(stack)
     expect(frame.locator(".champion")).to_contain_text(f"version {champion_now}")
     new_version = models_api(stack, token)["versions"][0]
@@ -359,7 +369,117 @@ def test_drifted_traffic_makes_the_monitor_retrain_by_itself(stack: dict[str, st
     assert f'cd4ml_champion_version{{model="churn"}} {champion_before}' in metrics
 
 
-# -- 5. labels from the drifted world (soak) --------------------------------------------------------
+# -- 5. a person approves one promotion and rejects another -------------------------------------------
+
+
+def awaiting_approval(stack: dict[str, str], token: str, version: str) -> dict[str, Any] | None:
+    """The open approval request of `gated` version `version` (Airflow's HITL API), if one waits."""
+    url = f"{airflow(stack)}/api/v2/dags/{GATED}__train/dagRuns/~/hitlDetails?response_received=false"
+    found = [
+        h for h in http_json(url, token=token)["hitl_details"]
+        if h["subject"].startswith(f"{GATED}: promote v{version} to champion?")
+    ]  # fmt: skip
+    return found[0] if found else None
+
+
+def answer_in_the_ui(page: Any, base: str, version: str, choice: str, shot: Path | None = None) -> None:
+    """Browse > Required Actions, open the request, read it, press `choice`; the UI confirms who."""
+    from playwright.sync_api import expect
+
+    page.goto(f"{base}/")
+    page.get_by_role("button", name="Browse").click()
+    page.get_by_role("menuitem", name="Required Actions").click()
+    page.get_by_role("link", name=re.compile(rf"^{GATED}: promote v{version} to champion\?")).click()
+    expect(page.get_by_text(f"{GATED} v{version}", exact=True)).to_be_visible()  # the form's evidence
+    button = page.get_by_role("button", name=choice, exact=True)
+    expect(button).to_be_enabled()
+    if shot is not None:
+        page.screenshot(path=str(shot))
+    button.click()
+    expect(page.get_by_text(re.compile(r"^Response received at .* from admin$"))).to_be_visible()
+
+
+def finished(stack: dict[str, str], token: str, run_id: str) -> dict[str, str] | None:
+    """The task states of a finished `gated__train` run (and `__run__`: its own), None while it runs."""
+    base = f"{airflow(stack)}/api/v2/dags/{GATED}__train/dagRuns/{urllib.parse.quote(run_id, safe='')}"
+    state = str(http_json(base, token=token)["state"])
+    if state not in {"success", "failed"}:
+        return None
+    tasks = http_json(f"{base}/taskInstances", token=token)["task_instances"]
+    return {**{t["task_id"]: str(t["state"]) for t in tasks}, "__run__": state}
+
+
+def test_a_person_approves_one_promotion_and_rejects_another_in_the_airflow_ui(
+    stack: dict[str, str], browser: Any, shots: Path
+) -> None:
+    import numpy as np
+    from playwright.sync_api import expect
+
+    from cd4ml import registry
+
+    expect.set_options(timeout=60_000)
+    base, token = airflow(stack), airflow_token(stack)
+    started = datetime.now(UTC)
+    landing = Path(stack["CD4ML_HOME"]) / "data" / GATED / "landing"
+    # Deterministic winners: the first batch's labels are shuffled (v1 learns noise), the second is
+    # clean, so v2 beats v1 on the (clean, newest) holdout by far more than its bootstrap interval.
+    noisy = generate_churn(600, seed=31)
+    noisy["churned"] = np.random.default_rng(31).permutation(noisy["churned"].to_numpy())
+    write_batch(noisy, landing, "noisy_week.csv")
+    first = wait_for("v1 waiting for approval", lambda: awaiting_approval(stack, token, "1"), 300)
+    assert "no champion yet" in first["body"] and first["defaults"] == ["Reject"]
+    assert champion(stack, GATED) is None and served(stack, GATED) is None  # nothing moves while it waits
+
+    context = browser.new_context(viewport={"width": 1400, "height": 1350})  # the whole form in a shot
+    context.set_default_timeout(60_000)
+    page = context.new_page()
+    page.goto(f"{base}/")
+    page.get_by_label("Username").fill("admin")
+    page.get_by_label("Password").fill(admin_password(stack))
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(f"{base}/")
+
+    answer_in_the_ui(page, base, "1", "Approve")
+    wait_for("gated v1 served after the approval", lambda: served(stack, GATED) == "1", 240, every=2)
+    assert champion(stack, GATED) == "1"
+    run1 = first["task_instance"]["dag_run_id"]
+    states = wait_for("the approved run", lambda: finished(stack, token, run1), 120)
+    assert states["__run__"] == "success" and states["deploy_champion"] == "success", states
+
+    write_batch(generate_churn(1500, seed=32, batch=1), landing, "clean_week.csv")
+    second = wait_for("v2 waiting for approval", lambda: awaiting_approval(stack, token, "2"), 300)
+    body = second["body"]
+    assert "beat champion v1" in body and "Improvement +" in body and "95% lower bound +" in body
+    assert "| | champion v1 | challenger v2 |" in body and "| train rows | 480 | **1680** |" in body
+    answer_in_the_ui(page, base, "2", "Reject", shot=shots / "approval.png")
+    run2 = second["task_instance"]["dag_run_id"]
+    states = wait_for("the rejected run", lambda: finished(stack, token, run2), 120)
+    assert states["__run__"] == "success", states  # a rejection is an answer, not a failure
+    assert states["approve_promotion"] == "success"
+    assert states["promote_champion"] == states["deploy_champion"] == "skipped", states
+    assert champion(stack, GATED) == "1" and served(stack, GATED) == "1"
+    context.close()
+
+    # The audit trail: both answers with who and when; the promotion carries its approval.
+    client = registry.client(mlflow_url(stack))
+    history = registry.events(client, GATED)
+    approvals = [e for e in history if e.kind == "approval"]
+    assert [(e.version, e.who, e.outcome) for e in approvals] == [
+        ("1", "admin", "approved"),
+        ("2", "admin", "rejected"),
+    ]
+    for e in approvals:
+        assert started <= datetime.fromisoformat(e.when) <= datetime.now(UTC), e.when
+    (promotion,) = [e for e in history if e.kind == "promotion"]
+    assert promotion.version == "1" and promotion.details["approval"] == approvals[0].details["approval"]
+    assert client.get_model_version(GATED, "1").tags["cd4ml.approved_by"] == "admin"
+    assert (
+        client.get_model_version(GATED, "2").tags["cd4ml.approval"]
+        == f"rejected by admin at {approvals[1].when}"
+    )
+
+
+# -- 6. labels from the drifted world (soak) --------------------------------------------------------
 
 
 @pytest.mark.skipif(not SOAK, reason="soak phase (make soak): the judgement itself runs in test_train_dag.py")
