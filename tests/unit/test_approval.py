@@ -79,16 +79,25 @@ def test_the_form_shows_scores_interval_drift_and_the_diff_against_the_champion(
     assert "needed: lower bound > 0.0" in body and "Floor: 0.7" in body
     assert "drifted share 0.43 (threshold 0.3); drifted columns: tenure_months, contract" in body
     assert "600 rows from prediction log" in body and "Live performance: live roc_auc 0.71" in body
-    assert "spec_hash: aaa -> bbb" in body and "data_fingerprint: f1 -> f2" in body
-    assert "Lineage unchanged: code_version" in body
-    assert "Train rows: 1600 -> 2400" in body and "Holdout rows: 400 -> 600" in body
-    assert "New accepted files in this run: week4.csv" in body
-    assert "Estimator: sklearn.dummy.DummyClassifier -> sklearn.linear_model.LogisticRegression" in body
-    assert "Estimator params changed: max_iter: - -> 500; strategy: prior -> -" in body
+    assert "**gated v4** beat champion v3; it is staged and smoke-tested" in body
+    # The diff as a table, champion then challenger, what changed in bold; hashes cut to 12 characters.
+    assert "| | champion v3 | challenger v4 |\n|---|---|---|\n" in body
+    assert "| spec_hash | aaa | **bbb** |" in body and "| data_fingerprint | f1 | **f2** |" in body
+    assert "| code_version | c1 | c1 |" in body and "| lock_hash | - | - |" in body
+    assert "| train rows | 1600 | **2400** |" in body and "| holdout rows | 400 | **600** |" in body
+    assert (
+        "| estimator | sklearn.dummy.DummyClassifier | **sklearn.linear_model.LogisticRegression** |" in body
+    )
+    assert "| estimator max_iter | - | **500** |" in body and "| estimator strategy | prior | **-** |" in body
+    assert "- New accepted files in this run: week4.csv" in body
     assert "```diff\n--- v3 spec\n+++ v4 spec\n" in body and "+  class: sklearn.linear_model" in body
     assert "no answer within 6 h (promotion.approval_timeout_hours), promotes nothing" in body
     # The mail carries the same evidence as text lines, and the link to the form.
-    assert "Improvement +0.2100" in "\n".join(request.lines)
+    text = "\n".join(request.lines)
+    assert "Improvement +0.2100" in text
+    assert "Changed: data_fingerprint: f1 -> f2; spec_hash: aaa -> bbb; train rows: 1600 -> 2400;" in text
+    assert "estimator max_iter: - -> 500; estimator strategy: prior -> -" in text
+    assert "Unchanged: code_version, lock_hash, trained_through" in text
     assert not any(line.startswith("#") or "**" in line for line in request.lines)  # text, not Markdown
     mail = notify.approval_needed("gated", "4", request.lines, "http://af/form", "http://af/run")
     assert mail.subject == "[cd4ml] gated: version 4 waits for your approval"
@@ -109,14 +118,20 @@ def test_a_first_model_and_no_drift_check_say_so_and_a_long_spec_diff_is_cut(tmp
 
     long_a = "\n".join(f"k{i}: {i}" for i in range(200))
     long_b = "\n".join(f"k{i}: {i + 1}" for i in range(200))
-    lines, spec_diff = ap.diff_lines(facts("2", long_b, 10), facts("1", long_a, 10))
-    assert len(spec_diff) == ap.SPEC_DIFF_LINES + 1 and spec_diff[-1].endswith("more lines")
-    lines, spec_diff = ap.diff_lines(facts("2", SPEC_V3, 10), facts("1", SPEC_V3, 10))
-    assert spec_diff == [] and "Spec: unchanged" in lines and "Estimator params changed: none" in lines
-    unreadable = ap.VersionFacts("1", {}, problem="run r1: artifact cd4ml/spec.yaml cannot be read")
-    lines, spec_diff = ap.diff_lines(facts("2", SPEC_V3, 10), unreadable)
-    assert "v1: evidence not readable (run r1: artifact cd4ml/spec.yaml cannot be read)" in lines
-    assert spec_diff == []
+    diff = ap.diff_against(facts("2", long_b, 10), facts("1", long_a, 10))
+    assert len(diff.spec_diff) == ap.SPEC_DIFF_LINES + 1 and diff.spec_diff[-1] == "... 343 more lines"
+    fingerprint = "0123456789abcdef" * 4
+    diff = ap.diff_against(facts("2", SPEC_V3, 10, data_fingerprint=fingerprint), facts("1", SPEC_V3, 10))
+    assert diff.spec_diff == [] and "Spec: unchanged" in diff.notes
+    assert ("data_fingerprint", "-", "0123456789ab") in diff.rows
+    assert ("estimator strategy", "prior", "prior") in diff.rows
+    assert "| a\\|b | 1 | **2** |" in ap.Diff([("a|b", "1", "2")], [], []).markdown("1", "2")
+    unreadable = ap.VersionFacts(
+        "1", {"cd4ml.rows_train": "77"}, problem="artifact cd4ml/spec.yaml unreadable"
+    )
+    diff = ap.diff_against(facts("2", SPEC_V3, 10), unreadable)
+    assert diff.notes[0] == "v1: evidence not readable (artifact cd4ml/spec.yaml unreadable)"
+    assert ("train rows", "77", "10") in diff.rows and diff.spec_diff == []
 
 
 # -- what an answer records --------------------------------------------------------------------------
@@ -199,11 +214,14 @@ def test_a_winning_challenger_is_asked_with_real_evidence_and_each_answer_is_rec
     assert request.subject.startswith("asked: promote v2 to champion? roc_auc ")
     assert f"challenger {evaluation.decision.challenger_score:.4f}, champion v1 " in request.body
     assert "drifted share 0.43" in request.body
+    body = request.body
     assert (
-        "Estimator: sklearn.dummy.DummyClassifier -> sklearn.linear_model.LogisticRegression" in request.body
+        "| estimator | sklearn.dummy.DummyClassifier | **sklearn.linear_model.LogisticRegression** |" in body
     )
-    assert "spec_hash: " in request.body and "Lineage unchanged: data_fingerprint" in request.body
-    assert "Train rows: 320 -> 320" in request.body and "New accepted files" not in request.body
+    data = client.get_model_version("asked", "1").tags["cd4ml.data_fingerprint"][:12]
+    assert f"| data_fingerprint | {data} | {data} |" in body  # the same data, another spec
+    assert "| spec_hash | " in body and "| train rows | 320 | 320 |" in body
+    assert "New accepted files" not in body  # forced: nothing new landed
     assert "+    max_iter: 500" in request.body and "+  approval: required" in request.body
     assert ap.form_url(settings, "asked__train", "manual__2026-03-01T00:00:00+00:00") == (
         f"{settings.airflow_public_url}/dags/asked__train/runs/manual__2026-03-01T00%3A00%3A00%2B00%3A00"

@@ -39,12 +39,14 @@ log = logging.getLogger(__name__)
 
 TASK_ID = "approve_promotion"
 TIMEOUT_WHO = "timeout"  # the `who` of an approval nobody gave: the time-out applied the default
-# Lineage tags shown side by side (the Models view's LINEAGE_TAGS, minus what differs every run).
+# Lineage tags shown side by side (of the Models view's LINEAGE_TAGS: those that say what it was built from).
 DIFF_TAGS = (
     "cd4ml.data_fingerprint", "cd4ml.spec_hash", "cd4ml.code_version", "cd4ml.lock_hash",
-    "cd4ml.trained_through", "cd4ml.rows_train",
+    "cd4ml.trained_through",
 )  # fmt: skip
 SPEC_DIFF_LINES = 60  # a longer spec diff is cut in the form (the whole texts are on the versions)
+HASH_TAGS = frozenset({"cd4ml.data_fingerprint", "cd4ml.spec_hash", "cd4ml.lock_hash"})  # shown cut
+HASH_CHARS = 12
 
 
 # -- what the approver sees (pure) -------------------------------------------------------------------
@@ -150,58 +152,88 @@ def _rows(facts: VersionFacts, part: str) -> Any:
     return facts.tags.get("cd4ml.rows_train") if part == "train" else None
 
 
-def diff_lines(challenger: VersionFacts, champion: VersionFacts | None) -> tuple[list[str], list[str]]:
-    """How the challenger differs from the champion: (plain lines, unified spec diff lines)."""
+def _short(tag: str, value: str | None) -> str:
+    if value is None or value == "":
+        return "-"
+    return value[:HASH_CHARS] if tag in HASH_TAGS and len(value) > HASH_CHARS else value
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+@dataclass(frozen=True)
+class Diff:
+    """The challenger against the champion: `rows` (what, champion's, challenger's) side by side,
+    `notes` in words, and the unified diff of the two spec texts (cut at SPEC_DIFF_LINES)."""
+
+    rows: list[tuple[str, str, str]]
+    notes: list[str]
+    spec_diff: list[str]
+
+    def lines(self) -> list[str]:
+        """As text (the mail): what changed, then what did not."""
+        changed = [f"{what}: {before} -> {after}" for what, before, after in self.rows if before != after]
+        same = [what for what, before, after in self.rows if before == after]
+        out = [*self.notes]
+        if self.rows:
+            out.append("Changed: " + ("; ".join(changed) if changed else "nothing"))
+        if same:
+            out.append(f"Unchanged: {', '.join(same)}")
+        return out
+
+    def markdown(self, champion: str, challenger: str) -> list[str]:
+        out = []
+        if self.rows:
+            out += [f"| | champion v{champion} | challenger v{challenger} |", "|---|---|---|"]
+            for what, before, after in self.rows:
+                shown = _cell(after) if after == before else f"**{_cell(after)}**"  # bold: it changed
+                out.append(f"| {_cell(what)} | {_cell(before)} | {shown} |")
+            out.append("")
+        return out + [f"- {note}" for note in self.notes]
+
+
+def diff_against(challenger: VersionFacts, champion: VersionFacts | None) -> Diff:
+    """How the challenger differs from the champion: lineage, data rows, estimator and its params, spec."""
     if champion is None:
-        return ["Champion: none yet; approving makes this version the first champion"], []
-    lines: list[str] = []
-    for facts in (challenger, champion):
-        if facts.problem:
-            lines.append(f"v{facts.version}: evidence not readable ({facts.problem})")
-    changed = [
-        f"{tag.removeprefix('cd4ml.')}: {champion.tags.get(tag, '-')} -> {challenger.tags.get(tag, '-')}"
+        return Diff([], ["Champion: none yet; approving makes this version the first champion"], [])
+    notes = [
+        f"v{f.version}: evidence not readable ({f.problem})" for f in (champion, challenger) if f.problem
+    ]
+    rows = [
+        (
+            tag.removeprefix("cd4ml."),
+            _short(tag, champion.tags.get(tag)),
+            _short(tag, challenger.tags.get(tag)),
+        )
         for tag in DIFF_TAGS
-        if champion.tags.get(tag) != challenger.tags.get(tag)
     ]
-    same = [
-        tag.removeprefix("cd4ml.") for tag in DIFF_TAGS if champion.tags.get(tag) == challenger.tags.get(tag)
-    ]
-    lines.append(f"Lineage changed (champion v{champion.version} -> challenger v{challenger.version}): "
-                 + ("; ".join(changed) if changed else "nothing"))  # fmt: skip
-    if same:
-        lines.append(f"Lineage unchanged: {', '.join(same)}")
     for part in ("train", "holdout"):
         before, after = _rows(champion, part), _rows(challenger, part)
         if before is not None or after is not None:
-            lines.append(f"{part.capitalize()} rows: {before if before is not None else '?'} -> "
-                         f"{after if after is not None else '?'}")  # fmt: skip
-    new_files = challenger.validation.get("accepted") or []
-    if new_files:
-        lines.append(f"New accepted files in this run: {', '.join(map(str, new_files))}")
+            rows.append((f"{part} rows", str(before if before is not None else "-"),
+                         str(after if after is not None else "-")))  # fmt: skip
     est_before, est_after = _estimator(champion.spec_text), _estimator(challenger.spec_text)
     if est_before and est_after:
-        if est_before[0] != est_after[0]:
-            lines.append(f"Estimator: {est_before[0]} -> {est_after[0]}")
-        else:
-            lines.append(f"Estimator: {est_after[0]} (unchanged)")
-        keys = sorted(set(est_before[1]) | set(est_after[1]))
-        params = [
-            f"{k}: {est_before[1].get(k, '-')} -> {est_after[1].get(k, '-')}"
-            for k in keys
-            if est_before[1].get(k) != est_after[1].get(k)
-        ]
-        lines.append("Estimator params changed: " + ("; ".join(params) if params else "none"))
+        rows.append(("estimator", est_before[0], est_after[0]))
+        for key in sorted(set(est_before[1]) | set(est_after[1])):
+            rows.append(
+                (f"estimator {key}", str(est_before[1].get(key, "-")), str(est_after[1].get(key, "-")))
+            )
+    new_files = challenger.validation.get("accepted") or []
+    if new_files:
+        notes.append(f"New accepted files in this run: {', '.join(map(str, new_files))}")
     if champion.spec_text is None or challenger.spec_text is None:
-        return lines, []
+        return Diff(rows, notes, [])
     spec_diff = list(difflib.unified_diff(
         champion.spec_text.splitlines(), challenger.spec_text.splitlines(),
         f"v{champion.version} spec", f"v{challenger.version} spec", lineterm="", n=1,
     ))  # fmt: skip
     if not spec_diff:
-        lines.append("Spec: unchanged")
+        notes.append("Spec: unchanged")
     elif len(spec_diff) > SPEC_DIFF_LINES:
         spec_diff = [*spec_diff[:SPEC_DIFF_LINES], f"... {len(spec_diff) - SPEC_DIFF_LINES} more lines"]
-    return lines, spec_diff
+    return Diff(rows, notes, spec_diff)
 
 
 def approval_request(
@@ -221,23 +253,25 @@ def approval_request(
     )
     scores = _score_lines(decision)
     drift = drift_lines(drift_check, spec.drift.threshold)
-    diff, spec_diff = diff_lines(challenger, champion)
+    diff = diff_against(challenger, champion)
+    champion_version = champion.version if champion else ""
     timeout = spec.promotion.approval_timeout_hours
     footer = (
         f"Approve moves `champion` to v{challenger.version} and deploys it. Reject, or no answer within "
         f"{timeout:g} h (promotion.approval_timeout_hours), promotes nothing: champion stays. The answer, "
         f"who gave it and when, is recorded in {spec.name}'s history (kind approval) and on the version."
     )
+    won = f"beat champion v{champion.version}" if champion else "is the first model to pass (no champion yet)"
     body = "\n".join([
-        f"**{spec.name} v{challenger.version}** beat the champion; it is staged and smoke-tested, and "
-        "waits for your approval.",
+        f"**{spec.name} v{challenger.version}** {won}; it is staged and smoke-tested in the prediction "
+        "service, and waits for your approval.",
         "", "#### Scores", "", *[f"- {line}" for line in scores],
         "", "#### Drift", "", *[f"- {line}" for line in drift],
-        "", "#### Challenger vs champion", "", *[f"- {line}" for line in diff],
-        *(["", "```diff", *spec_diff, "```"] if spec_diff else []),
+        "", "#### Challenger vs champion", "", *diff.markdown(champion_version, challenger.version),
+        *(["", "```diff", *diff.spec_diff, "```"] if diff.spec_diff else []),
         "", footer,
     ])  # fmt: skip
-    lines = [*scores, *drift, *diff, *(["Spec diff:", *spec_diff] if spec_diff else [])]
+    lines = [*scores, *drift, *diff.lines(), *(["Spec diff:", *diff.spec_diff] if diff.spec_diff else [])]
     return ApprovalRequest(subject=subject, body=body, lines=lines)
 
 
