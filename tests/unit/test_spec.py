@@ -268,6 +268,7 @@ def test_business_feedback_and_deployment_are_optional_and_change_no_existing_sp
     before = spec.model_dump(mode="json", by_alias=True)
     del before["business"], before["feedback"], before["deployment"]
     del before["promotion"]["approval"], before["promotion"]["approval_timeout_hours"]
+    del before["scoring"]  # batch scoring (issue 16): never hashed, set or not
     assert spec.spec_hash() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
     assert parse(spec_dict(feedback={"to_training": True})).spec_hash() != spec.spec_hash()
     plain = parse(spec_dict()).spec_hash()
@@ -276,6 +277,8 @@ def test_business_feedback_and_deployment_are_optional_and_change_no_existing_sp
     assert parse(spec_dict(deployment={"strategy": "canary"})).spec_hash() != plain
     assert parse(spec_dict(promotion__approval="required")).spec_hash() != plain
     assert parse(spec_dict(promotion__approval="none")).spec_hash() == plain
+    scoring = {"schedule": "@daily", "csv": True, "keep_columns": ["id"]}
+    assert parse(spec_dict(scoring=scoring)).spec_hash() == plain
     assert (
         parse(spec_dict(business={"matrix": {1: {1: 1, 0: 0}, 0: {1: 0, 0: 0}}})).spec_hash()
         != spec.spec_hash()

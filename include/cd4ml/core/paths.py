@@ -17,6 +17,11 @@
       feedback/quarantine/         rejected label files, each with `<name>.reason.json`
       feedback/labels/date=YYYY-MM-DD/ the label store (by day received), part-*.parquet
       feedback/to_training/        labels exported as training data: state.json + exported/<seq>.parquet
+      score/                       CSV/Parquet files or folders dropped to be scored by the champion
+      scored/runs/<run key>/       one batch-scoring run: run.json, state.json, and per input <sha16>__<name>/
+                                   (predictions.parquet [+ .csv], rejects.parquet [+ .csv], manifest.json)
+      scored/inputs/               inputs after scoring, `<sha16>__<name>` (nothing is deleted)
+      scored/quarantine/           inputs that could not be scored at all, with `.reason.txt`/`.reason.json`
 
 Pure paths, no I/O (except `ensure`): build one with `ModelPaths.for_model(settings, name)`, or
 `ModelPaths.in_data_dir(data_dir, name)` where only the data root is known (the prediction service).
@@ -38,6 +43,7 @@ RUN_OUTCOME = "outcome.json"
 PREDICTION_PART_GLOB = "date=*/part-*.parquet"
 PART_GLOB = "part-*.parquet"  # the parts inside one day partition (prediction log, label store)
 LABEL_PART_GLOB = PREDICTION_PART_GLOB
+SCORE_RUN_RECORD = "run.json"
 
 
 @dataclass(frozen=True)
@@ -176,6 +182,43 @@ class ModelPaths:
         """The label store's partition for one UTC day of receipt (`date=YYYY-MM-DD`)."""
         text = day if isinstance(day, str) else day.strftime("%Y-%m-%d")
         return self.labels / f"date={text}"
+
+    # -- batch scoring ---------------------------------------------------------------------------------
+
+    @property
+    def score(self) -> Path:
+        """Where users drop files (or folders of parts) for `<model>__score` (watched, like landing/)."""
+        return self.root / "score"
+
+    @property
+    def scored(self) -> Path:
+        return self.root / "scored"
+
+    @property
+    def scored_inputs(self) -> Path:
+        return self.scored / "inputs"
+
+    @property
+    def score_quarantine(self) -> Path:
+        return self.scored / "quarantine"
+
+    @property
+    def score_runs(self) -> Path:
+        return self.scored / "runs"
+
+    def score_run_dir(self, run_key: str) -> Path:
+        return self.score_runs / run_key
+
+    def score_run_record(self, run_key: str) -> Path:
+        return self.score_run_dir(run_key) / SCORE_RUN_RECORD
+
+    def score_run_state(self, run_key: str) -> Path:
+        """The version a scoring run pinned on its first try (its retries score with the same)."""
+        return self.score_run_dir(run_key) / "state.json"
+
+    def score_run_records(self) -> list[Path]:
+        """Every finished batch-scoring run's record (unordered)."""
+        return list(self.score_runs.glob(f"*/{SCORE_RUN_RECORD}")) if self.score_runs.is_dir() else []
 
     def ensure(self) -> ModelPaths:
         """Create the zone directories a training run writes to (the rest appear on first use)."""

@@ -590,6 +590,62 @@ class DeploymentPolicy(_Strict):
     canary: CanaryPolicy = Field(default_factory=CanaryPolicy)
 
 
+# Columns `<model>__score` writes itself; a kept input column may not take one of these names.
+SCORING_OUTPUT_COLUMNS = frozenset(
+    {"row", "input_file", "prediction", "model_version", "run_id", "input_sha256", "columns", "reason"}
+)
+SCORING_PROBABILITY_PREFIX = "probability_"
+
+
+class Scoring(_Strict):
+    """`<model>__score`: batch scoring with the champion (`cd4ml.steps.batch_score`).
+
+    Files (or folders of part files) dropped into the model's `score/` folder are scored within
+    seconds; with `schedule` also on that cron (UTC), whatever waits there. Rows are checked as the
+    prediction service checks a request; a row that fails goes to a rejects file with the reason and
+    the others are still scored. Not part of the spec hash: how predictions are written does not
+    change the model, so editing this section retrains nothing.
+    """
+
+    schedule: str | None = Field(
+        default=None,
+        description="Also score what waits in score/ on this cron (UTC); unset: only when files land.",
+    )
+    csv: bool = Field(
+        default=False, description="Write predictions.csv (and rejects.csv) beside the Parquet."
+    )
+    chunk_rows: int = Field(
+        default=100_000,
+        ge=1,
+        le=10_000_000,
+        description="Rows read, checked and scored at a time: memory stays bounded by this, not the file.",
+    )
+    keep_columns: list[str] = Field(
+        default_factory=list,
+        description="Input columns copied next to each prediction and reject (e.g. a customer id).",
+    )
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str | None) -> str | None:
+        return None if value is None else check_cron(value)
+
+    @field_validator("keep_columns")
+    @classmethod
+    def _kept(cls, value: list[str]) -> list[str]:
+        repeated = sorted({c for c in value if value.count(c) > 1})
+        if repeated:
+            raise ValueError(f"repeated: {', '.join(repeated)}")
+        clash = [c for c in value if c in SCORING_OUTPUT_COLUMNS or c.startswith(SCORING_PROBABILITY_PREFIX)]
+        if clash:
+            raise ValueError(
+                f"{', '.join(map(repr, clash))}: the scorer writes a column of that name itself "
+                f"({', '.join(sorted(SCORING_OUTPUT_COLUMNS))}, {SCORING_PROBABILITY_PREFIX}<class>); "
+                "rename the input column"
+            )
+        return value
+
+
 class ModelSpec(_Strict):
     name: str
     description: str = ""
@@ -608,6 +664,7 @@ class ModelSpec(_Strict):
     business: Business | None = None
     feedback: Feedback = Field(default_factory=Feedback)
     deployment: DeploymentPolicy = Field(default_factory=DeploymentPolicy)
+    scoring: Scoring = Field(default_factory=Scoring)
     seed: int = 42
     owner: str = "cd4ml"
 
@@ -703,10 +760,15 @@ class ModelSpec(_Strict):
         if self.promotion.approval == "none" and self.promotion.approval_timeout_hours == 24.0:
             for key in ("approval", "approval_timeout_hours"):
                 del out["promotion"][key]
+        if self.scoring == Scoring():
+            del out["scoring"]
         return out
 
     def spec_hash(self) -> str:
-        canonical = json.dumps(self.canonical(), sort_keys=True)
+        """What the model is trained from. `scoring` is left out even when set: how predictions are
+        written changes no model, so it must not make the training gate retrain."""
+        model = {k: v for k, v in self.canonical().items() if k != "scoring"}
+        canonical = json.dumps(model, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
