@@ -18,6 +18,7 @@ def build_dags(settings: Settings | None = None) -> dict[str, DAG]:
     from cd4ml.airflow.monitor_dag import build_monitor_dag
     from cd4ml.airflow.retract_dag import build_retract_dag
     from cd4ml.airflow.rollback_dag import build_rollback_dag
+    from cd4ml.airflow.score_dag import build_score_dag
     from cd4ml.airflow.train_dag import build_train_dag
 
     settings = settings or get_settings()
@@ -31,6 +32,7 @@ def build_dags(settings: Settings | None = None) -> dict[str, DAG]:
             build_monitor_dag(spec, settings),
             build_rollback_dag(spec, settings),
             build_retract_dag(spec, settings),
+            build_score_dag(spec, settings),
         )
         for built in built_dags:
             dags[built.dag_id] = built

@@ -36,7 +36,7 @@ from cd4ml.core.paths import ModelPaths
 from cd4ml.core.settings import Settings
 from cd4ml.core.spec import ModelSpec
 from cd4ml.data import landing
-from cd4ml.steps import monitor
+from cd4ml.steps import batch_score, monitor
 
 LINEAGE_TAGS = (
     "cd4ml.data_fingerprint", "cd4ml.spec_hash", "cd4ml.code_version", "cd4ml.lock_hash",
@@ -84,6 +84,9 @@ class Totals:
     drift_checks: dict[str, int]  # by "true"/"false": the check asked for retraining or not
     training_runs: dict[str, int]  # by "true"/"false": the run trained a model or not
     files_received: dict[str, int]  # accepted (including later retracted) or quarantined on arrival
+    batch_runs: dict[str, int] = field(default_factory=dict)  # `<model>__score` runs by outcome
+    batch_rows: dict[str, int] = field(default_factory=dict)  # rows batch-scored or rejected
+    batch_inputs: dict[str, int] = field(default_factory=dict)  # inputs scored or quarantined
 
 
 def totals_of(
@@ -92,9 +95,11 @@ def totals_of(
     runs: list[dict[str, Any]],
     files: dict[str, int],
     history: Iterable[registry.HistoryEvent] = (),
+    batch: Iterable[dict[str, Any]] = (),
 ) -> Totals:
     """Counts over every version and every event in the history: each settled deployment or
-    rollback counts once, so the counters only grow as the log does."""
+    rollback counts once, so the counters only grow as the log does. `batch`: every recorded
+    batch-scoring run (`batch_score.list_runs`)."""
     deployments: Counter[str] = Counter()
     promotions = 0
     for e in _events(versions, history):
@@ -104,6 +109,13 @@ def totals_of(
             deployments[e.what] += 1
     triggered = sum(bool((c.get("decision") or {}).get("trigger")) for c in drift)
     trained = sum(bool(r.get("trained")) for r in runs)
+    batch_runs: Counter[str] = Counter()
+    batch_rows: Counter[str] = Counter()
+    batch_inputs: Counter[str] = Counter()
+    for b in batch:
+        batch_runs[str(b.get("outcome") or "unknown")] += 1
+        batch_rows.update(scored=int(b.get("rows_scored") or 0), rejected=int(b.get("rows_rejected") or 0))
+        batch_inputs.update(scored=len(b.get("inputs") or []), quarantined=len(b.get("quarantined") or []))
     return Totals(
         decisions=dict(Counter(v.decision or "none" for v in versions)),
         promotions=promotions,
@@ -114,6 +126,9 @@ def totals_of(
             "accepted": files.get("accepted", 0) + files.get("retracted", 0),
             "quarantined": files.get("quarantined", 0),
         },
+        batch_runs=dict(batch_runs),
+        batch_rows=dict(batch_rows),
+        batch_inputs=dict(batch_inputs),
     )
 
 
@@ -134,6 +149,7 @@ class ModelOverview:
     business: dict[str, str] | None = None  # the spec's business value: {"name", "unit"}
     shadow: dict[str, Any] | None = None  # the shadow version's agreement, latency, errors
     canary: dict[str, Any] | None = None  # the canary version, its policy and both sides' live counts
+    batch_runs: list[dict[str, Any]] = field(default_factory=list)  # `<model>__score` runs, newest first
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -293,6 +309,7 @@ def model_overview(spec: ModelSpec, settings: Settings, *, limit: int = 25) -> M
     drift = monitor.history(settings, spec.name)
     runs = _run_outcomes(spec, settings)
     files = _file_counts(spec, settings)
+    batch = batch_score.list_runs(ModelPaths.for_model(settings, spec.name))
     return ModelOverview(
         name=spec.name,
         owner=spec.owner,
@@ -305,11 +322,28 @@ def model_overview(spec: ModelSpec, settings: Settings, *, limit: int = 25) -> M
         files=files,
         runs=runs[:limit],
         retractions=_retractions(spec, settings, limit),
-        totals=totals_of(versions, drift, runs, files, history),
+        totals=totals_of(versions, drift, runs, files, history, batch),
         business=_business_label(spec),
         shadow=_shadow(settings, spec.name, versions),
         canary=_canary(spec, settings, versions),
+        batch_runs=[_batch_summary(b) for b in batch[:limit]],
     )
+
+
+def _batch_summary(record: dict[str, Any]) -> dict[str, Any]:
+    """A batch run as the view lists it: the run's figures, its inputs' names and outputs, and
+    why anything was quarantined or rejected (the full record stays in run.json)."""
+    inputs = record.get("inputs") or []
+    keys = ("run_id", "run_time", "trigger", "version", "outcome", "rows_scored", "rows_rejected",
+            "seconds", "rows_per_second", "error", "record")  # fmt: skip
+    return {
+        **{k: record.get(k) for k in keys},
+        "inputs": [
+            {k: i.get(k) for k in ("name", "rows", "scored", "rejected", "output_dir", "problems")}
+            for i in inputs
+        ],
+        "quarantined": [{k: q.get(k) for k in ("name", "reason")} for q in record.get("quarantined") or []],
+    }
 
 
 def _shadow(settings: Settings, name: str, versions: list[VersionInfo]) -> dict[str, Any] | None:
@@ -461,8 +495,10 @@ class PipelineCollector(Collector):
             labels=["model"],
         )
         live = _LiveFamilies()
+        batch = _BatchFamilies()
         for o in self.overviews:
             live.add(o)
+            batch.add(o)
             t = o.totals or totals_of(o.versions, o.drift, o.runs, o.files)
             champion.add_metric([o.name], float(o.champion.version) if o.champion else 0.0)
             for decision in ("promote", "reject", "none"):
@@ -496,7 +532,72 @@ class PipelineCollector(Collector):
             checks,
             last_check,
             *live.families(),
+            *batch.families(),
         )
+
+
+class _BatchFamilies:
+    """`<model>__score` runs: counters over every recorded run, gauges of the last one."""
+
+    def __init__(self) -> None:
+        self.runs = CounterMetricFamily(
+            "cd4ml_batch_runs", "Batch-scoring runs by outcome (scored, failed).", labels=["model", "outcome"]
+        )
+        self.rows = CounterMetricFamily(
+            "cd4ml_batch_rows",
+            "Rows of batch-scored inputs: scored, or rejected by the row checks (rejects files).",
+            labels=["model", "outcome"],
+        )
+        self.inputs = CounterMetricFamily(
+            "cd4ml_batch_inputs",
+            "Batch-scoring inputs (files or folders): scored, or quarantined as unreadable.",
+            labels=["model", "outcome"],
+        )
+        self.last = GaugeMetricFamily(
+            "cd4ml_batch_last_run_timestamp_seconds", "When the last batch-scoring run was started.",
+            labels=["model"],
+        )  # fmt: skip
+        self.success = GaugeMetricFamily(
+            "cd4ml_batch_last_success_timestamp_seconds",
+            "When the last batch-scoring run that scored rows was started (alert on its age).",
+            labels=["model"],
+        )
+        self.failed = GaugeMetricFamily(
+            "cd4ml_batch_last_run_failed",
+            "1 when the last batch-scoring run failed, else 0.",
+            labels=["model"],
+        )
+        self.speed = GaugeMetricFamily(
+            "cd4ml_batch_last_run_rows_per_second", "Rows scored per second in the last batch-scoring run.",
+            labels=["model"],
+        )  # fmt: skip
+
+    def add(self, o: ModelOverview) -> None:
+        t = o.totals
+        runs = t.batch_runs if t else dict(Counter(str(b.get("outcome")) for b in o.batch_runs))
+        for outcome in ("scored", "failed"):
+            self.runs.add_metric([o.name, outcome], runs.get(outcome, 0))
+        if t is not None:
+            for outcome in ("scored", "rejected"):
+                self.rows.add_metric([o.name, outcome], t.batch_rows.get(outcome, 0))
+            for outcome in ("scored", "quarantined"):
+                self.inputs.add_metric([o.name, outcome], t.batch_inputs.get(outcome, 0))
+        if not o.batch_runs:
+            return
+        last = o.batch_runs[0]
+        when = _epoch(str(last.get("run_time") or ""))
+        if when is not None:
+            self.last.add_metric([o.name], when)
+        self.failed.add_metric([o.name], 1.0 if last.get("outcome") == "failed" else 0.0)
+        success = next((b for b in o.batch_runs if b.get("outcome") == "scored"), None)
+        succeeded = _epoch(str(success.get("run_time") or "")) if success else None
+        if succeeded is not None:
+            self.success.add_metric([o.name], succeeded)
+        if last.get("rows_per_second"):
+            self.speed.add_metric([o.name], float(last["rows_per_second"]))
+
+    def families(self) -> tuple[Metric, ...]:
+        return (self.runs, self.rows, self.inputs, self.last, self.success, self.failed, self.speed)
 
 
 class _LiveFamilies:
@@ -714,6 +815,8 @@ def status(o: ModelOverview) -> tuple[str, str]:
         return f"live {live.get('metric') or o.metric} dropped by {float(live['drop']):.4f}", "drifted"
     if o.champion is None:
         return "no champion yet", "new"
+    if o.batch_runs and o.batch_runs[0].get("outcome") == "failed":
+        return "last batch scoring run failed", "failed"
     if o.files.get("waiting"):
         return f"{o.files['waiting']} file(s) waiting to be validated", "waiting"
     return "ok", "ok"
