@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from cd4ml.core.paths import ModelPaths
 from cd4ml.core.settings import Settings
 from cd4ml.core.spec import ModelSpec, parse_spec
 from cd4ml.ml import training
+from cd4ml.serving.fastpath import verified
 from cd4ml.serving.models import Slot
 from cd4ml.serving.payload import FeatureSchema, PayloadError, check, to_columns
 from cd4ml.steps import batch_score as bs
@@ -35,13 +37,24 @@ def make_spec(**scoring: Any) -> ModelSpec:
     return parse_spec(json.dumps(spec_dict(estimator=LOGREG, scoring=scoring or None)), Path("churn.yaml"))
 
 
+def make_slot(model: Any, spec: ModelSpec, *, fast: bool = True) -> Slot:
+    """The model as the service loads it (`load_slot`): with the fast path when it verifies."""
+    classes = [c.item() for c in model.classes_] if hasattr(model, "classes_") else None
+    slot = Slot(name="churn", version="4", run_id="r", champion_since="", data_fingerprint="", loaded_at=0.0,
+                model=model, schema=FeatureSchema(tuple(spec.numerical), tuple(spec.categorical)),
+                classes=classes, classifier=classes is not None)  # fmt: skip
+    if not fast:
+        return slot
+    example = training.features(spec, generate_churn(20, seed=9))
+    return replace(slot, fast=verified(model, example, list(slot.schema.columns)))
+
+
 @pytest.fixture(scope="module")
 def slot() -> Slot:
     spec = make_spec()
-    model = training.train(spec, generate_churn(2000, seed=1))
-    return Slot(name="churn", version="4", run_id="r", champion_since="", data_fingerprint="", loaded_at=0.0,
-                model=model, schema=FeatureSchema(tuple(spec.numerical), tuple(spec.categorical)),
-                classes=[c.item() for c in model.classes_], classifier=True)  # fmt: skip
+    made = make_slot(training.train(spec, generate_churn(2000, seed=1)), spec)
+    assert made.fast is not None  # served through the fast path, as cd4ml's pipelines are
+    return made
 
 
 @pytest.fixture
@@ -69,7 +82,7 @@ def frame(n: int, seed: int = 3) -> pd.DataFrame:
 def online(slot: Slot, records: list[dict[str, Any]]) -> dict[str, Any]:
     """What the prediction service answers for these JSON records (its own check, then predict)."""
     columns, data = to_columns(records)
-    return slot.predict_with_sklearn(check(slot.schema, columns, data, max_rows=10**6))
+    return slot.predict(check(slot.schema, columns, data, max_rows=10**6))
 
 
 def records_of(df: pd.DataFrame) -> list[dict[str, Any]]:
@@ -122,14 +135,27 @@ def test_csv_and_parquet_rows_get_the_services_answers_in_chunks(
     assert record["rows_scored"] == 600 and len(record["inputs"]) == 2 and record["outcome"] == "scored"
 
 
+def test_a_model_the_service_serves_through_sklearn_gets_sklearns_labels(
+    slot: Slot, settings: Settings, paths: ModelPaths
+) -> None:
+    plain = replace(slot, fast=None)  # no fast path (another pipeline shape): the service calls predict()
+    df = frame(90)
+    df.to_parquet(paths.score / "x.parquet")
+    (result,) = score(make_spec(), settings, plain).inputs
+    out = pd.read_parquet(result.predictions)
+    expected = online(plain, records_of(df[make_spec().feature_names]))
+    assert out["prediction"].tolist() == expected["predictions"]
+    assert np.array_equal(
+        out[["probability_0", "probability_1"]].to_numpy(), np.asarray(expected["probabilities"])
+    )
+
+
 def test_a_regression_model_on_numbers_only_scores_one_column(settings: Settings, paths: ModelPaths) -> None:
     raw = spec_dict(task="regression", target="monthly_charges", metric={"name": "rmse"},
                     estimator={"class": "sklearn.linear_model.Ridge"}, promotion__floor=None,
                     features={"numerical": ["tenure_months", "age", "support_calls"]})  # fmt: skip
     spec = parse_spec(json.dumps(raw), Path("churn.yaml"))
-    model = training.train(spec, generate_churn(500, seed=1))
-    reg = Slot(name="churn", version="1", run_id="r", champion_since="", data_fingerprint="", loaded_at=0.0,
-               model=model, schema=FeatureSchema(tuple(spec.numerical), ()), classes=None)  # fmt: skip
+    reg = make_slot(training.train(spec, generate_churn(500, seed=1)), spec)
     df = frame(50)
     df.to_parquet(paths.score / "x.parquet")
     (result,) = score(spec, settings, reg).inputs
