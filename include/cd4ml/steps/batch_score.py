@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from cd4ml.core.errors import Cd4mlError, DataError
 from cd4ml.core.paths import ModelPaths
+from cd4ml.data.landing import HASH_PREFIX, file_sha256
 
 if TYPE_CHECKING:  # the Models view and the score DAG's trigger import this module: keep it light
     import numpy as np
@@ -59,7 +60,6 @@ log = logging.getLogger(__name__)
 CSV_SUFFIXES = {".csv"}
 PARQUET_SUFFIXES = {".parquet", ".pq"}
 DATA_SUFFIXES = CSV_SUFFIXES | PARQUET_SUFFIXES
-HASH_PREFIX = 16
 MANIFEST = "manifest.json"
 PREDICTIONS = "predictions.parquet"
 REJECTS = "rejects.parquet"
@@ -140,14 +140,6 @@ class ScoreInput:
 
     def part_path(self, part: str) -> Path:
         return Path(self.path) / part if self.is_folder else Path(self.path)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def describe_input(path: Path, *, movable: bool = True) -> ScoreInput:
