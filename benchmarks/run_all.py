@@ -14,6 +14,7 @@ RUNS: tuple[tuple[str, ...], ...] = (
     ("bench_drift.py",),
     ("bench_feedback.py",),
     ("bench_tracing.py",),
+    ("bench_batch_score.py", "--rounds", "1"),
     # The full 1M-row bootstrap variant alone takes ~8 minutes: run it by hand with --methods.
     ("bench_live_performance.py", "--methods", "cd4ml,naive"),
 )

@@ -1,4 +1,4 @@
-"""cd4ml model DAGs: `<model>__train`, `__monitor`, `__rollback` and `__retract` for every model spec.
+"""cd4ml model DAGs: `<model>__train`, `__monitor`, `__rollback`, `__retract`, `__score` per model spec.
 
 Specs live in include/specs (or $CD4ML_SPECS_DIR).
 

@@ -36,8 +36,11 @@ BASE = spec_dict(
     # Optional sections are in the base so that each of their fields is broken in turn too.
     business={"name": "margin", "unit": "EUR", "matrix": {1: {1: 40, 0: -200}, 0: {1: -10, 0: 0}}},
     feedback={"to_training": True, "min_rows": 100, "max_rows": 1000},
-    deployment={"strategy": "shadow", "shadow_fraction": 0.5},
-)
+    deployment={"strategy": "shadow", "shadow_fraction": 0.5,
+                "canary": {"fraction": 0.2, "sticky_key": "customer_id"}},
+    scoring={"schedule": "0 4 * * *", "csv": True, "chunk_rows": 5000, "keep_columns": ["customer_id"]},
+    promotion__approval="required",
+)  # fmt: skip
 # Where a list of models is walked, its first element stands for all of them.
 FIRST = 0
 

@@ -39,6 +39,8 @@ ADOPTED = [
     "airflow/ui.py",
     "airflow/retract_dag.py",
     "airflow/train_dag.py",
+    "airflow/score_dag.py",
+    "steps/batch_score.py",
     "cli.py",
 ]
 
