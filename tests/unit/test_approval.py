@@ -271,6 +271,22 @@ def test_a_winning_challenger_is_asked_with_real_evidence_and_each_answer_is_rec
     assert tags["cd4ml.promotion"] == "not approved: timed out after 6 h at 2026-03-02T12:30:00+00:00; " \
         "champion untouched"  # fmt: skip
 
+    # A retry or a clear of an answered run acts on the recorded answer instead of asking again (a
+    # rejection skips what follows the task, as the answer itself did); nothing is recorded twice.
+    from airflow.providers.standard.operators.empty import EmptyOperator
+    from airflow.sdk import DAG
+
+    with DAG("asked__train", schedule=None):
+        wired = ap.PromotionApproval(spec=spec, settings=settings)
+        wired >> EmptyOperator(task_id="promote_champion")
+    skipped: list[list[str]] = []
+    monkeypatch.setattr(wired, "skip", lambda ti, tasks: skipped.append([t.task_id for t in tasks]))
+    again = {"ti": ti, "task": wired, "params": {}}
+    assert wired.execute({**again, "run_id": "r4"}) == returned[0] and skipped == [["promote_champion"]]
+    assert wired.execute({**again, "run_id": "r5"}) == returned[1] and skipped == [["promote_champion"]]
+    assert ap.recorded_answer(client, "asked", "2", "r9") is None  # another run is asked afresh
+    assert len([e for e in registry.events(client, "asked") if e.kind == "approval"]) == 3
+
     # The approval reaches promote_champion, which moves champion and carries it on the promotion.
     promoted = pipeline.promote_champion(
         spec, settings, version="2", evaluation=evaluation, evaluate_only=False, run_time=when, who="r5",

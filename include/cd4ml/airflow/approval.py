@@ -15,6 +15,10 @@ history (who, when, approved/rejected/timed out) and tags on the version. *Appro
 `Approval` to `promote_champion` (which records it on the promotion); *Reject*, or no answer within
 `promotion.approval_timeout_hours` (the scheduler then applies the default, Reject, and nobody is
 recorded as the responder), skips `promote_champion` and `deploy_champion`: champion stays.
+
+An answer is final for its run: a retried or cleared `approve_promotion` acts on the answer already
+recorded instead of asking again. To promote a version after all, run `<model>__rollback` with it;
+to be asked again, start a new run.
 """
 
 from __future__ import annotations
@@ -331,6 +335,16 @@ def record_answer(
     registry.set_tags(mlflow_client, spec.name, version, version_tags(answer))
 
 
+def recorded_answer(mlflow_client: MlflowClient, name: str, version: str, run_id: str) -> Approval | None:
+    """The answer this run already gave for `version` (an earlier try of the task recorded it)."""
+    from cd4ml import registry
+
+    for event in reversed(registry.events(mlflow_client, name)):
+        if event.kind == "approval" and event.version == version and event.details.get("run_id") == run_id:
+            return Approval.from_xcom(event.details["approval"])
+    return None
+
+
 # -- reading the evidence (I/O) ---------------------------------------------------------------------
 
 
@@ -402,6 +416,12 @@ class PromotionApproval(ApprovalOperator):
             return not_needed(version, "evaluate_only: the champion does not move, nothing to approve")
         if not evaluation.promote:
             return not_needed(version, f"the challenger did not win: {evaluation.reason}")
+        from cd4ml import registry
+
+        client = registry.client(self.settings.mlflow_tracking_uri)
+        recorded = recorded_answer(client, self.spec.name, version, str(context["run_id"]))
+        if recorded is not None:
+            return self._act_on_recorded(context, recorded)
         request = gather_request(self.spec, self.settings, evaluation, registration)
         self.subject, self.body = request.subject[:1000], request.body
         dag_run = context["dag_run"]
@@ -409,6 +429,24 @@ class PromotionApproval(ApprovalOperator):
         self.log.info("%s v%s waits for approval (%g h): %s", self.spec.name, version,
                       self.spec.promotion.approval_timeout_hours, request.subject)  # fmt: skip
         return super().execute(context)  # parks the task until someone answers or the time-out
+
+    def _act_on_recorded(self, context: Any, answer: Approval) -> XCom:
+        """An earlier try of this task already recorded the answer: act on it, do not ask again.
+
+        Airflow 3.3.2 can fail a task that was answered within seconds of parking: the executor's
+        report of the parked try arrives after the answer resumed it, and the scheduler takes the
+        running task for one killed externally (apache/airflow#71579, open), so the task is retried.
+        Asking again would drop the answer given; it is also final for clears and transient retries.
+        """
+        self.log.warning(
+            "%s: this run's answer was already recorded (%s, by %s at %s); acting on it instead of "
+            "asking again", self.spec.name, answer.note, answer.who, answer.when,
+        )  # fmt: skip
+        if not answer.approved:
+            skip = [t for t in context["task"].get_direct_relatives(upstream=False) if not t.is_teardown]
+            if skip:
+                self.skip(ti=context["ti"], tasks=skip)
+        return answer.to_xcom()
 
     def _mail(self, version: str, request: ApprovalRequest, url: str, dag_run: Any) -> None:
         from cd4ml.airflow.notifiers import has_smtp_connection, send
