@@ -236,6 +236,8 @@ SLOW_FIRST = (
     "tests/reliability/test_faults.py",
     "tests/integration/test_staged_deploy.py",
     "tests/integration/test_canary.py",
+    "tests/integration/test_approval_dag.py",
+    "tests/integration/test_score_dag.py",
     "tests/reliability/test_bad_requests.py",
     "tests/integration/test_notifications.py",
     "tests/integration/test_retract.py",

@@ -275,7 +275,7 @@ def test_business_feedback_and_deployment_are_optional_and_change_no_existing_sp
     assert parse(spec_dict(deployment={"strategy": "shadow"})).spec_hash() != plain
     assert parse(spec_dict(deployment={"strategy": "direct", "shadow_fraction": 1})).spec_hash() == plain
     assert parse(spec_dict(deployment={"strategy": "canary"})).spec_hash() != plain
-    assert parse(spec_dict(promotion__approval="required")).spec_hash() != plain
+    assert parse(spec_dict(promotion__approval="required")).spec_hash() == plain  # retrains nothing
     assert parse(spec_dict(promotion__approval="none")).spec_hash() == plain
     scoring = {"schedule": "@daily", "csv": True, "keep_columns": ["id"]}
     assert parse(spec_dict(scoring=scoring)).spec_hash() == plain

@@ -443,10 +443,21 @@ class PromotionApproval(ApprovalOperator):
             "asking again", self.spec.name, answer.note, answer.who, answer.when,
         )  # fmt: skip
         if not answer.approved:
+            self._unstage()
             skip = [t for t in context["task"].get_direct_relatives(upstream=False) if not t.is_teardown]
             if skip:
                 self.skip(ti=context["ti"], tasks=skip)
         return answer.to_xcom()
+
+    def _unstage(self) -> None:
+        """A challenger that will not be promoted leaves the service's staging slot (best effort:
+        the next staged deploy replaces it anyway)."""
+        from cd4ml.airflow.connections import service_endpoint
+        from cd4ml.steps.deploy import unstage_version
+
+        endpoint = service_endpoint()
+        if endpoint.admin_token:
+            unstage_version(endpoint, self.spec.name)
 
     def _mail(self, version: str, request: ApprovalRequest, url: str, dag_run: Any) -> None:
         from cd4ml.airflow.notifiers import has_smtp_connection, send
@@ -483,6 +494,8 @@ class PromotionApproval(ApprovalOperator):
             raise
         self.log.info("%s v%s: %s by %s at %s", self.spec.name, registration.version,
                       answer.note, answer.who, answer.when)  # fmt: skip
+        if not answer.approved:
+            self._unstage()
         super().execute_complete(context, event)  # Reject (or the time-out's Reject): skips downstream
         return answer.to_xcom()
 

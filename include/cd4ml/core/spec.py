@@ -757,9 +757,8 @@ class ModelSpec(_Strict):
             del out["deployment"]
         elif self.deployment.strategy != "canary" and self.deployment.canary == CanaryPolicy():
             del out["deployment"]["canary"]
-        if self.promotion.approval == "none" and self.promotion.approval_timeout_hours == 24.0:
-            for key in ("approval", "approval_timeout_hours"):
-                del out["promotion"][key]
+        for key in ("approval", "approval_timeout_hours"):  # who signs off changes no model
+            del out["promotion"][key]
         if self.scoring == Scoring():
             del out["scoring"]
         return out

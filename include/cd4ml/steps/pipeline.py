@@ -705,6 +705,11 @@ def promote_champion(
             registry.set_tags(mlflow_client, spec.name, version, {"cd4ml.promotion": f"not approved: {why}"})
             return Promotion(False, version, why)
         approval_tags = {"cd4ml.approved_by": approval.who, "cd4ml.approved_at": approval.when}
+        # The champion moves once approved: its record and history say when that was (a retry
+        # reads the same recorded answer, so it writes the same values).
+        moved = datetime.fromisoformat(approval.when.replace("Z", "+00:00"))
+        if moved > datetime.fromisoformat(run_time.replace("Z", "+00:00")):
+            run_time = approval.when
     expected = evaluation.champion_version
     if spec.deployment.strategy == "canary" and expected is not None:
         return _start_canary(spec, mlflow_client, version, evaluation, approval_tags, approval,
