@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, AssetWatcher, CronTriggerTimetable, Param, dag, task
-from airflow.triggers.base import BaseEventTrigger, TriggerEvent
 
 from cd4ml.airflow.common import START, context, default_args, params
+from cd4ml.airflow.triggers import LandingZoneTrigger
 from cd4ml.core.paths import ModelPaths
 from cd4ml.core.settings import Settings
 from cd4ml.core.spec import ModelSpec
@@ -44,41 +42,17 @@ try finished.
 """
 
 
-class ScoreZoneTrigger(BaseEventTrigger):
+class ScoreZoneTrigger(LandingZoneTrigger):
     """Fires when a file or folder in score/ has kept its size and mtime across two polls.
 
     As `LandingZoneTrigger`, but a folder of parts counts too (its size and newest mtime over every
     file inside); it deletes nothing: the scoring run moves what it scored.
     """
 
-    def __init__(self, directory: str, poke_interval: float = 2.0) -> None:
-        super().__init__()
-        self.directory = directory
-        self.poke_interval = poke_interval
-
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (
-            "cd4ml.airflow.score_dag.ScoreZoneTrigger",
-            {"directory": self.directory, "poke_interval": self.poke_interval},
-        )
-
-    async def run(self) -> AsyncIterator[TriggerEvent]:
+    def scan(self) -> dict[str, tuple[int, int]]:
         from cd4ml.steps.batch_score import scan_inputs
 
-        previous: dict[str, tuple[int, int]] = {}
-        fired: set[tuple[str, int, int]] = set()
-        while True:
-            current = await asyncio.to_thread(scan_inputs, self.directory)
-            stable = {(n, *sig) for n, sig in current.items() if previous.get(n) == sig}
-            new = stable - fired
-            if new:
-                fired |= new
-                names = sorted(n for n, _, _ in new)
-                self.log.info("To score in %s: %s", self.directory, names)
-                yield TriggerEvent({"directory": self.directory, "files": names})
-            fired &= {(n, *sig) for n, sig in current.items()}
-            previous = current
-            await asyncio.sleep(self.poke_interval)
+        return scan_inputs(self.directory)
 
 
 def score_requested(spec: ModelSpec, settings: Settings) -> Asset:

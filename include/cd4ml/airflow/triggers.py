@@ -44,21 +44,25 @@ class LandingZoneTrigger(BaseEventTrigger):
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
-            "cd4ml.airflow.triggers.LandingZoneTrigger",
+            f"{type(self).__module__}.{type(self).__qualname__}",
             {"directory": self.directory, "poke_interval": self.poke_interval},
         )
+
+    def scan(self) -> dict[str, tuple[int, int]]:
+        """What is waiting: name -> (size, mtime_ns); a subclass may watch other things."""
+        return scan(self.directory)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         previous: dict[str, tuple[int, int]] = {}
         fired: set[Signature] = set()
         while True:
-            current = await asyncio.to_thread(scan, self.directory)
+            current = await asyncio.to_thread(self.scan)
             stable = {(n, *sig) for n, sig in current.items() if previous.get(n) == sig}
             new = stable - fired
             if new:
                 fired |= new
                 names = sorted(n for n, _, _ in new)
-                self.log.info("New files in %s: %s", self.directory, names)
+                self.log.info("Waiting in %s: %s", self.directory, names)
                 yield TriggerEvent({"directory": self.directory, "files": names})
             fired &= {(n, *sig) for n, sig in current.items()}
             previous = current
