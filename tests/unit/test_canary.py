@@ -97,10 +97,17 @@ def test_the_route_key_comes_from_the_header_or_the_first_row() -> None:
     assert route_key("customer_id", columns, [[3, None]], None) is None
 
 
-def test_percentile_is_the_nearest_rank() -> None:
+def test_percentile_is_the_nearest_rank_and_one_stall_does_not_make_a_p99() -> None:
     assert percentile([], 0.99) is None
     assert percentile([float(i) for i in range(1, 101)], 0.99) == 99.0
+    assert percentile([float(i) for i in range(1, 1001)], 0.99, keep_above=2) == 990.0
     assert percentile([5.0], 0.5) == 5.0
+    # 60 fast answers and one 9 ms stall: the stall is the plain p99, not the guarded one.
+    sixty = [1.0] * 59 + [9.0]
+    assert percentile(sixty, 0.99) == 9.0 and percentile(sixty, 0.99, keep_above=2) == 1.0
+    slow = [1.0] * 50 + [20.0] * 10  # a real tail: 1 in 6 slow
+    assert percentile(slow, 0.99, keep_above=2) == 20.0
+    assert percentile([3.0], 0.99, keep_above=2) == 3.0
 
 
 def test_a_bad_canary_policy_names_the_field() -> None:

@@ -37,6 +37,7 @@ CHAMPION, CANARY = "champion", "canary"
 ARMS = (CHAMPION, CANARY)
 ROUTE_HEADER = "x-cd4ml-route-key"
 LATENCY_WINDOW = 20_000  # the latest request times per side kept for the percentiles
+TAIL_FLOOR = 2  # a side's p99 has at least this many slower requests above it
 
 
 def canary_share(model: str, key: str) -> float:
@@ -57,12 +58,15 @@ def route_key(
     return None if value is None else str(value)
 
 
-def percentile(values: Iterable[float], q: float) -> float | None:
+def percentile(values: Iterable[float], q: float, *, keep_above: int = 0) -> float | None:
+    """Nearest-rank percentile (p99 of 1,000 values is the 990th), with at least `keep_above` values
+    above it when there are enough: on a few hundred requests a p99 would otherwise be the slowest
+    one or two, and one stall (a GC pause, a busy core) would decide a canary."""
     ordered = sorted(values)
     if not ordered:
         return None
-    rank = max(0, math.ceil(q * len(ordered)) - 1)  # nearest rank: p99 of 100 values is the 99th
-    return ordered[rank]
+    rank = max(1, min(math.ceil(q * len(ordered)), len(ordered) - keep_above))
+    return ordered[rank - 1]
 
 
 @dataclass
@@ -72,7 +76,7 @@ class Arm:
     seconds: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
 
     def summary(self) -> dict[str, Any]:
-        p50, p99 = percentile(self.seconds, 0.5), percentile(self.seconds, 0.99)
+        p50, p99 = percentile(self.seconds, 0.5), percentile(self.seconds, 0.99, keep_above=TAIL_FLOOR)
         return {
             "requests": self.requests,
             "errors": self.errors,
