@@ -3,7 +3,8 @@
 Same registered model version (the demo spec's HistGradientBoosting pipeline), same machine, same
 load generator (aiohttp, keep-alive, fixed concurrency), one worker each. Single-row and 100-row
 requests: throughput, p50/p99 latency, server RSS. The prediction-log overhead is measured by running
-our service with the log on and off.
+our service with the log on and off, and a canary's (routing, counting; 10 % of requests answered by a
+second version of the same kind) by running it with one.
 
 Usage: .venv/bin/python benchmarks/bench_serving.py [--requests 3000] [--concurrency 8]
 """
@@ -133,6 +134,9 @@ def main() -> None:
         assert run_training(
             spec, settings, run_id="bench", run_time="2026-01-01T00:00:00+00:00", deploy=False
         )["promoted"]
+        # A second version of the same kind for the canary target (registered, not promoted).
+        assert run_training(spec, settings, run_id="bench-2", run_time="2026-01-01T00:00:00+00:00",
+                            deploy=False, force=True, evaluate_only=True)["version"] == "2"  # fmt: skip
         rows = features(spec, generate_churn(100, seed=42, batch=2))
         one = json.dumps(
             {"dataframe_split": json.loads(rows.head(1).to_json(orient="split", index=False))}
@@ -148,6 +152,7 @@ def main() -> None:
         targets = {
             "cd4ml (log on)": (ours, {}, predict),
             "cd4ml (log off)": (ours, {"CD4ML_SERVICE_LOG_PREDICTIONS": "0"}, predict),
+            "cd4ml (log on, canary 10 %)": (ours, {}, predict),
             # MLflow refuses to deserialize any model (skops included) unless explicitly allowed.
             "mlflow models serve": (theirs, {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "true"}, "/invocations"),
         }
@@ -155,6 +160,8 @@ def main() -> None:
         for name, (cmd, extra, path) in targets.items():
             if only and only not in name:
                 continue
+            if "canary" in name:
+                canary_on(specs / "bench.yaml", settings.mlflow_tracking_uri)
             port = free_port()
             proc = start([c.replace("{port}", str(port)) for c in cmd], {**base_env, **extra},
                          home / f"{name.split()[0]}-{port}.log")  # fmt: skip
@@ -166,6 +173,8 @@ def main() -> None:
             except TimeoutError:
                 raise SystemExit(f"{name} did not start:\n{log_file.read_text()[-3000:]}") from None
             url = f"http://127.0.0.1:{port}{path}"
+            if "canary" in name:
+                wait_canary(f"http://127.0.0.1:{port}/v1/models/bench/canary", "2")
             idle = tree_rss_mb(proc.pid)
             single = asyncio.run(load(url, one, args.requests, args.concurrency))
             batch = asyncio.run(load(url, hundred, args.batch_requests, args.concurrency))
@@ -189,12 +198,36 @@ def main() -> None:
     print(report(results))
 
 
+def wait_canary(url: str, version: str, timeout: float = 60.0) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            if (json.loads(resp.read()).get("canary") or {}).get("version") == version:
+                return
+        time.sleep(0.5)
+    raise SystemExit(f"the service never routed to canary version {version} ({url})")
+
+
+def canary_on(spec_path: Path, tracking_uri: str) -> None:
+    """The spec says canary (10 %) and version 2 holds the `canary` alias (no admin token here, so
+    the service needs no signed record)."""
+    import yaml
+    from mlflow import MlflowClient
+
+    raw = yaml.safe_load(spec_path.read_text())
+    raw["deployment"] = {"strategy": "canary", "canary": {"fraction": 0.1}}
+    spec_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    MlflowClient(tracking_uri).set_registered_model_alias("bench", "canary", "2")
+
+
 def report(r: dict[str, Any]) -> str:
     head = (
         "| server | 1-row req/s | p50 ms | p99 ms | 100-row req/s | p50 ms | p99 ms | RSS idle / after MB |"
     )
     lines = [head, "|---|---|---|---|---|---|---|---|"]
-    for name in ("cd4ml (log on)", "cd4ml (log off)", "mlflow models serve"):
+    for name in ("cd4ml (log on)", "cd4ml (log off)", "cd4ml (log on, canary 10 %)", "mlflow models serve"):
         if name not in r:
             continue
         x = r[name]
