@@ -234,3 +234,30 @@ def test_an_example_with_nan_categories_is_checked_as_the_service_receives_it() 
     from dataclasses import replace
 
     assert replace(slot, fast=fast).predict(rows) == slot.predict_with_sklearn(rows)
+
+
+def test_a_null_of_a_numeric_coded_category_is_served_as_it_was_trained() -> None:
+    """A grade coded 1..4 with gaps reads as floats with NaN; a client sends the gap as JSON null.
+    The model must answer that request as it scored the row offline (evaluation, golden rows)."""
+    import json
+
+    from cd4ml.serving.models import Slot
+    from cd4ml.serving.payload import FeatureSchema
+
+    spec = _mix_spec(["age"], ["plan", "grade"], LOGREG)
+    frame = SPLIT.train.copy()
+    frame["grade"] = (frame["tenure_months"] % 4 + 1).astype(float)
+    frame.loc[frame.index[::5], "grade"] = np.nan
+    model = train(spec, frame)
+    fast = verified(model, features(spec, frame.head(8)), spec.feature_names)
+    assert fast is not None
+    raw = frame[frame["grade"].isna()].head(3)[spec.feature_names]
+    offline = model.predict_proba(features(spec, raw))
+    # Over HTTP: NaN is null, null is None; a grade the client sends as 2 is the category "2".
+    rows = [[r["age"], r["plan"], r["grade"]] for r in json.loads(raw.to_json(orient="records"))]
+    assert all(row[2] is None for row in rows)
+    slot = Slot(name="m", version="1", run_id="", champion_since="", data_fingerprint="", loaded_at=0.0,
+                model=model, schema=FeatureSchema(("age",), ("plan", "grade")), classes=[0, 1],
+                classifier=True, fast=fast)  # fmt: skip
+    assert slot.predict(rows)["probabilities"] == offline.tolist()
+    assert slot.predict_with_sklearn(rows)["probabilities"] == offline.tolist()

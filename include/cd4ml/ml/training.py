@@ -65,7 +65,15 @@ def split_holdout(spec: ModelSpec, frame: pd.DataFrame) -> Split:
 
 
 def features(spec: ModelSpec, frame: pd.DataFrame) -> pd.DataFrame:
+    """The model's input frame. A missing categorical value is `None` whatever the file made of it:
+    a request's JSON null reaches the model as `None`, Parquet gives text nulls back as `None`, but
+    a numeric-coded categorical column (a grade, a month) reads its nulls as NaN, which the
+    pipeline's imputer would fill where the service's `None` would not be: the same row would get
+    another answer in production than in training."""
     out = normalise(spec, frame[spec.feature_names])
+    for col in spec.categorical:
+        if out[col].isna().any():
+            out[col] = out[col].astype(object).where(out[col].notna(), None)
     for col in spec.numerical:
         out[col] = pd.to_numeric(out[col], errors="coerce").astype(float)
     return out
