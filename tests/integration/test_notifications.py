@@ -134,7 +134,7 @@ def test_a_canary_through_the_training_dag_mails_its_decision(
     inbox, model = plain_smtp, "notified_canary"
     canary = {
         "strategy": "canary",
-        "canary": {"fraction": 0.5, "min_requests": 30, "max_duration_minutes": 5},
+        "canary": {"fraction": 0.5, "min_requests": 60, "max_duration_minutes": 5},
     }
     write_spec(env["specs"], model, estimator=WEAK, promotion__floor=None, deployment=canary,
                notifications={"email": ["ml-team@example.com"]})  # fmt: skip

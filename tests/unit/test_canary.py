@@ -117,3 +117,17 @@ def test_a_bad_canary_policy_names_the_field() -> None:
     raw = spec_dict(deployment={"strategy": "canary", "canary": {"min_request": 10}})
     with pytest.raises(SpecError, match=r"min_request"):
         parse_spec(yaml.safe_dump(raw), Path("bad.yaml"))
+
+
+def test_each_sides_first_answers_are_counted_but_not_timed() -> None:
+    from cd4ml.serving.canary import WARMUP_ANSWERS, CanaryState
+
+    state = CanaryState(slot=object(), champion_version="1", fraction=0.5, sticky_key=None)  # type: ignore[arg-type]
+    for _ in range(WARMUP_ANSWERS):
+        state.count("canary", 0.050)  # a freshly loaded model's slow first answers
+    for _ in range(100):
+        state.count("canary", 0.001)
+    state.count("canary", 0.0, error=True)
+    arm = state.arms["canary"]
+    assert arm.requests == WARMUP_ANSWERS + 101 and arm.errors == 1 and len(arm.seconds) == 100
+    assert arm.summary()["p99_ms"] == 1.0

@@ -38,6 +38,9 @@ ARMS = (CHAMPION, CANARY)
 ROUTE_HEADER = "x-cd4ml-route-key"
 LATENCY_WINDOW = 20_000  # the latest request times per side kept for the percentiles
 TAIL_FLOOR = 2  # a side's p99 has at least this many slower requests above it
+# Each side's first answers after the canary starts are counted but not timed: a version just loaded
+# answers its first requests slower (cold caches, first calls), and the canary is always the new one.
+WARMUP_ANSWERS = 20
 
 
 def canary_share(model: str, key: str) -> float:
@@ -113,7 +116,7 @@ class CanaryState:
             side = self.arms[arm]
             side.requests += 1
             side.errors += int(error)
-            if not error:
+            if not error and side.requests > WARMUP_ANSWERS:
                 side.seconds.append(seconds)
 
     def snapshot(self) -> dict[str, Any]:
