@@ -100,7 +100,9 @@ def test_a_canary_no_worse_than_the_champion_is_promoted_by_itself_under_load(
     first = train(canary_spec(env, model, WEAK), "r1")  # no champion yet: promoted directly
     assert first["promoted"] and first["deployment"]["deployed"], first
 
-    spec = canary_spec(env, model, LOGREG)
+    # As fast as the champion: latency noise on a shared 2-core CI machine must not decide here
+    # (the slow-canary test below proves the p99 judgement with the defaults).
+    spec = canary_spec(env, model, LOGREG, min_p99_difference_ms=50)
     thread, out = in_background(lambda: train(spec, "r2", force=True))
     wait_for_canary(url, model, "2", thread, out)
     meta = httpx.get(f"{url}/v1/models/{model}", timeout=10).json()
