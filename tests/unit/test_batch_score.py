@@ -461,7 +461,7 @@ def test_scan_sees_files_and_finished_folders_and_skips_partial_ones(tmp_path: P
 
 
 def test_the_score_watcher_fires_once_a_dropped_folder_stops_changing(tmp_path: Path) -> None:
-    from cd4ml.airflow.score_dag import ScoreZoneTrigger
+    from cd4ml.airflow.triggers import ScoreZoneTrigger
 
     async def scenario() -> dict[str, Any]:
         trigger = ScoreZoneTrigger(directory=str(tmp_path), poke_interval=0.05)
@@ -474,7 +474,7 @@ def test_the_score_watcher_fires_once_a_dropped_folder_stops_changing(tmp_path: 
 
     assert asyncio.run(scenario()) == {"directory": str(tmp_path), "files": ["export"]}
     name, kwargs = ScoreZoneTrigger(str(tmp_path), 3.0).serialize()
-    assert name == "cd4ml.airflow.score_dag.ScoreZoneTrigger" and kwargs["poke_interval"] == 3.0
+    assert name == "cd4ml.airflow.triggers.ScoreZoneTrigger" and kwargs["poke_interval"] == 3.0
 
 
 def test_the_models_view_and_the_metrics_list_the_batch_runs(

@@ -2,29 +2,42 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from airflow.sdk import Asset, AssetWatcher
 
-from cd4ml.airflow.triggers import LandingZoneTrigger
+from cd4ml.airflow.triggers import LandingZoneTrigger, ScoreZoneTrigger
+from cd4ml.core.paths import ModelPaths
 from cd4ml.core.settings import Settings
 from cd4ml.core.spec import ModelSpec
-from cd4ml.data.landing import Zone
 
 
-def new_data(spec: ModelSpec, settings: Settings) -> Asset:
-    """Updated when a file lands in the model's landing zone (watched by the triggerer)."""
-    landing = Zone(settings.model_dir(spec.name)).landing
+def _watched(
+    name: str, watcher: str, directory: Path, trigger: type[LandingZoneTrigger], spec: ModelSpec
+) -> Asset:
+    """An asset updated when something settles in `directory` (watched by the triggerer)."""
     return Asset(
-        name=f"{spec.name}.new_data",
-        uri=f"file://{landing}",
+        name=f"{spec.name}.{name}",
+        uri=f"file://{directory}",
         watchers=[
             AssetWatcher(
-                name=f"{spec.name}_landing_watcher",
-                trigger=LandingZoneTrigger(
-                    directory=str(landing), poke_interval=spec.schedule.landing_poll_seconds
-                ),
+                name=f"{spec.name}_{watcher}_watcher",
+                trigger=trigger(directory=str(directory), poke_interval=spec.schedule.landing_poll_seconds),
             )
         ],
     )
+
+
+def new_data(spec: ModelSpec, settings: Settings) -> Asset:
+    """Updated when a file lands in the model's landing zone."""
+    landing = ModelPaths.for_model(settings, spec.name).landing
+    return _watched("new_data", "landing", landing, LandingZoneTrigger, spec)
+
+
+def score_requested(spec: ModelSpec, settings: Settings) -> Asset:
+    """Updated when a file or folder of parts lands in the model's score/ folder (`<model>__score`)."""
+    score = ModelPaths.for_model(settings, spec.name).score
+    return _watched("score_requested", "score", score, ScoreZoneTrigger, spec)
 
 
 def drift_detected(spec: ModelSpec) -> Asset:

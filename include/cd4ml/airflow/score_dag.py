@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, AssetWatcher, CronTriggerTimetable, Param, dag, task
+from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
+from cd4ml.airflow.assets import score_requested
 from cd4ml.airflow.common import START, context, default_args, params
-from cd4ml.airflow.triggers import LandingZoneTrigger
 from cd4ml.core.paths import ModelPaths
 from cd4ml.core.settings import Settings
 from cd4ml.core.spec import ModelSpec
@@ -40,36 +40,6 @@ every row rejected; the message lists why. Only transient errors (MLflow unreach
 and a retry never writes an output twice: it pins the version of its first try and skips what that
 try finished.
 """
-
-
-class ScoreZoneTrigger(LandingZoneTrigger):
-    """Fires when a file or folder in score/ has kept its size and mtime across two polls.
-
-    As `LandingZoneTrigger`, but a folder of parts counts too (its size and newest mtime over every
-    file inside); it deletes nothing: the scoring run moves what it scored.
-    """
-
-    def scan(self) -> dict[str, tuple[int, int]]:
-        from cd4ml.steps.batch_score import scan_inputs
-
-        return scan_inputs(self.directory)
-
-
-def score_requested(spec: ModelSpec, settings: Settings) -> Asset:
-    """Updated when a file or folder lands in the model's score/ folder (watched by the triggerer)."""
-    directory = ModelPaths.for_model(settings, spec.name).score
-    return Asset(
-        name=f"{spec.name}.score_requested",
-        uri=f"file://{directory}",
-        watchers=[
-            AssetWatcher(
-                name=f"{spec.name}_score_watcher",
-                trigger=ScoreZoneTrigger(
-                    directory=str(directory), poke_interval=spec.schedule.landing_poll_seconds
-                ),
-            )
-        ],
-    )
 
 
 def build_score_dag(spec: ModelSpec, settings: Settings) -> DAG:

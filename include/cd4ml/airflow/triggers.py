@@ -67,3 +67,16 @@ class LandingZoneTrigger(BaseEventTrigger):
             fired &= {(n, *sig) for n, sig in current.items()}
             previous = current
             await asyncio.sleep(self.poke_interval)
+
+
+class ScoreZoneTrigger(LandingZoneTrigger):
+    """Fires when a file or folder in score/ has kept its size and mtime across two polls.
+
+    As `LandingZoneTrigger`, but a folder of parts counts too (its size and newest mtime over every
+    file inside); it deletes nothing: the scoring run moves what it scored.
+    """
+
+    def scan(self) -> dict[str, tuple[int, int]]:
+        from cd4ml.steps.batch_score import scan_inputs
+
+        return scan_inputs(self.directory)

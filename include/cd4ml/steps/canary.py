@@ -286,7 +286,6 @@ def watch_canary(
     promoted: dict[str, Any],
     holdout_path: str | None,
     who: str,
-    when: str,
     endpoint: ServiceEndpoint,
     last_attempt: bool = True,
     staged: dict[str, Any] | None = None,

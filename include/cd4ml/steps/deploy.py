@@ -372,7 +372,7 @@ def deploy_champion(
         from cd4ml.steps.canary import watch_canary
 
         return watch_canary(
-            spec, settings, promoted=promoted, holdout_path=holdout_path, who=who, when=when,
+            spec, settings, promoted=promoted, holdout_path=holdout_path, who=who,
             endpoint=endpoint or ServiceEndpoint.from_env(), last_attempt=last_attempt, staged=staged,
         )  # fmt: skip
     if not promoted.get("promoted"):
