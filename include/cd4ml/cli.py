@@ -188,7 +188,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cd4ml.serving.app import serve
 
     settings = get_settings()
-    serve(args.host or settings.service_host, args.port or settings.service_port)
+    serve(args.host or settings.service_host, args.port or settings.service_port, args.workers)
     return 0
 
 
@@ -232,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("serve", help="run the prediction service in the foreground")
     p.add_argument("--host", default=None, help="default: CD4ML_SERVICE_HOST (127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="default: CD4ML_SERVICE_PORT (8000)")
+    p.add_argument(
+        "--workers", type=int, default=None, help="processes on that port; default: CD4ML_SERVICE_WORKERS (1)"
+    )
     p.set_defaults(func=cmd_serve)
 
     args = parser.parse_args(argv)

@@ -122,6 +122,19 @@ class Settings(BaseSettings):
     service_log_predictions: bool = Field(
         True, description="Log every served prediction under the data dir (`0` turns it off)."
     )
+    service_workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Processes of `cd4ml serve` (uvicorn workers on one port). Above 1 they share a "
+        "state folder (`service_state_dir`): readiness, `/v1/models`, staging, the canary's counts and "
+        "`/metrics` cover every process, whichever one answers.",
+    )
+    service_state_dir: Path | None = Field(
+        None,
+        description="Where the service's processes share their state when `service_workers` > 1 "
+        "(default: a fresh temporary folder per `cd4ml serve`, removed when it stops).",
+    )
     deploy_golden_rows: int = Field(
         50, ge=0, description="Holdout rows deployment sends to the service to prove it serves the champion."
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -19,10 +20,16 @@ from cd4ml.serving.models import ModelStore, Slot, StagingRefusedError
 from cd4ml.serving.payload import Problem
 from cd4ml.serving.payload import error_response as _error
 
+if TYPE_CHECKING:
+    from cd4ml.serving.workers import WorkerSync
+
 
 class Admin:
-    def __init__(self, store: ModelStore, token: str | None) -> None:
-        self.store, self.token = store, token
+    """`sync`: with several service processes, what one process does here every other one follows
+    (`cd4ml.serving.workers`); a staging PUT answers once every process has the version staged."""
+
+    def __init__(self, store: ModelStore, token: str | None, sync: WorkerSync | None = None) -> None:
+        self.store, self.token, self.sync = store, token, sync
 
     def denied(self, request: Request) -> JSONResponse | None:
         """None when the request carries the admin token; else the 401 (or 403: no token set)."""
@@ -78,6 +85,11 @@ class Admin:
             except Exception as err:  # noqa: BLE001 - MLflow unreachable: the caller may retry
                 why = f"could not load model '{model}' version {version}: {type(err).__name__}: {err}"
                 return _error(503, why)
+            if self.sync is not None:
+                status, why = await self.sync.staged_everywhere(model, slot.version)
+                if status != 200:
+                    return _error(status, f"model '{model}' version {version} not staged everywhere: {why}",
+                                  [Problem("version", "not staged by every service process")])  # fmt: skip
             return JSONResponse({"staged": slot.metadata()})
 
         @router.delete("/admin/models/{model}/staging")
@@ -85,7 +97,10 @@ class Admin:
             denied = self.denied(request)
             if denied is not None:
                 return denied
-            return JSONResponse({"dropped": store.candidates.unstage(model)})
+            dropped = store.candidates.unstage(model)
+            if self.sync is not None:
+                self.sync.order("staging", model, {"version": None})
+            return JSONResponse({"dropped": dropped})
 
         @router.post("/admin/reload")
         async def reload(request: Request) -> JSONResponse:
@@ -93,6 +108,8 @@ class Admin:
             if denied is not None:
                 return denied
             serving = await run_in_threadpool(store.reload_now)
+            if self.sync is not None:
+                self.sync.order("reload", None, {})
             refused = {f"{m}/{v}": why for (m, v), why in store.refused.items()}
             return JSONResponse({"serving": serving, "refused": refused})
 

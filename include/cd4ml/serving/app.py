@@ -18,7 +18,6 @@ the same OpenTelemetry spans when the OTEL_* variables name an endpoint (`cd4ml.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -46,7 +46,7 @@ from starlette.concurrency import run_in_threadpool
 
 from cd4ml.core.settings import Settings, get_settings
 from cd4ml.serving.admin_api import Admin
-from cd4ml.serving.canary import CHAMPION, CanaryRouting
+from cd4ml.serving.canary import CHAMPION, CanaryRouting, forget_series
 from cd4ml.serving.feedback_api import feedback_router
 from cd4ml.serving.models import ModelStore, Slot
 from cd4ml.serving.payload import PayloadError, Problem, check, read_limited
@@ -65,6 +65,16 @@ from cd4ml.serving.tracing import (
     RequestTrace,
     ServiceTracing,
 )
+from cd4ml.serving.workers import (
+    Board,
+    WorkerSync,
+    everywhere,
+    merged_canary,
+    readiness,
+    serving_versions,
+    worker_state,
+)
+from cd4ml.serving.workers import refused as fleet_refused
 
 log = logging.getLogger(__name__)
 INLINE_ROWS = 16  # small requests predict on the event loop; larger ones in the thread pool
@@ -112,21 +122,28 @@ class Metrics:
         self.errors = Counter(
             "cd4ml_request_errors", "Rejected or failed requests", ["model", "kind"], registry=r
         )
-        self.serving = Gauge("cd4ml_serving_version", "Model version being served", ["model"], registry=r)
+        # With several processes (multiprocess mode): the version the latest swap of any live process
+        # set; /v1/models/<m> lists every process's.
+        self.serving = Gauge("cd4ml_serving_version", "Model version being served", ["model"], registry=r,
+                             multiprocess_mode="livemostrecent")  # fmt: skip
         self.reloads = Counter(
             "cd4ml_model_reloads", "Model load events", ["model", "version", "outcome"], registry=r
         )
         self.unrecorded = Gauge(
             "cd4ml_champion_unrecorded",
             "1 while the champion alias points to a version without cd4ml's signed record (not served)",
-            ["model"], registry=r,
+            ["model"], registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
+        # Summed over processes, a stopped one's last value included (they only grow).
         self.log_dropped = Gauge(
-            "cd4ml_prediction_log_dropped_rows", "Rows not logged (queue full)", registry=r
-        )
-        self.log_written = Gauge("cd4ml_prediction_log_written_rows", "Rows written to the log", registry=r)
+            "cd4ml_prediction_log_dropped_rows", "Rows not logged (queue full)", registry=r,
+            multiprocess_mode="sum",
+        )  # fmt: skip
+        self.log_written = Gauge("cd4ml_prediction_log_written_rows", "Rows written to the log", registry=r,
+                                 multiprocess_mode="sum")  # fmt: skip
         # The standard process_* (memory, CPU, open files), python_info and python_gc_* series, as on
         # prometheus_client's default registry; this registry is the service's own, so they are added.
+        # (Several processes expose prometheus_client's multiprocess collection instead: not these.)
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         GCCollector(registry=r)
@@ -192,20 +209,43 @@ def create_app(
         if outcome == "shadowing":
             shadow_metrics.version.labels(model).set(float(version))
         elif outcome == "unshadowed":
-            with contextlib.suppress(KeyError):
-                shadow_metrics.version.remove(model)
+            forget_series(shadow_metrics.version, model)
         elif outcome == "loaded":
             metrics.serving.labels(model).set(float(version))
         elif outcome == "unloaded":  # the champion alias is gone: nothing is served for this model
-            with contextlib.suppress(KeyError):
-                metrics.serving.remove(model)
+            forget_series(metrics.serving, model)
 
     store = ModelStore(
         settings, poll_seconds=config.poll_seconds, on_event=on_event, signing_key=config.admin_token
     )
     canary = CanaryRouting(store.candidates.canaries, metrics.registry, config.max_rows, _predict)
     canary.refused = store.candidates.refused_canaries
-    predlog = PredictionLog(settings.data_dir)
+    board = Board.from_settings(settings)  # None: this is the only process
+    predlog = PredictionLog(settings.data_dir, shared=board is not None)
+
+    def refresh_gauges() -> None:
+        for model in store.known_models:
+            metrics.unrecorded.labels(model).set(1.0 if model in store.unrecorded else 0.0)
+        metrics.log_dropped.set(predlog.dropped)
+        metrics.log_written.set(predlog.written_rows)
+
+    sync: WorkerSync | None = None
+    if board is not None:
+
+        def published() -> dict[str, Any]:
+            refresh_gauges()  # each process's own series, collected across processes on /metrics
+            return worker_state(store)
+
+        def stage(model: str, version: str) -> None:
+            store.candidates.stage(model, version)
+
+        sync = WorkerSync(board, published, stage, store.candidates.unstage, store.refresh,
+                          store.versions_in_use)  # fmt: skip
+        live_board = board
+        canary.share_across(
+            lambda: {m: c for m in store.known_models
+                     if (c := merged_canary(live_board.live(), m, live_board.expected)) is not None}
+        )  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -217,7 +257,14 @@ def create_app(
         shadows.start()
         await run_in_threadpool(store.refresh)  # serve what already exists before the first request
         store.start()
+        if sync is not None:
+            sync.start()
         yield
+        if sync is not None:
+            sync.stop()
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(os.getpid())  # its live-mode gauges go with it
         store.stop()
         predlog.close()  # every queued prediction reaches disk on a clean shutdown
         await run_in_threadpool(shadows.close)  # and every shadow record
@@ -231,7 +278,7 @@ def create_app(
     if isinstance(tracing.sink, ExporterProcess):
         metrics.registry.register(ExporterMetrics(tracing.sink))
     app.state.tracing = tracing
-    admin = Admin(store, config.admin_token)
+    admin = Admin(store, config.admin_token, sync)
     app.include_router(admin.router())
     app.include_router(
         feedback_router(settings, max_body_bytes=config.max_body_bytes, max_rows=config.max_rows,
@@ -242,17 +289,28 @@ def create_app(
     def live() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/health/ready")
-    def ready() -> JSONResponse:
+    def readiness_now() -> dict[str, Any]:
+        """This process's readiness, and with several processes every one's: ready only when all are."""
         missing = [m for m in store.known_models if m not in store.slots]
-        body = {
+        body: dict[str, Any] = {
             "ready": not missing and bool(store.known_models),
-            "serving": {name: slot.version for name, slot in store.slots.items()},
+            "serving": {name: slot.version for name, slot in list(store.slots.items())},
             "waiting_for_champion": missing,
             "last_poll_error": store.last_poll_error,
             # Alias moves cd4ml did not make (not served): model -> what the alias points to and why.
             "unrecorded_champions": {m: why for m, (_, why) in list(store.unrecorded.items())},
         }
+        if board is not None:
+            fleet = readiness(board.live(), board.expected)
+            body["ready"] = body["ready"] and fleet["ready"]
+            body["waiting_for_champion"] = sorted(set(missing) | set(fleet["waiting_for_champion"]))
+            body["last_poll_error"] = body["last_poll_error"] or fleet["last_poll_error"]
+            body["processes"] = {k: fleet[k] for k in ("expected", "live", "ready_processes")}
+        return body
+
+    @app.get("/health/ready")
+    def ready() -> JSONResponse:
+        body = readiness_now()
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
     @app.get("/v1/models")
@@ -269,6 +327,8 @@ def create_app(
         unrecorded = store.unrecorded.get(model)
         if unrecorded is not None:
             refused[unrecorded[0]] = unrecorded[1]
+        if board is not None:  # a version any process refused
+            refused = fleet_refused(board.live(), model) | refused
         return refused
 
     @app.get("/v1/models/{model}")
@@ -282,6 +342,13 @@ def create_app(
         body["staged_version"] = staged.version if staged else None
         shadow = store.candidates.shadows.get(model)
         body["shadow_version"] = shadow.version if shadow else None
+        if board is not None:
+            # Every process's version (a deploy waits until they are one), and a staged or shadow
+            # version only once every process holds it.
+            states = board.live()
+            body["serving_versions"] = serving_versions(states, model)
+            body["staged_version"] = everywhere(states, "staged", model, board.expected)
+            body["shadow_version"] = everywhere(states, "shadow", model, board.expected)
         body |= canary.status(model)
         body["canary_version"] = body["canary"]["version"] if body["canary"] else None
         return JSONResponse(body)
@@ -520,15 +587,17 @@ def create_app(
     @app.get("/ping")
     def ping() -> Response:
         """As MLflow's server: 200 once every model is loaded, else 404 (with what is missing)."""
-        missing = [m for m in store.known_models if m not in store.slots]
-        if missing or not store.known_models:
+        now = readiness_now()
+        if not now["ready"]:
             return _failure(
                 MLFLOW,
                 404,
-                "not ready: waiting for a champion",
+                "not ready: waiting for a champion" if now["waiting_for_champion"] or not store.known_models
+                else "not ready: waiting for every service process",
                 [Problem("model", "no champion loaded yet")],
-                {"waiting_for_champion": missing},
-            )
+                {"waiting_for_champion": now["waiting_for_champion"], **({"processes": now["processes"]}
+                                                                       if "processes" in now else {})},
+            )  # fmt: skip
         return Response("\n", media_type="application/json")
 
     @app.get("/version")
@@ -549,7 +618,7 @@ def create_app(
     @app.get("/v2/health/ready")
     def oip_ready() -> JSONResponse:
         """OIP: 200 when ready, a 4xx when not (every spec'd model needs its champion loaded)."""
-        ok = bool(store.known_models) and all(m in store.slots for m in store.known_models)
+        ok = bool(readiness_now()["ready"])
         return JSONResponse({"ready": ok}, status_code=200 if ok else 400)
 
     def oip_model(model: str, version: str | None) -> JSONResponse:
@@ -593,18 +662,45 @@ def create_app(
 
     @app.get("/metrics")
     def prometheus() -> Response:
-        for model in store.known_models:
-            metrics.unrecorded.labels(model).set(1.0 if model in store.unrecorded else 0.0)
-        metrics.log_dropped.set(predlog.dropped)
-        metrics.log_written.set(predlog.written_rows)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        refresh_gauges()
+        if board is None:
+            return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        every = CollectorRegistry()  # every process's counters, histograms and gauges, merged
+        MultiProcessCollector(every, path=str(board.prometheus_dir))
+        every.register(canary.metrics.percentiles)  # over every process's canary requests
+        return Response(generate_latest(every), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
 
-def serve(host: str, port: int) -> None:
+def serve(host: str, port: int, workers: int | None = None) -> None:
+    """Run the service: one process, or `workers` (default `CD4ML_SERVICE_WORKERS`) uvicorn workers
+    on one port sharing a state folder (`cd4ml.serving.workers`)."""
+    import shutil
+    import tempfile
+
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(), host=host, port=port, workers=1, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=20)  # fmt: skip
+    settings = get_settings()
+    workers = workers or settings.service_workers
+    options: dict[str, Any] = {"host": host, "port": port, "log_level": "warning", "access_log": False,
+                               "timeout_graceful_shutdown": 20}  # fmt: skip
+    if workers == 1:
+        uvicorn.run(create_app(), workers=1, **options)
+        return
+    given = settings.service_state_dir
+    state_dir = given or Path(tempfile.mkdtemp(prefix="cd4ml-service-"))
+    board = Board(state_dir, workers)
+    board.reset()  # a previous run's states and metric files must not count as this run's
+    # The workers are spawned: they read these (prometheus_client when it is first imported).
+    os.environ["CD4ML_SERVICE_STATE_DIR"] = str(state_dir)
+    os.environ["CD4ML_SERVICE_WORKERS"] = str(workers)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(board.prometheus_dir)
+    try:
+        uvicorn.run("cd4ml.serving.app:create_app", factory=True, workers=workers, **options)
+    finally:
+        if given is None:
+            shutil.rmtree(state_dir, ignore_errors=True)

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import os
 import random
 import threading
 import time
@@ -41,6 +42,17 @@ TAIL_FLOOR = 2  # a side's p99 has at least this many slower requests above it
 # Each side's first answers after the canary starts are counted but not timed: a version just loaded
 # answers its first requests slower (cold caches, first calls), and the canary is always the new one.
 WARMUP_ANSWERS = 20
+
+
+def forget_series(gauge: Gauge, model: str) -> None:
+    """Drop a model's series of a version gauge. Several service processes share their values in
+    files (prometheus_client's multiprocess mode), where a series cannot be removed: it reads 0
+    there (no version) instead."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        gauge.labels(model).set(0.0)
+        return
+    with contextlib.suppress(KeyError):
+        gauge.remove(model)
 
 
 def canary_share(model: str, key: str) -> float:
@@ -146,20 +158,25 @@ class CanaryMetrics:
         )  # fmt: skip
         self.version = Gauge(
             "cd4ml_canary_version", "Version answering a share of live traffic (canary)", ["model"],
-            registry=registry,
+            registry=registry, multiprocess_mode="livemostrecent",
         )  # fmt: skip
         self.fraction = Gauge(
             "cd4ml_canary_fraction",
             "Share of live traffic routed to the canary",
             ["model"],
             registry=registry,
+            multiprocess_mode="livemostrecent",
         )
-        registry.register(_Percentiles(states))
+        self.percentiles = _Percentiles(lambda: {m: s.snapshot() for m, s in list(states.items())})
+        registry.register(self.percentiles)
 
 
 class _Percentiles(Collector):
-    def __init__(self, states: dict[str, CanaryState]) -> None:
-        self.states = states
+    """Each side's p50/p99 from `snapshots` (model -> a canary snapshot): this process's canaries, or
+    with several service processes every process's together (`cd4ml.serving.workers`)."""
+
+    def __init__(self, snapshots: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        self.snapshots = snapshots
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily(
@@ -167,8 +184,8 @@ class _Percentiles(Collector):
             "Each side's request time percentile (quantile 0.5, 0.99) since the canary began",
             labels=["model", "arm", "quantile"],
         )
-        for model, state in list(self.states.items()):
-            for arm, summary in state.snapshot()["arms"].items():
+        for model, snapshot in self.snapshots().items():
+            for arm, summary in snapshot["arms"].items():
                 for q, key in (("0.5", "p50_ms"), ("0.99", "p99_ms")):
                     if summary[key] is not None:
                         family.add_metric([model, arm, q], summary[key] / 1000)
@@ -195,6 +212,12 @@ class CanaryRouting:
         self.metrics = CanaryMetrics(registry, canaries)
         self.max_rows = max_rows
         self.predict = predict
+        # model -> the canary's snapshot: this process's; several service processes replace it with
+        # every process's together (cd4ml.serving.workers), here and on /metrics.
+        self.snapshots: Callable[[], dict[str, dict[str, Any]]] = self.metrics.percentiles.snapshots
+
+    def share_across(self, snapshots: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        self.snapshots = self.metrics.percentiles.snapshots = snapshots
 
     def on_event(self, model: str, outcome: str, version: str) -> None:
         if outcome == "canary":
@@ -202,13 +225,11 @@ class CanaryRouting:
             self.metrics.fraction.labels(model).set(self.canaries[model].fraction)
         elif outcome == "uncanaried":
             for gauge in (self.metrics.version, self.metrics.fraction):
-                with contextlib.suppress(KeyError):
-                    gauge.remove(model)
+                forget_series(gauge, model)
 
     def status(self, model: str) -> dict[str, Any]:
         """`canary` (its snapshot or None) and `refused_canary` (a canary alias it will not route to)."""
-        canary = self.canaries.get(model)
-        body: dict[str, Any] = {"canary": canary.snapshot() if canary else None}
+        body: dict[str, Any] = {"canary": self.snapshots().get(model)}
         refused = self.refused.get(model)
         if refused:
             body["refused_canary"] = {"version": refused[0], "why": refused[1]}

@@ -243,6 +243,14 @@ class ModelStore:
         if self._poller:
             self._poller.stop()
 
+    def versions_in_use(self, name: str) -> set[str]:
+        """Versions of `name` this store holds live: champion, canary, shadow."""
+        held = [self.slots.get(name), self.candidates.shadows.get(name)]
+        canary = self.candidates.canaries.get(name)
+        return {slot.version for slot in held if slot is not None} | (
+            {canary.slot.version} if canary else set()
+        )
+
     def reload_now(self) -> dict[str, str]:
         """Check every model now (admin action); returns the serving versions."""
         self.refresh()

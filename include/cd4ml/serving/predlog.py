@@ -76,8 +76,12 @@ class PredictionLog:
         flush_rows: int = 5_000,
         flush_seconds: float = 1.0,
         max_recent: int = 200_000,
+        shared: bool = False,
     ):
         self.data_dir = data_dir
+        # One of several service processes writing the same log: another process served (and will
+        # flush within `flush_seconds`) the ids this one's memory lacks.
+        self.shared = shared
         self.max_recent = max_recent
         # (model, request id) -> what was served; bounded, oldest out first. ~150 bytes an entry.
         self._recent: OrderedDict[tuple[str, str], Served] = OrderedDict()
@@ -142,6 +146,14 @@ class PredictionLog:
                 on_disk = find_requests(
                     ModelPaths.in_data_dir(self.data_dir, model), missing, memory_since=self._memory_since
                 )
+            missing -= on_disk.keys()
+            if missing and self.shared:
+                # Served by another process a moment ago: on disk once that process flushed.
+                time.sleep(2 * self.flush_seconds + 0.25)
+                with self._disk_lock:
+                    on_disk |= find_requests(
+                        ModelPaths.in_data_dir(self.data_dir, model), missing, refresh_seconds=0.0
+                    )
             for rid, served in on_disk.items():  # the next label for the same request stays in memory
                 self._remember(model, rid, served)
             found.update(on_disk)

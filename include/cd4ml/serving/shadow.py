@@ -75,7 +75,11 @@ class ShadowMetrics:
             buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
         )  # fmt: skip
         self.version = Gauge(
-            "cd4ml_shadow_version", "Version answering a copy of live traffic", ["model"], registry=registry
+            "cd4ml_shadow_version",
+            "Version answering a copy of live traffic",
+            ["model"],
+            registry=registry,
+            multiprocess_mode="livemostrecent",
         )
 
 

@@ -91,6 +91,10 @@ def service_state(endpoint: ServiceEndpoint, model: str) -> ServiceState:
     body = _json(resp)
     refused = {str(v): str(why) for v, why in (body.get("refused_versions") or {}).items()}
     version = str(body["version"]) if resp.status_code == 200 and "version" in body else None
+    every = body.get("serving_versions")
+    if version is not None and isinstance(every, dict) and set(map(str, every.values())) != {version}:
+        # A service of several processes: it serves `version` only once every process does.
+        version = None
     error = (
         None if resp.status_code == 200 else f"HTTP {resp.status_code}: {body.get('error', resp.text[:200])}"
     )
