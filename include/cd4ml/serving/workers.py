@@ -35,7 +35,7 @@ from typing import Any
 
 from cd4ml.core.settings import Settings
 from cd4ml.serving.canary import ARMS, LATENCY_WINDOW, Arm, CanaryState
-from cd4ml.serving.models import ModelStore
+from cd4ml.serving.models import ModelStore, StagingRefusedError
 
 log = logging.getLogger(__name__)
 TICK = 0.25  # seconds between a worker's publications and command checks
@@ -372,7 +372,7 @@ class WorkerSync:
             except LookupError as err:
                 self.staging_errors[model] = {"version": version, "status": 404, "error": str(err)}
             except Exception as err:  # noqa: BLE001 - reported to the PUT that waits for every worker
-                refused = type(err).__name__ == "StagingRefusedError"
+                refused = isinstance(err, StagingRefusedError)
                 self.staging_errors[model] = {
                     "version": version,
                     "status": 422 if refused else 503,
