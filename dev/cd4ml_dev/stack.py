@@ -158,6 +158,7 @@ def environment(cfg: StackConfig) -> dict[str, str]:
         "CD4ML_AIRFLOW_PORT": str(cfg.airflow_port),
         "CD4ML_MLFLOW_PORT": str(cfg.mlflow_port),
         "CD4ML_SERVICE_PORT": str(cfg.service_port),
+        "CD4ML_SERVICE_WORKERS": str(settings.service_workers),
         "CD4ML_SERVICE_URL": cfg.service_url,
         "CD4ML_SERVICE_ADMIN_TOKEN": sec["service_admin_token"],
         # Prometheus scrapes /cd4ml/metrics with it instead of an Airflow login (prometheus_config).

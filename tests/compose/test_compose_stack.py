@@ -191,6 +191,11 @@ def test_a_batch_in_the_data_volume_trains_on_celery_and_is_served(project: Comp
     body = {"dataframe_records": records}
     prediction = http_json(f"{project.url('CD4ML_SERVICE_PORT')}/v1/models/{MODEL}/predict", body=body)
     assert str(prediction.get("version")) == mv["version"], prediction
+    # The service runs as 2 processes (CD4ML_SERVICE_WORKERS in compose): both serve the champion.
+    ready = http_json(f"{project.url('CD4ML_SERVICE_PORT')}/health/ready")
+    assert ready["processes"] == {"expected": 2, "live": 2, "ready_processes": 2}, ready
+    every = http_json(f"{project.url('CD4ML_SERVICE_PORT')}/v1/models/{MODEL}")["serving_versions"]
+    assert sorted(every.values()) == [mv["version"]] * 2, every
 
 
 @pytest.mark.parametrize("workers", [2, 3])
