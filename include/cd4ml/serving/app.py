@@ -212,6 +212,10 @@ def create_app(
             forget_series(shadow_metrics.version, model)
         elif outcome == "loaded":
             metrics.serving.labels(model).set(float(version))
+            if sync is not None and sync.running:
+                # The other processes check MLflow within a tick, not a poll interval: the window in
+                # which two processes answer different versions stays well under a second.
+                sync.order("reload", None, {})
         elif outcome == "unloaded":  # the champion alias is gone: nothing is served for this model
             forget_series(metrics.serving, model)
 

@@ -301,6 +301,10 @@ class WorkerSync:
             thread.join(timeout=30)
         self.board.withdraw(self.pid)
 
+    @property
+    def running(self) -> bool:
+        return bool(self._threads) and not self._stop.is_set()
+
     def publish(self) -> None:
         body = self.state() | {"pid": self.pid, "at": time.time(), "started": self.started}
         body["staging_errors"] = dict(self.staging_errors)
