@@ -28,7 +28,13 @@ from cd4ml.core.settings import get_settings
 from cd4ml.core.spec import ModelSpec, load_spec
 from cd4ml.ml import training
 from cd4ml.serving.predlog import read_predictions
-from cd4ml.steps.deploy import ServiceEndpoint, smoke_test, stage_version, wait_until_serving
+from cd4ml.steps.deploy import (
+    ServiceEndpoint,
+    ServiceRefusedError,
+    smoke_test,
+    stage_version,
+    wait_until_serving,
+)
 from cd4ml_dev.datagen import generate_churn
 from cd4ml_dev.netutil import free_port, wait_http
 from tests.conftest import BIN, SERVICE_TOKEN
@@ -230,6 +236,19 @@ def test_readiness_drops_while_a_process_is_missing_and_returns_with_its_replace
     assert back["ready"] and back["processes"]["live"] == WORKERS, back
     now = httpx.get(f"{url}/v1/models/{model}", timeout=10).json()["serving_versions"]
     assert pids[0] not in now and len(now) == WORKERS
+
+    # A champion moved outside cd4ml (no signed record): every process refuses it, keeps serving the
+    # old one, and a deploy waiting for it fails at once saying why (not after its whole wait).
+    unsigned = register(fleet, spec, seed=7)
+    fleet["mlflow"].set_registered_model_alias(model, registry.CHAMPION, unsigned)
+    endpoint = ServiceEndpoint(url, SERVICE_TOKEN, wait_seconds=60)
+    began = time.monotonic()
+    with pytest.raises(ServiceRefusedError, match=f"refused version {unsigned}: .*cd4ml did not promote"):
+        wait_until_serving(endpoint, model, unsigned)
+    assert time.monotonic() - began < 30
+    meta = httpx.get(f"{url}/v1/models/{model}", timeout=10).json()
+    assert set(meta["serving_versions"].values()) == {meta["version"]} and meta["version"] != unsigned
+    assert unsigned in meta["refused_versions"], meta
 
 
 def test_the_canary_counts_and_feedback_cover_every_process(fleet: dict[str, Any]) -> None:
