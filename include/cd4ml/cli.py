@@ -184,6 +184,16 @@ def cmd_champion_sign(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of processes, 1 or more (not {text!r})")
+    return value
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from cd4ml.serving.app import serve
 
@@ -233,7 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default=None, help="default: CD4ML_SERVICE_HOST (127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="default: CD4ML_SERVICE_PORT (8000)")
     p.add_argument(
-        "--workers", type=int, default=None, help="processes on that port; default: CD4ML_SERVICE_WORKERS (1)"
+        "--workers",
+        type=_positive,
+        default=None,
+        help="processes on that port; default: CD4ML_SERVICE_WORKERS (1)",
     )
     p.set_defaults(func=cmd_serve)
 

@@ -246,10 +246,13 @@ def create_app(
         sync = WorkerSync(board, published, stage, store.candidates.unstage, store.refresh,
                           store.versions_in_use)  # fmt: skip
         live_board = board
-        canary.share_across(
-            lambda: {m: c for m in store.known_models
-                     if (c := merged_canary(live_board.live(), m, live_board.expected)) is not None}
-        )  # fmt: skip
+
+        def every_canary() -> dict[str, dict[str, Any]]:
+            states = live_board.live()
+            merged = {m: merged_canary(states, m, live_board.expected) for m in store.known_models}
+            return {m: c for m, c in merged.items() if c is not None}
+
+        canary.share_across(every_canary)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

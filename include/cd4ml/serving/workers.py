@@ -286,9 +286,8 @@ class WorkerSync:
         self.board.prepare()
         # Commands written before this worker started are history, except recent staging ones (a
         # worker restarted during a deploy stages what the others staged).
-        for kind in ("reload", "unstage"):
-            for model, cmd in self.board.commands(kind).items():
-                self._followed[(kind, model)] = cmd["stamp"]
+        for model, cmd in self.board.commands("reload").items():
+            self._followed[("reload", model)] = cmd["stamp"]
         self.publish()
         for name, loop in (("publish", self._publish_loop), ("follow", self._follow_loop)):
             thread = threading.Thread(target=loop, name=f"cd4ml-worker-{name}", daemon=True)
