@@ -65,16 +65,7 @@ from cd4ml.serving.tracing import (
     RequestTrace,
     ServiceTracing,
 )
-from cd4ml.serving.workers import (
-    Board,
-    WorkerSync,
-    everywhere,
-    merged_canary,
-    readiness,
-    serving_versions,
-    worker_state,
-)
-from cd4ml.serving.workers import refused as fleet_refused
+from cd4ml.serving.workers import Board, Fleet
 
 log = logging.getLogger(__name__)
 INLINE_ROWS = 16  # small requests predict on the event loop; larger ones in the thread pool
@@ -212,10 +203,8 @@ def create_app(
             forget_series(shadow_metrics.version, model)
         elif outcome == "loaded":
             metrics.serving.labels(model).set(float(version))
-            if sync is not None and sync.running:
-                # The other processes check MLflow within a tick, not a poll interval: the window in
-                # which two processes answer different versions stays well under a second.
-                sync.order("reload", None, {})
+            if fleet is not None:
+                fleet.swapped()
         elif outcome == "unloaded":  # the champion alias is gone: nothing is served for this model
             forget_series(metrics.serving, model)
 
@@ -233,26 +222,7 @@ def create_app(
         metrics.log_dropped.set(predlog.dropped)
         metrics.log_written.set(predlog.written_rows)
 
-    sync: WorkerSync | None = None
-    if board is not None:
-
-        def published() -> dict[str, Any]:
-            refresh_gauges()  # each process's own series, collected across processes on /metrics
-            return worker_state(store)
-
-        def stage(model: str, version: str) -> None:
-            store.candidates.stage(model, version)
-
-        sync = WorkerSync(board, published, stage, store.candidates.unstage, store.refresh,
-                          store.versions_in_use)  # fmt: skip
-        live_board = board
-
-        def every_canary() -> dict[str, dict[str, Any]]:
-            states = live_board.live()
-            merged = {m: merged_canary(states, m, live_board.expected) for m in store.known_models}
-            return {m: c for m, c in merged.items() if c is not None}
-
-        canary.share_across(every_canary)
+    fleet = None if board is None else Fleet.build(board, store, canary, refresh_gauges)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -264,14 +234,11 @@ def create_app(
         shadows.start()
         await run_in_threadpool(store.refresh)  # serve what already exists before the first request
         store.start()
-        if sync is not None:
-            sync.start()
+        if fleet is not None:
+            fleet.start()
         yield
-        if sync is not None:
-            sync.stop()
-            from prometheus_client import multiprocess
-
-            multiprocess.mark_process_dead(os.getpid())  # its live-mode gauges go with it
+        if fleet is not None:
+            fleet.stop()
         store.stop()
         predlog.close()  # every queued prediction reaches disk on a clean shutdown
         await run_in_threadpool(shadows.close)  # and every shadow record
@@ -285,7 +252,7 @@ def create_app(
     if isinstance(tracing.sink, ExporterProcess):
         metrics.registry.register(ExporterMetrics(tracing.sink))
     app.state.tracing = tracing
-    admin = Admin(store, config.admin_token, sync)
+    admin = Admin(store, config.admin_token, None if fleet is None else fleet.sync)
     app.include_router(admin.router())
     app.include_router(
         feedback_router(settings, max_body_bytes=config.max_body_bytes, max_rows=config.max_rows,
@@ -307,13 +274,7 @@ def create_app(
             # Alias moves cd4ml did not make (not served): model -> what the alias points to and why.
             "unrecorded_champions": {m: why for m, (_, why) in list(store.unrecorded.items())},
         }
-        if board is not None:
-            fleet = readiness(board.live(), board.expected)
-            body["ready"] = body["ready"] and fleet["ready"]
-            body["waiting_for_champion"] = sorted(set(missing) | set(fleet["waiting_for_champion"]))
-            body["last_poll_error"] = body["last_poll_error"] or fleet["last_poll_error"]
-            body["processes"] = {k: fleet[k] for k in ("expected", "live", "ready_processes")}
-        return body
+        return body if fleet is None else fleet.ready(body)
 
     @app.get("/health/ready")
     def ready() -> JSONResponse:
@@ -334,8 +295,8 @@ def create_app(
         unrecorded = store.unrecorded.get(model)
         if unrecorded is not None:
             refused[unrecorded[0]] = unrecorded[1]
-        if board is not None:  # a version any process refused
-            refused = fleet_refused(board.live(), model) | refused
+        if fleet is not None:  # a version any process refused
+            refused = fleet.refused(model) | refused
         return refused
 
     @app.get("/v1/models/{model}")
@@ -349,13 +310,8 @@ def create_app(
         body["staged_version"] = staged.version if staged else None
         shadow = store.candidates.shadows.get(model)
         body["shadow_version"] = shadow.version if shadow else None
-        if board is not None:
-            # Every process's version (a deploy waits until they are one), and a staged or shadow
-            # version only once every process holds it.
-            states = board.live()
-            body["serving_versions"] = serving_versions(states, model)
-            body["staged_version"] = everywhere(states, "staged", model, board.expected)
-            body["shadow_version"] = everywhere(states, "shadow", model, board.expected)
+        if fleet is not None:
+            body = fleet.model(body, model)
         body |= canary.status(model)
         body["canary_version"] = body["canary"]["version"] if body["canary"] else None
         return JSONResponse(body)
@@ -670,14 +626,10 @@ def create_app(
     @app.get("/metrics")
     def prometheus() -> Response:
         refresh_gauges()
-        if board is None:
+        if fleet is None:
             return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-        from prometheus_client.multiprocess import MultiProcessCollector
-
-        every = CollectorRegistry()  # every process's counters, histograms and gauges, merged
-        MultiProcessCollector(every, path=str(board.prometheus_dir))
-        every.register(canary.metrics.percentiles)  # over every process's canary requests
-        return Response(generate_latest(every), media_type=CONTENT_TYPE_LATEST)
+        # The canary's percentiles already cover every process (they read every process's samples).
+        return Response(fleet.metrics(canary.metrics.percentiles), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

@@ -33,8 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.registry import Collector
+
 from cd4ml.core.settings import Settings
-from cd4ml.serving.canary import ARMS, LATENCY_WINDOW, Arm, CanaryState
+from cd4ml.serving.canary import ARMS, LATENCY_WINDOW, Arm, CanaryRouting, CanaryState
 from cd4ml.serving.models import ModelStore, StagingRefusedError
 
 log = logging.getLogger(__name__)
@@ -401,3 +403,87 @@ def staging_outcome(
     if len(states) >= expected and all((s.get("staged") or {}).get(model) == version for s in states):
         return 200, ""
     return None
+
+
+@dataclass
+class Fleet:
+    """The service's view over all its processes, for `create_app` when there are several: this
+    process's `WorkerSync`, and every endpoint's answer widened from this process to all of them."""
+
+    board: Board
+    sync: WorkerSync
+
+    @classmethod
+    def build(
+        cls, board: Board, store: ModelStore, canary: CanaryRouting, refresh_gauges: Callable[[], None]
+    ) -> Fleet:
+        def published() -> dict[str, Any]:
+            refresh_gauges()  # this process's own series, collected across processes on /metrics
+            return worker_state(store)
+
+        def stage(model: str, version: str) -> None:
+            store.candidates.stage(model, version)
+
+        sync = WorkerSync(board, published, stage, store.candidates.unstage, store.refresh,
+                          store.versions_in_use)  # fmt: skip
+        fleet = cls(board, sync)
+
+        def every_canary() -> dict[str, dict[str, Any]]:
+            states = board.live()
+            merged = {m: merged_canary(states, m, board.expected) for m in store.known_models}
+            return {m: c for m, c in merged.items() if c is not None}
+
+        canary.share_across(every_canary)
+        return fleet
+
+    def start(self) -> None:
+        self.sync.start()
+
+    def stop(self) -> None:
+        from prometheus_client import multiprocess
+
+        self.sync.stop()
+        multiprocess.mark_process_dead(self.sync.pid)  # its live-mode gauges go with it
+
+    def swapped(self) -> None:
+        """This process serves a new champion: the others check MLflow within a tick, not at their
+        next poll, so two processes answer different versions for well under a second."""
+        if self.sync.running:
+            self.sync.order("reload", None, {})
+
+    def ready(self, body: dict[str, Any]) -> dict[str, Any]:
+        """This process's readiness `body`, ready only when every process is (and says how many)."""
+        fleet = readiness(self.board.live(), self.board.expected)
+        return body | {
+            "ready": body["ready"] and fleet["ready"],
+            "waiting_for_champion": sorted(
+                set(body["waiting_for_champion"]) | set(fleet["waiting_for_champion"])
+            ),
+            "last_poll_error": body["last_poll_error"] or fleet["last_poll_error"],
+            "processes": {k: fleet[k] for k in ("expected", "live", "ready_processes")},
+        }
+
+    def refused(self, model: str) -> dict[str, str]:
+        return refused(self.board.live(), model)
+
+    def model(self, body: dict[str, Any], model: str) -> dict[str, Any]:
+        """This process's metadata of `model` plus every process's version (a deploy waits until
+        they are one), and a staged or shadow version only once every process holds it."""
+        states = self.board.live()
+        return body | {
+            "serving_versions": serving_versions(states, model),
+            "staged_version": everywhere(states, "staged", model, self.board.expected),
+            "shadow_version": everywhere(states, "shadow", model, self.board.expected),
+        }
+
+    def metrics(self, *extra: Collector) -> bytes:
+        """Every process's counters, histograms and gauges, merged (prometheus_client's multiprocess
+        collection), plus `extra` collectors that already answer for every process."""
+        from prometheus_client import CollectorRegistry, generate_latest
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        every = CollectorRegistry()
+        MultiProcessCollector(every, path=str(self.board.prometheus_dir))
+        for collector in extra:
+            every.register(collector)
+        return generate_latest(every)
