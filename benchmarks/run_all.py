@@ -11,6 +11,8 @@ HERE = Path(__file__).resolve().parent
 RUNS: tuple[tuple[str, ...], ...] = (
     ("bench_training.py",),
     ("bench_serving.py",),
+    # Service processes and protocols; builds MLServer's own venv (uv, PyPI) on its first run.
+    ("bench_protocols.py",),
     ("bench_drift.py",),
     ("bench_feedback.py",),
     ("bench_tracing.py",),
