@@ -154,6 +154,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    """The `<model>__score` DAG's step in this process: what waits in score/, or `path` where it is."""
+    import getpass
+    from datetime import UTC, datetime
+
+    from cd4ml.core.spec import load_spec
+    from cd4ml.steps.batch_score import score_pending
+
+    settings = get_settings()
+    spec = load_spec(settings.specs_dir / f"{args.model}.yaml")
+    now = datetime.now(UTC).isoformat()
+    source = str(Path(args.path).expanduser().resolve()) if args.path else None
+    try:
+        run = score_pending(
+            spec, settings, run_id=f"cli__{now}", run_time=now, source=source,
+            trigger=f"manual: {getpass.getuser()} via cd4ml CLI", signing_key=settings.service_admin_token,
+        )  # fmt: skip
+    except Cd4mlError as err:
+        print(f"cd4ml: {args.model}__score: {type(err).__name__}:\n{err}", file=sys.stderr)
+        return 2
+    print(json.dumps(run.to_xcom(), indent=2))
+    return 0
+
+
 def cmd_champion_sign(args: argparse.Namespace) -> int:
     """Sign the current champion's record by hand: for champions promoted before cd4ml signed its
     promotions, which a service holding the admin token would not serve. Recorded with who and why."""
@@ -232,6 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reason", default="cd4ml train", help="why; recorded on the version and the run outcome")
     p.add_argument("--no-deploy", action="store_true", help="register and promote, but do not roll out")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("score", help="score files with the champion once, in this process, without Airflow")
+    p.add_argument("model")
+    p.add_argument(
+        "path", nargs="?", default=None,
+        help="a CSV/Parquet file or folder, scored where it is; default: what waits in the model's score/",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("champion", help="manage a model's champion record")
     p.add_argument("action", choices=["sign"])

@@ -40,7 +40,7 @@ def service_answers(env: dict[str, Any], model: str, rows: pd.DataFrame) -> dict
 
 
 def test_files_and_folders_are_scored_as_the_service_answers_with_rejects_quarantine_view_and_metrics(
-    env: dict[str, Any], tmp_path: Path
+    env: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from cd4ml.core.settings import get_settings
     from cd4ml.core.spec import load_spec
@@ -139,6 +139,14 @@ def test_files_and_folders_are_scored_as_the_service_answers_with_rejects_quaran
     states = run_dag(f"{model}__score", {"path": str(shared)})
     assert states["__run__"] == "success" and shared.exists()
     assert list_runs(_paths(model))[0]["rows_scored"] == 15
+    # The same step without Airflow: `cd4ml score <model> <path>` (a relative path is resolved).
+    from cd4ml.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["score", model, "shared.parquet"]) == 0
+    latest = list_runs(_paths(model))[0]
+    assert latest["rows_scored"] == 15 and "via cd4ml CLI" in latest["trigger"] and shared.exists()
+    assert '"rows_scored": 15' in capsys.readouterr().out  # the run's summary, as JSON
 
     # A champion moved outside cd4ml (its record broken) is refused, as the service refuses it.
     client = env["mlflow"]
@@ -154,7 +162,9 @@ def test_files_and_folders_are_scored_as_the_service_answers_with_rejects_quaran
         client.set_model_version_tag(model, "1", registry.SIGNATURE_TAG, signed)
 
 
-def test_with_no_champion_the_run_fails_once_and_the_files_wait(env: dict[str, Any]) -> None:
+def test_with_no_champion_the_run_fails_once_and_the_files_wait(
+    env: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
     from cd4ml.steps.batch_score import list_runs
 
     model = "unscored"
@@ -170,6 +180,11 @@ def test_with_no_champion_the_run_fails_once_and_the_files_wait(env: dict[str, A
     (record,) = list_runs(_paths(model))
     assert record["outcome"] == "failed" and "no champion yet" in record["error"]
     assert (score_dir / "a.csv").exists()
+    # `cd4ml score` says the same, by name, and leaves the file waiting.
+    from cd4ml.cli import main
+
+    assert main(["score", model]) == 2
+    assert "no champion yet" in capsys.readouterr().err and (score_dir / "a.csv").exists()
 
 
 def _paths(model: str) -> Any:
