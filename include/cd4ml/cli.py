@@ -222,8 +222,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cd4ml.serving.app import serve
 
     settings = get_settings()
-    serve(args.host or settings.service_host, args.port or settings.service_port, args.workers)
-    return 0
+    return serve(args.host or settings.service_host, args.port or settings.service_port, args.workers)
 
 
 def main(argv: list[str] | None = None) -> int:

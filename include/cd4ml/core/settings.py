@@ -126,7 +126,8 @@ class Settings(BaseSettings):
         1,
         ge=1,
         le=64,
-        description="Processes of `cd4ml serve` (uvicorn workers on one port). Above 1 they share a "
+        description="Processes of `cd4ml serve` on its port (each with its own socket: the kernel spreads "
+        "connections). Above 1 they share a "
         "state folder (`service_state_dir`): readiness, `/v1/models`, staging, the canary's counts and "
         "`/metrics` cover every process, whichever one answers.",
     )

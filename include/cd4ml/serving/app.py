@@ -634,9 +634,10 @@ def create_app(
     return app
 
 
-def serve(host: str, port: int, workers: int | None = None) -> None:
-    """Run the service: one process, or `workers` (default `CD4ML_SERVICE_WORKERS`) uvicorn workers
-    on one port sharing a state folder (`cd4ml.serving.workers`)."""
+def serve(host: str, port: int, workers: int | None = None) -> int:
+    """Run the service: one process, or `workers` (default `CD4ML_SERVICE_WORKERS`) processes on one
+    port (`cd4ml.serving.processes`) sharing a state folder (`cd4ml.serving.workers`). Returns the
+    exit status."""
     import shutil
     import tempfile
 
@@ -649,7 +650,7 @@ def serve(host: str, port: int, workers: int | None = None) -> None:
                                "timeout_graceful_shutdown": 20}  # fmt: skip
     if workers == 1:
         uvicorn.run(create_app(), workers=1, **options)
-        return
+        return 0
     given = settings.service_state_dir
     state_dir = given or Path(tempfile.mkdtemp(prefix="cd4ml-service-"))
     board = Board(state_dir, workers)
@@ -658,8 +659,10 @@ def serve(host: str, port: int, workers: int | None = None) -> None:
     os.environ["CD4ML_SERVICE_STATE_DIR"] = str(state_dir)
     os.environ["CD4ML_SERVICE_WORKERS"] = str(workers)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(board.prometheus_dir)
+    from cd4ml.serving.processes import supervise
+
     try:
-        uvicorn.run("cd4ml.serving.app:create_app", factory=True, workers=workers, **options)
+        return supervise(workers, options)  # each process on its own socket (SO_REUSEPORT)
     finally:
         if given is None:
             shutil.rmtree(state_dir, ignore_errors=True)

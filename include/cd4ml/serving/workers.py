@@ -1,9 +1,9 @@
 """N processes of the prediction service (`CD4ML_SERVICE_WORKERS`) on one port, answering as one.
 
-uvicorn starts N workers on one socket and each connection reaches one of them, so whatever a
-deploy, a probe or Prometheus asks must hold for all of them, whichever answers. Each worker
-publishes its state every `TICK` seconds to `<state dir>/workers/<pid>.json` (`Board`), and any
-worker answers for all (`Fleet`):
+`cd4ml.serving.processes` starts N uvicorn processes on one port and each connection reaches one of
+them, so whatever a deploy, a probe or Prometheus asks must hold for all of them, whichever answers.
+Each worker publishes its state every `TICK` seconds to `<state dir>/workers/<pid>.json` (`Board`),
+and any worker answers for all (`Fleet`):
 
 - readiness: ready only while `workers` processes are live (published within `LIVE_SECONDS`) and
   each has every spec'd champion loaded;
