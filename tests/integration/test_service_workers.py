@@ -217,12 +217,17 @@ def test_readiness_drops_while_a_process_is_missing_and_returns_with_its_replace
     assert wait_ready(url)["ready"]
     pids = list(httpx.get(f"{url}/v1/models/{model}", timeout=10).json()["serving_versions"])
     assert len(pids) == WORKERS
-    os.kill(int(pids[0]), signal.SIGKILL)  # a worker dies: uvicorn starts a new one
+    os.kill(int(pids[0]), signal.SIGKILL)  # a process dies: the supervisor starts a new one
 
     deadline = time.monotonic() + 30
     seen_down: dict[str, Any] | None = None
     while time.monotonic() < deadline and seen_down is None:
-        resp = httpx.get(f"{url}/health/ready", timeout=10)
+        try:
+            resp = httpx.get(f"{url}/health/ready", timeout=10)
+        except httpx.TransportError:
+            # A connection the kernel had queued on the dead process's own socket is reset (with
+            # sysctl net.ipv4.tcp_migrate_req=1 it would move to another process's): the client retries.
+            continue
         if resp.status_code == 503:
             seen_down = resp.json()
         time.sleep(0.2)
@@ -270,7 +275,7 @@ def test_the_canary_counts_and_feedback_cover_every_process(fleet: dict[str, Any
     status: dict[str, Any] = {}
     while time.monotonic() < deadline:
         status = httpx.get(f"{url}/v1/models/{model}/canary", timeout=10).json()
-        if status.get("canary"):
+        if (status.get("canary") or {}).get("processes") == WORKERS:  # every process routes to it
             break
         time.sleep(0.3)
     assert status["canary"] and status["canary"]["processes"] == WORKERS, status

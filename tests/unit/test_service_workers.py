@@ -3,6 +3,7 @@ published state says together, and how a process follows the others' commands.""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from cd4ml.serving.models import StagingRefusedError
 from cd4ml.serving.workers import (
     LIVE_SECONDS,
+    STAGING_WAIT,
     Board,
     WorkerSync,
     everywhere,
@@ -63,7 +65,7 @@ def canary(version: str, requests: int, micros: list[int], since: float) -> dict
             "arms": {"champion": side, "canary": side}}  # fmt: skip
 
 
-def test_a_canary_is_judged_on_every_process_together_or_not_at_all() -> None:
+def test_a_canary_is_judged_on_every_process_that_runs_it() -> None:
     fast, slow = [1000] * 100, [50_000] * 100  # 1 ms on one process, 50 ms on the other
     states = [
         state(1, {"a": "1"}, canary={"a": canary("2", 100, fast, since=10.0)}),
@@ -74,23 +76,33 @@ def test_a_canary_is_judged_on_every_process_together_or_not_at_all() -> None:
     assert merged["arms"]["canary"]["requests"] == 200
     assert merged["arms"]["canary"]["p99_ms"] == 50.0  # the slow process's tail is the canary's
     assert merged["arms"]["canary"]["p50_ms"] in (1.0, 50.0)
-    assert merged_canary(states[:1], "a", 2) is None  # one process has not reported yet
-    states[1]["canary"] = {"a": canary("3", 100, slow, since=5.0)}
-    assert merged_canary(states, "a", 2) is None  # two different canaries: not judged on a mix
-    states[1]["canary"] = {}
-    assert merged_canary(states, "a", 2) is None
+    # A process missing (restarting) leaves its share out: the canary does not vanish, or the deploy
+    # step would read "the alias moved" and end it.
+    alone = merged_canary(states[:1], "a", 2)
+    assert alone is not None and alone["processes"] == 1 and alone["arms"]["canary"]["requests"] == 100
+    # Processes following different canaries (the alias just moved): the one most of them run.
+    third = state(3, {"a": "1"}, canary={"a": canary("3", 7, slow, since=20.0)})
+    mixed = merged_canary([*states, third], "a", 3)
+    assert mixed is not None and mixed["version"] == "2" and mixed["arms"]["canary"]["requests"] == 200
+    assert merged_canary([state(1, {"a": "1"}), state(2, {"a": "1"})], "a", 2) is None
 
 
 def test_staging_answers_once_all_staged_or_one_could_not() -> None:
     states = [state(1, {"a": "1"}, staged={"a": "2"}), state(2, {"a": "1"}, staged={})]
-    assert staging_outcome(states, "a", "2", 2) is None
-    states[1]["staging_errors"] = {"a": {"version": "2", "status": 503, "error": "MLflow unreachable"}}
-    assert staging_outcome(states, "a", "2", 2) is None  # transient: that process tries again
-    states[1]["staging_errors"] = {"a": {"version": "2", "status": 422, "error": "sanity check failed"}}
-    assert staging_outcome(states, "a", "2", 2) == (422, "worker 2: sanity check failed")
-    states[1]["staging_errors"] = {"a": {"version": "1", "status": 422, "error": "an older version"}}
+    assert staging_outcome(states, "a", "2", 2, "s1") is None
+
+    def failed(status: int, error: str, version: str = "2", stamp: str = "s1") -> dict[str, Any]:
+        return {"a": {"version": version, "stamp": stamp, "status": status, "error": error}}
+
+    states[1]["staging_errors"] = failed(503, "MLflow unreachable")
+    assert staging_outcome(states, "a", "2", 2, "s1") is None  # transient: that process tries again
+    states[1]["staging_errors"] = failed(422, "sanity check failed", stamp="s0")
+    assert staging_outcome(states, "a", "2", 2, "s1") is None  # an earlier PUT's failure: not this one's
+    states[1]["staging_errors"] = failed(422, "sanity check failed")
+    assert staging_outcome(states, "a", "2", 2, "s1") == (422, "worker 2: sanity check failed")
+    states[1]["staging_errors"] = failed(422, "an older version", version="1")
     states[1]["staged"] = {"a": "2"}
-    assert staging_outcome(states, "a", "2", 2) == (200, "")
+    assert staging_outcome(states, "a", "2", 2, "s1") == (200, "")
 
 
 def test_the_board_counts_running_processes_that_published_lately(tmp_path: Path) -> None:
@@ -153,20 +165,33 @@ def test_a_process_follows_each_command_once(tmp_path: Path) -> None:
     assert fake.calls == [("reload",), ("stage", "a", "2")]
 
     fake.calls.clear()
-    fake.fail = ConnectionError("mlflow down")  # transient: tried on every tick until it works
-    board.command("staging", "a", {"version": "3"})
+    fake.fail = ConnectionError("mlflow down")  # transient: tried again a little later
+    sent = board.command("staging", "a", {"version": "3"})
     sync.follow()
-    assert sync.staging_errors["a"]["status"] == 503
+    assert sync.staging_errors["a"]["status"] == 503 and sync.staging_errors["a"]["stamp"] == sent["stamp"]
+    sync.follow()  # not at once: after RETRY_SECONDS
+    assert fake.calls == [("stage", "a", "3")]
+    sync._retry_at.clear()
     fake.fail = StagingRefusedError("sanity check failed")
     sync.follow()
-    assert sync.staging_errors["a"] == {"version": "3", "status": 422, "error": "sanity check failed"}
+    assert sync.staging_errors["a"] == {"version": "3", "stamp": sent["stamp"], "status": 422,
+                                        "error": "sanity check failed"}  # fmt: skip
     sync.follow()  # refused for good: not tried again
     assert fake.calls == [("stage", "a", "3")] * 2
 
     fake.calls.clear()
-    fake.held = {"4"}  # promoted meanwhile: already live here, not loaded again
+    fake.fail = None
+    sync.order("reload", None, {})  # this process's own command: it acted itself, its follower skips it
+    sync.follow()
+    assert fake.calls == []
+    fake.held = {"4"}  # already live here: a current command is still followed (as one process does)
     board.command("staging", "a", {"version": "4"})
     sync.follow()
+    assert fake.calls == [("stage", "a", "4")]
+    fake.calls.clear()
+    late = board.command("staging", "a", {"version": "4"}) | {"at": time.time() - 3 * STAGING_WAIT}
+    (board.commands_dir / "staging.a.json").write_text(json.dumps(late))
+    sync.follow()  # an old command for a version this process serves: promoted meanwhile, not loaded
     assert fake.calls == []
     board.command("staging", "a", {"version": None})
     sync.follow()

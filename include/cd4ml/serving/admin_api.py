@@ -75,6 +75,12 @@ class Admin:
             if not isinstance(version, (str, int)) or isinstance(version, bool) or not str(version).strip():
                 return _error(422, 'body must be {"version": "<registered version>"}',
                               [Problem("version", "required: the registered version to stage")])  # fmt: skip
+            # With several processes the others start loading it now, beside this one.
+            stamp = (
+                None
+                if self.sync is None
+                else self.sync.order("staging", model, {"version": str(version).strip()})
+            )
             try:
                 slot = await run_in_threadpool(store.candidates.stage, model, str(version).strip())
             except LookupError as err:
@@ -85,8 +91,8 @@ class Admin:
             except Exception as err:  # noqa: BLE001 - MLflow unreachable: the caller may retry
                 why = f"could not load model '{model}' version {version}: {type(err).__name__}: {err}"
                 return _error(503, why)
-            if self.sync is not None:
-                status, why = await self.sync.staged_everywhere(model, slot.version)
+            if self.sync is not None and stamp is not None:
+                status, why = await self.sync.staged_everywhere(model, slot.version, stamp)
                 if status != 200:
                     return _error(status, f"model '{model}' version {version} not staged everywhere: {why}",
                                   [Problem("version", "not staged by every service process")])  # fmt: skip

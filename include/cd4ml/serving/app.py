@@ -222,7 +222,7 @@ def create_app(
         metrics.log_dropped.set(predlog.dropped)
         metrics.log_written.set(predlog.written_rows)
 
-    fleet = None if board is None else Fleet.build(board, store, canary, refresh_gauges)
+    fleet = None if board is None else Fleet.build(board, store, canary, predlog, refresh_gauges)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -648,9 +648,12 @@ def serve(host: str, port: int, workers: int | None = None) -> int:
     workers = workers or settings.service_workers
     options: dict[str, Any] = {"host": host, "port": port, "log_level": "warning", "access_log": False,
                                "timeout_graceful_shutdown": 20}  # fmt: skip
-    if workers == 1:
-        uvicorn.run(create_app(), workers=1, **options)
+    if workers == 1:  # whatever CD4ML_SERVICE_WORKERS says: this process is the whole service
+        uvicorn.run(create_app(settings.model_copy(update={"service_workers": 1})), workers=1, **options)
         return 0
+    from cd4ml.serving.processes import check_free, supervise
+
+    check_free(host, port)  # before anything is reset: a second `cd4ml serve` must not touch the first
     given = settings.service_state_dir
     state_dir = given or Path(tempfile.mkdtemp(prefix="cd4ml-service-"))
     board = Board(state_dir, workers)
@@ -659,8 +662,6 @@ def serve(host: str, port: int, workers: int | None = None) -> int:
     os.environ["CD4ML_SERVICE_STATE_DIR"] = str(state_dir)
     os.environ["CD4ML_SERVICE_WORKERS"] = str(workers)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(board.prometheus_dir)
-    from cd4ml.serving.processes import supervise
-
     try:
         return supervise(workers, options)  # each process on its own socket (SO_REUSEPORT)
     finally:

@@ -29,7 +29,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -79,9 +79,12 @@ class PredictionLog:
         shared: bool = False,
     ):
         self.data_dir = data_dir
-        # One of several service processes writing the same log: another process served (and will
-        # flush within `flush_seconds`) the ids this one's memory lacks.
+        # One of several service processes writing the same log: another process may have served the
+        # ids this one's memory lacks; `others_written_through` (set by the app) says until when
+        # every process has written what it was given (epoch seconds), so a lookup waits for that.
         self.shared = shared
+        self.others_written_through: Callable[[], float] | None = None
+        self.written_through = time.time()  # every entry put before this time is on disk
         self.max_recent = max_recent
         # (model, request id) -> what was served; bounded, oldest out first. ~150 bytes an entry.
         self._recent: OrderedDict[tuple[str, str], Served] = OrderedDict()
@@ -131,6 +134,7 @@ class PredictionLog:
     def lookup(self, model: str, request_ids: Iterable[str]) -> dict[str, Served]:
         """Which of `request_ids` this log holds for `model`: recent ones from memory, the rest from
         the day indexes on disk (reads files: call it off the event loop)."""
+        asked = time.time()
         found: dict[str, Served] = {}
         missing: set[str] = set()
         with self._recent_lock:
@@ -147,9 +151,8 @@ class PredictionLog:
                     ModelPaths.in_data_dir(self.data_dir, model), missing, memory_since=self._memory_since
                 )
             missing -= on_disk.keys()
-            if missing and self.shared:
-                # Served by another process a moment ago: on disk once that process flushed.
-                time.sleep(2 * self.flush_seconds + 0.25)
+            if missing and self.shared and self._others_caught_up(asked):
+                # Perhaps served by another process a moment ago: on disk now that it has flushed.
                 with self._disk_lock:
                     on_disk |= find_requests(
                         ModelPaths.in_data_dir(self.data_dir, model), missing, refresh_seconds=0.0
@@ -158,6 +161,20 @@ class PredictionLog:
                 self._remember(model, rid, served)
             found.update(on_disk)
         return found
+
+    def _others_caught_up(self, since: float) -> bool:
+        """Wait until every process has written what it was given before `since` (usually within a
+        quarter second; a process whose disk lags is waited for up to a few flush periods)."""
+        if self.others_written_through is None:
+            return False
+        deadline = time.monotonic() + 4 * self.flush_seconds + 2.0
+        while self.others_written_through() < since:
+            if time.monotonic() > deadline:
+                log.warning("other service processes have not flushed their prediction logs; "
+                            "looking up what is on disk")  # fmt: skip
+                break
+            time.sleep(0.05)
+        return True
 
     def close(self, timeout: float = 30.0) -> None:
         """Drain everything queued so far, then stop."""
@@ -169,6 +186,7 @@ class PredictionLog:
         rows = 0
         last = time.monotonic()
         while True:
+            mark = time.time()  # every entry put before it is in `pending` or in the queue
             try:
                 entry = self.queue.get(timeout=0.2)
                 pending.append(entry)
@@ -180,6 +198,8 @@ class PredictionLog:
             if pending and (due or stopping):
                 self._write(pending)
                 pending, rows, last = [], 0, time.monotonic()
+            if not pending and self.queue.empty():
+                self.written_through = mark
             if stopping:
                 return
 

@@ -34,31 +34,41 @@ class PortInUseError(Cd4mlError):
     """The service's port is taken (by another program, or a `cd4ml serve` still running)."""
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening-ready socket on (host, port) that other processes may bind too (SO_REUSEPORT)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+def _address(host: str, port: int) -> tuple[socket.AddressFamily, Any]:
     try:
-        sock.bind((host, port))
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]  # fmt: skip
+    except OSError as err:
+        raise PortInUseError(f"cannot listen on {host}:{port}: {err} (CD4ML_SERVICE_HOST)") from None
+    return family, address
+
+
+def _socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
+    family, address = _address(host, port)
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as err:
+        raise PortInUseError(f"cannot listen on {host}:{port}: {err} (CD4ML_SERVICE_HOST)") from None
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind(address)
     except OSError as err:
         sock.close()
         raise PortInUseError(f"cannot listen on {host}:{port}: {err.strerror} (CD4ML_SERVICE_PORT)") from None
     return sock
 
 
-def _check_free(host: str, port: int) -> None:
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port) that the other processes bind too (SO_REUSEPORT)."""
+    return _socket(host, port, reuse_port=True)
+
+
+def check_free(host: str, port: int) -> None:
     """Fail once, clearly, if anything listens on the port already (an older `cd4ml serve` too: the
     processes' SO_REUSEPORT would otherwise share the port with it)."""
-    probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        probe.bind((host, port))
-    except OSError as err:
-        raise PortInUseError(f"cannot listen on {host}:{port}: {err.strerror} (CD4ML_SERVICE_PORT)") from None
-    finally:
-        probe.close()
+    _socket(host, port, reuse_port=False).close()
 
 
 def _worker(options: dict[str, Any]) -> None:  # pragma: no cover - runs in the spawned process
@@ -70,9 +80,20 @@ def _worker(options: dict[str, Any]) -> None:  # pragma: no cover - runs in the 
     uvicorn.Server(config).run(sockets=[sock])
 
 
+def _forget(pid: int | None) -> None:
+    """A process that died without shutting down: its live-mode gauges (prometheus_client's
+    multiprocess files) must not count any more, as a clean shutdown removes them."""
+    import os
+
+    if pid is not None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
+
+
 def supervise(workers: int, options: dict[str, Any]) -> int:
     """Run `workers` processes until SIGTERM/SIGINT; the exit status (0, or 1 if they kept failing)."""
-    _check_free(options["host"], options["port"])
+    check_free(options["host"], options["port"])
     context = multiprocessing.get_context("spawn")
     stopping = threading.Event()
 
@@ -100,6 +121,7 @@ def supervise(workers: int, options: dict[str, Any]) -> int:
             log.warning(
                 "service process %s exited (code %s); starting another", process.pid, process.exitcode
             )
+            _forget(process.pid)
             if failures >= QUICK_FAILURES:
                 log.error("service processes fail at start-up (%d in a row): stopping; see the log above",
                           failures)  # fmt: skip

@@ -38,6 +38,7 @@ from prometheus_client.registry import Collector
 from cd4ml.core.settings import Settings
 from cd4ml.serving.canary import ARMS, LATENCY_WINDOW, Arm, CanaryRouting, CanaryState
 from cd4ml.serving.models import ModelStore, StagingRefusedError
+from cd4ml.serving.predlog import PredictionLog
 
 log = logging.getLogger(__name__)
 TICK = 0.25  # seconds between a worker's publications and command checks
@@ -46,6 +47,7 @@ FORGET_SECONDS = 120.0  # a dead worker's state file is removed after this long
 COMMAND_TTL = 900.0  # a worker started later does not act on commands older than this
 SHARED_SAMPLES = 5_000  # latest canary request times per side each worker shares
 STAGING_WAIT = 25.0  # a staging PUT waits this long for every worker (then 503: the deploy retries)
+RETRY_SECONDS = 5.0  # a worker retries a staging that failed transiently after this long
 
 
 def _write_json(path: Path, body: dict[str, Any]) -> None:
@@ -137,9 +139,11 @@ class Board:
                     path.unlink()
         return states
 
-    def command(self, kind: str, model: str | None, body: dict[str, Any]) -> dict[str, Any]:
+    def command(
+        self, kind: str, model: str | None, body: dict[str, Any], stamp: str | None = None
+    ) -> dict[str, Any]:
         """Write a command for every worker; it carries a fresh stamp, so each acts on it once."""
-        body = {**body, "stamp": uuid.uuid4().hex, "at": time.time()}
+        body = {**body, "stamp": stamp or uuid.uuid4().hex, "at": time.time()}
         _write_json(self.commands_dir / f"{kind}{'' if model is None else '.' + model}.json", body)
         return body
 
@@ -199,17 +203,22 @@ def refused(states: list[dict[str, Any]], model: str) -> dict[str, str]:
 
 
 def merged_canary(states: list[dict[str, Any]], model: str, expected: int) -> dict[str, Any] | None:
-    """The canary's snapshot over every worker (as `CanaryState.snapshot` gives one worker's): counts
-    summed, latencies merged; None until every one of `expected` live workers runs the same canary."""
-    shared = [(s.get("canary") or {}).get(model) for s in states]
-    if len(states) < expected or not shared or any(c is None for c in shared):
+    """The canary's snapshot over every live worker that runs it (as `CanaryState.snapshot` gives one
+    worker's): counts summed, latencies merged. None when no live worker runs a canary of `model`.
+
+    A worker missing (restarting) or not yet following the alias leaves its share out rather than
+    hiding the canary: the deploy step reads "no canary" as the alias moved away and ends it. While
+    workers follow different canaries (an alias just moved), the one most of them run counts."""
+    parts = [c for s in states if (c := (s.get("canary") or {}).get(model)) is not None]
+    if not parts:
         return None
-    parts = [c for c in shared if c is not None]
-    if len({(c["version"], c["champion_version"]) for c in parts}) != 1:
-        return None  # a worker still follows an older canary or champion: not judged on a mix
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for c in parts:
+        groups.setdefault((str(c["version"]), str(c["champion_version"])), []).append(c)
+    parts = max(groups.values(), key=lambda g: (len(g), max(float(c["since"]) for c in g)))
     arms = {}
     for arm in ARMS:
-        merged = Arm(seconds=deque(maxlen=LATENCY_WINDOW * max(1, len(parts))))
+        merged = Arm(seconds=deque(maxlen=LATENCY_WINDOW * len(parts)))
         for c in parts:
             side = c["arms"][arm]
             merged.requests += int(side["requests"])
@@ -227,6 +236,7 @@ def merged_canary(states: list[dict[str, Any]], model: str, expected: int) -> di
         "sticky_key": first["sticky_key"],
         "arms": arms,
         "processes": len(parts),
+        "expected_processes": expected,
     }
 
 
@@ -281,6 +291,7 @@ class WorkerSync:
     started: float = field(default_factory=time.time)
     staging_errors: dict[str, dict[str, Any]] = field(default_factory=dict)
     _followed: dict[tuple[str, str | None], str] = field(default_factory=dict)
+    _retry_at: dict[str, float] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
 
@@ -297,9 +308,11 @@ class WorkerSync:
             self._threads.append(thread)
 
     def stop(self) -> None:
+        """Stop publishing and following (a model load in progress finishes on its own: daemon
+        threads, not waited for long, so the prediction log drains within the stop timeout)."""
         self._stop.set()
         for thread in self._threads:
-            thread.join(timeout=30)
+            thread.join(timeout=1.0)
         self.board.withdraw(self.pid)
 
     @property
@@ -328,28 +341,35 @@ class WorkerSync:
     def mark_followed(self, kind: str, model: str | None, command: dict[str, Any]) -> None:
         self._followed[(kind, model)] = command["stamp"]
 
-    def order(self, kind: str, model: str | None, body: dict[str, Any]) -> None:
-        """A command for every other worker (this one has acted on it already)."""
-        self.mark_followed(kind, model, self.board.command(kind, model, body))
+    def order(self, kind: str, model: str | None, body: dict[str, Any]) -> str:
+        """A command for every other worker (this one acts on it itself); returns its stamp."""
+        stamp = uuid.uuid4().hex
+        self._followed[(kind, model)] = stamp  # before it is written: this worker's follower skips it
+        self.board.command(kind, model, body, stamp)
         self.publish()
+        return stamp
 
     async def staged_everywhere(
-        self, model: str, version: str, wait: float = STAGING_WAIT
+        self, model: str, version: str, stamp: str, wait: float = STAGING_WAIT
     ) -> tuple[int, str]:
-        """After this worker staged `version`: every other one stages it too. (200, "") once every
-        live worker has it; (4xx, why) if one cannot; (503, why) if they are not done within `wait`."""
-        self.order("staging", model, {"version": version})
+        """Once this worker staged `version` (ordered as `stamp` before it began, so the others load
+        it meanwhile): (200, "") when every live worker has it; (4xx, why) if one cannot; (503, why)
+        if they are not done within `wait`."""
+        self.publish()
         deadline = time.monotonic() + wait
         while True:
             states = self.board.live()
-            outcome = staging_outcome(states, model, version, self.board.expected)
+            outcome = staging_outcome(states, model, version, self.board.expected, stamp)
             if outcome is not None:
                 return outcome
             if time.monotonic() >= deadline:
                 have = sum((st.get("staged") or {}).get(model) == version for st in states)
+                errors = [(st.get("staging_errors") or {}).get(model) for st in states]
+                transient = [e["error"] for e in errors if e and e.get("stamp") == stamp]
                 return 503, (
                     f"staged by {have} of {self.board.expected} service processes after {wait:.0f} s "
-                    "(the others are still loading it or cannot reach MLflow); try again"
+                    f"({'; '.join(transient[:2]) if transient else 'the others are still loading it'}); "
+                    "try again"
                 )
             await asyncio.sleep(TICK / 2)
 
@@ -368,23 +388,31 @@ class WorkerSync:
             if version is None:
                 self.mark_followed("staging", model, cmd)
                 self.unstage(model)
+                self.publish()
                 continue
-            if time.time() - float(cmd["at"]) > COMMAND_TTL or version in self.in_use(model):
+            age = time.time() - float(cmd["at"])
+            # A worker started after the deploy that staged it (within the TTL) stages it too, unless
+            # it serves it already (promoted meanwhile); a current command is followed as given.
+            if age > COMMAND_TTL or (age > 2 * STAGING_WAIT and version in self.in_use(model)):
                 self.mark_followed("staging", model, cmd)
                 continue
+            if time.monotonic() < self._retry_at.get(model, 0.0):
+                continue
+            error = {"version": version, "stamp": cmd["stamp"]}
             try:
                 self.stage(model, str(version))
             except LookupError as err:
-                self.staging_errors[model] = {"version": version, "status": 404, "error": str(err)}
+                self.staging_errors[model] = error | {"status": 404, "error": str(err)}
             except Exception as err:  # noqa: BLE001 - reported to the PUT that waits for every worker
                 refused = isinstance(err, StagingRefusedError)
-                self.staging_errors[model] = {
-                    "version": version,
+                self.staging_errors[model] = error | {
                     "status": 422 if refused else 503,
                     "error": str(err) if refused else f"{type(err).__name__}: {err}",
                 }
-                if not refused:
-                    continue  # transient (MLflow unreachable): tried again on the next tick
+                if not refused:  # transient (MLflow unreachable): tried again a little later
+                    self._retry_at[model] = time.monotonic() + RETRY_SECONDS
+                    self.publish()
+                    continue
             else:
                 self.staging_errors.pop(model, None)
             self.mark_followed("staging", model, cmd)
@@ -392,14 +420,16 @@ class WorkerSync:
 
 
 def staging_outcome(
-    states: list[dict[str, Any]], model: str, version: str, expected: int
+    states: list[dict[str, Any]], model: str, version: str, expected: int, stamp: str | None = None
 ) -> tuple[int, str] | None:
     """None while workers are still staging; (200, "") once every live worker (at least `expected`)
-    staged `version`; (status, why) when one could not (422 refused, 404 unknown, 503 transient)."""
+    staged `version`; (status, why) when one could not following the command `stamp` (422 refused,
+    404 unknown; a transient 503 is retried by that worker, so it is still staging)."""
     for s in states:
         error = (s.get("staging_errors") or {}).get(model)
-        if error and str(error.get("version")) == version and error.get("status") != 503:
-            return int(error["status"]), f"worker {s['pid']}: {error['error']}"
+        if error and error.get("stamp") == stamp and str(error.get("version")) == version:
+            if error.get("status") != 503:
+                return int(error["status"]), f"worker {s['pid']}: {error['error']}"
     if len(states) >= expected and all((s.get("staged") or {}).get(model) == version for s in states):
         return 200, ""
     return None
@@ -415,11 +445,12 @@ class Fleet:
 
     @classmethod
     def build(
-        cls, board: Board, store: ModelStore, canary: CanaryRouting, refresh_gauges: Callable[[], None]
-    ) -> Fleet:
+        cls, board: Board, store: ModelStore, canary: CanaryRouting, predlog: PredictionLog,
+        refresh_gauges: Callable[[], None],
+    ) -> Fleet:  # fmt: skip
         def published() -> dict[str, Any]:
             refresh_gauges()  # this process's own series, collected across processes on /metrics
-            return worker_state(store)
+            return worker_state(store) | {"log_written_through": predlog.written_through}
 
         def stage(model: str, version: str) -> None:
             store.candidates.stage(model, version)
@@ -434,6 +465,11 @@ class Fleet:
             return {m: c for m, c in merged.items() if c is not None}
 
         canary.share_across(every_canary)
+
+        def written_through() -> float:  # until when every process's prediction log is on disk
+            return min((float(s.get("log_written_through", 0.0)) for s in board.live()), default=0.0)
+
+        predlog.others_written_through = written_through
         return fleet
 
     def start(self) -> None:
