@@ -149,7 +149,9 @@ def counted(url: str, model: str) -> float:
     return sum(float(v) for v in re.findall(pattern, text, flags=re.M))
 
 
-def test_a_swap_across_every_process_fails_nothing_and_logs_every_row_once(fleet: dict[str, Any]) -> None:
+def test_a_swap_across_every_process_fails_nothing_and_logs_every_row_once(
+    fleet: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     url, model = fleet["url"], "fleet_swap"
     spec = load_spec(write_spec(fleet["specs"], model, estimator=WEAK, promotion__floor=None))
     first = register(fleet, spec, seed=1)
@@ -163,6 +165,8 @@ def test_a_swap_across_every_process_fails_nothing_and_logs_every_row_once(fleet
     spec = load_spec(write_spec(fleet["specs"], model, estimator=LOGREG, promotion__floor=None))
     second = register(fleet, spec, seed=2)
     endpoint = ServiceEndpoint(url, SERVICE_TOKEN, wait_seconds=60)
+    # The smoke test computes the offline predictions from this MLflow, as the deploy task does.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", fleet["tracking_uri"])
     settings = get_settings()
     with Load(url, model) as load:
         time.sleep(2)
