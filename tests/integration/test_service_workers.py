@@ -28,6 +28,7 @@ from cd4ml.core.settings import get_settings
 from cd4ml.core.spec import ModelSpec, load_spec
 from cd4ml.ml import training
 from cd4ml.serving.predlog import read_predictions
+from cd4ml.serving.processes import HUNG_SECONDS
 from cd4ml.steps.deploy import (
     ServiceEndpoint,
     ServiceRefusedError,
@@ -258,6 +259,31 @@ def test_readiness_drops_while_a_process_is_missing_and_returns_with_its_replace
     meta = httpx.get(f"{url}/v1/models/{model}", timeout=10).json()
     assert set(meta["serving_versions"].values()) == {meta["version"]} and meta["version"] != unsigned
     assert unsigned in meta["refused_versions"], meta
+    make_champion(fleet["mlflow"], model, meta["version"])  # back to the signed one for the next test
+    assert wait_ready(url)["ready"]
+
+
+def test_a_hung_process_is_replaced(fleet: dict[str, Any]) -> None:
+    """A stopped (hung) process would keep taking its share of new connections on its own socket:
+    it stops reporting, so the supervisor kills it and starts another."""
+    url, model = fleet["url"], "fleet_ready"  # served by the test above
+    assert wait_ready(url)["ready"]
+    pids = list(httpx.get(f"{url}/v1/models/{model}", timeout=10).json()["serving_versions"])
+    os.kill(int(pids[-1]), signal.SIGSTOP)
+    deadline = time.monotonic() + HUNG_SECONDS + 90
+    now: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        try:
+            resp = httpx.get(f"{url}/v1/models/{model}", timeout=5)
+        except httpx.TransportError:  # a connection that landed on the stopped process's socket
+            continue
+        now = resp.json().get("serving_versions") or {}
+        if pids[-1] not in now and len(now) == WORKERS:
+            break
+        time.sleep(0.5)
+    assert pids[-1] not in now and len(now) == WORKERS, now
+    assert wait_ready(url)["ready"]
+    assert "has not reported" in fleet["log"].read_text()
 
 
 def test_the_canary_counts_and_feedback_cover_every_process(fleet: dict[str, Any]) -> None:

@@ -663,7 +663,7 @@ def serve(host: str, port: int, workers: int | None = None) -> int:
     os.environ["CD4ML_SERVICE_WORKERS"] = str(workers)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(board.prometheus_dir)
     try:
-        return supervise(workers, options)  # each process on its own socket (SO_REUSEPORT)
+        return supervise(workers, options, board.workers_dir)  # each process on its own socket
     finally:
         if given is None:
             shutil.rmtree(state_dir, ignore_errors=True)

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any
 
 from cd4ml.core.errors import Cd4mlError
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 APP = "cd4ml.serving.app:create_app"
 QUICK_FAILURE_SECONDS = 20.0  # a process that exits this soon after it started failed to start
 QUICK_FAILURES = 3  # in a row: the settings or the port are wrong, not the process
+HUNG_SECONDS = 20.0  # a process that has published nothing for this long is hung (it does every 0.25 s)
 
 
 class PortInUseError(Cd4mlError):
@@ -91,8 +93,23 @@ def _forget(pid: int | None) -> None:
         multiprocess.mark_process_dead(pid)
 
 
-def supervise(workers: int, options: dict[str, Any]) -> int:
-    """Run `workers` processes until SIGTERM/SIGINT; the exit status (0, or 1 if they kept failing)."""
+def _silent_for(reports: Path | None, pid: int | None) -> float:
+    """Seconds since process `pid` last published its state (0 until it first has: a process that
+    is still loading its models at start-up is not hung)."""
+    if reports is None or pid is None:
+        return 0.0
+    try:
+        return time.time() - (reports / f"{pid}.json").stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+def supervise(workers: int, options: dict[str, Any], reports: Path | None = None) -> int:
+    """Run `workers` processes until SIGTERM/SIGINT; the exit status (0, or 1 if they kept failing).
+
+    `reports`: the folder where each process publishes its state (`workers.Board.workers_dir`); a
+    process that stopped publishing for `HUNG_SECONDS` (stopped, deadlocked: its socket would keep
+    taking its share of new connections) is killed and replaced."""
     check_free(options["host"], options["port"])
     context = multiprocessing.get_context("spawn")
     stopping = threading.Event()
@@ -112,6 +129,11 @@ def supervise(workers: int, options: dict[str, Any]) -> int:
     failures, status = 0, 0
     while not stopping.wait(0.5):
         for i, (process, began) in enumerate(running):
+            if process.is_alive() and _silent_for(reports, process.pid) > HUNG_SECONDS:
+                log.error("service process %s has not reported for %.0f s: killing it", process.pid,
+                          _silent_for(reports, process.pid))  # fmt: skip
+                process.kill()
+                process.join(timeout=10)
             if process.is_alive() or stopping.is_set():
                 continue
             if process.exitcode == 0 and stopping.wait(1.0):
