@@ -266,7 +266,9 @@ def test_readiness_drops_while_a_process_is_missing_and_returns_with_its_replace
 def test_a_hung_process_is_replaced(fleet: dict[str, Any]) -> None:
     """A stopped (hung) process would keep taking its share of new connections on its own socket:
     it stops reporting, so the supervisor kills it and starts another."""
-    url, model = fleet["url"], "fleet_ready"  # served by the test above
+    url, model = fleet["url"], "fleet_hung"
+    spec = load_spec(write_spec(fleet["specs"], model, estimator=WEAK, promotion__floor=None))
+    make_champion(fleet["mlflow"], model, register(fleet, spec, seed=8))
     assert wait_ready(url)["ready"]
     pids = list(httpx.get(f"{url}/v1/models/{model}", timeout=10).json()["serving_versions"])
     os.kill(int(pids[-1]), signal.SIGSTOP)

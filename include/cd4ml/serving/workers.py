@@ -279,7 +279,8 @@ class WorkerSync:
 
     `state` builds what this worker publishes; `stage(model, version)` / `unstage(model)` /
     `reload()` act on this worker's own store; `in_use(model)` are the versions it already holds as
-    champion, canary or shadow (a staging command for one of them is done: promoted meanwhile)."""
+    champion, canary or shadow (an old staging command for one of them is done: promoted meanwhile;
+    a current one is followed as one process would, loading a staged copy)."""
 
     board: Board
     state: Callable[[], dict[str, Any]]
