@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, overload
 
 if TYPE_CHECKING:
     from cd4ml.core.settings import Settings
@@ -44,6 +44,21 @@ PREDICTION_PART_GLOB = "date=*/part-*.parquet"
 PART_GLOB = "part-*.parquet"  # the parts inside one day partition (prediction log, label store)
 LABEL_PART_GLOB = PREDICTION_PART_GLOB
 SCORE_RUN_RECORD = "run.json"
+
+
+class Under:
+    """A path under a zone's root, declared once as a class attribute (`landing = Under("landing")`):
+    reading it on a `ModelPaths` gives `root / "landing"`."""
+
+    def __init__(self, *parts: str) -> None:
+        self.parts = parts
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> Under: ...
+    @overload
+    def __get__(self, obj: ModelPaths, owner: type) -> Path: ...
+    def __get__(self, obj: ModelPaths | None, owner: type) -> Path | Under:
+        return self if obj is None else obj.root.joinpath(*self.parts)
 
 
 @dataclass(frozen=True)
@@ -60,31 +75,15 @@ class ModelPaths:
 
     # -- the data zone -----------------------------------------------------------------------------
 
-    @property
-    def landing(self) -> Path:
-        return self.root / "landing"
-
-    @property
-    def accepted(self) -> Path:
-        return self.root / "accepted"
-
-    @property
-    def quarantine(self) -> Path:
-        return self.root / "quarantine"
-
-    @property
-    def gx(self) -> Path:
-        return self.root / "gx"
-
-    @property
-    def profiles(self) -> Path:
-        return self.root / "profiles"
+    landing = Under("landing")
+    accepted = Under("accepted")
+    quarantine = Under("quarantine")
+    gx = Under("gx")
+    profiles = Under("profiles")
 
     # -- training runs -----------------------------------------------------------------------------
 
-    @property
-    def runs(self) -> Path:
-        return self.root / "runs"
+    runs = Under("runs")
 
     def run_dir(self, run_key: str) -> Path:
         return self.runs / run_key
@@ -104,9 +103,7 @@ class ModelPaths:
 
     # -- reports, predictions, monitor -------------------------------------------------------------
 
-    @property
-    def reports(self) -> Path:
-        return self.root / "reports"
+    reports = Under("reports")
 
     def drift_report_dir(self, run_key: str) -> Path:
         return self.reports / "drift" / run_key
@@ -116,9 +113,7 @@ class ModelPaths:
         """Where human-readable reports live: the only directories the UI may serve files from."""
         return (self.gx, self.reports)
 
-    @property
-    def predictions(self) -> Path:
-        return self.root / "predictions"
+    predictions = Under("predictions")
 
     def prediction_day(self, day: date | str) -> Path:
         """The partition for one UTC day (`date=YYYY-MM-DD`), compared as text by readers."""
@@ -134,23 +129,13 @@ class ModelPaths:
         """`date=YYYY-MM-DD` -> `YYYY-MM-DD` (the inverse of `prediction_day`/`labels_day`)."""
         return partition.name.partition("=")[2]
 
-    @property
-    def monitor(self) -> Path:
-        return self.root / "monitor"
-
-    @property
-    def monitor_state(self) -> Path:
-        return self.monitor / "state.json"
-
-    @property
-    def monitor_history(self) -> Path:
-        return self.monitor / "checks.jsonl"
+    monitor = Under("monitor")
+    monitor_state = Under("monitor", "state.json")
+    monitor_history = Under("monitor", "checks.jsonl")
 
     # -- ground truth from production ----------------------------------------------------------------
 
-    @property
-    def feedback(self) -> Path:
-        return self.root / "feedback"
+    feedback = Under("feedback")
 
     @property
     def feedback_zone(self) -> ModelPaths:
@@ -158,25 +143,11 @@ class ModelPaths:
         accepted/ or quarantine/ (so `cd4ml.data.landing` moves them, exactly once)."""
         return ModelPaths(self.feedback)
 
-    @property
-    def feedback_landing(self) -> Path:
-        return self.feedback_zone.landing
-
-    @property
-    def feedback_accepted(self) -> Path:
-        return self.feedback_zone.accepted
-
-    @property
-    def feedback_quarantine(self) -> Path:
-        return self.feedback_zone.quarantine
-
-    @property
-    def feedback_exports(self) -> Path:
-        return self.feedback / "to_training"
-
-    @property
-    def labels(self) -> Path:
-        return self.feedback / "labels"
+    feedback_landing = Under("feedback", "landing")
+    feedback_accepted = Under("feedback", "accepted")
+    feedback_quarantine = Under("feedback", "quarantine")
+    feedback_exports = Under("feedback", "to_training")
+    labels = Under("feedback", "labels")
 
     def labels_day(self, day: date | str) -> Path:
         """The label store's partition for one UTC day of receipt (`date=YYYY-MM-DD`)."""
@@ -190,21 +161,10 @@ class ModelPaths:
         """Where users drop files (or folders of parts) for `<model>__score` (watched, like landing/)."""
         return self.root / "score"
 
-    @property
-    def scored(self) -> Path:
-        return self.root / "scored"
-
-    @property
-    def scored_inputs(self) -> Path:
-        return self.scored / "inputs"
-
-    @property
-    def score_quarantine(self) -> Path:
-        return self.scored / "quarantine"
-
-    @property
-    def score_runs(self) -> Path:
-        return self.scored / "runs"
+    scored = Under("scored")
+    scored_inputs = Under("scored", "inputs")
+    score_quarantine = Under("scored", "quarantine")
+    score_runs = Under("scored", "runs")
 
     def score_run_dir(self, run_key: str) -> Path:
         return self.score_runs / run_key

@@ -67,6 +67,49 @@ class Entry:
     predictions: list[Any]
 
 
+class RecentIds:
+    """The request ids a log took lately, per model, with what was served: bounded, oldest out first
+    (~150 bytes an id). `since` says from when it holds every id taken: its start, or just after its
+    last eviction (an evicted id is on disk within a flush or two). A day index written before that
+    may lack ids memory does not have (this process before a restart, or evicted ones): see
+    `find_requests`."""
+
+    def __init__(self, limit: int, *, evicted_on_disk_within: float) -> None:
+        self.limit = limit
+        self.grace = evicted_on_disk_within
+        self.since = time.time()
+        self._ids: OrderedDict[tuple[str, str], Served] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def remember(self, model: str, request_id: str, served: Served) -> None:
+        with self._lock:
+            known = self._ids.pop((model, request_id), None)
+            if known is not None and known.rows > served.rows:  # an id reused: any row it had stays valid
+                served = Served(known.rows, served.version)
+            self._ids[(model, request_id)] = served
+            while len(self._ids) > self.limit:
+                self._ids.popitem(last=False)
+                self.since = time.time() + self.grace
+
+    def forget(self, keys: Iterable[tuple[str, str]]) -> None:
+        with self._lock:
+            for key in keys:
+                self._ids.pop(key, None)
+
+    def split(self, model: str, request_ids: Iterable[str]) -> tuple[dict[str, Served], set[str]]:
+        """(what memory holds of `request_ids`, the ids it does not hold)."""
+        found: dict[str, Served] = {}
+        missing: set[str] = set()
+        with self._lock:
+            for rid in request_ids:
+                served = self._ids.get((model, rid))
+                if served is None:
+                    missing.add(rid)
+                else:
+                    found[rid] = served
+        return found, missing
+
+
 class PredictionLog:
     def __init__(
         self,
@@ -85,10 +128,7 @@ class PredictionLog:
         self.shared = shared
         self.others_written_through: Callable[[], float] | None = None
         self.written_through = time.time()  # every entry put before this time is on disk
-        self.max_recent = max_recent
-        # (model, request id) -> what was served; bounded, oldest out first. ~150 bytes an entry.
-        self._recent: OrderedDict[tuple[str, str], Served] = OrderedDict()
-        self._recent_lock = threading.Lock()
+        self._recent = RecentIds(max_recent, evicted_on_disk_within=2 * flush_seconds)
         self._disk_lock = threading.Lock()
         self.queue: queue.Queue[Entry] = queue.Queue(maxsize=max_queue)
         self.flush_rows = flush_rows
@@ -97,10 +137,6 @@ class PredictionLog:
         self.written_rows = 0
         self._stop = threading.Event()
         self._seq = 0
-        # Since when memory holds every id this log took: its start, or just after its last eviction
-        # (an evicted id is on disk within a flush or two). An index written before that may lack ids
-        # memory does not have (this process before a restart, or evicted ones): see find_requests.
-        self._memory_since = time.time()
         self._thread = threading.Thread(target=self._run, name="cd4ml-prediction-log", daemon=True)
 
     def start(self) -> None:
@@ -112,43 +148,19 @@ class PredictionLog:
         except queue.Full:
             self.dropped += len(entry.rows)
             return False
-        self._remember(entry.model, entry.request_id, Served(len(entry.rows), entry.version))
+        self._recent.remember(entry.model, entry.request_id, Served(len(entry.rows), entry.version))
         return True
-
-    def _remember(self, model: str, request_id: str, served: Served) -> None:
-        with self._recent_lock:
-            key = (model, request_id)
-            known = self._recent.pop(key, None)
-            if known is not None and known.rows > served.rows:  # an id reused: any row it had stays valid
-                served = Served(known.rows, served.version)
-            self._recent[key] = served
-            while len(self._recent) > self.max_recent:
-                self._recent.popitem(last=False)
-                self._memory_since = time.time() + 2 * self.flush_seconds
-
-    def _forget(self, entries: Iterable[Entry]) -> None:
-        with self._recent_lock:
-            for e in entries:
-                self._recent.pop((e.model, e.request_id), None)
 
     def lookup(self, model: str, request_ids: Iterable[str]) -> dict[str, Served]:
         """Which of `request_ids` this log holds for `model`: recent ones from memory, the rest from
         the day indexes on disk (reads files: call it off the event loop)."""
         asked = time.time()
-        found: dict[str, Served] = {}
-        missing: set[str] = set()
-        with self._recent_lock:
-            for rid in request_ids:
-                served = self._recent.get((model, rid))
-                if served is None:
-                    missing.add(rid)
-                else:
-                    found[rid] = served
+        found, missing = self._recent.split(model, request_ids)
         if missing:
             # One disk lookup at a time: two would bring the same open day's index up to date twice.
             with self._disk_lock:
                 on_disk = find_requests(
-                    ModelPaths.in_data_dir(self.data_dir, model), missing, memory_since=self._memory_since
+                    ModelPaths.in_data_dir(self.data_dir, model), missing, memory_since=self._recent.since
                 )
             missing -= on_disk.keys()
             if missing and self.shared and self._others_caught_up(asked):
@@ -158,7 +170,7 @@ class PredictionLog:
                         ModelPaths.in_data_dir(self.data_dir, model), missing, refresh_seconds=0.0
                     )
             for rid, served in on_disk.items():  # the next label for the same request stays in memory
-                self._remember(model, rid, served)
+                self._recent.remember(model, rid, served)
             found.update(on_disk)
         return found
 
@@ -231,7 +243,9 @@ class PredictionLog:
                 self.written_rows += len(frame)
             except (OSError, ValueError) as err:
                 self.dropped += len(frame)
-                self._forget(group)  # never logged, so feedback for them could never join
+                self._recent.forget(
+                    (e.model, e.request_id) for e in group
+                )  # never logged, so feedback for them could never join
                 log.error("prediction log write failed for %s: %s", model, err)
 
 
