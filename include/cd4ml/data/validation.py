@@ -945,6 +945,213 @@ def _declared_bounds(spec: ModelSpec, col: str) -> str:
     return ", ".join(parts)
 
 
+@dataclass(frozen=True)
+class _Failed:
+    """One failed expectation as the message functions below read it."""
+
+    spec: ModelSpec
+    kwargs: dict[str, Any]
+    meta: dict[str, Any]
+    result: dict[str, Any]
+
+    @property
+    def col(self) -> Any:
+        return self.kwargs.get("column")
+
+    @property
+    def where(self) -> str:
+        return f"column '{self.col}'" if self.col else "table"
+
+    @property
+    def rule(self) -> str:
+        return str(self.meta.get("rule", ""))
+
+    @property
+    def total(self) -> Any:
+        return self.result.get("element_count")
+
+    @property
+    def sample(self) -> str:
+        examples = self.result.get("partial_unexpected_list") or []
+        return ", ".join(repr(x) for x in list(dict.fromkeys(map(str, examples)))[:5])
+
+    @property
+    def eg(self) -> str:
+        return f" (e.g. {self.sample})" if self.sample else ""
+
+    @property
+    def counted(self) -> str:
+        unexpected = self.result.get("unexpected_count")
+        return (
+            f"{unexpected} of {self.total} rows" if unexpected is not None and self.total is not None else ""
+        )
+
+    @property
+    def observed(self) -> Any:
+        return self.result.get("observed_value")
+
+    @property
+    def allowed(self) -> float:
+        return 1 - (self.kwargs.get("mostly") or 1.0)
+
+    @property
+    def expected(self) -> float:
+        return float(self.meta.get("expected", 0.0))
+
+
+def _columns_message(f: _Failed) -> str:
+    v = f.spec.validation
+    details = f.result.get("details", {}).get("mismatched", {})
+    parts = []
+    if details.get("unexpected"):
+        parts.append(
+            f"unexpected columns {sorted(details['unexpected'])} "
+            f"(validation.allow_extra_columns = {v.allow_extra_columns})"
+        )
+    if details.get("missing"):
+        parts.append(
+            f"missing columns {sorted(details['missing'])} "
+            "(required by the spec's features, target and timestamp)"
+        )
+    return "table: " + ("; ".join(parts) or f"columns {f.observed} do not match {f.kwargs.get('column_set')}")
+
+
+def _row_count_message(f: _Failed) -> str:
+    v = f.spec.validation
+    bounds = [f"validation.min_rows = {v.min_rows}"] + (
+        [f"validation.max_rows = {v.max_rows}"] if v.max_rows else []
+    )
+    return (
+        f"table: has {f.observed} rows; at least {f.kwargs.get('min_value')} required"
+        + (f" and at most {f.kwargs['max_value']}" if f.kwargs.get("max_value") else "")
+        + f" {_setting(f.spec, *bounds)}"
+    )
+
+
+def _nulls_message(f: _Failed) -> str:
+    spec, v, where, counted, allowed = f.spec, f.spec.validation, f.where, f.counted, f.allowed
+    if f.rule == "nulls_cap":
+        return (
+            f"{where}: {counted} are null; at most {_pct(allowed)} allowed "
+            f"{_setting(spec, f'validation.max_null_fraction = {v.max_null_fraction}')}"
+        )
+    if f.rule == "nulls_learned":
+        return (
+            f"{where}: {counted} are null; at most {_pct(allowed)} allowed: {_pct(f.expected)} as in "
+            f"accepted data plus validation.max_excess_null_fraction = {v.max_excess_null_fraction} "
+            f"(change it in {spec_location(spec)})"
+        )
+    if f.rule == "nulls_all":
+        return f"{where}: {counted} are null: the column holds no value at all"
+    what = (
+        f"the target (target: {spec.target})"
+        if f.rule == "target_nulls"
+        else f"the timestamp (timestamp: {spec.timestamp})"
+    )
+    return f"{where}: {counted} are null; {what} may not be null in any row"
+
+
+def _type_message(f: _Failed) -> str:
+    role = (
+        "task: regression needs a numeric target"
+        if f.col == f.spec.target
+        else "listed in features.numerical"
+    )
+    return f"{f.where}: has type {f.observed or f.sample}; expected a numeric type ({role})"
+
+
+def _range_message(f: _Failed) -> str:
+    v, allowed = f.spec.validation, f.allowed
+    if f.rule == "finite":
+        return (
+            f"{f.where}: {f.counted} are not finite numbers{f.eg}; inf, -inf and numbers too large for "
+            "float64 (like 1e400) are never accepted, whatever the tolerances"
+        )
+    text = (
+        f"{f.where}: {f.counted} outside [{_num(f.kwargs.get('min_value'), '-inf')}, "
+        f"{_num(f.kwargs.get('max_value'), 'inf')}]{f.eg}"
+    )
+    if f.rule == "declared_range":
+        return f"{text}; the spec's bounds allow no row outside ({_declared_bounds(f.spec, str(f.col))})"
+    if f.rule == "learned_range":
+        learned = f.meta.get("learned") or [None, None]
+        return (
+            f"{text}: far outside the range learned from accepted data "
+            f"[{_num(learned[0], '-inf')}, {_num(learned[1], 'inf')}], more than "
+            f"{_num(v.far_range_multiple)} times its width beyond it (a unit error or junk, not "
+            f"growth); at most {_pct(allowed)} of rows may be that far"
+            f"{_margin(v.max_outside_learned_range, allowed, f.total)} "
+            + _setting(
+                f.spec,
+                f"validation.max_outside_learned_range = {v.max_outside_learned_range}",
+                f"validation.far_range_multiple = {_num(v.far_range_multiple)} sets 'far'",
+                f"validation.range_tolerance = {v.range_tolerance} widens the learned range",
+            )
+        )
+    return text + (f"; at most {_pct(allowed)} allowed" if allowed else "")
+
+
+def _values_message(f: _Failed) -> str:
+    v = f.spec.validation
+    text = f"{f.where}: {f.counted} not in the known values {f.kwargs.get('value_set')}" + (
+        f" (found {f.sample})" if f.sample else ""
+    )
+    if f.rule == "declared_values":
+        return f"{text}; features.categorical[{f.col}].values allows no other value"
+    if f.rule == "target_values":
+        unset = ": unset, a two-class target stays binary; set it to true to admit new classes"
+        return f"{text}; a new class of the target is refused " + _setting(
+            f.spec,
+            f"validation.allow_new_classes = {v.allow_new_classes}"
+            + (unset if v.allow_new_classes is None else ""),
+        )
+    if f.rule == "learned_values":
+        expected = f.expected
+        base = (
+            f"{_pct(expected)} expected from values seen only once in accepted data plus " if expected else ""
+        )
+        return (
+            f"{text}; at most {_pct(f.allowed)} of rows may carry values not seen in accepted data "
+            f"({base}validation.max_new_category_fraction = {v.max_new_category_fraction}"
+            f"{_margin(expected + v.max_new_category_fraction, f.allowed, f.total, short=True)}; "
+            f"change it in {spec_location(f.spec)})"
+        )
+    return text
+
+
+def _duplicates_message(f: _Failed) -> str:
+    v = f.spec.validation
+    head = f"table: {f.counted} are duplicated rows; at most {_pct(f.allowed)} allowed"
+    if f.rule == "duplicates_learned":
+        return (
+            f"{head}: {_pct(f.expected)} expected from the duplicates in accepted data for a batch of "
+            f"{f.meta.get('rows')} rows plus validation.max_excess_duplicate_fraction = "
+            f"{v.max_excess_duplicate_fraction} (change it in {spec_location(f.spec)})"
+        )
+    return f"{head} {_setting(f.spec, f'validation.max_duplicate_fraction = {v.max_duplicate_fraction}')}"
+
+
+_MESSAGES: dict[str, Callable[[_Failed], str]] = {
+    "ExpectTableColumnsToMatchSet": _columns_message,
+    "ExpectTableRowCountToBeBetween": _row_count_message,
+    "ExpectColumnValuesToNotBeNull": _nulls_message,
+    "ExpectColumnValuesToBeInTypeList": _type_message,
+    "ExpectColumnValuesToBeBetween": _range_message,
+    "ExpectColumnValuesToBeInSet": _values_message,
+    "ExpectColumnUniqueValueCountToBeBetween": lambda f: (
+        f"{f.where}: has {f.observed} distinct value(s); a target needs at least {f.kwargs.get('min_value')} "
+        "(task: classification)"
+    ),
+    "ExpectColumnStdevToBeBetween": lambda f: (
+        f"{f.where}: is constant (standard deviation {f.observed}); task: regression needs a varying target"
+    ),
+    "ExpectCompoundColumnsToBeUnique": _duplicates_message,
+    "ExpectColumnValuesToBeDateutilParseable": lambda f: (
+        f"{f.where}: {f.counted} are not timestamps{f.eg} (timestamp: {f.spec.timestamp})"
+    ),
+}
+
+
 def _describe(
     spec: ModelSpec,
     kind: str,
@@ -953,162 +1160,19 @@ def _describe(
     result: dict[str, Any],
     exception: str | None,
 ) -> str:
-    col = kwargs.get("column")
-    where = f"column '{col}'" if col else "table"
+    """One failed expectation as a sentence: what is wrong, where, and which setting to change."""
+    f = _Failed(spec, kwargs, meta, result)
     if exception:
-        return f"{where}: {kind} could not be evaluated: {exception}"
-    rule = meta.get("rule", "")
-    v = spec.validation
-    unexpected = result.get("unexpected_count")
-    total = result.get("element_count")
-    examples = result.get("partial_unexpected_list") or []
-    sample = ", ".join(repr(x) for x in list(dict.fromkeys(map(str, examples)))[:5])
-    counted = f"{unexpected} of {total} rows" if unexpected is not None and total is not None else ""
-    observed = result.get("observed_value")
-    allowed = 1 - (kwargs.get("mostly") or 1.0)
-    if kind == "ExpectTableColumnsToMatchSet":
-        details = result.get("details", {}).get("mismatched", {})
-        parts = []
-        if details.get("unexpected"):
-            parts.append(
-                f"unexpected columns {sorted(details['unexpected'])} "
-                f"(validation.allow_extra_columns = {v.allow_extra_columns})"
-            )
-        if details.get("missing"):
-            parts.append(
-                f"missing columns {sorted(details['missing'])} "
-                "(required by the spec's features, target and timestamp)"
-            )
-        return "table: " + ("; ".join(parts) or f"columns {observed} do not match {kwargs.get('column_set')}")
-    if kind == "ExpectTableRowCountToBeBetween":
-        bounds = [f"validation.min_rows = {v.min_rows}"] + (
-            [f"validation.max_rows = {v.max_rows}"] if v.max_rows else []
-        )
-        return (
-            f"table: has {observed} rows; at least {kwargs.get('min_value')} required"
-            + (f" and at most {kwargs['max_value']}" if kwargs.get("max_value") else "")
-            + f" {_setting(spec, *bounds)}"
-        )
-    if kind == "ExpectColumnValuesToNotBeNull":
-        if rule == "nulls_cap":
-            return (
-                f"{where}: {counted} are null; at most {_pct(allowed)} allowed "
-                f"{_setting(spec, f'validation.max_null_fraction = {v.max_null_fraction}')}"
-            )
-        if rule == "nulls_learned":
-            expected = float(meta.get("expected", 0.0))
-            return (
-                f"{where}: {counted} are null; at most {_pct(allowed)} allowed: {_pct(expected)} as in "
-                f"accepted data plus validation.max_excess_null_fraction = {v.max_excess_null_fraction} "
-                f"(change it in {spec_location(spec)})"
-            )
-        if rule == "nulls_all":
-            return f"{where}: {counted} are null: the column holds no value at all"
-        what = (
-            f"the target (target: {spec.target})"
-            if rule == "target_nulls"
-            else (f"the timestamp (timestamp: {spec.timestamp})")
-        )
-        return f"{where}: {counted} are null; {what} may not be null in any row"
-    if kind == "ExpectColumnValuesToBeInTypeList":
-        role = (
-            "task: regression needs a numeric target"
-            if col == spec.target
-            else "listed in features.numerical"
-        )
-        return f"{where}: has type {observed or sample}; expected a numeric type ({role})"
-    if kind == "ExpectColumnValuesToBeBetween":
-        if rule == "finite":
-            return (
-                f"{where}: {counted} are not finite numbers"
-                + (f" (e.g. {sample})" if sample else "")
-                + "; inf, -inf and numbers too large for float64 (like 1e400) are never accepted, "
-                "whatever the tolerances"
-            )
-        text = (
-            f"{where}: {counted} outside [{_num(kwargs.get('min_value'), '-inf')}, "
-            f"{_num(kwargs.get('max_value'), 'inf')}]" + (f" (e.g. {sample})" if sample else "")
-        )
-        if rule == "declared_range":
-            return f"{text}; the spec's bounds allow no row outside ({_declared_bounds(spec, str(col))})"
-        if rule == "learned_range":
-            learned = meta.get("learned") or [None, None]
-            return (
-                f"{text}: far outside the range learned from accepted data "
-                f"[{_num(learned[0], '-inf')}, {_num(learned[1], 'inf')}], more than "
-                f"{_num(v.far_range_multiple)} times its width beyond it (a unit error or junk, not "
-                f"growth); at most {_pct(allowed)} of rows may be that far"
-                f"{_margin(v.max_outside_learned_range, allowed, total)} "
-                + _setting(
-                    spec,
-                    f"validation.max_outside_learned_range = {v.max_outside_learned_range}",
-                    f"validation.far_range_multiple = {_num(v.far_range_multiple)} sets 'far'",
-                    f"validation.range_tolerance = {v.range_tolerance} widens the learned range",
-                )
-            )
-        return text + (f"; at most {_pct(allowed)} allowed" if allowed else "")
-    if kind == "ExpectColumnValuesToBeInSet":
-        text = f"{where}: {counted} not in the known values {kwargs.get('value_set')}" + (
-            f" (found {sample})" if sample else ""
-        )
-        if rule == "declared_values":
-            return f"{text}; features.categorical[{col}].values allows no other value"
-        if rule == "target_values":
-            return f"{text}; a new class of the target is refused " + _setting(
-                spec,
-                f"validation.allow_new_classes = {v.allow_new_classes}"
-                + (
-                    ": unset, a two-class target stays binary; set it to true to admit new classes"
-                    if v.allow_new_classes is None
-                    else ""
-                ),
-            )
-        if rule == "learned_values":
-            expected = float(meta.get("expected", 0.0))
-            base = (
-                f"{_pct(expected)} expected from values seen only once in accepted data plus "
-                if expected
-                else ""
-            )
-            return (
-                f"{text}; at most {_pct(allowed)} of rows may carry values not seen in accepted data "
-                f"({base}validation.max_new_category_fraction = {v.max_new_category_fraction}"
-                f"{_margin(expected + v.max_new_category_fraction, allowed, total, short=True)}; "
-                f"change it in {spec_location(spec)})"
-            )
-        return text
-    if kind == "ExpectColumnUniqueValueCountToBeBetween":
-        return (
-            f"{where}: has {observed} distinct value(s); a target needs at least {kwargs.get('min_value')} "
-            "(task: classification)"
-        )
-    if kind == "ExpectColumnStdevToBeBetween":
-        return (
-            f"{where}: is constant (standard deviation {observed}); task: regression needs a varying target"
-        )
-    if kind == "ExpectCompoundColumnsToBeUnique":
-        head = f"table: {counted} are duplicated rows; at most {_pct(allowed)} allowed"
-        if rule == "duplicates_learned":
-            excess = v.max_excess_duplicate_fraction
-            expected = float(meta.get("expected", 0.0))
-            return (
-                f"{head}: {_pct(expected)} expected from the duplicates in accepted data for a batch of "
-                f"{meta.get('rows')} rows plus validation.max_excess_duplicate_fraction = {excess} "
-                f"(change it in {spec_location(spec)})"
-            )
-        return f"{head} {_setting(spec, f'validation.max_duplicate_fraction = {v.max_duplicate_fraction}')}"
-    if kind == "ExpectColumnValuesToBeDateutilParseable":
-        return (
-            f"{where}: {counted} are not timestamps"
-            + (f" (e.g. {sample})" if sample else "")
-            + f" (timestamp: {spec.timestamp})"
-        )
-    detail = counted or (f"observed {observed}" if observed is not None else "")
+        return f"{f.where}: {kind} could not be evaluated: {exception}"
+    message = _MESSAGES.get(kind)
+    if message is not None:
+        return message(f)
+    detail = f.counted or (f"observed {f.observed}" if f.observed is not None else "")
     return (
-        f"{where}: {kind} failed"
+        f"{f.where}: {kind} failed"
         + (f": {detail}" if detail else "")
-        + (f" (e.g. {sample})" if sample else "")
-        + (" (validation.expectations)" if rule == "extra" else "")
+        + f.eg
+        + (" (validation.expectations)" if f.rule == "extra" else "")
     )
 
 
