@@ -31,48 +31,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from benchkit import BIN, REPO, RUN_TIME, Bench, reset_peak, status_mb, train, tree_rss_mb, write_result
+
 MODEL = "bench"
-RUN_TIME = "2026-01-01T00:00:00+00:00"
-
-
-def _status_mb(field: str, pid: str = "self") -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/{pid}/status")
-
-
-def reset_peak() -> float:
-    """Reset this process's peak RSS (VmHWM) to its current RSS and return that (MB)."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status_mb("VmRSS")
 
 
 def setup(home: Path, rows: int) -> None:
-    """Spec (with scoring.keep_columns), a champion registered in MLflow, and the 1M-row files."""
+    """A champion registered in MLflow (trained as every benchmark's is), and the 1M-row files."""
     import pandas as pd
 
-    from cd4ml.core.settings import get_settings
     from cd4ml.core.spec import load_spec
-    from cd4ml.steps.pipeline import run_training
-    from cd4ml_dev.datagen import generate_churn, write_batch
+    from cd4ml_dev.datagen import generate_churn
 
-    settings = get_settings()
-    spec = load_spec(home / "specs" / f"{MODEL}.yaml")
-    write_batch(generate_churn(20_000, seed=41), settings.model_dir(MODEL) / "landing", "w0.csv")
-    assert run_training(spec, settings, run_id="bench", run_time=RUN_TIME, deploy=False)["promoted"]
+    spec_path = home / "specs" / f"{MODEL}.yaml"
+    train(spec_path)
+    spec = load_spec(spec_path)
     data = generate_churn(rows, seed=42, batch=2).drop(columns=[spec.target])
     data.insert(0, "customer_id", [f"c{i:07d}" for i in range(rows)])
     inputs = home / "inputs"
@@ -103,12 +83,12 @@ def child(home: Path, method: str) -> dict[str, Any]:
 
         load_scorer(get_settings(), MODEL, "1", None)
         return {"wall_s": time.perf_counter() - started, "rows": 0, "rows_per_s": 0.0,
-                "peak_mb": _status_mb("VmHWM"), "baseline_mb": before}  # fmt: skip
+                "peak_mb": status_mb("VmHWM"), "baseline_mb": before}  # fmt: skip
     else:
         raise SystemExit(f"unknown method {method!r}")
     wall = time.perf_counter() - started
     rows = int(pd.read_parquet(out.pop("predictions"), columns=["row"]).shape[0])
-    return {"wall_s": wall, "rows": rows, "rows_per_s": rows / wall, "peak_mb": _status_mb("VmHWM"),
+    return {"wall_s": wall, "rows": rows, "rows_per_s": rows / wall, "peak_mb": status_mb("VmHWM"),
             "baseline_mb": before, **out}  # fmt: skip
 
 
@@ -194,31 +174,28 @@ def _online(home: Path, request_rows: int) -> dict[str, Any]:
 def _sample_rss(pid: int, stop: threading.Event, peak: list[float]) -> None:
     import psutil
 
-    proc = psutil.Process(pid)
     while not stop.is_set():
         try:
-            rss = sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
+            rss = tree_rss_mb(pid)
         except psutil.Error:
             return
         peak[0] = max(peak[0], rss)
         stop.wait(0.1)
 
 
-def run_method(home: Path, env: dict[str, str], method: str, procs: list[Any]) -> dict[str, Any]:
+def run_method(bench: Bench, method: str) -> dict[str, Any]:
     """One method in a fresh process; online-<n> against a service started for it."""
     from cd4ml_dev.netutil import free_port, wait_http
 
+    home, env = bench.home, bench.env
     service: subprocess.Popen[bytes] | None = None
     peak = [0.0]
     stop = threading.Event()
     if method.startswith("online-"):
         port = free_port()
-        log = (home / "service.log").open("ab")
-        serve = [str(BIN / "cd4ml"), "serve", "--port", str(port)]
-        service = subprocess.Popen(
-            serve, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        service = bench.spawn(
+            [str(BIN / "cd4ml"), "serve", "--port", str(port)], home / f"service-{port}.log"
         )
-        procs.append(service)
         wait_http(f"http://127.0.0.1:{port}/health/ready", 120)
         (home / "service_url").write_text(f"http://127.0.0.1:{port}")
         threading.Thread(target=_sample_rss, args=(service.pid, stop, peak), daemon=True).start()
@@ -226,9 +203,7 @@ def run_method(home: Path, env: dict[str, str], method: str, procs: list[Any]) -
                          text=True, env=env)  # fmt: skip
     stop.set()
     if service is not None:
-        os.killpg(service.pid, signal.SIGTERM)
-        service.wait(timeout=60)
-        procs.remove(service)
+        bench.stop(service)
     if out.returncode:
         raise SystemExit(f"{method} failed:\n{out.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -254,56 +229,34 @@ def main() -> None:
 
     import yaml
 
-    from cd4ml_dev.netutil import free_port, local_mlflow_server, wait_http
-
-    home = Path(tempfile.mkdtemp(prefix="cd4ml-bench-batch-"))
-    (home / "specs").mkdir()
     spec = yaml.safe_load((REPO / "include/specs/churn.yaml").read_text())
     spec["scoring"] = {"keep_columns": ["customer_id"]}
-    (home / "specs" / f"{MODEL}.yaml").write_text(yaml.safe_dump(spec))
-    mlflow_port = free_port()
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
-        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "dev")]),
-        "CD4ML_HOME": str(home),
-        "CD4ML_SPECS_DIR": str(home / "specs"),
-        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
-        "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "true",  # pyfunc loads the skops model only when allowed
-    }
-    env.pop("CD4ML_SERVICE_ADMIN_TOKEN", None)
-    procs: list[subprocess.Popen[bytes]] = []
     results: dict[str, list[dict[str, Any]]] = {}
-    try:
-        mlflow_env = {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        procs.append(subprocess.Popen(
-            local_mlflow_server(BIN, home, mlflow_port), env=mlflow_env,
-            stdout=(home / "mlflow.log").open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
-        ))  # fmt: skip
-        wait_http(f"http://127.0.0.1:{mlflow_port}/health", 120)
+    with Bench("batch", MODEL, spec_text=yaml.safe_dump(spec)) as bench:
+        bench.env.update({
+            "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "dev")]),
+            "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "true",  # pyfunc loads the skops model only when allowed
+        })  # fmt: skip
+        bench.env.pop("CD4ML_SERVICE_ADMIN_TOKEN", None)
+        bench.start_mlflow()
         t = time.perf_counter()
         subprocess.run(
-            [sys.executable, __file__, "--rows", str(args.rows), "--setup", str(home)], check=True, env=env
-        )
+            [sys.executable, __file__, "--rows", str(args.rows), "--setup", str(bench.home)],
+            check=True, env=bench.env,
+        )  # fmt: skip
         print(f"setup {time.perf_counter() - t:.0f} s", flush=True)
         # Rounds interleave the methods, so a busy moment of a shared machine hits all of them.
         for round_ in range(args.rounds):
             for method in args.methods.split(","):
-                result = run_method(home, env, method, procs)
+                result = run_method(bench, method)
                 result["load_1m"] = os.getloadavg()[0]
                 results.setdefault(method, []).append(result)
                 print(f"round {round_ + 1}", method, json.dumps(result), flush=True)
-    finally:
-        for proc in procs:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=60)
-        shutil.rmtree(home, ignore_errors=True)
     load = os.getloadavg()
-    out_dir = REPO / "benchmarks" / "out"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "batch_score.json").write_text(json.dumps(
-        {"rows": args.rows, "load_avg_1_5_15": load, "cpus": os.cpu_count(), "results": results}, indent=2
-    ))  # fmt: skip
+    write_result(
+        "batch_score",
+        {"rows": args.rows, "load_avg_1_5_15": load, "cpus": os.cpu_count(), "results": results},
+    )
     print(report(args.rows, results, load))
 
 

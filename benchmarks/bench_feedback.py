@@ -30,19 +30,16 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from bench_serving import start, stop
+from benchkit import BIN, Bench, dataframe_split, write_result
 
-from cd4ml_dev.netutil import free_port, local_mlflow_server, wait_http
+from cd4ml_dev.netutil import free_port, wait_http
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 MODEL = "fbbench"
 ROWS_PER_PREDICT = 100
 BATCH = 100
@@ -116,43 +113,24 @@ def label_bodies(ids: list[str], per_post: int) -> list[bytes]:
     ]
 
 
-def http_bench(args: argparse.Namespace, home: Path) -> dict[str, Any]:
-    from cd4ml.core.settings import get_settings
+def http_bench(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
+    """Its MLflow server and service stop before it returns: the file benchmark runs on idle cores."""
     from cd4ml.core.spec import load_spec
     from cd4ml.ml.training import features
-    from cd4ml.steps.pipeline import run_training
-    from cd4ml_dev.datagen import generate_churn, write_batch
+    from cd4ml_dev.datagen import generate_churn
 
-    specs = home / "specs"
-    specs.mkdir()
-    (specs / f"{MODEL}.yaml").write_text((REPO / "include/specs/churn.yaml").read_text())
-    mlflow_port = free_port()
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "CD4ML_HOME": str(home),
-           "CD4ML_SPECS_DIR": str(specs), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
-           "CD4ML_SERVICE_MAX_ROWS": "1000"}  # fmt: skip
-    os.environ.update({k: env[k] for k in ("CD4ML_HOME", "CD4ML_SPECS_DIR", "MLFLOW_TRACKING_URI")})
-    procs: list[subprocess.Popen[bytes]] = []
+    env = {**bench.env, "CD4ML_SERVICE_MAX_ROWS": "1000"}
     out: dict[str, Any] = {"concurrency": args.concurrency}
     try:
-        mlflow_env = {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        procs.append(start(local_mlflow_server(BIN, home, mlflow_port), mlflow_env, home / "mlflow.log"))
-        wait_http(f"http://127.0.0.1:{mlflow_port}/health", 300)
-        settings = get_settings()
-        spec = load_spec(specs / f"{MODEL}.yaml")
-        write_batch(generate_churn(3000, seed=61), settings.model_dir(MODEL) / "landing", "w0.csv")
-        assert run_training(spec, settings, run_id="fb", run_time="2026-01-01T00:00:00+00:00", deploy=False)[
-            "promoted"
-        ]
-        rows = features(spec, generate_churn(ROWS_PER_PREDICT, seed=62, batch=2))
-        predict_body = json.dumps(
-            {"dataframe_split": json.loads(rows.to_json(orient="split", index=False))}
-        ).encode()
+        bench.start_mlflow(300)
+        bench.train(3000, seed=61, run_id="fb")
+        rows = features(load_spec(bench.spec_path), generate_churn(ROWS_PER_PREDICT, seed=62, batch=2))
+        predict_body = dataframe_split(rows)
 
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         cmd = [str(BIN / "cd4ml"), "serve", "--port", str(port)]
-        proc = start(cmd, env, home / "service.log")
-        procs.append(proc)
+        proc = bench.spawn(cmd, bench.home / "service.log", env)
         wait_http(f"{base}/health/ready", 300)
         scenarios = [
             ("one label per POST", 1, args.labels),
@@ -170,10 +148,8 @@ def http_bench(args: argparse.Namespace, home: Path) -> dict[str, Any]:
         feedback = f"{base}/v1/models/{MODEL}/feedback"
         for restart in (False, True):
             if restart:
-                stop(proc)
-                procs.remove(proc)
-                proc = start(cmd, env, home / "service-2.log")
-                procs.append(proc)
+                bench.stop(proc)
+                proc = bench.spawn(cmd, bench.home / "service-2.log", env)
                 wait_http(f"{base}/health/ready", 300)
             for name, per_post, _ in scenarios:
                 load_before = load_avg()
@@ -187,11 +163,10 @@ def http_bench(args: argparse.Namespace, home: Path) -> dict[str, Any]:
                 key = f"{name}{' (after restart: ids from disk)' if restart else ''}"
                 out[key] = result
                 print(key, json.dumps(result), flush=True)
-        parts = list((home / "data" / MODEL / "feedback" / "labels").rglob("part-*.parquet"))
+        parts = list((bench.home / "data" / MODEL / "feedback" / "labels").rglob("part-*.parquet"))
         out["label_parts_written"] = len(parts)
     finally:
-        for p in procs:
-            stop(p)
+        bench.stop_all()
     return out
 
 
@@ -342,7 +317,7 @@ def main() -> None:
     if args.step:
         print(json.dumps(step(args.step, Path(args.root))))
         return
-    home = Path(tempfile.mkdtemp(prefix="cd4ml-bench-feedback-"))
+    bench = Bench("feedback", MODEL)
     results: dict[str, Any] = {
         "cpus": os.cpu_count(),
         "load_at_start": load_avg(),
@@ -350,18 +325,13 @@ def main() -> None:
     }
     try:
         if not args.skip_http:
-            results["http"] = http_bench(args, home)
+            results["http"] = http_bench(args, bench)
         if not args.skip_file:
-            results["file"] = file_bench(args, home)
+            results["file"] = file_bench(args, bench.home)
     finally:
-        if os.environ.get("CD4ML_BENCH_KEEP") != "1":
-            shutil.rmtree(home, ignore_errors=True)
-        else:
-            print("kept", home)
+        bench.close()
     results["load_at_end"] = load_avg()
-    out = REPO / "benchmarks" / "out"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "feedback.json").write_text(json.dumps(results, indent=2))
+    write_result("feedback", results)
     print(report(results))
 
 

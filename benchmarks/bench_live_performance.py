@@ -39,7 +39,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from benchkit import REPO, reset_peak, status_mb, write_result
+
 END = datetime(2026, 11, 10, tzinfo=UTC)
 PART_ROWS = 50_000
 REQUEST_ROWS = 100
@@ -84,22 +85,8 @@ def setup(root: Path, rows: int) -> None:
                       received_at=END - timedelta(hours=1))  # fmt: skip
 
 
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def reset_peak() -> float:
-    """Reset the process's peak RSS (VmHWM) to its current RSS and return that (MB). ru_maxrss
-    would not do: Linux keeps it across exec, so a child would start at its parent's peak."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status_mb("VmRSS")
-
-
 def peak_mb() -> float:
-    return _status_mb("VmHWM")
+    return status_mb("VmHWM")
 
 
 def child(root: Path, method: str, naive_resamples: int) -> dict[str, Any]:
@@ -235,11 +222,10 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     load = os.getloadavg()
-    out_dir = REPO / "benchmarks" / "out"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "live_performance.json").write_text(json.dumps(
-        {"rows": args.rows, "load_avg_1_5_15": load, "cpus": os.cpu_count(), "results": results}, indent=2
-    ))  # fmt: skip
+    write_result(
+        "live_performance",
+        {"rows": args.rows, "load_avg_1_5_15": load, "cpus": os.cpu_count(), "results": results},
+    )
     print(report(args.rows, results, load))
 
 

@@ -23,11 +23,7 @@ import json
 import math
 import os
 import random
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,10 +32,9 @@ from typing import Any
 
 import psutil
 
-from cd4ml_dev.netutil import free_port, local_mlflow_server, wait_http
+from cd4ml_dev.netutil import free_port, wait_http
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 MODEL = "loadbench"
 BATCH_ROWS = 50
 BATCH_SHARE = 0.25  # one request in four carries 50 rows
@@ -359,21 +354,6 @@ def write_spec(specs_dir: Path, estimator: dict[str, Any] | None = None) -> Path
     return path
 
 
-def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(cmd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--duration", type=float, default=60)
@@ -385,45 +365,35 @@ def main() -> None:
     # slowed one fit 20x here. The service limits its own thread pools to 1 regardless.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+    # Imported here, not at the top: tests/reliability/test_load.py loads this file by its path, with
+    # no benchmarks/ on sys.path, and uses only what the load and its figures need.
+    from benchkit import BIN, Bench, write_result
+
     from cd4ml.core.spec import load_spec
 
-    home = Path(tempfile.mkdtemp(prefix="cd4ml-bench-load-"))
-    specs = home / "specs"
-    specs.mkdir()
-    spec = load_spec(write_spec(specs))  # the demo spec: HistGradientBoosting
-    mlflow_port, service_port = free_port(), free_port()
-    tracking_uri = f"http://127.0.0.1:{mlflow_port}"
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "CD4ML_HOME": str(home),
-           "CD4ML_SPECS_DIR": str(specs), "MLFLOW_TRACKING_URI": tracking_uri}  # fmt: skip
-    os.environ.update({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_DISABLE_TELEMETRY": "true"})
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        procs.append(start(
-            local_mlflow_server(BIN, home, mlflow_port),
-            {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, home / "mlflow.log",
-        ))  # fmt: skip
-        wait_http(f"{tracking_uri}/health", 120)
+    with Bench("load", MODEL) as bench:
+        spec = load_spec(write_spec(bench.specs))  # the demo spec: HistGradientBoosting
+        tracking_uri = bench.tracking_uri
+        os.environ.update(
+            {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+        )
+        bench.start_mlflow()
         models = fit_models(spec, args.swaps + 1, args.train_rows)
         versions = [register(tracking_uri, spec, m, f"model {i}") for i, m in enumerate(models)]
         promote(tracking_uri, spec, versions[0])
-        service = start([str(BIN / "cd4ml"), "serve", "--port", str(service_port)], env, home / "service.log")
-        procs.append(service)
+        service_port = free_port()
+        service = bench.spawn(
+            [str(BIN / "cd4ml"), "serve", "--port", str(service_port)], bench.home / "service.log"
+        )
         service_url = f"http://127.0.0.1:{service_port}"
         wait_http(f"{service_url}/health/ready", 120)
         result = run_load(service_url=service_url, service_pid=service.pid, tracking_uri=tracking_uri,
                           spec=spec, swap_versions=versions[1:], duration=args.duration,
                           concurrency=args.concurrency)  # fmt: skip
-    finally:
-        for proc in reversed(procs):
-            stop(proc)
-        if os.environ.get("CD4ML_BENCH_KEEP") != "1":
-            shutil.rmtree(home, ignore_errors=True)
     summary = summarise(result)
-    out = REPO / "benchmarks" / "out"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "load.json").write_text(json.dumps(
-        {"summary": summary, "rss_mb": result.rss_mb, "swaps": [asdict(s) for s in result.swaps]}, indent=2
-    ))  # fmt: skip
+    write_result(
+        "load", {"summary": summary, "rss_mb": result.rss_mb, "swaps": [asdict(s) for s in result.swaps]}
+    )
     print(report(summary))
     if summary["failed"] or len(result.swaps) != args.swaps:
         sys.exit(1)

@@ -41,12 +41,10 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from bench_serving import start, stop, tree_rss_mb
+from benchkit import BIN, REPO, Bench, dataframe_split, tree_rss_mb, write_result
 
-from cd4ml_dev.netutil import free_port, local_mlflow_server, wait_http
+from cd4ml_dev.netutil import free_port
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 MODEL = "bench"
 JSON = {"Content-Type": "application/json"}
 IDLE_SECONDS = 3.0
@@ -259,11 +257,9 @@ def main() -> None:
         mlserver += [] if args.no_mlserver_as_shipped else [(1, False)]
     sys.path.insert(0, str(REPO))
 
-    from cd4ml.core.settings import get_settings
     from cd4ml.core.spec import load_spec
     from cd4ml.ml.training import features
-    from cd4ml.steps.pipeline import run_training
-    from cd4ml_dev.datagen import generate_churn, write_batch
+    from cd4ml_dev.datagen import generate_churn
 
     mls_bin = None
     if mlserver:
@@ -272,20 +268,7 @@ def main() -> None:
             raise SystemExit("uv is needed for MLServer's venv (or pass --no-mlserver)")
         mls_bin = mlserver_venv(args.mlserver_venv, uv)
 
-    home = Path(tempfile.mkdtemp(prefix="cd4ml-bench-protocols-"))
-    specs = home / "specs"
-    specs.mkdir()
-    (specs / f"{MODEL}.yaml").write_text((REPO / "include/specs/churn.yaml").read_text())
-    mlflow_port = free_port()
-    base_env = {
-        **os.environ,
-        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
-        "CD4ML_HOME": str(home),
-        "CD4ML_SPECS_DIR": str(specs),
-        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
-    }
-    os.environ.update({k: base_env[k] for k in ("CD4ML_HOME", "CD4ML_SPECS_DIR", "MLFLOW_TRACKING_URI")})
-    procs: list[subprocess.Popen[bytes]] = []
+    bench = Bench("protocols", MODEL)
     results: dict[str, Any] = {
         "cpus": os.cpu_count(),
         "concurrency": args.concurrency,
@@ -305,17 +288,18 @@ def main() -> None:
     began = time.perf_counter()
     idle: dict[int, float] = {}
 
-    def run_server(cmd: list[str], env: dict[str, str], name: str, ready: str, port: int, n: int) -> int:
-        log_file = home / f"{name}-{port}.log"
-        proc = start(cmd, env, log_file)
-        procs.append(proc)
+    def run_server(
+        cmd: list[str], env: dict[str, str], name: str, ready: str, port: int, n: int
+    ) -> subprocess.Popen[bytes]:
+        log_file = bench.home / f"{name}-{port}.log"
+        proc = bench.spawn(cmd, log_file, env)
         wait_ready(f"http://127.0.0.1:{port}{ready}", n, proc, log_file)
         # What the server's tree spends with no request at all (pollers, state publication, the
         # supervisor): part of every row's server CPU below.
         before = tree_cpu_seconds(proc.pid)
         time.sleep(IDLE_SECONDS)
         idle[proc.pid] = (tree_cpu_seconds(proc.pid) - before) / IDLE_SECONDS
-        return proc.pid
+        return proc
 
     def row(target: str, processes: int, endpoint: str, method: str, url: str, body: bytes | None,
             pid: int, requests: int | None = None) -> None:  # fmt: skip
@@ -329,23 +313,13 @@ def main() -> None:
         print(json.dumps(r), flush=True)
 
     try:
-        procs.append(start(
-            local_mlflow_server(BIN, home, mlflow_port),
-            {**base_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, home / "mlflow.log",
-        ))  # fmt: skip
-        wait_http(f"http://127.0.0.1:{mlflow_port}/health", 120)
-        settings = get_settings()
-        spec = load_spec(specs / f"{MODEL}.yaml")
-        write_batch(generate_churn(20_000, seed=41), settings.model_dir(MODEL) / "landing", "w0.csv")
-        trained = run_training(
-            spec, settings, run_id="bench", run_time="2026-01-01T00:00:00+00:00", deploy=False
-        )
-        assert trained["promoted"], trained
-        version = str(trained["version"])
+        bench.start_mlflow()
+        spec = load_spec(bench.spec_path)
+        version = str(bench.train()["version"])
         results["model_version"] = version
         # One row with no missing value: MLServer's V2 decoding has no null for a BYTES or FP64 tensor.
         one = features(spec, generate_churn(100, seed=42, batch=2)).dropna().head(1)
-        split = json.dumps({"dataframe_split": json.loads(one.to_json(orient="split", index=False))}).encode()
+        split = dataframe_split(one)
         tensors = [
             {"name": c, "datatype": "FP64", "shape": [1], "data": [float(one[c].iloc[0])]}
             for c in spec.numerical
@@ -359,9 +333,10 @@ def main() -> None:
 
         for n in workers:
             port = free_port()
-            env = {**base_env, "CD4ML_SERVICE_WORKERS": str(n)}
+            env = {**bench.env, "CD4ML_SERVICE_WORKERS": str(n)}
             cmd = [str(BIN / "cd4ml"), "serve", "--port", str(port)]
-            pid = run_server(cmd, env, f"cd4ml-{n}", "/health/ready", port, n)
+            server = run_server(cmd, env, f"cd4ml-{n}", "/health/ready", port, n)
+            pid = server.pid
             base = f"http://127.0.0.1:{port}"
             endpoints = [
                 ("GET /health/live (no-op)", "GET", "/health/live", None, None),
@@ -376,20 +351,21 @@ def main() -> None:
                 if protocol is not None:
                     labels[f"cd4ml {protocol}"] = label(*call(method, base + path, body), protocol)
                 row("cd4ml serve", n, endpoint, method, base + path, body, pid)
-            stop(procs.pop())
+            bench.stop(server)
 
         for w, one_thread in mlserver:
             assert mls_bin is not None
             name = f"mlserver-{w}-{'omp1' if one_thread else 'shipped'}"
-            folder, port = mlserver_folder(home / name, version, w)
-            env = {**base_env, "PATH": f"{mls_bin}:{os.environ.get('PATH', '')}",
+            folder, port = mlserver_folder(bench.home / name, version, w)
+            env = {**bench.env, "PATH": f"{mls_bin}:{os.environ.get('PATH', '')}",
                    # as for `mlflow models serve`: MLflow loads no model without it
                    "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "true"}  # fmt: skip
             env.pop("VIRTUAL_ENV", None)
             if one_thread:
                 env["OMP_NUM_THREADS"] = "1"
             cmd = [str(mls_bin / "mlserver"), "start", str(folder)]
-            pid = run_server(cmd, env, name, f"/v2/models/{MODEL}/ready", port, 1)
+            server = run_server(cmd, env, name, f"/v2/models/{MODEL}/ready", port, 1)
+            pid = server.pid
             base = f"http://127.0.0.1:{port}"
             target = (
                 f"MLServer (parallel_workers={w}{', OMP_NUM_THREADS=1' if one_thread else ', as shipped'})"
@@ -399,23 +375,16 @@ def main() -> None:
             row(target, 1, "GET /v2/health/live (no-op)", "GET", base + "/v2/health/live", None, pid, n)
             row(target, 1, f"POST /v2/models/{MODEL}/infer", "POST", base + f"/v2/models/{MODEL}/infer",
                 infer, pid, n)  # fmt: skip
-            stop(procs.pop())
+            bench.stop(server)
         results["labels"] = labels
         if len({str(v) for v in labels.values()}) > 1:
             print(f"WARNING: the servers disagree on the row's label: {labels}", flush=True)
         if mls_bin is not None:
             results["mlserver_venv"] = (args.mlserver_venv / "cd4ml-pins.txt").read_text().splitlines()
     finally:
-        for proc in procs:
-            stop(proc)
-        if os.environ.get("CD4ML_BENCH_KEEP") != "1":
-            shutil.rmtree(home, ignore_errors=True)
-        else:
-            print("kept", home)
+        bench.close()
     results["seconds"] = time.perf_counter() - began
-    out = REPO / "benchmarks" / "out"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "protocols.json").write_text(json.dumps(results, indent=2))
+    write_result("protocols", results)
     print(report(results))
 
 

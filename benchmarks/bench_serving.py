@@ -15,39 +15,15 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import psutil
+from benchkit import BIN, REPO, RUN_TIME, Bench, request_bodies, tree_rss_mb, write_result
 
-from cd4ml_dev.netutil import free_port, local_mlflow_server, wait_http
-
-REPO = Path(__file__).resolve().parents[1]
-
-BIN = Path(sys.executable).parent
-
-
-def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        cmd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
-    )
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=60)
-
-
-def tree_rss_mb(pid: int) -> float:
-    proc = psutil.Process(pid)
-    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
+from cd4ml_dev.netutil import free_port, wait_http
 
 
 async def load(url: str, body: bytes, n: int, concurrency: int) -> dict[str, float]:
@@ -102,48 +78,18 @@ def main() -> None:
 
     from cd4ml.core.settings import get_settings
     from cd4ml.core.spec import load_spec
-    from cd4ml.ml.training import features
     from cd4ml.steps.pipeline import run_training
-    from cd4ml_dev.datagen import generate_churn, write_batch
 
-    home = Path(tempfile.mkdtemp(prefix="cd4ml-bench-serving-"))
-    specs = home / "specs"
-    specs.mkdir()
-    (specs / "bench.yaml").write_text((REPO / "include/specs/churn.yaml").read_text())
-    mlflow_port = free_port()
-    # `mlflow models serve` execs `uvicorn` from PATH: the venv's bin/ must be on it.
-    base_env = {
-        **os.environ,
-        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
-        "CD4ML_HOME": str(home),
-        "CD4ML_SPECS_DIR": str(specs),
-        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
-    }
-    os.environ.update({k: base_env[k] for k in ("CD4ML_HOME", "CD4ML_SPECS_DIR", "MLFLOW_TRACKING_URI")})
-    procs: list[subprocess.Popen[bytes]] = []
     results: dict[str, Any] = {"concurrency": args.concurrency, "cpus": os.cpu_count()}
-    try:
-        procs.append(start(
-            local_mlflow_server(BIN, home, mlflow_port),
-            {**base_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, home / "mlflow.log",
-        ))  # fmt: skip
-        wait_http(f"http://127.0.0.1:{mlflow_port}/health", 120)
+    with Bench("serving") as bench:
+        bench.start_mlflow()
         settings = get_settings()
-        spec = load_spec(specs / "bench.yaml")
-        write_batch(generate_churn(20_000, seed=41), settings.model_dir("bench") / "landing", "w0.csv")
-        assert run_training(
-            spec, settings, run_id="bench", run_time="2026-01-01T00:00:00+00:00", deploy=False
-        )["promoted"]
+        spec = load_spec(bench.spec_path)
+        bench.train()
         # A second version of the same kind for the canary target (registered, not promoted).
-        assert run_training(spec, settings, run_id="bench-2", run_time="2026-01-01T00:00:00+00:00",
+        assert run_training(spec, settings, run_id="bench-2", run_time=RUN_TIME,
                             deploy=False, force=True, evaluate_only=True)["version"] == "2"  # fmt: skip
-        rows = features(spec, generate_churn(100, seed=42, batch=2))
-        one = json.dumps(
-            {"dataframe_split": json.loads(rows.head(1).to_json(orient="split", index=False))}
-        ).encode()
-        hundred = json.dumps(
-            {"dataframe_split": json.loads(rows.to_json(orient="split", index=False))}
-        ).encode()
+        one, hundred = request_bodies(spec)
 
         ours = [str(BIN / "cd4ml"), "serve", "--port", "{port}"]
         theirs = [str(BIN / "mlflow"), "models", "serve", "-m", "models:/bench@champion"]
@@ -161,13 +107,13 @@ def main() -> None:
             if only and only not in name:
                 continue
             if "canary" in name:
-                canary_on(specs / "bench.yaml", settings.mlflow_tracking_uri)
+                canary_on(bench.spec_path, settings.mlflow_tracking_uri)
             port = free_port()
-            proc = start([c.replace("{port}", str(port)) for c in cmd], {**base_env, **extra},
-                         home / f"{name.split()[0]}-{port}.log")  # fmt: skip
-            procs.append(proc)
+            log_file = bench.home / f"{name.split()[0]}-{port}.log"
+            proc = bench.spawn(
+                [c.replace("{port}", str(port)) for c in cmd], log_file, {**bench.env, **extra}
+            )
             health = "/health/ready" if "cd4ml" in name else "/ping"
-            log_file = home / f"{name.split()[0]}-{port}.log"
             try:
                 wait_http(f"http://127.0.0.1:{port}{health}", 120)
             except TimeoutError:
@@ -181,20 +127,10 @@ def main() -> None:
             results[name] = {"single": single, "batch100": batch, "rss_idle_mb": idle,
                              "rss_after_mb": tree_rss_mb(proc.pid)}  # fmt: skip
             print(name, json.dumps(results[name]), flush=True)
-            stop(proc)
-            procs.remove(proc)
-        logged = sum(1 for _ in (home / "data" / "bench" / "predictions").rglob("*.parquet"))
+            bench.stop(proc)
+        logged = sum(1 for _ in (bench.home / "data" / "bench" / "predictions").rglob("*.parquet"))
         results["log_parts_written"] = logged
-    finally:
-        for proc in procs:
-            stop(proc)
-        if os.environ.get("CD4ML_BENCH_KEEP") != "1":
-            shutil.rmtree(home, ignore_errors=True)
-        else:
-            print("kept", home)
-    out = REPO / "benchmarks" / "out"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "serving.json").write_text(json.dumps(results, indent=2))
+    write_result("serving", results)
     print(report(results))
 
 

@@ -18,22 +18,19 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import psutil
-from bench_serving import load, start, stop, tree_rss_mb
+from bench_serving import load
+from benchkit import BIN, REPO, Bench, request_bodies, tree_rss_mb, write_result
 
-from cd4ml_dev.netutil import free_port, local_mlflow_server, wait_http
+from cd4ml_dev.netutil import free_port, wait_http
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 SPANS_PER_REQUEST = 4  # the request span, cd4ml.parse, cd4ml.predict, cd4ml.log
 WARMUP = 20  # bench_serving.load sends these before it measures
 
@@ -140,54 +137,22 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
 
-    from cd4ml.core.settings import get_settings
     from cd4ml.core.spec import load_spec
-    from cd4ml.ml.training import features
-    from cd4ml.steps.pipeline import run_training
-    from cd4ml_dev.datagen import generate_churn, write_batch
 
-    home = Path(tempfile.mkdtemp(prefix="cd4ml-bench-tracing-"))
-    specs = home / "specs"
-    specs.mkdir()
-    (specs / "bench.yaml").write_text((REPO / "include/specs/churn.yaml").read_text())
-    mlflow_port = free_port()
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    base_env.update({
-        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
-        "CD4ML_HOME": str(home),
-        "CD4ML_SPECS_DIR": str(specs),
-        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
-    })  # fmt: skip
-    os.environ.update({k: base_env[k] for k in ("CD4ML_HOME", "CD4ML_SPECS_DIR", "MLFLOW_TRACKING_URI")})
-    procs: list[subprocess.Popen[bytes]] = []
     receiver: subprocess.Popen[str] | None = None
     results: dict[str, Any] = {
         "concurrency": args.concurrency, "cpus": os.cpu_count(), "rounds": args.rounds,
         "requests": args.requests, "batch_requests": args.batch_requests, "loadavg": [],
     }  # fmt: skip
+    bench = Bench("tracing")
+    # No OTEL_ variable of this shell reaches a server: the untraced service must be untraced.
+    bench.env = {k: v for k, v in bench.env.items() if not k.startswith("OTEL_")}
     try:
-        procs.append(start(
-            local_mlflow_server(BIN, home, mlflow_port),
-            {**base_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, home / "mlflow.log",
-        ))  # fmt: skip
-        wait_http(f"http://127.0.0.1:{mlflow_port}/health", 300)
-        settings = get_settings()
-        spec = load_spec(specs / "bench.yaml")
-        write_batch(
-            generate_churn(args.train_rows, seed=41), settings.model_dir("bench") / "landing", "w0.csv"
-        )
-        assert run_training(
-            spec, settings, run_id="bench", run_time="2026-01-01T00:00:00+00:00", deploy=False
-        )["promoted"]
-        rows = features(spec, generate_churn(100, seed=42, batch=2))
-        one = json.dumps(
-            {"dataframe_split": json.loads(rows.head(1).to_json(orient="split", index=False))}
-        ).encode()
-        hundred = json.dumps(
-            {"dataframe_split": json.loads(rows.to_json(orient="split", index=False))}
-        ).encode()
+        bench.start_mlflow(300)
+        bench.train(args.train_rows)
+        one, hundred = request_bodies(load_spec(bench.spec_path))
 
-        receiver, receiver_port = start_receiver(home / "receiver.log")
+        receiver, receiver_port = start_receiver(bench.home / "receiver.log")
         own = [tracing_cpu_us(f"http://127.0.0.1:{receiver_port}") for _ in range(3)]
         results["tracing_cpu_us_per_request"] = statistics.median(o[0] for o in own)
         results["exporter_cpu_us_per_request"] = statistics.median(o[1] for o in own)
@@ -199,9 +164,10 @@ def main() -> None:
         services: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
         for name, extra in (("tracing off", {}), ("tracing on", tracing)):
             port = free_port()
-            log = home / f"service-{name.split()[1]}.log"
-            proc = start([str(BIN / "cd4ml"), "serve", "--port", str(port)], {**base_env, **extra}, log)
-            procs.append(proc)
+            log = bench.home / f"service-{name.split()[1]}.log"
+            proc = bench.spawn(
+                [str(BIN / "cd4ml"), "serve", "--port", str(port)], log, {**bench.env, **extra}
+            )
             try:
                 wait_http(f"http://127.0.0.1:{port}/health/ready", 300)
             except TimeoutError:
@@ -229,8 +195,7 @@ def main() -> None:
             results[name] = {kind: summarize(rs) for kind, rs in runs[name].items()}
             results[name]["runs"] = runs[name]
             results[name]["rss_after_mb"] = tree_rss_mb(proc.pid)
-            stop(proc)  # the traced service flushes its last batch here
-            procs.remove(proc)
+            bench.stop(proc)  # the traced service flushes its last batch here
         counts = stop_receiver(receiver)
         receiver = None
         # every benchmark request, and the 3 x (5,000 + 1) of tracing_cpu_us
@@ -248,15 +213,8 @@ def main() -> None:
     finally:
         if receiver is not None:
             stop_receiver(receiver)
-        for proc in procs:
-            stop(proc)
-        if os.environ.get("CD4ML_BENCH_KEEP") != "1":
-            shutil.rmtree(home, ignore_errors=True)
-        else:
-            print("kept", home)
-    out = REPO / "benchmarks" / "out"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tracing.json").write_text(json.dumps(results, indent=2))
+        bench.close()
+    write_result("tracing", results)
     print(report(results))
 
 
