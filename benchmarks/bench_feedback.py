@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -36,7 +35,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from benchkit import BIN, Bench, dataframe_split, write_result
+from benchkit import BIN, Bench, dataframe_split, reset_peak, status_mb, write_result
 
 from cd4ml_dev.netutil import free_port, wait_http
 
@@ -214,7 +213,9 @@ STEPS = ("pandas", "pandas_last_day", "ingest", "join", "join_last_day")
 
 def step(name: str, root: Path) -> dict[str, Any]:
     """One measured step, in this (fresh) interpreter: pandas and pyarrow are imported before the
-    clock starts, for every step alike."""
+    clock starts, for every step alike. Its peak RSS is its own: ru_maxrss would start at the parent's
+    peak (Linux keeps it across exec), so the peak is reset first and read from VmHWM."""
+    reset_peak()
     import pandas as pd
     import pyarrow  # noqa: F401
 
@@ -240,7 +241,7 @@ def step(name: str, root: Path) -> dict[str, Any]:
         log = read_predictions(root, MODEL, since=last_day if name == "pandas_last_day" else None)
         out["rows"] = len(log.merge(labels, on=["request_id", "row"], how="inner"))
     out["seconds"] = round(time.perf_counter() - t, 2)
-    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    out["peak_rss_mb"] = round(status_mb("VmHWM"))
     return out
 
 
