@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,3 +54,29 @@ def make_champion(
     signed = registry.champion_signature(SERVICE_TOKEN, model, str(version), when)
     client.set_model_version_tag(model, str(version), registry.SIGNATURE_TAG, signed)
     client.set_registered_model_alias(model, registry.CHAMPION, str(version))
+
+
+def wait_for(
+    check: Callable[[], Any], what: str = "condition", timeout: float = 60.0, every: float = 0.25
+) -> Any:
+    """`check()`'s first truthy value, polled every `every` s; a TimeoutError naming `what` after
+    `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+
+
+@contextmanager
+def sqlite_mlflow(root: Path) -> Iterator[str]:
+    """MLFLOW_TRACKING_URI set to a SQLite store in `root` (creating its schema costs seconds: share it
+    per module, one model per test), with `root` as the working directory, where MLflow's default
+    artifact root is."""
+    uri = f"sqlite:///{root}/mlflow.db"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.chdir(root)
+        yield uri

@@ -53,3 +53,19 @@ def task_tries(run_id: str, dag_id: str) -> dict[str, int]:
     with create_session() as session:
         tis = session.query(TaskInstance).filter_by(dag_id=dag_id, run_id=run_id).all()
         return {ti.task_id: ti.try_number for ti in tis}
+
+
+def queued_training_runs(model: str) -> int:
+    """Asset events queued for `<model>__train`: a training run the scheduler would start."""
+    from airflow.models.asset import AssetDagRunQueue
+    from airflow.utils.session import create_session
+    from sqlalchemy import func, select
+
+    with create_session() as session:
+        return int(
+            session.scalar(
+                select(func.count()).select_from(AssetDagRunQueue)
+                .where(AssetDagRunQueue.target_dag_id == f"{model}__train")
+            )
+            or 0
+        )  # fmt: skip

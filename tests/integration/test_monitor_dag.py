@@ -24,7 +24,7 @@ from cd4ml import registry
 from cd4ml.ml.training import features
 from cd4ml_dev.datagen import generate_churn
 from tests.helpers import LOGREG, write_spec
-from tests.integration.dagtools import land, run, run_dag, served, versions
+from tests.integration.dagtools import land, queued_training_runs, run, run_dag, served, versions
 
 pytestmark = pytest.mark.integration
 MODEL = "drifty"
@@ -68,21 +68,6 @@ def drift_events(model: str = MODEL) -> list[Any]:
         )  # fmt: skip
 
 
-def queued_training_runs(model: str = MODEL) -> int:
-    from airflow.models.asset import AssetDagRunQueue
-    from airflow.utils.session import create_session
-    from sqlalchemy import func, select
-
-    with create_session() as session:
-        return int(
-            session.scalar(
-                select(func.count()).select_from(AssetDagRunQueue)
-                .where(AssetDagRunQueue.target_dag_id == f"{model}__train")
-            )
-            or 0
-        )  # fmt: skip
-
-
 def monitor() -> tuple[dict[str, str], dict[str, Any]]:
     states = run_dag(f"{MODEL}__monitor", {"window_hours": None})
     from cd4ml.core.settings import get_settings
@@ -105,7 +90,7 @@ def test_drift_monitor_closes_the_loop_with_guards(env: dict[str, Any]) -> None:
     assert check["decision"]["drift"] is False and check["window"]["rows"] == 400
     assert check["window"]["source"] == "prediction log"
     assert "<html" in Path(check["report_uri"].removeprefix("file://")).read_text()
-    assert drift_events() == [] and queued_training_runs() == 0
+    assert drift_events() == [] and queued_training_runs(MODEL) == 0
 
     # 2. Drifted traffic: exactly one drift_detected event, with why, queuing one training run.
     send_traffic(env, generate_churn(400, seed=52, batch=2, drift=1.0))
@@ -116,7 +101,7 @@ def test_drift_monitor_closes_the_loop_with_guards(env: dict[str, Any]) -> None:
     (event,) = drift_events()
     assert event.extra["share"] == check["share"] and event.extra["drifted_columns"]
     assert event.extra["report_uri"].endswith("report.html") and "threshold" in event.extra["reason"]
-    assert queued_training_runs() == 1
+    assert queued_training_runs(MODEL) == 1
     report_dir = Path(check["report_uri"].removeprefix("file://")).parent
     summary = json.loads((report_dir / "summary.json").read_text())
     assert summary["sample"]["rows"] <= 400 and summary["window"]["rows"] == 400
@@ -127,7 +112,7 @@ def test_drift_monitor_closes_the_loop_with_guards(env: dict[str, Any]) -> None:
     states, check = monitor()
     assert states["emit_drift_detected"] == "skipped"
     assert check["decision"]["drift"] is True and "cooldown" in check["decision"]["reason"]
-    assert len(drift_events()) == 1 and queued_training_runs() == 1
+    assert len(drift_events()) == 1 and queued_training_runs(MODEL) == 1
 
     # 4. Too few rows to judge.
     send_traffic(env, generate_churn(50, seed=54, batch=4, drift=1.0))

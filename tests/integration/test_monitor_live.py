@@ -17,8 +17,8 @@ import pytest
 
 from cd4ml_dev.datagen import generate_churn
 from tests.helpers import LOGREG, soak_only, write_spec
-from tests.integration.dagtools import land, run, run_dag, served, versions
-from tests.integration.test_monitor_dag import _specs_dir, drift_events, queued_training_runs, send_traffic
+from tests.integration.dagtools import land, queued_training_runs, run, run_dag, served, versions
+from tests.integration.test_monitor_dag import _specs_dir, drift_events, send_traffic
 
 # make test covers the loop with the steps against real servers (tests/system/test_feedback_loop.py) and
 # late label files in tests/unit; this is the same story through dag.test(), ~95 s: make soak.

@@ -18,7 +18,7 @@ from cd4ml_dev.datagen import generate_churn
 from cd4ml_dev.netutil import free_port, wait_http
 from tests.conftest import BIN
 from tests.helpers import LOGREG, write_spec
-from tests.integration.dagtools import land, run, run_dag, task_tries, versions
+from tests.integration.dagtools import land, queued_training_runs, run, run_dag, task_tries, versions
 
 pytestmark = pytest.mark.integration
 MODEL = "retracted"
@@ -35,21 +35,6 @@ def new_data_events(model: str) -> list[Any]:
                 select(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
                 .where(AssetModel.name == f"{model}.new_data")
             )
-        )  # fmt: skip
-
-
-def queued_training(model: str) -> int:
-    from airflow.models.asset import AssetDagRunQueue
-    from airflow.utils.session import create_session
-    from sqlalchemy import func, select
-
-    with create_session() as session:
-        return int(
-            session.scalar(
-                select(func.count()).select_from(AssetDagRunQueue)
-                .where(AssetDagRunQueue.target_dag_id == f"{model}__train")
-            )
-            or 0
         )  # fmt: skip
 
 
@@ -92,7 +77,7 @@ def test_retracting_a_file_retrains_without_its_rows_and_is_listed(env: dict[str
     assert event.extra["retracted"]["file"] == "week1.csv"
     assert event.extra["retracted"]["sha256"] == week1.sha256
     assert event.extra["retracted"]["reason"] == "labels of week 1 were shifted"
-    assert queued_training(MODEL) == 1
+    assert queued_training_runs(MODEL) == 1
 
     # The retrain (dag.test() has no scheduler to start it) learns from week0 only.
     states = run(env, MODEL)

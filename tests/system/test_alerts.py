@@ -20,7 +20,6 @@ import json
 import shutil
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -41,22 +40,12 @@ from cd4ml_dev import stack
 from cd4ml_dev.datagen import generate_churn, write_batch
 from cd4ml_dev.netutil import free_port, wait_http
 from tests.conftest import Inbox
-from tests.helpers import LOGREG, write_spec
+from tests.helpers import LOGREG, wait_for, write_spec
 
 pytestmark = pytest.mark.system
 MODEL = "alerty"
 TEAM = "ml-team@test.local"
 METRICS_TOKEN = "test-metrics-token"
-
-
-def wait_for(predicate: Any, what: str, timeout: float = 60.0, every: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError(f"{what}: not within {timeout:.0f}s")
 
 
 def rules_for_test(path: Path) -> Path:

@@ -29,8 +29,7 @@ from cd4ml.ml.training import features
 from cd4ml.steps.pipeline import run_training
 from cd4ml_dev.datagen import generate_churn, write_batch
 from tests.conftest import free_port, start_service
-from tests.helpers import LOGREG, write_spec
-from tests.system.test_prediction_service import wait_for
+from tests.helpers import LOGREG, wait_for, write_spec
 
 pytestmark = pytest.mark.system
 MODEL = "fb"

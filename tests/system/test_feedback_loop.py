@@ -32,8 +32,9 @@ from cd4ml.steps import monitor
 from cd4ml.steps.feedback_batch import land_feedback_batch
 from cd4ml.steps.pipeline import run_training
 from cd4ml_dev.datagen import generate_churn
+from tests.helpers import wait_for
 from tests.system.test_alerts import pipeline_metrics as pipeline_metrics
-from tests.system.test_alerts import query, running_prometheus, served_champion, wait_for
+from tests.system.test_alerts import query, running_prometheus, served_champion
 
 pytestmark = pytest.mark.system
 MODEL = "looped"

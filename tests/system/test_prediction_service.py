@@ -26,20 +26,10 @@ from cd4ml.ml.training import features
 from cd4ml.steps.pipeline import run_training
 from cd4ml_dev.datagen import generate_churn, write_batch
 from tests.conftest import SERVICE_MAX_ROWS, free_port, start_service
-from tests.helpers import LOGREG, make_champion, write_spec
+from tests.helpers import LOGREG, make_champion, wait_for, write_spec
 
 pytestmark = pytest.mark.system
 MODEL = "svc"
-
-
-def wait_for(predicate, timeout: float = 30.0, every: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError(f"condition not met within {timeout}s")
 
 
 @pytest.fixture(scope="module")

@@ -33,8 +33,7 @@ from cd4ml.serving.predlog import read_predictions
 from cd4ml.steps.pipeline import run_training
 from cd4ml_dev.datagen import generate_churn, write_batch
 from tests.conftest import SERVICE_TOKEN, free_port, start_service
-from tests.helpers import LOGREG, write_spec
-from tests.system.test_prediction_service import wait_for
+from tests.helpers import LOGREG, wait_for, write_spec
 
 pytestmark = pytest.mark.system
 MODEL = "proto"

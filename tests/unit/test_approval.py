@@ -24,7 +24,7 @@ from cd4ml.steps.contracts import Approval, Evaluation, Registration
 from cd4ml.steps.pipeline import run_training
 from cd4ml.ui import notify
 from cd4ml_dev.datagen import generate_churn
-from tests.helpers import LOGREG, WEAK, write_spec
+from tests.helpers import LOGREG, WEAK, sqlite_mlflow, write_spec
 
 WHEN = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
 DECISION = {
@@ -166,11 +166,7 @@ def test_answers_become_approvals_with_who_and_when() -> None:
 
 @pytest.fixture(scope="module")
 def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{root}/mlflow.db"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.chdir(root)  # MLflow's default artifact root is relative to the working directory
+    with sqlite_mlflow(tmp_path_factory.mktemp("mlflow")) as uri:
         yield uri
 
 

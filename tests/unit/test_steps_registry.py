@@ -21,7 +21,7 @@ from cd4ml.steps import pipeline
 from cd4ml.steps.contracts import Evaluation, Registration, RunContext, Validated
 from cd4ml.steps.pipeline import Results, run_steps, run_training
 from cd4ml_dev.datagen import generate_churn
-from tests.helpers import LOGREG, WEAK, write_spec
+from tests.helpers import LOGREG, WEAK, sqlite_mlflow, write_spec
 
 ROWS = 400
 
@@ -29,11 +29,7 @@ ROWS = 400
 @pytest.fixture(scope="module")
 def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One SQLite MLflow store for the module (creating its schema costs seconds); each test its own model."""
-    root = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{root}/mlflow.db"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.chdir(root)  # MLflow's default artifact root is relative to the working directory
+    with sqlite_mlflow(tmp_path_factory.mktemp("mlflow")) as uri:
         yield uri
 
 
