@@ -29,8 +29,9 @@ def _http(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
-class Settings(BaseSettings):
-    """Field `x` is read from `CD4ML_X` unless its alias says otherwise (see `settings_table()`)."""
+class Locations(BaseSettings):
+    """Where cd4ml's state and the servers it talks to are: the first part of `Settings` (its fields
+    come first in the settings table)."""
 
     model_config = SettingsConfigDict(
         env_prefix="CD4ML_",
@@ -95,6 +96,12 @@ class Settings(BaseSettings):
         description="Password of `airflow_user` (`CD4ML_ADMIN_PASSWORD`, as compose's airflow-init "
         "names it, is read when `CD4ML_AIRFLOW_PASSWORD` is unset).",
     )
+
+
+class Settings(Locations):
+    """Field `x` is read from `CD4ML_X` unless its alias says otherwise (see `settings_table()`): the
+    locations, then how the prediction service, deployment and run housekeeping behave."""
+
     service_host: str = Field("127.0.0.1", description="Interface `cd4ml serve` binds to.")
     service_port: int = Field(8000, description="Port `cd4ml serve` listens on; builds `service_url`.")
     service_url: str = Field(
