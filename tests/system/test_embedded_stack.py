@@ -41,6 +41,7 @@ import yaml
 
 from cd4ml.core.settings import PROJECT_ROOT
 from cd4ml_dev.datagen import generate_churn, write_batch
+from tests import helpers
 from tests.conftest import free_port, stop_in_background
 
 pytestmark = pytest.mark.system
@@ -120,13 +121,8 @@ def train_runs(stack: dict[str, str], token: str, model: str = "churn") -> list[
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float = 3) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+    """`tests.helpers.wait_for`, what first: a stack's waits are minutes long and polled every few s."""
+    return helpers.wait_for(check, what, timeout, every)
 
 
 def wait_until_idle(
