@@ -239,7 +239,8 @@ def step(name: str, root: Path) -> dict[str, Any]:
     else:
         labels = pd.read_csv(root / "labels-1m.csv", dtype={"request_id": str})
         log = read_predictions(root, MODEL, since=last_day if name == "pandas_last_day" else None)
-        out["rows"] = len(log.merge(labels, on=["request_id", "row"], how="inner"))
+        # No prediction logged on the last day (a tiny --rows): nothing to join, and no columns to join on.
+        out["rows"] = 0 if log.empty else len(log.merge(labels, on=["request_id", "row"], how="inner"))
     out["seconds"] = round(time.perf_counter() - t, 2)
     out["peak_rss_mb"] = round(status_mb("VmHWM"))
     return out
