@@ -114,7 +114,7 @@ def test_service_knobs(clean_env: pytest.MonkeyPatch) -> None:
     assert s.deploy_golden_rows == 7
     from cd4ml.serving.app import ServiceConfig
 
-    config = ServiceConfig.from_env()
+    config = ServiceConfig.from_settings(get_settings())  # as create_app builds it
     assert (config.max_rows, config.poll_seconds, config.log_predictions) == (5, 0.5, False)
     assert config.admin_token is None
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import sys
@@ -85,8 +86,6 @@ def _worker(options: dict[str, Any]) -> None:  # pragma: no cover - runs in the 
 def _forget(pid: int | None) -> None:
     """A process that died without shutting down: its live-mode gauges (prometheus_client's
     multiprocess files) must not count any more, as a clean shutdown removes them."""
-    import os
-
     if pid is not None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 
@@ -129,9 +128,9 @@ def supervise(workers: int, options: dict[str, Any], reports: Path | None = None
     failures, status = 0, 0
     while not stopping.wait(0.5):
         for i, (process, began) in enumerate(running):
-            if process.is_alive() and _silent_for(reports, process.pid) > HUNG_SECONDS:
-                log.error("service process %s has not reported for %.0f s: killing it", process.pid,
-                          _silent_for(reports, process.pid))  # fmt: skip
+            silent = _silent_for(reports, process.pid) if process.is_alive() else 0.0
+            if silent > HUNG_SECONDS:
+                log.error("service process %s has not reported for %.0f s: killing it", process.pid, silent)
                 process.kill()
                 process.join(timeout=10)
             if process.is_alive() or stopping.is_set():

@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from cd4ml.serving.payload import PayloadError, Problem
 from cd4ml.serving.protocols import MLFLOW, MODEL_HEADER, NATIVE, OIP, choose_model, oip_metadata
@@ -112,8 +113,7 @@ def native_routes(svc: Service) -> APIRouter:
 
     @router.get("/metrics")
     def prometheus() -> Response:
-        text, media_type = svc.metrics_text()
-        return Response(text, media_type=media_type)
+        return Response(svc.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
     return router
 

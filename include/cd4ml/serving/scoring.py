@@ -44,10 +44,10 @@ async def score(
 
 
 def _slot(
-    svc: Service, request: Request, model: str, protocol: Protocol, version: str | None
+    svc: Service, request: Request, model: str, protocol: Protocol, version: str | None, staging: str | None
 ) -> Slot | Response:
-    """The slot that answers: the staged one for a smoke test (`x-cd4ml-slot`), else the served one."""
-    staging = request.headers.get("x-cd4ml-slot")
+    """The slot that answers: the staged one for a smoke test (`staging`: the `x-cd4ml-slot`
+    header), else the served one."""
     if staging is not None:
         slot = svc.admin.staged_slot(request, model, staging)
         if isinstance(slot, JSONResponse):
@@ -122,7 +122,7 @@ async def _score(
 ) -> Response:
     started = time.perf_counter()
     staging = request.headers.get("x-cd4ml-slot")
-    slot = _slot(svc, request, model, protocol, version)
+    slot = _slot(svc, request, model, protocol, version, staging)
     if not isinstance(slot, Slot):
         return slot
     rt.serving(model, slot.version)

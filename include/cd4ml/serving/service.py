@@ -13,7 +13,6 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -25,7 +24,7 @@ from prometheus_client import (
 )
 from starlette.concurrency import run_in_threadpool
 
-from cd4ml.core.settings import Settings, get_settings
+from cd4ml.core.settings import Settings
 from cd4ml.serving.admin_api import Admin
 from cd4ml.serving.canary import CanaryRouting, forget_series
 from cd4ml.serving.models import ModelStore, Slot
@@ -61,10 +60,6 @@ class ServiceConfig:
             admin_token=settings.service_admin_token,
             log_predictions=settings.service_log_predictions,
         )
-
-    @classmethod
-    def from_env(cls) -> ServiceConfig:
-        return cls.from_settings(get_settings())
 
 
 class Metrics:
@@ -237,10 +232,11 @@ class Service:
             )
         return slot
 
-    def metrics_text(self) -> tuple[bytes, str]:
-        """The Prometheus exposition of this service (of every process, when there are several)."""
+    def metrics_text(self) -> bytes:
+        """The Prometheus exposition (`CONTENT_TYPE_LATEST`) of this service (of every process,
+        when there are several)."""
         self.refresh_gauges()
         if self.fleet is None:
-            return generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST
+            return generate_latest(self.metrics.registry)
         # The canary's percentiles already cover every process (they read every process's samples).
-        return self.fleet.metrics(self.canary.metrics.percentiles), CONTENT_TYPE_LATEST
+        return self.fleet.metrics(self.canary.metrics.percentiles)

@@ -421,7 +421,7 @@ class WorkerSync:
 
 
 def staging_outcome(
-    states: list[dict[str, Any]], model: str, version: str, expected: int, stamp: str | None = None
+    states: list[dict[str, Any]], model: str, version: str, expected: int, stamp: str
 ) -> tuple[int, str] | None:
     """None while workers are still staging; (200, "") once every live worker (at least `expected`)
     staged `version`; (status, why) when one could not following the command `stamp` (422 refused,
