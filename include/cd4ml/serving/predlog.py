@@ -123,7 +123,7 @@ class PredictionLog:
     ):
         self.data_dir = data_dir
         # One of several service processes writing the same log: another process may have served the
-        # ids this one's memory lacks; `others_written_through` (set by the app) says until when
+        # ids this one's memory lacks; `others_written_through` (set by `workers.Fleet.build`) says until when
         # every process has written what it was given (epoch seconds), so a lookup waits for that.
         self.shared = shared
         self.others_written_through: Callable[[], float] | None = None
